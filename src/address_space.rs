@@ -1,0 +1,516 @@
+//! `struct address_space`: one cached file's folios, size and locks.
+//!
+//! # Lock ordering
+//!
+//! ```text
+//! i_rwsem                           (write_at, truncate, punch_hole)
+//!   invalidate_lock                 (truncate/punch exclusive;
+//!                                    read_at miss, readahead, write_begin's
+//!                                    partial read: shared)
+//!     folio lock                    (filemap_update_folio, write_begin,
+//!                                    write_cache_pages, truncate)
+//!       xa_lock (index + tags)      (filemap_add_folio, filemap_remove_folio,
+//!                                    folio_mark_dirty, start/end writeback)
+//!       page store chunk lock       (filemap_add_folio -> PageStore::view_ptr)
+//! ```
+//!
+//! Edges with an example caller each:
+//! - `i_rwsem → invalidate_lock`: `truncate` (both exclusive); `write_at` →
+//!   `generic_write_begin` takes invalidate shared for a partial-folio read.
+//! - `invalidate_lock → folio lock`: `filemap_update_folio` (read_at slow
+//!   path), `page_cache_sync_readahead` (folios created locked), truncate.
+//! - `folio lock → xa_lock`: `folio_mark_dirty` in `generic_write_end`,
+//!   `filemap_remove_folio` in truncate.
+//! - `WRITEBACK` is not a lock: `folio_start_writeback` sets it and drops the
+//!   folio lock; nobody holds anything across the I/O. Waiting for it
+//!   (`wait_writeback`) is done with the folio lock held (truncate), which
+//!   is safe because ending writeback takes only `xa_lock`.
+//! - The epoch guard is not a lock: held only around lookups, never across a
+//!   sleep.
+//! - Folio references: nobody may sleep on `i_rwsem` or `invalidate_lock`
+//!   while holding a folio reference, because truncate waits, with both
+//!   held, for the references of the folios it removed to drain (so that it
+//!   can punch their memory). The read path drops its reference before
+//!   taking `invalidate_lock`.
+//!
+//! # Lockless lookup protocol (the kernel's "lockless page cache protocol")
+//!
+//! | lookup (`filemap_get_folio`) | removal (`filemap_remove_folio` + truncate) |
+//! |---|---|
+//! | pin the epoch | lock the folio (and hold invalidate exclusive) |
+//! | `p = load(index)`; none → miss | under `xa_lock`: clear every slot of the folio, its tags; `mapping = 0` |
+//! | `try_get(p)`; count 0 → retry | drop the cache's reference (count ≥ 1: the remover's) |
+//! | `load(index) == p` again, else put and retry | unlock the folio; wait until only the remover's reference is left |
+//! | unpin; the caller that needs stability locks it and re-checks `mapping == self` | punch the memfd range; put the last reference → freed through the epoch |
+//!
+//! A lookup that wins the `try_get` before removal holds a reference, so the
+//! folio (and its memory) outlives its use; one that loses sees count 0 or a
+//! changed slot and retries. The epoch keeps the `Folio` struct itself alive
+//! for the window between `load` and `try_get`. A folio is never recycled,
+//! so "the same pointer in the slot" means "the same folio".
+//!
+//! # Field protection
+//!
+//! | field | protected by |
+//! |---|---|
+//! | `i_pages` slots | writers: `xa_lock`; readers: epoch + refcount protocol |
+//! | tags | `xa_lock` |
+//! | `i_size` | written under `i_rwsem` (write_end, truncate); read lockless, re-read after a folio is uptodate |
+//! | `nrpages` | atomic, changed under `xa_lock` |
+//! | `wb_err` | atomic errseq |
+//! | `ra` | immutable |
+
+use std::io;
+use std::ptr::NonNull;
+
+use crate::aops::AddressSpaceOps;
+use crate::errseq::ErrSeq;
+use crate::folio::{Folio, FolioGuard, FolioRef};
+use crate::page_store::PageStore;
+use crate::stats::CacheStats;
+use crate::sync::{epoch, Arc, AtomicU64, Ordering, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use crate::types::{PgOff, MAX_ORDER};
+use crate::xarray::{Tag, XArray};
+
+/// Readahead tunables of one file.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RaConfig {
+    /// Pages read on a miss (the on-demand window).
+    pub(crate) window_pages: u64,
+    /// Largest folio order readahead allocates.
+    pub(crate) max_order: u8,
+}
+
+/// State of a reader-writer lock, for assertions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockState {
+    /// Nobody holds it.
+    Unlocked,
+    /// Held shared by at least one thread.
+    Shared,
+    /// Held exclusive.
+    Exclusive,
+}
+
+/// One cached file.
+pub struct AddressSpace {
+    id: u64,
+    name: String,
+    pub(crate) i_pages: XArray,
+    i_size: AtomicU64,
+    invalidate_lock: RwLock<()>,
+    i_rwsem: RwLock<()>,
+    nrpages: AtomicU64,
+    pub(crate) ops: Box<dyn AddressSpaceOps>,
+    pub(crate) store: PageStore,
+    pub(crate) wb_err: ErrSeq,
+    pub(crate) stats: Arc<CacheStats>,
+    pub(crate) ra: RaConfig,
+}
+
+impl std::fmt::Debug for AddressSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddressSpace")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("i_size", &self.size())
+            .field("nrpages", &self.nrpages())
+            .finish()
+    }
+}
+
+impl AddressSpace {
+    pub(crate) fn new(
+        id: u64,
+        name: String,
+        ops: Box<dyn AddressSpaceOps>,
+        stats: Arc<CacheStats>,
+        ra: RaConfig,
+    ) -> io::Result<AddressSpace> {
+        assert!(id != 0, "mapping id 0 means detached");
+        let size = ops.initial_size()?;
+        if size > crate::types::MAX_FILE_SIZE {
+            return Err(io::Error::from_raw_os_error(rustix::io::Errno::FBIG.raw_os_error()));
+        }
+        Ok(AddressSpace {
+            id,
+            store: PageStore::new(&name)?,
+            name,
+            i_pages: XArray::new(),
+            i_size: AtomicU64::new(size),
+            invalidate_lock: RwLock::new(()),
+            i_rwsem: RwLock::new(()),
+            nrpages: AtomicU64::new(0),
+            ops,
+            wb_err: ErrSeq::new(),
+            stats,
+            ra,
+        })
+    }
+
+    /// Unique id of this address space in its cache.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Name used in messages (the path, usually).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `i_size_read`: the file size.
+    #[inline]
+    pub fn size(&self) -> u64 {
+        // Acquire: pairs with the Release in `set_size_locked`.
+        self.i_size.load(Ordering::Acquire)
+    }
+
+    /// `i_size_write`. `i_rwsem` held exclusive.
+    pub(crate) fn set_size_locked(&self, size: u64) {
+        self.i_size.store(size, Ordering::Release);
+    }
+
+    /// Pages cached.
+    pub fn nrpages(&self) -> u64 {
+        self.nrpages.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of memory the folio store holds (memfd blocks).
+    pub fn memory_bytes(&self) -> u64 {
+        self.store.allocated_bytes()
+    }
+
+    /// Number of folios tagged dirty.
+    pub fn nr_dirty_folios(&self) -> usize {
+        self.i_pages.lock().count(Tag::Dirty)
+    }
+
+    /// The engine's operations.
+    pub fn ops(&self) -> &dyn AddressSpaceOps {
+        &*self.ops
+    }
+
+    // ----- locks ----------------------------------------------------------
+
+    /// Take `invalidate_lock` shared (`filemap_invalidate_lock_shared`).
+    pub fn invalidate_lock_shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.invalidate_lock.read()
+    }
+
+    /// Take `invalidate_lock` exclusive (`filemap_invalidate_lock`).
+    pub fn invalidate_lock_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.invalidate_lock.write()
+    }
+
+    /// Take `i_rwsem` exclusive (`inode_lock`).
+    pub fn inode_lock(&self) -> RwLockWriteGuard<'_, ()> {
+        self.i_rwsem.write()
+    }
+
+    /// Who holds `invalidate_lock` (for assertions in tests and stores).
+    #[cfg(not(loom))]
+    pub fn invalidate_lock_state(&self) -> LockState {
+        rw_state(&self.invalidate_lock)
+    }
+
+    /// Who holds `i_rwsem` (for assertions in tests and stores).
+    #[cfg(not(loom))]
+    pub fn inode_lock_state(&self) -> LockState {
+        rw_state(&self.i_rwsem)
+    }
+
+    // ----- lookup -----------------------------------------------------------
+
+    /// `filemap_get_folio` without flags: the folio covering `index`, with a
+    /// reference, or `None`. Lockless (see the protocol in the module docs).
+    ///
+    /// # Locking
+    /// Nothing needed; does not sleep.
+    pub fn filemap_get_folio(&self, index: PgOff) -> Option<FolioRef> {
+        let guard = epoch::pin();
+        self.get_folio_pinned(index, &guard)
+    }
+
+    /// The lookup, under a guard the caller already holds (map_pages pins
+    /// once for a whole fault-around window).
+    pub(crate) fn get_folio_pinned(&self, index: PgOff, _guard: &epoch::Guard) -> Option<FolioRef> {
+        loop {
+            let p = self.i_pages.load(index.0);
+            if p.is_null() {
+                return None;
+            }
+            // SAFETY: `p` was loaded from the index while pinned; a folio is
+            // freed only through the epoch after leaving the index, so it is
+            // still allocated while `_guard` lives.
+            let folio = unsafe { &*p };
+            if !folio.try_get() {
+                // Being freed: its slot is being cleared, look again.
+                crate::sync::spin_loop();
+                continue;
+            }
+            // SAFETY: `try_get` gave us a reference.
+            let r = unsafe { FolioRef::from_raw(NonNull::from(folio)) };
+            if self.i_pages.load(index.0) != p {
+                // Removed (and maybe replaced) between load and try_get.
+                drop(r);
+                continue;
+            }
+            return Some(r);
+        }
+    }
+
+    /// Look up and lock the folio covering `index`, re-checking that it
+    /// still belongs to this file (`filemap_lock_folio`).
+    ///
+    /// # Locking
+    /// May sleep on the folio lock.
+    pub fn filemap_lock_folio(&self, index: PgOff) -> Option<FolioGuard> {
+        loop {
+            let f = self.filemap_get_folio(index)?;
+            let g = f.lock();
+            if g.mapping_id() == self.id {
+                debug_assert!(g.contains(index));
+                return Some(g);
+            }
+            // Truncated while we slept: look again.
+        }
+    }
+
+    /// `filemap_add_folio`: allocate a folio of `order` at `index`, insert it
+    /// locked. `Ok(None)` if any page of it is already cached.
+    ///
+    /// # Locking
+    /// Callers creating folios to fill from the store hold `invalidate_lock`
+    /// shared (or `i_rwsem` for write_begin). Does not sleep except on the
+    /// index lock.
+    ///
+    /// # Errors
+    /// Mapping the page store's view failed.
+    pub(crate) fn filemap_add_folio(&self, index: PgOff, order: u8) -> io::Result<Option<FolioGuard>> {
+        debug_assert!(order <= MAX_ORDER);
+        let n = 1u64 << order;
+        let data = self.store.view_ptr(index.byte())?;
+        let xa = self.i_pages.lock();
+        if !self.i_pages.range_empty(&xa, index.0, n) {
+            return Ok(None);
+        }
+        let guard = Folio::alloc_locked(self.id, index, order, data);
+        self.i_pages.store_range(&xa, index.0, n, &*guard as *const Folio);
+        self.nrpages.fetch_add(n, Ordering::Relaxed);
+        drop(xa);
+        self.stats.folio_added(n);
+        Ok(Some(guard))
+    }
+
+    /// The folio at `index`, locked, created (order 0, not uptodate) if
+    /// absent (`__filemap_get_folio(FGP_LOCK | FGP_CREAT)`).
+    ///
+    /// # Errors
+    /// Mapping the page store's view failed.
+    pub fn filemap_grab_folio(&self, index: PgOff) -> io::Result<FolioGuard> {
+        loop {
+            if let Some(g) = self.filemap_lock_folio(index) {
+                return Ok(g);
+            }
+            if let Some(g) = self.filemap_add_folio(index, 0)? {
+                return Ok(g);
+            }
+        }
+    }
+
+    /// `filemap_remove_folio`: take the folio out of the index. Folio locked,
+    /// not under writeback. The cache's reference is dropped; the caller's
+    /// guard keeps one.
+    pub(crate) fn filemap_remove_folio(&self, folio: &FolioGuard) {
+        debug_assert_eq!(folio.mapping_id(), self.id);
+        debug_assert!(!folio.is_writeback());
+        let n = folio.nr_pages();
+        let idx = folio.index().0;
+        {
+            let mut xa = self.i_pages.lock();
+            self.i_pages.store_range(&xa, idx, n, std::ptr::null());
+            xa.clear_tag(idx, Tag::Dirty);
+            xa.clear_tag(idx, Tag::ToWrite);
+            folio.detach();
+            self.nrpages.fetch_sub(n, Ordering::Relaxed);
+        }
+        if folio.folio().is_dirty() {
+            // Only truncate drops dirty folios; cancel the accounting.
+            folio.test_clear_dirty();
+            self.stats.dirty_sub(n);
+        }
+        self.stats.folio_removed(n);
+        self.ops.free_folio(self, folio);
+        // SAFETY: the index held one reference, given up here; the caller's
+        // guard holds another, so this put does not free the folio.
+        drop(unsafe { FolioRef::from_raw(NonNull::from(&**folio)) });
+    }
+
+    // ----- dirty / writeback --------------------------------------------------
+
+    /// `folio_mark_dirty`: set DIRTY, tag it, account it, tell the engine.
+    ///
+    /// # Locking
+    /// Folio locked (the guard proves it). Does not sleep.
+    pub fn folio_mark_dirty(&self, folio: &FolioGuard) {
+        self.mark_dirty_raw(folio);
+    }
+
+    /// Dirty a folio the caller holds locked or under writeback.
+    fn mark_dirty_raw(&self, folio: &Folio) {
+        debug_assert!(folio.is_locked() || folio.is_writeback());
+        if folio.test_set_dirty() {
+            let idx = folio.index().0;
+            self.i_pages.lock().set_tag(idx, Tag::Dirty);
+            self.stats.dirty_add(folio.nr_pages());
+            self.ops.dirty_folio(self, folio);
+        }
+    }
+
+    /// `folio_clear_dirty_for_io`: clear DIRTY before writing the folio.
+    /// Returns whether it was dirty. The DIRTY tag stays until
+    /// `folio_start_writeback`, so the folio cannot be missed by an
+    /// integrity sync in between.
+    ///
+    /// # Locking
+    /// Folio locked.
+    pub fn folio_clear_dirty_for_io(&self, folio: &FolioGuard) -> bool {
+        if folio.test_clear_dirty() {
+            self.stats.dirty_sub(folio.nr_pages());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// `folio_redirty_for_writepage`: the store cannot write the folio now;
+    /// keep it dirty and unlock it.
+    ///
+    /// # Locking
+    /// Folio locked on entry, unlocked on return.
+    pub fn redirty_for_writepage(&self, wbc: &mut crate::aops::WritebackControl, folio: FolioGuard) {
+        let _ = wbc;
+        self.mark_dirty_raw(&folio);
+        drop(folio);
+    }
+
+    /// `folio_start_writeback`: set WRITEBACK, move tags (clear TOWRITE,
+    /// clear DIRTY unless redirtied, set WRITEBACK) and unlock the folio.
+    ///
+    /// # Locking
+    /// Folio locked on entry; unlocked on return, under writeback until the
+    /// returned handle ends it.
+    pub fn folio_start_writeback(&self, folio: FolioGuard) -> Writeback<'_> {
+        folio.set_writeback_bit();
+        let idx = folio.index().0;
+        {
+            let mut xa = self.i_pages.lock();
+            xa.clear_tag(idx, Tag::ToWrite);
+            if !folio.is_dirty() {
+                xa.clear_tag(idx, Tag::Dirty);
+            }
+            xa.set_tag(idx, Tag::Writeback);
+        }
+        self.stats.writeback_add(folio.nr_pages());
+        Writeback {
+            mapping: self,
+            folio: Some(folio.unlock()),
+        }
+    }
+
+    /// Record a writeback error for the next fsync of every open handle
+    /// (`mapping_set_error`).
+    pub fn set_error(&self, errno: i32) {
+        self.wb_err.set(errno);
+    }
+
+    fn end_writeback(&self, folio: FolioRef) {
+        let n = folio.nr_pages();
+        self.i_pages.lock().clear_tag(folio.index().0, Tag::Writeback);
+        self.stats.writeback_sub(n);
+        folio.clear_writeback_bit();
+    }
+}
+
+#[cfg(not(loom))]
+fn rw_state(l: &RwLock<()>) -> LockState {
+    if l.is_locked_exclusive() {
+        LockState::Exclusive
+    } else if l.is_locked() {
+        LockState::Shared
+    } else {
+        LockState::Unlocked
+    }
+}
+
+/// A folio under writeback (`PG_writeback` set, folio unlocked). Ending it
+/// (explicitly or by dropping the handle) clears the bit and wakes waiters.
+pub struct Writeback<'a> {
+    mapping: &'a AddressSpace,
+    folio: Option<FolioRef>,
+}
+
+impl Writeback<'_> {
+    /// The folio.
+    pub fn folio(&self) -> &FolioRef {
+        self.folio.as_ref().expect("writeback already ended")
+    }
+
+    /// The folio's bytes, to hand to the store.
+    ///
+    /// Unless the store asked for stable writes, a user mapping may modify
+    /// them during the write; the folio is then dirty again and written by
+    /// the next writeback.
+    pub fn data(&self) -> &[u8] {
+        let f = self.folio();
+        // SAFETY: the folio's range of the page store view is mapped for the
+        // store's life; the folio is referenced, under writeback, so it is
+        // not truncated (truncate waits for writeback) and no in-crate
+        // writer frees it.
+        unsafe { std::slice::from_raw_parts(f.as_ptr(), f.size()) }
+    }
+
+    /// `folio_end_writeback`: the write completed.
+    pub fn end(mut self) {
+        if let Some(f) = self.folio.take() {
+            self.mapping.end_writeback(f);
+        }
+    }
+
+    /// The write failed with `errno`: keep the data dirty (it will be
+    /// retried), record the error for fsync, end writeback.
+    pub fn end_with_error(mut self, errno: i32) {
+        if let Some(f) = self.folio.take() {
+            self.mapping.mark_dirty_raw(&f);
+            self.mapping.set_error(errno);
+            self.mapping.stats.write_error();
+            self.mapping.end_writeback(f);
+        }
+    }
+}
+
+impl Drop for Writeback<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.folio.take() {
+            self.mapping.end_writeback(f);
+        }
+    }
+}
+
+impl Drop for AddressSpace {
+    fn drop(&mut self) {
+        // Nobody else can reach us: drop every folio. Dirty data left here
+        // was already reported by the last handle's close/drop.
+        let mut index = 0;
+        while let Some((i, _)) = self.i_pages.find_from(index, u64::MAX) {
+            match self.filemap_lock_folio(PgOff(i)) {
+                Some(g) => {
+                    index = g.index().0 + g.nr_pages();
+                    g.wait_writeback();
+                    self.filemap_remove_folio(&g);
+                }
+                None => index = i + 1,
+            }
+        }
+    }
+}

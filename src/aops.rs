@@ -1,0 +1,287 @@
+//! `address_space_operations`: what the storage engine supplies.
+//!
+//! The lock state on entry and on return of each method is the kernel's
+//! (Documentation/filesystems/locking.rst); it is restated above each method
+//! and summarized here:
+//!
+//! | method | folio on entry | on return | i_rwsem | invalidate | may block |
+//! |---|---|---|---|---|---|
+//! | `read_folio` | locked | unlocked by the op (guard consumed); UPTODATE on success, ERROR on failure | — | shared | yes |
+//! | `readahead` | each locked | each unlocked as its read ends | — | shared | yes |
+//! | `writepage` | locked | unlocked; WRITEBACK set before unlock (or redirtied) | — | — | yes |
+//! | `writepages` | — | — | — | — | yes |
+//! | `dirty_folio` | locked (or WRITEBACK held) | unchanged | — | — | **no** |
+//! | `write_begin` | — | returned locked | exclusive | — | yes |
+//! | `write_end` | locked | unlocked | exclusive | — | yes |
+//! | `invalidate_folio` | locked | locked | — | exclusive | yes |
+//! | `release_folio` | locked | locked | — | — | yes |
+//! | `free_folio` | locked (being freed) | — | — | — | **no** |
+//! | `launder_folio` | locked | locked | — | — | yes |
+//! | `is_partially_uptodate` | locked | locked | — | — | yes |
+//! | `error_remove_folio` | locked | locked | — | — | yes |
+//!
+//! "Unlocked by the op" is expressed in types: those methods take the
+//! [`FolioGuard`] by value, and dropping it unlocks.
+//!
+//! Besides the folio operations, the trait carries the three inode-level
+//! operations the page cache needs from the file below it (the kernel's
+//! `setattr(ATTR_SIZE)`, `fallocate(PUNCH_HOLE)` and `fsync`), and the
+//! initial size.
+
+use std::io;
+
+use crate::address_space::AddressSpace;
+use crate::folio::{Folio, FolioGuard};
+use crate::page_writeback::write_cache_pages;
+
+/// Integrity or cleansing writeback (`enum writeback_sync_modes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Cleansing: write what can be written without waiting; skip folios
+    /// locked or under writeback (`WB_SYNC_NONE`).
+    None,
+    /// Integrity: every folio dirty when the sync started is written and
+    /// waited for (`WB_SYNC_ALL`).
+    All,
+}
+
+/// `struct writeback_control`.
+#[derive(Clone, Debug)]
+pub struct WritebackControl {
+    /// Cleansing or integrity.
+    pub sync_mode: SyncMode,
+    /// Pages still to write; decremented per page written. Ignored (no
+    /// limit) for [`SyncMode::All`].
+    pub nr_to_write: i64,
+    /// First byte of the range to write.
+    pub range_start: u64,
+    /// Last byte of the range (inclusive), `u64::MAX` for "to the end".
+    pub range_end: u64,
+    /// Pages written by this call (output).
+    pub pages_written: u64,
+}
+
+impl WritebackControl {
+    /// Integrity writeback of `[start, end]`.
+    pub fn all(range_start: u64, range_end: u64) -> Self {
+        WritebackControl {
+            sync_mode: SyncMode::All,
+            nr_to_write: i64::MAX,
+            range_start,
+            range_end,
+            pages_written: 0,
+        }
+    }
+
+    /// Cleansing writeback of up to `nr_to_write` pages of the whole file.
+    pub fn none(nr_to_write: i64) -> Self {
+        WritebackControl {
+            sync_mode: SyncMode::None,
+            nr_to_write,
+            range_start: 0,
+            range_end: u64::MAX,
+            pages_written: 0,
+        }
+    }
+}
+
+/// A batch of locked, not-uptodate folios to read (`struct readahead_control`).
+pub struct ReadaheadControl {
+    pub(crate) folios: Vec<FolioGuard>,
+}
+
+impl ReadaheadControl {
+    /// Take the next folio to read (`readahead_folio`); the op must unlock
+    /// it (by dropping the guard) once its read has ended.
+    pub fn next_folio(&mut self) -> Option<FolioGuard> {
+        if self.folios.is_empty() {
+            None
+        } else {
+            Some(self.folios.remove(0))
+        }
+    }
+
+    /// Folios not yet taken.
+    pub fn remaining(&self) -> usize {
+        self.folios.len()
+    }
+}
+
+/// What the storage engine implements for one cached file.
+///
+/// Only [`read_folio`](Self::read_folio), [`writepage`](Self::writepage)
+/// and the inode-level operations are required; everything else has the
+/// kernel's generic behaviour. Most engines implement
+/// [`BackingStore`](crate::BackingStore) instead and let
+/// [`StoreOps`](crate::StoreOps) turn it into these operations.
+pub trait AddressSpaceOps: Send + Sync + 'static {
+    /// Fill a folio from the store.
+    ///
+    /// # Locking
+    /// Folio locked on entry; the op unlocks it (drops the guard) once the
+    /// read has ended, after `mark_uptodate` on success or `set_error` on
+    /// failure. `invalidate_lock` held shared. May block.
+    ///
+    /// # Errors
+    /// The store's error; the folio must then be left not uptodate.
+    fn read_folio(&self, mapping: &AddressSpace, folio: FolioGuard) -> io::Result<()>;
+
+    /// Start reading a batch of new folios.
+    ///
+    /// # Locking
+    /// Each folio locked; each is unlocked by the op as its read ends.
+    /// `invalidate_lock` held shared. May block. Folios left in `rac` are
+    /// unlocked, not uptodate, by the caller.
+    ///
+    /// The default reads each folio with `read_folio`; errors leave the
+    /// folio not uptodate, and the reader that needs it retries with
+    /// `read_folio` and reports the error.
+    fn readahead(&self, mapping: &AddressSpace, rac: &mut ReadaheadControl) {
+        while let Some(folio) = rac.next_folio() {
+            let _ = self.read_folio(mapping, folio);
+        }
+    }
+
+    /// Write one dirty folio.
+    ///
+    /// # Locking
+    /// Folio locked on entry, its DIRTY bit already cleared for I/O. The op
+    /// either starts writeback ([`AddressSpace::folio_start_writeback`],
+    /// which sets WRITEBACK and unlocks) and later ends it, or redirties it
+    /// ([`AddressSpace::redirty_for_writepage`]). For [`SyncMode::All`] it
+    /// must start the write. May block.
+    ///
+    /// # Errors
+    /// A write error must also be recorded by ending writeback with
+    /// [`Writeback::end_with_error`](crate::Writeback::end_with_error), which
+    /// keeps the data dirty and reports the error at the next fsync.
+    fn writepage(&self, mapping: &AddressSpace, folio: FolioGuard, wbc: &mut WritebackControl) -> io::Result<()>;
+
+    /// Write dirty folios of the file as `wbc` asks.
+    ///
+    /// # Locking
+    /// Nothing held. May block. The default is `write_cache_pages` over
+    /// `writepage`.
+    fn writepages(&self, mapping: &AddressSpace, wbc: &mut WritebackControl) -> io::Result<()> {
+        write_cache_pages(mapping, wbc, |folio, wbc| self.writepage(mapping, folio, wbc))
+    }
+
+    /// Notification that a folio became dirty (the flag and tag are already
+    /// set by the core).
+    ///
+    /// # Locking
+    /// Folio locked (or under writeback). Must not sleep.
+    fn dirty_folio(&self, _mapping: &AddressSpace, _folio: &Folio) {}
+
+    /// Prepare the folio for a buffered write of `len` bytes at `pos`
+    /// (which lie in one folio).
+    ///
+    /// # Locking
+    /// `i_rwsem` held exclusive. Returns the folio locked. May block.
+    ///
+    /// # Errors
+    /// Read errors of a partial-folio read-modify-write.
+    fn write_begin(&self, mapping: &AddressSpace, pos: u64, len: usize) -> io::Result<FolioGuard> {
+        crate::filemap::generic_write_begin(mapping, pos, len)
+    }
+
+    /// Finish a buffered write: `copied` bytes at `pos` were copied in.
+    ///
+    /// # Locking
+    /// `i_rwsem` exclusive; folio locked on entry, unlocked on return.
+    fn write_end(&self, mapping: &AddressSpace, pos: u64, copied: usize, folio: FolioGuard) -> usize {
+        crate::filemap::generic_write_end(mapping, pos, copied, folio)
+    }
+
+    /// `offset..offset+len` of the folio is being truncated or punched.
+    ///
+    /// # Locking
+    /// Folio locked; `invalidate_lock` held exclusive. May block.
+    fn invalidate_folio(&self, _mapping: &AddressSpace, _folio: &FolioGuard, _offset: usize, _len: usize) {}
+
+    /// May the folio's private state go (so the folio can be dropped)?
+    ///
+    /// # Locking
+    /// Folio locked. May block.
+    fn release_folio(&self, _mapping: &AddressSpace, _folio: &FolioGuard) -> bool {
+        true
+    }
+
+    /// The folio has left the page cache.
+    ///
+    /// # Locking
+    /// Folio locked, being freed. Must not sleep.
+    fn free_folio(&self, _mapping: &AddressSpace, _folio: &Folio) {}
+
+    /// Write a dirty folio synchronously before it is invalidated.
+    ///
+    /// # Locking
+    /// Folio locked on entry and on return. May block.
+    ///
+    /// # Errors
+    /// The write error; the folio then stays dirty.
+    fn launder_folio(&self, _mapping: &AddressSpace, _folio: &mut FolioGuard) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Are `count` bytes at `from` in the (not uptodate) folio valid?
+    ///
+    /// # Locking
+    /// Folio locked. May block.
+    fn is_partially_uptodate(&self, _mapping: &AddressSpace, _folio: &FolioGuard, _from: usize, _count: usize) -> bool {
+        false
+    }
+
+    /// Memory failure hit the folio: drop it if possible.
+    ///
+    /// # Locking
+    /// Folio locked. May block.
+    ///
+    /// # Errors
+    /// `Unsupported` by default (the folio is kept).
+    fn error_remove_folio(&self, _mapping: &AddressSpace, _folio: &FolioGuard) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    // ----- inode level --------------------------------------------------
+
+    /// Size of the file when the cache opens it.
+    ///
+    /// # Errors
+    /// The store's error.
+    fn initial_size(&self) -> io::Result<u64>;
+
+    /// Set the store's size (truncate / extend), `setattr(ATTR_SIZE)`.
+    ///
+    /// # Locking
+    /// `i_rwsem` and `invalidate_lock` exclusive; the page cache beyond the
+    /// new size is already gone.
+    ///
+    /// # Errors
+    /// The store's error.
+    fn set_size(&self, size: u64) -> io::Result<()>;
+
+    /// Deallocate `[off, off + len)` in the store; it must read back as
+    /// zeros (`fallocate(PUNCH_HOLE | KEEP_SIZE)`).
+    ///
+    /// # Locking
+    /// `i_rwsem` and `invalidate_lock` exclusive.
+    ///
+    /// # Errors
+    /// The store's error.
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()>;
+
+    /// Make written data durable (`fdatasync`).
+    ///
+    /// # Locking
+    /// Nothing held. May block.
+    ///
+    /// # Errors
+    /// The store's error.
+    fn fsync(&self) -> io::Result<()>;
+
+    /// Must folios under writeback stay unmodified (stable pages)?
+    fn stable_writes(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,352 @@
+//! [`PageCache`] (the set of cached files, its configuration and counters)
+//! and [`File`] (an open handle, like `struct file`: it carries its own
+//! writeback-error cursor and closes with a flush).
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use crate::address_space::{AddressSpace, RaConfig};
+use crate::aops::{AddressSpaceOps, WritebackControl};
+use crate::backing::{FileStore, StoreOps};
+use crate::error::{Error, Result};
+use crate::stats::{CacheStats, Stats};
+use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::types::{MAX_ORDER, PAGE_SIZE};
+
+/// Builder for [`PageCache`], with documented defaults.
+#[derive(Clone, Debug)]
+pub struct PageCacheBuilder {
+    readahead_bytes: u64,
+    max_folio_order: u8,
+}
+
+impl Default for PageCacheBuilder {
+    fn default() -> Self {
+        PageCacheBuilder {
+            readahead_bytes: Self::DEFAULT_READAHEAD,
+            max_folio_order: Self::DEFAULT_MAX_FOLIO_ORDER,
+        }
+    }
+}
+
+impl PageCacheBuilder {
+    /// Default readahead window: 128 KiB, the kernel's `VM_READAHEAD_PAGES`.
+    pub const DEFAULT_READAHEAD: u64 = 128 * 1024;
+    /// Default largest folio readahead allocates: order 4 (64 KiB), which
+    /// makes a 128 KiB window two folios and keeps 4 KiB random reads cheap.
+    pub const DEFAULT_MAX_FOLIO_ORDER: u8 = 4;
+
+    /// Readahead window read on a miss, in bytes (rounded up to pages; at
+    /// least one page).
+    pub fn readahead_bytes(mut self, bytes: u64) -> Self {
+        self.readahead_bytes = bytes;
+        self
+    }
+
+    /// Largest folio order readahead may allocate (`0..=9`; clamped).
+    pub fn max_folio_order(mut self, order: u8) -> Self {
+        self.max_folio_order = order.min(MAX_ORDER);
+        self
+    }
+
+    /// Build the cache.
+    pub fn build(self) -> PageCache {
+        PageCache {
+            inner: Arc::new(CacheInner {
+                ra: RaConfig {
+                    window_pages: self.readahead_bytes.div_ceil(PAGE_SIZE as u64).max(1),
+                    max_order: self.max_folio_order,
+                },
+                stats: Arc::new(CacheStats::default()),
+                files: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+}
+
+struct CacheInner {
+    ra: RaConfig,
+    stats: Arc<CacheStats>,
+    /// Open files by (device, inode), so that two opens of one file share
+    /// one address space (one copy, coherent), as in the kernel.
+    /// The count is the number of open handles.
+    files: Mutex<HashMap<(u64, u64), (Arc<AddressSpace>, usize)>>,
+    next_id: AtomicU64,
+}
+
+/// A page cache: the address spaces of the files it caches, their
+/// configuration and counters. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct PageCache {
+    inner: Arc<CacheInner>,
+}
+
+impl std::fmt::Debug for PageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageCache").field("stats", &self.stats()).finish()
+    }
+}
+
+impl Default for PageCache {
+    fn default() -> Self {
+        PageCache::builder().build()
+    }
+}
+
+impl PageCache {
+    /// A builder with the defaults.
+    pub fn builder() -> PageCacheBuilder {
+        PageCacheBuilder::default()
+    }
+
+    /// A cache with the defaults.
+    pub fn new() -> PageCache {
+        Self::default()
+    }
+
+    /// Counters, summed over every file.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats.snapshot()
+    }
+
+    /// Open the existing file at `path` read-write through the cache. Two
+    /// opens of the same file share one address space.
+    ///
+    /// # Errors
+    /// `open(2)`'s error; `EFBIG` if the file is larger than the largest
+    /// cacheable file.
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<File> {
+        let path = path.as_ref();
+        let store = FileStore::open(path)?;
+        let md = store.file().metadata()?;
+        let key = (md.dev(), md.ino());
+        let mut files = self.inner.files.lock();
+        if let Some((m, handles)) = files.get_mut(&key) {
+            *handles += 1;
+            return Ok(File::new(m.clone(), Some((self.inner.clone(), key))));
+        }
+        let m = Arc::new(self.new_mapping(path.display().to_string(), Box::new(StoreOps::new(store)))?);
+        files.insert(key, (m.clone(), 1));
+        Ok(File::new(m, Some((self.inner.clone(), key))))
+    }
+
+    /// Cache a file whose operations the engine supplies (its own store,
+    /// its own I/O). Each call makes a new, independent address space.
+    ///
+    /// # Errors
+    /// The operations' `initial_size` error; memfd creation failure.
+    pub fn open_with_ops(&self, name: &str, ops: impl AddressSpaceOps) -> Result<File> {
+        let m = Arc::new(self.new_mapping(name.to_string(), Box::new(ops))?);
+        Ok(File::new(m, None))
+    }
+
+    fn new_mapping(&self, name: String, ops: Box<dyn AddressSpaceOps>) -> Result<AddressSpace> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        AddressSpace::new(id, name, ops, self.inner.stats.clone(), self.inner.ra).map_err(Error::Io)
+    }
+}
+
+/// An open file of a [`PageCache`] (`struct file`).
+///
+/// Reads and writes go through the shared address space; `fsync` reports
+/// each writeback error once per handle. `close` flushes and returns the
+/// error if any; dropping an unclosed handle flushes too and, since `drop`
+/// cannot return an error, reports a failure on stderr.
+pub struct File {
+    mapping: Arc<AddressSpace>,
+    /// `f_wb_err`: the errseq value this handle last reported.
+    wb_err: AtomicU64,
+    closed: AtomicBool,
+    registry: Option<(Arc<CacheInner>, (u64, u64))>,
+}
+
+impl std::fmt::Debug for File {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("File")
+            .field("mapping", &self.mapping)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl File {
+    fn new(mapping: Arc<AddressSpace>, registry: Option<(Arc<CacheInner>, (u64, u64))>) -> File {
+        File {
+            wb_err: AtomicU64::new(mapping.wb_err.sample()),
+            mapping,
+            closed: AtomicBool::new(false),
+            registry,
+        }
+    }
+
+    fn mapping(&self) -> Result<&AddressSpace> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::Closed)
+        } else {
+            Ok(&self.mapping)
+        }
+    }
+
+    /// The file's address space.
+    ///
+    /// # Errors
+    /// `Closed` after [`close`](Self::close).
+    pub fn address_space(&self) -> Result<&AddressSpace> {
+        self.mapping()
+    }
+
+    /// File size.
+    ///
+    /// # Errors
+    /// `Closed` after close.
+    pub fn len(&self) -> Result<u64> {
+        Ok(self.mapping()?.size())
+    }
+
+    /// Is the file empty?
+    ///
+    /// # Errors
+    /// `Closed` after close.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Read at `pos` ([`AddressSpace::read_at`]).
+    ///
+    /// # Errors
+    /// `Closed`; the store's read error.
+    pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
+        self.mapping()?.read_at(buf, pos)
+    }
+
+    /// Read exactly `buf.len()` bytes at `pos`.
+    ///
+    /// # Errors
+    /// `UnexpectedEof` (as `Io`) when the file ends first; as `read_at`.
+    pub fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        let n = self.read_at(buf, pos)?;
+        if n < buf.len() {
+            return Err(Error::Io(io::Error::from(io::ErrorKind::UnexpectedEof)));
+        }
+        Ok(())
+    }
+
+    /// Write at `pos` ([`AddressSpace::write_at`]).
+    ///
+    /// # Errors
+    /// `Closed`; `EFBIG`; a partial-folio read error.
+    pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize> {
+        self.mapping()?.write_at(buf, pos)
+    }
+
+    /// Set the size ([`AddressSpace::truncate`]).
+    ///
+    /// # Errors
+    /// `Closed`; `EFBIG`; the store's error.
+    pub fn truncate(&self, size: u64) -> Result<()> {
+        self.mapping()?.truncate(size)
+    }
+
+    /// Punch a hole ([`AddressSpace::punch_hole`]).
+    ///
+    /// # Errors
+    /// `Closed`; `EINVAL`; `EFBIG`; the store's error.
+    pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
+        self.mapping()?.punch_hole(off, len)
+    }
+
+    /// Cleansing writeback of up to `nr_pages` dirty pages (does not wait
+    /// for durability; errors are also kept for the next fsync).
+    ///
+    /// # Errors
+    /// `Closed`; the first write error.
+    pub fn writeback(&self, nr_pages: i64) -> Result<u64> {
+        let m = self.mapping()?;
+        let mut wbc = WritebackControl::none(nr_pages);
+        m.writepages(&mut wbc)?;
+        Ok(wbc.pages_written)
+    }
+
+    /// `fsync(2)` (data integrity, like `fdatasync`): write every dirty
+    /// folio, wait, make the store durable. Reports a writeback error that
+    /// happened since this handle last reported one (even one hit by
+    /// background writeback), once. Failed folios stay dirty and are
+    /// retried by the next sync: no data is dropped.
+    ///
+    /// # Errors
+    /// `Closed`; `Writeback` with the recorded errno; the store's sync error.
+    pub fn fsync(&self) -> Result<()> {
+        self.sync_range(0, u64::MAX)
+    }
+
+    /// `fsync` restricted to the bytes `[start, end]` (inclusive), like
+    /// `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)` followed by the
+    /// store's sync.
+    ///
+    /// # Errors
+    /// As [`fsync`](Self::fsync); `EINVAL` if `start > end`.
+    pub fn sync_range(&self, start: u64, end: u64) -> Result<()> {
+        if start > end {
+            return Err(Error::InvalidArgument {
+                what: "sync_range start after end",
+            });
+        }
+        let m = self.mapping()?;
+        let written = m.write_and_wait_range(start, end);
+        let synced = m.ops.fsync();
+        if let Some(errno) = m.wb_err.check_and_advance(&self.wb_err) {
+            return Err(Error::Writeback(io::Error::from_raw_os_error(errno)));
+        }
+        if let Err(e) = written {
+            return Err(Error::Writeback(e));
+        }
+        synced?;
+        Ok(())
+    }
+
+    /// Flush and close. On error the handle stays open (the data is still
+    /// cached and dirty): retry, or drop the handle to give up.
+    ///
+    /// # Errors
+    /// `Closed` if already closed; as [`fsync`](Self::fsync).
+    pub fn close(&self) -> Result<()> {
+        self.fsync()?;
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Err(Error::Closed);
+        }
+        self.release();
+        Ok(())
+    }
+
+    /// Drop the registry entry when this is the last handle.
+    fn release(&self) {
+        if let Some((cache, key)) = &self.registry {
+            let mut files = cache.files.lock();
+            if let Some((_, handles)) = files.get_mut(key) {
+                *handles -= 1;
+                if *handles == 0 {
+                    files.remove(key);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for File {
+    fn drop(&mut self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = self.fsync() {
+            eprintln!(
+                "upcache: {}: dropped without close and the flush failed ({e}); \
+                 unwritten data is lost when the last handle goes",
+                self.mapping.name()
+            );
+        }
+        self.release();
+    }
+}

@@ -1,0 +1,63 @@
+//! The crate's error type.
+
+use std::io;
+
+use thiserror::Error;
+
+/// Errors from upcache operations. Each maps to the errno a kernel would
+/// return for the same mistake (see [`Error::raw_os_error`]).
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The backing store or the OS failed (`EIO`, `ENOSPC`, ...).
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// A write or size change would end beyond the largest cacheable file
+    /// (`EFBIG`).
+    #[error("offset {offset} + length {len} exceeds the maximum file size {max} (EFBIG)")]
+    FileTooLarge {
+        /// Requested start.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// `MAX_FILE_SIZE`.
+        max: u64,
+    },
+    /// A zero-length, overflowing or otherwise malformed range (`EINVAL`).
+    #[error("invalid argument: {what} (EINVAL)")]
+    InvalidArgument {
+        /// What was wrong.
+        what: &'static str,
+    },
+    /// The file handle was closed (`EBADF`).
+    #[error("file is closed (EBADF)")]
+    Closed,
+    /// Writeback of earlier dirty data failed; the data is still cached and
+    /// dirty and will be retried by the next sync.
+    #[error("writeback failed: {0}")]
+    Writeback(io::Error),
+}
+
+impl Error {
+    /// The errno this error corresponds to.
+    pub fn raw_os_error(&self) -> i32 {
+        use rustix::io::Errno;
+        match self {
+            Error::Io(e) | Error::Writeback(e) => e.raw_os_error().unwrap_or(Errno::IO.raw_os_error()),
+            Error::FileTooLarge { .. } => Errno::FBIG.raw_os_error(),
+            Error::InvalidArgument { .. } => Errno::INVAL.raw_os_error(),
+            Error::Closed => Errno::BADF.raw_os_error(),
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        match e {
+            Error::Io(e) => e,
+            other => io::Error::from_raw_os_error(other.raw_os_error()),
+        }
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,285 @@
+//! The buffered read and write paths (`mm/filemap.c`): `filemap_read`,
+//! synchronous readahead, `generic_perform_write` with the generic
+//! `write_begin` / `write_end`.
+
+use std::io;
+
+use crate::address_space::AddressSpace;
+use crate::aops::ReadaheadControl;
+use crate::error::{Error, Result};
+use crate::folio::{flags, FolioGuard};
+use crate::types::{PgOff, MAX_FILE_SIZE, PAGE_SHIFT};
+
+/// Check that `[pos, pos + len)` ends within the largest file.
+pub(crate) fn check_range_max(pos: u64, len: u64) -> Result<u64> {
+    match pos.checked_add(len) {
+        Some(end) if end <= MAX_FILE_SIZE => Ok(end),
+        _ => Err(Error::FileTooLarge {
+            offset: pos,
+            len,
+            max: MAX_FILE_SIZE,
+        }),
+    }
+}
+
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error())
+}
+
+impl AddressSpace {
+    /// `filemap_read`: copy file bytes at `pos` into `buf` through the cache.
+    /// Returns the bytes read: fewer than asked only at end of file, 0 at or
+    /// past it (like `pread(2)`).
+    ///
+    /// # Locking
+    /// Takes nothing on a hit (lockless lookup, copy without the folio lock).
+    /// On a miss takes `invalidate_lock` shared to create and read folios,
+    /// and may sleep on folio locks and I/O.
+    ///
+    /// # Errors
+    /// The store's read error (the folio stays cached, not uptodate).
+    pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let p = match pos.checked_add(done as u64) {
+                Some(p) if p < self.size() => p,
+                _ => break,
+            };
+            let index = PgOff::of_byte(p);
+            let folio = match self.filemap_get_folio(index) {
+                Some(f) => {
+                    self.stats.hit();
+                    f
+                }
+                None => {
+                    self.stats.miss();
+                    let want = (((buf.len() - done) as u64) + (p & ((1 << PAGE_SHIFT) - 1))).div_ceil(1 << PAGE_SHIFT);
+                    self.page_cache_sync_readahead(index, want)?;
+                    continue;
+                }
+            };
+            if folio.is_readahead() && folio.test_clear_soft(flags::READAHEAD) {
+                // The marker: read the next window before the reader gets
+                // there (synchronously for now; no reference may be held
+                // while taking invalidate_lock).
+                let next = folio.index().add(folio.nr_pages());
+                drop(folio);
+                self.page_cache_sync_readahead(next, self.ra.window_pages)?;
+                continue;
+            }
+            if !folio.is_uptodate() {
+                drop(folio);
+                self.filemap_update_folio(index)?;
+                continue;
+            }
+            // Re-read i_size now that the folio is uptodate, so that we never
+            // copy bytes a racing truncate has cut off.
+            let size = self.size();
+            if p >= size {
+                break;
+            }
+            let off = (p - folio.pos()) as usize;
+            let n = (folio.size() - off).min(buf.len() - done).min((size - p) as usize);
+            folio.copy_out(off, &mut buf[done..done + n]);
+            folio.mark_accessed();
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// Bring the folio at `index` uptodate, reading it if needed
+    /// (`filemap_update_page`). `Ok` also when the folio vanished: the caller
+    /// looks again.
+    ///
+    /// # Locking
+    /// Caller holds no folio reference. Takes `invalidate_lock` shared, then
+    /// the folio lock; `read_folio` unlocks.
+    pub(crate) fn filemap_update_folio(&self, index: PgOff) -> Result<()> {
+        let _inv = self.invalidate_lock_shared();
+        let Some(g) = self.filemap_lock_folio(index) else {
+            return Ok(());
+        };
+        if g.is_uptodate() {
+            return Ok(());
+        }
+        self.read_folio_sync(g).map_err(Error::Io)
+    }
+
+    /// Call `read_folio` and wait for it to end. Returns EIO if the folio is
+    /// still not uptodate. `invalidate_lock` held shared; folio locked.
+    pub(crate) fn read_folio_sync(&self, g: FolioGuard) -> io::Result<()> {
+        let f = g.folio().clone();
+        self.stats.read_io();
+        let r = self.ops.read_folio(self, g);
+        // An asynchronous store unlocks at completion.
+        f.wait_unlocked();
+        match r {
+            Err(e) => {
+                self.stats.read_error();
+                Err(e)
+            }
+            Ok(()) if !f.is_uptodate() => {
+                self.stats.read_error();
+                Err(eio())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// `page_cache_sync_readahead`: create the missing folios of a window
+    /// starting at `index` (at least `req_pages` pages, clamped to EOF),
+    /// using large folios where alignment and the window allow, and read
+    /// them with the engine's `readahead`.
+    ///
+    /// # Locking
+    /// Caller holds no folio reference. Takes `invalidate_lock` shared.
+    ///
+    /// # Errors
+    /// Only failures to map the page store; read errors are left on the
+    /// folios and reported by whoever needs them.
+    pub(crate) fn page_cache_sync_readahead(&self, index: PgOff, req_pages: u64) -> Result<()> {
+        let _inv = self.invalidate_lock_shared();
+        let eof_pages = self.size().div_ceil(1 << PAGE_SHIFT);
+        if index.0 >= eof_pages {
+            return Ok(());
+        }
+        let window = req_pages.max(self.ra.window_pages).max(1);
+        let end = index.0.saturating_add(window).min(eof_pages);
+        let marker = index.0 + (end - index.0) / 2;
+        let mut batch = Vec::new();
+        let mut i = index.0;
+        'next: while i < end {
+            if let Some(f) = self.filemap_get_folio(PgOff(i)) {
+                i = f.index().0 + f.nr_pages();
+                continue;
+            }
+            let mut order = self.ra.max_order;
+            loop {
+                let n = 1u64 << order;
+                if i % n == 0 && i + n <= end {
+                    if let Some(g) = self.filemap_add_folio(PgOff(i), order)? {
+                        if g.contains(PgOff(marker)) && marker != index.0 {
+                            g.test_set_soft(flags::READAHEAD);
+                        }
+                        i += n;
+                        batch.push(g);
+                        continue 'next;
+                    }
+                }
+                if order == 0 {
+                    // Someone inserted at `i` meanwhile: look again.
+                    continue 'next;
+                }
+                order -= 1;
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for _ in &batch {
+            self.stats.read_io();
+        }
+        let mut rac = ReadaheadControl { folios: batch };
+        self.ops.readahead(self, &mut rac);
+        // Folios the engine did not take are unlocked, not uptodate.
+        drop(rac);
+        Ok(())
+    }
+
+    /// `generic_perform_write` under `i_rwsem`: copy `buf` into the cache at
+    /// `pos`, growing the file as needed. Returns `buf.len()`.
+    ///
+    /// # Locking
+    /// Takes `i_rwsem` exclusive; `write_begin` / `write_end` lock each folio.
+    ///
+    /// # Errors
+    /// `EFBIG` past the largest file; a read error of a partial-folio
+    /// read-modify-write (bytes already copied stay written: the returned
+    /// error says nothing was written only when it came first).
+    pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize> {
+        check_range_max(pos, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let _i = self.inode_lock();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let p = pos + done as u64;
+            let left = buf.len() - done;
+            let mut g = match self.ops.write_begin(self, p, left) {
+                Ok(g) => g,
+                Err(e) if done == 0 => return Err(Error::Io(e)),
+                Err(_) => break,
+            };
+            let off = (p - g.pos()) as usize;
+            let n = (g.size() - off).min(left);
+            g.data_mut()[off..off + n].copy_from_slice(&buf[done..done + n]);
+            let copied = self.ops.write_end(self, p, n, g);
+            done += copied;
+            if copied < n {
+                break;
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// The generic `write_begin`: the folio covering `pos`, locked and ready for
+/// `len` bytes at `pos` (read first when the write covers it only in part).
+///
+/// # Locking
+/// `i_rwsem` exclusive. Takes `invalidate_lock` shared (before the folio
+/// lock) around the partial-folio read.
+///
+/// # Errors
+/// The read error of that partial-folio read.
+pub fn generic_write_begin(mapping: &AddressSpace, pos: u64, len: usize) -> io::Result<FolioGuard> {
+    let index = PgOff::of_byte(pos);
+    loop {
+        let mut g = mapping.filemap_grab_folio(index)?;
+        if g.is_uptodate() {
+            return Ok(g);
+        }
+        let off = (pos - g.pos()) as usize;
+        let n = len.min(g.size() - off);
+        if off == 0 && n == g.size() {
+            // Whole-folio overwrite: write_end marks it uptodate.
+            return Ok(g);
+        }
+        if g.pos() >= mapping.size() {
+            // Entirely past EOF: zeros, no read.
+            g.data_mut().fill(0);
+            g.mark_uptodate();
+            return Ok(g);
+        }
+        // Read-modify-write. invalidate_lock ranks above the folio lock, so
+        // drop the folio and take them in order, then look again.
+        drop(g);
+        let _inv = mapping.invalidate_lock_shared();
+        if let Some(g) = mapping.filemap_lock_folio(index) {
+            if !g.is_uptodate() {
+                mapping.read_folio_sync(g)?;
+            }
+        }
+    }
+}
+
+/// The generic `write_end`: mark the folio uptodate and dirty, grow
+/// `i_size`, unlock. Returns `copied`.
+///
+/// # Locking
+/// `i_rwsem` exclusive; folio locked on entry, unlocked on return.
+pub fn generic_write_end(mapping: &AddressSpace, pos: u64, copied: usize, folio: FolioGuard) -> usize {
+    if !folio.is_uptodate() {
+        // Only a whole-folio overwrite gets here not uptodate.
+        debug_assert_eq!(copied, folio.size());
+        folio.mark_uptodate();
+    }
+    mapping.folio_mark_dirty(&folio);
+    let end = pos + copied as u64;
+    if end > mapping.size() {
+        mapping.set_size_locked(end);
+    }
+    drop(folio);
+    copied
+}

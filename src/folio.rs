@@ -1,0 +1,674 @@
+//! `Folio`: a power-of-two run of cached pages, its flag word, refcount, lock
+//! and writeback bit (the kernel's `struct folio`, `folio_lock()`,
+//! `folio_wait_bit()` and `folio_end_writeback()`).
+//!
+//! # The flag word
+//!
+//! All state lives in one `AtomicU32` changed only by read-modify-write
+//! operations. Bits:
+//!
+//! | bit | set by | cleared by | meaning |
+//! |---|---|---|---|
+//! | `LOCKED` | `lock`/`trylock` (Acquire) | `unlock` (Release) | exclusive owner; protects `UPTODATE`/`DIRTY` transitions and membership |
+//! | `LOCK_WAITERS` | a sleeper, CAS from a value with `LOCKED` set | the waker, under the wait-queue lock, when the queue empties | `unlock` must take the slow path |
+//! | `UPTODATE` | the filler (read_folio / write_end), folio locked, Release | never (a folio is never made not-uptodate; it is dropped instead) | data valid; readers may copy without the lock (Acquire) |
+//! | `DIRTY` | `folio_mark_dirty` (folio locked, or `WRITEBACK` held) | `folio_clear_dirty_for_io` (folio locked), truncate | data newer than the store |
+//! | `WRITEBACK` | `folio_start_writeback` (folio locked) | `folio_end_writeback` (no lock; Release) | I/O in flight; truncate waits for it to clear |
+//! | `WB_WAITERS` | a sleeper in `wait_writeback`, CAS from a value with `WRITEBACK` | the waker when the queue empties | `end_writeback` must wake |
+//! | `ERROR` | read_folio failure (folio locked) | a later successful fill | last read failed |
+//! | `READAHEAD` | readahead, on the folio that should trigger the next window | a reader that hit it | async readahead marker |
+//! | `REFERENCED` | any access (`mark_accessed`) | reclaim's clock hand | recently used |
+//! | `ACTIVE` | reclaim promotion | reclaim demotion | on the hot list |
+//!
+//! Once set, `UPTODATE` is never cleared while the folio is in the cache.
+//!
+//! # Refcount
+//!
+//! The page cache holds one reference for as long as the folio is indexed;
+//! each [`FolioRef`] holds one more. `try_get` refuses a count of zero, so a
+//! lockless lookup can never revive a folio being freed (the lookup protocol
+//! is in `address_space`). The folio's memory is released through the epoch
+//! collector, never directly, because lockless readers may still be looking
+//! at its refcount.
+//!
+//! # Field protection
+//!
+//! | field | protection |
+//! |---|---|
+//! | `index`, `order`, `data` | immutable after creation |
+//! | `flags` | atomic RMW, see the table above |
+//! | `refcount` | atomic; 0 means being freed, never raised again |
+//! | `mapping` | written under the index lock (attach, detach); read by lockless lookups and re-checked under the folio lock |
+
+use std::fmt;
+use std::ptr::NonNull;
+
+use crate::sync::{epoch, AtomicU32, AtomicU64, Ordering, UnparkOp, WaitQueue};
+use crate::types::{PgOff, PAGE_SHIFT, PAGE_SIZE};
+
+/// Folio flag bits (see the module docs for the state table).
+pub mod flags {
+    /// Folio lock held.
+    pub const LOCKED: u32 = 1 << 0;
+    /// Somebody sleeps waiting for `LOCKED` to clear.
+    pub const LOCK_WAITERS: u32 = 1 << 1;
+    /// Contents valid.
+    pub const UPTODATE: u32 = 1 << 2;
+    /// Contents newer than the backing store.
+    pub const DIRTY: u32 = 1 << 3;
+    /// Write to the store in flight.
+    pub const WRITEBACK: u32 = 1 << 4;
+    /// Somebody sleeps waiting for `WRITEBACK` to clear.
+    pub const WB_WAITERS: u32 = 1 << 5;
+    /// The last read of this folio failed.
+    pub const ERROR: u32 = 1 << 6;
+    /// Readahead marker: hitting it starts the next async window.
+    pub const READAHEAD: u32 = 1 << 7;
+    /// Accessed since the reclaim hand last passed.
+    pub const REFERENCED: u32 = 1 << 8;
+    /// On the active (hot) list.
+    pub const ACTIVE: u32 = 1 << 9;
+}
+use flags::*;
+
+/// Wait-queue tags: one per event a thread can sleep for.
+const WQ_LOCK: usize = 0;
+const WQ_WRITEBACK: usize = 1;
+const WQ_REFS: usize = 2;
+
+/// Park tokens on the lock queue.
+const TOKEN_EXCLUSIVE: usize = 0;
+const TOKEN_WAIT_ONLY: usize = 1;
+
+/// A folio: `2^order` pages of one file, cached in the address space's memfd.
+pub struct Folio {
+    flags: AtomicU32,
+    refcount: AtomicU32,
+    /// Id of the owning `AddressSpace`, 0 once removed from it.
+    mapping: AtomicU64,
+    index: PgOff,
+    order: u8,
+    /// First byte of the folio in the page store's engine view.
+    data: *mut u8,
+    wq: WaitQueue,
+}
+
+// SAFETY: all mutable state is atomic; `data` points into a shared mapping
+// that outlives every folio of its page store (see `page_store`), and access
+// to its bytes follows the folio lock protocol.
+unsafe impl Send for Folio {}
+// SAFETY: as above; `&Folio` exposes only atomics and raw copies.
+unsafe impl Sync for Folio {}
+
+impl fmt::Debug for Folio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Folio")
+            .field("index", &self.index.0)
+            .field("order", &self.order)
+            .field("flags", &format_args!("{:#x}", self.flags.load(Ordering::Relaxed)))
+            .field("refcount", &self.refcount.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Folio {
+    /// Allocate a folio, locked, with two references (the page cache's and
+    /// the returned one's) and attached to `mapping`.
+    pub(crate) fn alloc_locked(mapping: u64, index: PgOff, order: u8, data: *mut u8) -> FolioGuard {
+        debug_assert!(order <= crate::types::MAX_ORDER);
+        debug_assert_eq!(
+            index.0 & ((1u64 << order) - 1),
+            0,
+            "folio index not aligned to its order"
+        );
+        let f = Box::new(Folio {
+            flags: AtomicU32::new(LOCKED),
+            refcount: AtomicU32::new(2),
+            mapping: AtomicU64::new(mapping),
+            index,
+            order,
+            data,
+            wq: WaitQueue::new(),
+        });
+        FolioGuard {
+            folio: FolioRef {
+                ptr: NonNull::from(Box::leak(f)),
+            },
+        }
+    }
+
+    /// First page index.
+    #[inline]
+    pub fn index(&self) -> PgOff {
+        self.index
+    }
+    /// log2 of the number of pages.
+    #[inline]
+    pub fn order(&self) -> u8 {
+        self.order
+    }
+    /// Number of pages.
+    #[inline]
+    pub fn nr_pages(&self) -> u64 {
+        1u64 << self.order
+    }
+    /// Size in bytes.
+    #[inline]
+    pub fn size(&self) -> usize {
+        PAGE_SIZE << self.order
+    }
+    /// File offset of the first byte.
+    #[inline]
+    pub fn pos(&self) -> u64 {
+        self.index.0 << PAGE_SHIFT
+    }
+    /// Does the folio cover page `index`?
+    #[inline]
+    pub fn contains(&self, index: PgOff) -> bool {
+        index.0 >= self.index.0 && index.0 < self.index.0 + self.nr_pages()
+    }
+    /// Raw flag word (for assertions and stats).
+    #[inline]
+    pub fn flags(&self) -> u32 {
+        self.flags.load(Ordering::Acquire)
+    }
+    /// Current reference count.
+    #[inline]
+    pub fn ref_count(&self) -> u32 {
+        self.refcount.load(Ordering::Acquire)
+    }
+    /// Owning address space id (0 when detached).
+    #[inline]
+    pub(crate) fn mapping_id(&self) -> u64 {
+        // Acquire; pairs with the Release in `detach`.
+        self.mapping.load(Ordering::Acquire)
+    }
+    /// Mark the folio removed from its mapping. Index lock held, folio locked.
+    pub(crate) fn detach(&self) {
+        debug_assert!(self.is_locked());
+        // SeqCst: pairs with `put`, which reads `mapping` after its
+        // decrement to decide whether a drainer must be woken (Dekker).
+        self.mapping.store(0, Ordering::SeqCst);
+    }
+
+    /// Is the folio locked (by anyone)?
+    #[inline]
+    pub fn is_locked(&self) -> bool {
+        self.flags() & LOCKED != 0
+    }
+    /// Are the contents valid? Acquire: pairs with the Release in
+    /// `FolioGuard::mark_uptodate`, so the filled bytes are visible.
+    #[inline]
+    pub fn is_uptodate(&self) -> bool {
+        self.flags() & UPTODATE != 0
+    }
+    /// Dirty?
+    #[inline]
+    pub fn is_dirty(&self) -> bool {
+        self.flags() & DIRTY != 0
+    }
+    /// Under writeback?
+    #[inline]
+    pub fn is_writeback(&self) -> bool {
+        self.flags() & WRITEBACK != 0
+    }
+    /// Did the last read fail?
+    #[inline]
+    pub fn has_error(&self) -> bool {
+        self.flags() & ERROR != 0
+    }
+    /// Carries the readahead marker?
+    #[inline]
+    pub fn is_readahead(&self) -> bool {
+        self.flags() & READAHEAD != 0
+    }
+
+    /// Set `bit` (a "soft" bit: READAHEAD, REFERENCED, ACTIVE); returns
+    /// whether it was clear before.
+    #[inline]
+    pub(crate) fn test_set_soft(&self, bit: u32) -> bool {
+        debug_assert!(bit & (READAHEAD | REFERENCED | ACTIVE | ERROR) == bit);
+        self.flags.fetch_or(bit, Ordering::Relaxed) & bit == 0
+    }
+    /// Clear a soft bit; returns whether it was set.
+    #[inline]
+    pub(crate) fn test_clear_soft(&self, bit: u32) -> bool {
+        debug_assert!(bit & (READAHEAD | REFERENCED | ACTIVE | ERROR) == bit);
+        self.flags.fetch_and(!bit, Ordering::Relaxed) & bit != 0
+    }
+
+    /// `folio_mark_accessed`: note a use for reclaim. One load on the hot
+    /// path when the bit is already set (no cache-line bouncing).
+    #[inline]
+    pub fn mark_accessed(&self) {
+        if self.flags.load(Ordering::Relaxed) & REFERENCED == 0 {
+            self.flags.fetch_or(REFERENCED, Ordering::Relaxed);
+        }
+    }
+
+    /// Set `DIRTY`; true if it was clean. Folio locked or under writeback.
+    /// Use `AddressSpace::folio_mark_dirty` to also tag and count it.
+    pub(crate) fn test_set_dirty(&self) -> bool {
+        self.flags.fetch_or(DIRTY, Ordering::AcqRel) & DIRTY == 0
+    }
+
+    /// Clear `DIRTY`; true if it was dirty. Folio locked.
+    pub(crate) fn test_clear_dirty(&self) -> bool {
+        debug_assert!(self.is_locked());
+        self.flags.fetch_and(!DIRTY, Ordering::AcqRel) & DIRTY != 0
+    }
+
+    // ----- refcount -------------------------------------------------------
+
+    /// `folio_try_get`: take a reference unless the count is zero (the folio
+    /// is being freed). Used by lockless lookups under an epoch guard.
+    #[inline]
+    pub(crate) fn try_get(&self) -> bool {
+        let mut c = self.refcount.load(Ordering::Relaxed);
+        loop {
+            if c == 0 {
+                return false;
+            }
+            // Acquire on success: pairs with the Release decrement in `put`
+            // so that we see everything done before the last put we revived
+            // from (the count never goes 0 -> 1, so this only orders us after
+            // earlier holders).
+            match self
+                .refcount
+                .compare_exchange_weak(c, c + 1, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(v) => c = v,
+            }
+        }
+    }
+
+    /// Take another reference; the caller already holds one.
+    #[inline]
+    fn get(&self) {
+        let old = self.refcount.fetch_add(1, Ordering::Relaxed);
+        debug_assert!(old > 0);
+    }
+
+    /// Drop a reference. The last one frees the folio through the epoch
+    /// collector.
+    ///
+    /// # Safety
+    ///
+    /// The caller owns one reference to the folio at `ptr`, and gives it up.
+    unsafe fn put(ptr: NonNull<Folio>) {
+        // SAFETY: we own a reference, so the folio is alive.
+        let f = unsafe { ptr.as_ref() };
+        // SeqCst: see `detach` and `wait_refs_drained` (Dekker: the drainer
+        // publishes "detached" then reads the count; we publish the count
+        // then read "detached").
+        let old = f.refcount.fetch_sub(1, Ordering::SeqCst);
+        debug_assert!(old > 0);
+        if old == 2 && f.mapping.load(Ordering::SeqCst) == 0 {
+            // The remaining reference is the one a truncate holds while it
+            // waits for transient users to leave: wake it.
+            f.wq.unpark_filter(f.key(), WQ_REFS, |_| UnparkOp::Unpark, |_| {});
+        } else if old == 1 {
+            let p = SendPtr(ptr);
+            let guard = epoch::pin();
+            // SAFETY: the count reached zero, so `try_get` can never succeed
+            // again and the index no longer holds the folio (the cache's own
+            // reference is dropped only after removal). Lockless readers that
+            // loaded the pointer earlier are pinned; the epoch defers the
+            // free until they unpin.
+            unsafe {
+                guard.defer_unchecked(move || {
+                    let p = p;
+                    drop(Box::from_raw(p.0.as_ptr()));
+                });
+            }
+        }
+    }
+
+    /// Sleep until only one reference (the caller's) is left. The folio must
+    /// be detached (so that `put` knows to wake us) and the caller must hold
+    /// no lock that a reference holder could be waiting for.
+    pub(crate) fn wait_refs_drained(&self) {
+        debug_assert_eq!(self.mapping_id(), 0);
+        loop {
+            if self.refcount.load(Ordering::SeqCst) <= 1 {
+                return;
+            }
+            self.wq
+                .park(self.key(), WQ_REFS, 0, || self.refcount.load(Ordering::SeqCst) > 1);
+        }
+    }
+
+    #[inline]
+    fn key(&self) -> usize {
+        // Keys are the folio's address plus a tag < 8; a Folio is larger
+        // than 8 bytes so keys of different folios never collide.
+        self as *const Folio as usize
+    }
+
+    // ----- lock -----------------------------------------------------------
+
+    /// `folio_trylock`: take the lock if free. One atomic op.
+    #[inline]
+    pub(crate) fn trylock_raw(&self) -> bool {
+        // Acquire: pairs with the Release in `unlock_raw`.
+        self.flags.fetch_or(LOCKED, Ordering::Acquire) & LOCKED == 0
+    }
+
+    /// `folio_lock`: take the lock, sleeping if needed.
+    #[inline]
+    pub(crate) fn lock_raw(&self) {
+        if !self.trylock_raw() {
+            self.lock_slow(true);
+        }
+    }
+
+    /// `folio_wait_locked`: sleep until the folio is unlocked, without
+    /// taking the lock.
+    pub fn wait_unlocked(&self) {
+        if self.is_locked() {
+            self.lock_slow(false);
+        }
+    }
+
+    #[cold]
+    fn lock_slow(&self, take: bool) {
+        let token = if take { TOKEN_EXCLUSIVE } else { TOKEN_WAIT_ONLY };
+        let mut spins = 0u32;
+        loop {
+            let f = self.flags.load(Ordering::Relaxed);
+            if f & LOCKED == 0 {
+                if !take {
+                    // Acquire so the caller sees what the last holder did.
+                    crate::sync::fence(Ordering::Acquire);
+                    return;
+                }
+                if self.trylock_raw() {
+                    return;
+                }
+                continue;
+            }
+            if spins < 16 && f & LOCK_WAITERS == 0 {
+                spins += 1;
+                crate::sync::spin_loop();
+                continue;
+            }
+            if f & LOCK_WAITERS == 0
+                && self
+                    .flags
+                    .compare_exchange_weak(f, f | LOCK_WAITERS, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+            {
+                continue;
+            }
+            // Sleep only if the lock is still held and the waiters bit still
+            // set (checked under the queue lock, where `unlock_slow`'s
+            // callback clears it): no wake-up can be lost.
+            self.wq.park(self.key(), WQ_LOCK, token, || {
+                self.flags.load(Ordering::Relaxed) & (LOCKED | LOCK_WAITERS) == (LOCKED | LOCK_WAITERS)
+            });
+        }
+    }
+
+    /// `folio_unlock`. One atomic op unless someone sleeps.
+    #[inline]
+    pub(crate) fn unlock_raw(&self) {
+        // Release: pairs with the Acquire in `trylock_raw` / `lock_slow`.
+        let old = self.flags.fetch_and(!LOCKED, Ordering::Release);
+        debug_assert!(old & LOCKED != 0, "unlocking an unlocked folio");
+        if old & LOCK_WAITERS != 0 {
+            self.unlock_slow();
+        }
+    }
+
+    #[cold]
+    fn unlock_slow(&self) {
+        // Wake every wait-only sleeper and one that wants the lock (the
+        // kernel's exclusive/non-exclusive page waiters). Clear the waiters
+        // bit under the queue lock when nobody is left.
+        let mut woke_exclusive = false;
+        self.wq.unpark_filter(
+            self.key(),
+            WQ_LOCK,
+            |token| {
+                if token == TOKEN_WAIT_ONLY {
+                    UnparkOp::Unpark
+                } else if !woke_exclusive {
+                    woke_exclusive = true;
+                    UnparkOp::Unpark
+                } else {
+                    UnparkOp::Skip
+                }
+            },
+            |have_more| {
+                if !have_more {
+                    self.flags.fetch_and(!LOCK_WAITERS, Ordering::Relaxed);
+                }
+            },
+        );
+    }
+
+    // ----- writeback ------------------------------------------------------
+
+    /// Set `WRITEBACK`. Folio locked; it must not already be under writeback.
+    pub(crate) fn set_writeback_bit(&self) {
+        debug_assert!(self.is_locked());
+        let old = self.flags.fetch_or(WRITEBACK, Ordering::AcqRel);
+        assert!(
+            old & WRITEBACK == 0,
+            "folio_start_writeback on a folio already under writeback"
+        );
+    }
+
+    /// Clear `WRITEBACK` and wake everyone waiting for it.
+    pub(crate) fn clear_writeback_bit(&self) {
+        // Release: pairs with the Acquire in `wait_writeback`; a waiter that
+        // sees the bit clear sees the write's effects (and error state).
+        let old = self.flags.fetch_and(!WRITEBACK, Ordering::AcqRel);
+        assert!(
+            old & WRITEBACK != 0,
+            "folio_end_writeback on a folio not under writeback"
+        );
+        if old & WB_WAITERS != 0 {
+            self.wq.unpark_filter(
+                self.key(),
+                WQ_WRITEBACK,
+                |_| UnparkOp::Unpark,
+                |have_more| {
+                    if !have_more {
+                        self.flags.fetch_and(!WB_WAITERS, Ordering::Relaxed);
+                    }
+                },
+            );
+        }
+    }
+
+    /// `folio_wait_writeback`: sleep until `WRITEBACK` is clear.
+    pub fn wait_writeback(&self) {
+        loop {
+            // Acquire: pairs with the Release in `clear_writeback_bit`.
+            let f = self.flags.load(Ordering::Acquire);
+            if f & WRITEBACK == 0 {
+                return;
+            }
+            if f & WB_WAITERS == 0
+                && self
+                    .flags
+                    .compare_exchange_weak(f, f | WB_WAITERS, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+            {
+                continue;
+            }
+            self.wq.park(self.key(), WQ_WRITEBACK, 0, || {
+                self.flags.load(Ordering::Relaxed) & (WRITEBACK | WB_WAITERS) == (WRITEBACK | WB_WAITERS)
+            });
+        }
+    }
+
+    // ----- data -------------------------------------------------------------
+
+    /// Copy `dst.len()` bytes starting `off` bytes into the folio.
+    ///
+    /// Readers copy without the folio lock (as `filemap_read` does): a
+    /// concurrent writer may be observed partially, never out of bounds.
+    pub fn copy_out(&self, off: usize, dst: &mut [u8]) {
+        assert!(off + dst.len() <= self.size());
+        // SAFETY: `data..data+size` lies in the page store's view, mapped for
+        // the life of the store, which outlives its folios; the range was
+        // bounds-checked above; `dst` is a distinct Rust allocation.
+        unsafe { std::ptr::copy_nonoverlapping(self.data.add(off), dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// Pointer to the folio's bytes in the engine view.
+    #[inline]
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.data
+    }
+}
+
+struct SendPtr(NonNull<Folio>);
+// SAFETY: a Folio is Send + Sync; the pointer is only dereferenced to free it.
+unsafe impl Send for SendPtr {}
+
+/// An owned reference to a folio (`folio_get` / `folio_put`).
+pub struct FolioRef {
+    ptr: NonNull<Folio>,
+}
+
+// SAFETY: Folio is Send + Sync and the reference count is atomic.
+unsafe impl Send for FolioRef {}
+// SAFETY: as above.
+unsafe impl Sync for FolioRef {}
+
+impl FolioRef {
+    /// Wrap a pointer whose reference the caller just took with `try_get`.
+    ///
+    /// # Safety
+    ///
+    /// The caller owns one reference to the folio at `ptr`.
+    pub(crate) unsafe fn from_raw(ptr: NonNull<Folio>) -> FolioRef {
+        FolioRef { ptr }
+    }
+
+    /// `folio_lock`: sleep until the lock is ours.
+    pub fn lock(self) -> FolioGuard {
+        self.lock_raw();
+        FolioGuard { folio: self }
+    }
+
+    /// `folio_trylock`: the lock if free now, else the reference back.
+    pub fn trylock(self) -> Result<FolioGuard, FolioRef> {
+        if self.trylock_raw() {
+            Ok(FolioGuard { folio: self })
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Identity comparison.
+    #[inline]
+    pub fn ptr_eq(&self, other: &Folio) -> bool {
+        std::ptr::eq(self.ptr.as_ptr(), other)
+    }
+}
+
+impl Clone for FolioRef {
+    fn clone(&self) -> Self {
+        self.get();
+        FolioRef { ptr: self.ptr }
+    }
+}
+
+impl std::ops::Deref for FolioRef {
+    type Target = Folio;
+    #[inline]
+    fn deref(&self) -> &Folio {
+        // SAFETY: we own a reference, so the folio is not freed.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl Drop for FolioRef {
+    fn drop(&mut self) {
+        // SAFETY: we own exactly one reference and give it up here.
+        unsafe { Folio::put(self.ptr) }
+    }
+}
+
+impl fmt::Debug for FolioRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+/// A locked folio: proof that the caller holds the folio lock. Dropping it
+/// unlocks (and drops the reference).
+pub struct FolioGuard {
+    folio: FolioRef,
+}
+
+impl FolioGuard {
+    /// `folio_unlock`, keeping the reference.
+    pub fn unlock(self) -> FolioRef {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `me` is never dropped, so the reference is moved out once.
+        let folio = unsafe { std::ptr::read(&me.folio) };
+        folio.unlock_raw();
+        folio
+    }
+
+    /// The reference this guard holds.
+    pub fn folio(&self) -> &FolioRef {
+        &self.folio
+    }
+
+    /// `folio_mark_uptodate`: publish the filled contents. Release: pairs
+    /// with the Acquire in [`Folio::is_uptodate`].
+    pub fn mark_uptodate(&self) {
+        self.folio.flags.fetch_or(UPTODATE, Ordering::Release);
+        self.folio.flags.fetch_and(!ERROR, Ordering::Relaxed);
+    }
+
+    /// `folio_set_error`: the fill failed; the folio stays not uptodate.
+    pub fn set_error(&self) {
+        self.folio.flags.fetch_or(ERROR, Ordering::Release);
+    }
+
+    /// The folio's bytes, for filling or modifying under the lock.
+    ///
+    /// The memory is shared with user mappings of the same file (as with
+    /// memmap2's `MmapMut`): upcache itself only writes it under the folio
+    /// lock and only reads it without the lock in `copy_out`.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the range is the folio's own slot in the page store view,
+        // mapped for the store's life; holding the lock (and `&mut self`)
+        // excludes every other in-crate writer.
+        unsafe { std::slice::from_raw_parts_mut(self.folio.data, self.folio.size()) }
+    }
+
+    /// The folio's bytes, read-only.
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: as in `data_mut`; shared access under the lock.
+        unsafe { std::slice::from_raw_parts(self.folio.data, self.folio.size()) }
+    }
+}
+
+impl std::ops::Deref for FolioGuard {
+    type Target = Folio;
+    #[inline]
+    fn deref(&self) -> &Folio {
+        &self.folio
+    }
+}
+
+impl Drop for FolioGuard {
+    fn drop(&mut self) {
+        self.folio.unlock_raw();
+    }
+}
+
+impl fmt::Debug for FolioGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("FolioGuard").field(&*self.folio).finish()
+    }
+}

@@ -1,0 +1,106 @@
+//! Where folio bytes live: one sparse `memfd` per address space, each byte at
+//! its file offset, written through the engine's own unregistered
+//! `MAP_SHARED` view of it.
+//!
+//! The view is mapped lazily in 1 GiB chunks (virtual address space only,
+//! `MAP_NORESERVE`); a folio never straddles a chunk because folios are
+//! naturally aligned and at most 2 MiB. The fault engine maps the very same
+//! memfd pages into user mappings, so a mapped page *is* the cached folio.
+//! Dropping folios punches the memfd (`FALLOC_FL_PUNCH_HOLE`), which frees the
+//! memory and zaps the page from every mapping.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+
+use rustix::fs::{fallocate, fstat, ftruncate, memfd_create, FallocateFlags, MemfdFlags};
+use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+
+use crate::sync::Mutex;
+use crate::types::MAX_FILE_SIZE;
+
+#[cfg(not(loom))]
+const CHUNK_SHIFT: u32 = 30;
+#[cfg(loom)]
+const CHUNK_SHIFT: u32 = 18;
+const CHUNK_SIZE: u64 = 1 << CHUNK_SHIFT;
+
+/// The memfd holding one address space's folios, and the engine's view.
+pub(crate) struct PageStore {
+    memfd: OwnedFd,
+    /// chunk number → base address of its view. Touched only when a folio
+    /// is created; folios cache their data pointer.
+    chunks: Mutex<HashMap<u64, usize>>,
+}
+
+impl PageStore {
+    /// Create the memfd, sized to the largest file (sparse, no memory).
+    pub(crate) fn new(name: &str) -> io::Result<PageStore> {
+        let memfd = memfd_create(format!("upcache:{name}"), MemfdFlags::CLOEXEC)?;
+        ftruncate(&memfd, MAX_FILE_SIZE)?;
+        Ok(PageStore {
+            memfd,
+            chunks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Engine-view address of file offset `pos`; maps its chunk on first use.
+    pub(crate) fn view_ptr(&self, pos: u64) -> io::Result<*mut u8> {
+        debug_assert!(pos < MAX_FILE_SIZE);
+        let chunk = pos >> CHUNK_SHIFT;
+        let mut chunks = self.chunks.lock();
+        let base = match chunks.get(&chunk) {
+            Some(&b) => b,
+            None => {
+                // SAFETY: a fresh mapping (null hint, no MAP_FIXED) cannot
+                // alias any Rust object; the memfd is at least
+                // MAX_FILE_SIZE long, so the chunk is backed; it stays
+                // mapped until `Drop`, after every folio is gone.
+                let p = unsafe {
+                    mmap(
+                        std::ptr::null_mut(),
+                        CHUNK_SIZE as usize,
+                        ProtFlags::READ | ProtFlags::WRITE,
+                        MapFlags::SHARED | MapFlags::NORESERVE,
+                        &self.memfd,
+                        chunk << CHUNK_SHIFT,
+                    )
+                }?;
+                chunks.insert(chunk, p as usize);
+                p as usize
+            }
+        };
+        Ok((base + (pos & (CHUNK_SIZE - 1)) as usize) as *mut u8)
+    }
+
+    /// Free the memory of `[pos, pos + len)` (`FALLOC_FL_PUNCH_HOLE`), which
+    /// also unmaps it from every user mapping of the memfd.
+    pub(crate) fn punch(&self, pos: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        fallocate(
+            &self.memfd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            pos,
+            len,
+        )?;
+        Ok(())
+    }
+
+    /// Bytes of memory the memfd holds (its allocated blocks).
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        fstat(&self.memfd).map(|st| st.st_blocks as u64 * 512).unwrap_or(0)
+    }
+}
+
+impl Drop for PageStore {
+    fn drop(&mut self) {
+        for (_, base) in self.chunks.lock().drain() {
+            // SAFETY: `base` came from our `mmap` of CHUNK_SIZE bytes; the
+            // store is being dropped after every folio (and so every pointer
+            // into the view) is gone.
+            let _ = unsafe { munmap(base as *mut _, CHUNK_SIZE as usize) };
+        }
+    }
+}

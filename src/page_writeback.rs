@@ -1,0 +1,155 @@
+//! Writeback (`mm/page-writeback.c`): `write_cache_pages`, integrity
+//! tagging, waiting for writeback, and the write-and-wait behind fsync.
+
+use std::io;
+
+use crate::address_space::AddressSpace;
+use crate::aops::{SyncMode, WritebackControl};
+use crate::folio::FolioGuard;
+use crate::types::{PgOff, PAGE_SHIFT};
+use crate::xarray::Tag;
+
+/// Folios fetched per index-lock hold.
+const BATCH: usize = 16;
+
+fn page_range(wbc: &WritebackControl) -> (u64, u64) {
+    let start = wbc.range_start >> PAGE_SHIFT;
+    let end = if wbc.range_end == u64::MAX {
+        u64::MAX
+    } else {
+        (wbc.range_end >> PAGE_SHIFT) + 1
+    };
+    (start, end)
+}
+
+/// `tag_pages_for_writeback`: copy DIRTY to TOWRITE over the range, so an
+/// integrity sync writes exactly what was dirty when it started and cannot
+/// be livelocked by new dirtying.
+fn tag_pages_for_writeback(mapping: &AddressSpace, start: u64, end: u64) {
+    let mut xa = mapping.i_pages.lock();
+    for i in xa.tagged(Tag::Dirty, start, end, usize::MAX) {
+        xa.set_tag(i, Tag::ToWrite);
+    }
+}
+
+/// `write_cache_pages`: walk the dirty folios of `wbc`'s range and hand each
+/// to `writepage`, locked, with its dirty bit cleared for I/O.
+///
+/// [`SyncMode::None`] skips folios under writeback and stops after
+/// `nr_to_write` pages; [`SyncMode::All`] writes every folio tagged TOWRITE
+/// at the start, waiting for writeback already in flight.
+///
+/// # Locking
+/// Nothing held on entry. Locks each folio (may sleep); `writepage`
+/// unlocks it. No folio reference is held while sleeping on another folio.
+///
+/// # Errors
+/// The first error `writepage` returned; later folios are still written.
+pub fn write_cache_pages(
+    mapping: &AddressSpace,
+    wbc: &mut WritebackControl,
+    mut writepage: impl FnMut(FolioGuard, &mut WritebackControl) -> io::Result<()>,
+) -> io::Result<()> {
+    let (start, end) = page_range(wbc);
+    let tag = match wbc.sync_mode {
+        SyncMode::All => {
+            tag_pages_for_writeback(mapping, start, end);
+            Tag::ToWrite
+        }
+        SyncMode::None => Tag::Dirty,
+    };
+    let mut first_err = None;
+    let mut index = start;
+    loop {
+        let batch = mapping.i_pages.lock().tagged(tag, index, end, BATCH);
+        if batch.is_empty() {
+            break;
+        }
+        for i in batch {
+            index = index.max(i + 1);
+            let Some(g) = mapping.filemap_lock_folio(PgOff(i)) else {
+                continue;
+            };
+            index = index.max(g.index().0 + g.nr_pages());
+            if g.index().0 != i {
+                continue;
+            }
+            if !g.is_dirty() {
+                // Cleaned by someone else since it was tagged.
+                if tag == Tag::ToWrite {
+                    mapping.i_pages.lock().clear_tag(i, Tag::ToWrite);
+                }
+                continue;
+            }
+            if g.is_writeback() {
+                if wbc.sync_mode == SyncMode::None {
+                    continue;
+                }
+                g.wait_writeback();
+            }
+            if !mapping.folio_clear_dirty_for_io(&g) {
+                continue;
+            }
+            let nr = g.nr_pages() as i64;
+            mapping.stats.write_io();
+            if let Err(e) = writepage(g, wbc) {
+                first_err.get_or_insert(e);
+            }
+            wbc.pages_written += nr as u64;
+            wbc.nr_to_write -= nr;
+            if wbc.nr_to_write <= 0 && wbc.sync_mode == SyncMode::None {
+                return first_err.map_or(Ok(()), Err);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+impl AddressSpace {
+    /// `filemap_fdatawait_range`: wait for writeback of every folio in
+    /// `[start, end]` (bytes, inclusive) that is under writeback now.
+    ///
+    /// # Locking
+    /// Nothing held; sleeps.
+    pub fn fdatawait_range(&self, start: u64, end: u64) {
+        let wbc = WritebackControl::all(start, end);
+        let (s, e) = page_range(&wbc);
+        let mut index = s;
+        loop {
+            let batch = self.i_pages.lock().tagged(Tag::Writeback, index, e, BATCH);
+            if batch.is_empty() {
+                return;
+            }
+            for i in batch {
+                index = i + 1;
+                if let Some(f) = self.filemap_get_folio(PgOff(i)) {
+                    f.wait_writeback();
+                }
+            }
+        }
+    }
+
+    /// `filemap_write_and_wait_range`: integrity writeback of `[start, end]`
+    /// (bytes, inclusive) through the engine's `writepages`, then wait.
+    ///
+    /// # Locking
+    /// Nothing held; sleeps.
+    ///
+    /// # Errors
+    /// The first write error of this call (also recorded for fsync).
+    pub fn write_and_wait_range(&self, start: u64, end: u64) -> io::Result<()> {
+        let mut wbc = WritebackControl::all(start, end);
+        let r = self.ops.writepages(self, &mut wbc);
+        self.fdatawait_range(start, end);
+        r
+    }
+
+    /// `do_writepages`: run the engine's `writepages` with `wbc` (cleansing
+    /// or integrity, as it says).
+    ///
+    /// # Errors
+    /// The first write error.
+    pub fn writepages(&self, wbc: &mut WritebackControl) -> io::Result<()> {
+        self.ops.writepages(self, wbc)
+    }
+}

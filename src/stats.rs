@@ -1,0 +1,119 @@
+//! Cache-wide counters and their snapshot.
+
+use crate::sync::{AtomicU64, Ordering};
+use crate::types::PAGE_SIZE;
+
+/// Live counters shared by every address space of a cache. Relaxed: they are
+/// statistics, never used for synchronization.
+#[derive(Debug, Default)]
+pub(crate) struct CacheStats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    folios: AtomicU64,
+    pages: AtomicU64,
+    dirty_pages: AtomicU64,
+    writeback_pages: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    write_errors: AtomicU64,
+    read_errors: AtomicU64,
+}
+
+macro_rules! counter {
+    ($inc:ident, $field:ident) => {
+        #[inline]
+        pub(crate) fn $inc(&self) {
+            self.$field.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+}
+
+impl CacheStats {
+    counter!(hit, hits);
+    counter!(miss, misses);
+    counter!(read_io, reads);
+    counter!(write_io, writes);
+    counter!(write_error, write_errors);
+    counter!(read_error, read_errors);
+
+    pub(crate) fn folio_added(&self, pages: u64) {
+        self.folios.fetch_add(1, Ordering::Relaxed);
+        self.pages.fetch_add(pages, Ordering::Relaxed);
+    }
+    pub(crate) fn folio_removed(&self, pages: u64) {
+        self.folios.fetch_sub(1, Ordering::Relaxed);
+        self.pages.fetch_sub(pages, Ordering::Relaxed);
+    }
+    pub(crate) fn dirty_add(&self, pages: u64) {
+        self.dirty_pages.fetch_add(pages, Ordering::Relaxed);
+    }
+    pub(crate) fn dirty_sub(&self, pages: u64) {
+        self.dirty_pages.fetch_sub(pages, Ordering::Relaxed);
+    }
+    pub(crate) fn writeback_add(&self, pages: u64) {
+        self.writeback_pages.fetch_add(pages, Ordering::Relaxed);
+    }
+    pub(crate) fn writeback_sub(&self, pages: u64) {
+        self.writeback_pages.fetch_sub(pages, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            hits: l(&self.hits),
+            misses: l(&self.misses),
+            folios: l(&self.folios),
+            bytes_cached: l(&self.pages) * PAGE_SIZE as u64,
+            dirty_bytes: l(&self.dirty_pages) * PAGE_SIZE as u64,
+            writeback_bytes: l(&self.writeback_pages) * PAGE_SIZE as u64,
+            read_ios: l(&self.reads),
+            write_ios: l(&self.writes),
+            read_errors: l(&self.read_errors),
+            write_errors: l(&self.write_errors),
+        }
+    }
+}
+
+/// A snapshot of a cache's counters ([`PageCache::stats`](crate::PageCache::stats)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Folio lookups on the read path that found the folio cached.
+    pub hits: u64,
+    /// Lookups that did not (each started a read from the store).
+    pub misses: u64,
+    /// Folios cached.
+    pub folios: u64,
+    /// Bytes cached.
+    pub bytes_cached: u64,
+    /// Bytes dirty.
+    pub dirty_bytes: u64,
+    /// Bytes under writeback.
+    pub writeback_bytes: u64,
+    /// Folio reads issued to the store (`read_folio` calls and readahead folios).
+    pub read_ios: u64,
+    /// Folio writes issued to the store (`writepage` calls).
+    pub write_ios: u64,
+    /// Failed folio reads.
+    pub read_errors: u64,
+    /// Failed folio writes.
+    pub write_errors: u64,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {}",
+            self.hits,
+            self.misses,
+            self.folios,
+            self.bytes_cached / 1024,
+            self.dirty_bytes / 1024,
+            self.writeback_bytes / 1024,
+            self.read_ios,
+            self.write_ios,
+            self.read_errors,
+            self.write_errors
+        )
+    }
+}

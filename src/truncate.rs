@@ -1,0 +1,127 @@
+//! Truncate and hole punch (`mm/truncate.c`): drop folios from the cache
+//! under `i_rwsem` + `invalidate_lock` exclusive, zero partial folios, free
+//! the memory, and pass the change on to the store.
+
+use std::io;
+
+use crate::address_space::AddressSpace;
+use crate::error::{Error, Result};
+use crate::filemap::check_range_max;
+use crate::folio::FolioRef;
+use crate::types::{PgOff, PAGE_SIZE};
+
+impl AddressSpace {
+    /// Set the file size (`truncate(2)` / `ftruncate(2)`). Shrinking drops
+    /// every cached byte past the new end (dirty or not) and zeroes the
+    /// tail of a folio that straddles it; growing leaves a hole that reads
+    /// as zeros.
+    ///
+    /// # Locking
+    /// Takes `i_rwsem` and `invalidate_lock` exclusive; locks each folio
+    /// and waits for its writeback.
+    ///
+    /// # Errors
+    /// `EFBIG` past the largest file; the store's error from resizing.
+    pub fn truncate(&self, new_size: u64) -> Result<()> {
+        check_range_max(new_size, 0)?;
+        let _i = self.inode_lock();
+        let _inv = self.invalidate_lock_exclusive();
+        if new_size < self.size() {
+            // i_size first (truncate_setsize): a reader that re-checks it
+            // after finding an uptodate folio stops at the new end.
+            self.set_size_locked(new_size);
+            self.truncate_inode_pages_range(new_size, u64::MAX)?;
+        } else {
+            self.set_size_locked(new_size);
+        }
+        self.ops.set_size(new_size)?;
+        Ok(())
+    }
+
+    /// Deallocate `[off, off + len)`: it reads as zeros afterwards, the file
+    /// size does not change (`fallocate(PUNCH_HOLE | KEEP_SIZE)`). The part
+    /// past end of file is ignored.
+    ///
+    /// # Locking
+    /// As [`truncate`](Self::truncate).
+    ///
+    /// # Errors
+    /// `EINVAL` for a zero length, `EFBIG` for a range past the largest
+    /// file; the store's error.
+    pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Err(Error::InvalidArgument {
+                what: "punch_hole of zero length",
+            });
+        }
+        let end = check_range_max(off, len)?;
+        let _i = self.inode_lock();
+        let _inv = self.invalidate_lock_exclusive();
+        let end = end.min(self.size());
+        if off >= end {
+            return Ok(());
+        }
+        self.truncate_inode_pages_range(off, end)?;
+        self.ops.punch_hole(off, end - off)?;
+        Ok(())
+    }
+
+    /// `truncate_inode_pages_range`: drop the folios inside `[start, end)`,
+    /// zero the parts of folios that straddle its edges, then free the
+    /// dropped folios' memory.
+    ///
+    /// # Locking
+    /// `i_rwsem` and `invalidate_lock` held exclusive, so no folio can be
+    /// created in the range meanwhile. Locks each folio, waits for its
+    /// writeback, unlocks it after removal; then waits for transient
+    /// references to drain before punching the memory (no reader may ever
+    /// see a hole where its folio was).
+    pub(crate) fn truncate_inode_pages_range(&self, start: u64, end: u64) -> io::Result<()> {
+        let mut removed: Vec<FolioRef> = Vec::new();
+        let mut index = PgOff::of_byte(start).0;
+        let end_index = end.div_ceil(PAGE_SIZE as u64);
+        while let Some((i, _)) = self.i_pages.find_from(index, end_index) {
+            let Some(mut g) = self.filemap_lock_folio(PgOff(i)) else {
+                index = i + 1;
+                continue;
+            };
+            index = g.index().0 + g.nr_pages();
+            g.wait_writeback();
+            let fstart = g.pos();
+            let fend = fstart + g.size() as u64;
+            if fstart >= start && fend <= end {
+                self.ops.invalidate_folio(self, &g, 0, g.size());
+                self.filemap_remove_folio(&g);
+                removed.push(g.unlock());
+            } else {
+                let zs = (start.max(fstart) - fstart) as usize;
+                let ze = (end.min(fend) - fstart) as usize;
+                if g.is_uptodate() {
+                    g.data_mut()[zs..ze].fill(0);
+                }
+                self.ops.invalidate_folio(self, &g, zs, ze - zs);
+            }
+        }
+        for f in &removed {
+            f.wait_refs_drained();
+        }
+        // Punch runs of adjacent folios with one call each.
+        let mut res = Ok(());
+        let mut run: Option<(u64, u64)> = None;
+        for f in &removed {
+            let (p, l) = (f.pos(), f.size() as u64);
+            run = match run {
+                Some((rp, rl)) if rp + rl == p => Some((rp, rl + l)),
+                Some((rp, rl)) => {
+                    res = res.and(self.store.punch(rp, rl));
+                    Some((p, l))
+                }
+                None => Some((p, l)),
+            };
+        }
+        if let Some((rp, rl)) = run {
+            res = res.and(self.store.punch(rp, rl));
+        }
+        res
+    }
+}
