@@ -1,1 +1,84 @@
-fn main() {}
+//! `read_4k_random`: 4 KiB reads at random page-aligned offsets of a fully
+//! cached 256 MiB file, through upcache (`File::read_at`) and through
+//! `pread(2)` on the same file with the kernel's page cache warm. Both are
+//! measured in the same run on the same file and offsets.
+//!
+//! `cargo bench --bench read` (set `UPCACHE_BENCH_DIR` to place the file).
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use criterion::{criterion_main, Criterion, Throughput};
+use upcache::PageCache;
+
+const FILE_SIZE: u64 = 256 << 20;
+const READ: usize = 4096;
+
+fn offsets(n: usize) -> Vec<u64> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % (FILE_SIZE / READ as u64)) * READ as u64
+        })
+        .collect()
+}
+
+fn bench_dir() -> PathBuf {
+    std::env::var_os("UPCACHE_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
+}
+
+fn read_4k_random(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
+    let path = dir.path().join("read-bench");
+    {
+        let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+        let f = std::fs::File::create(&path).unwrap();
+        for i in 0..FILE_SIZE / chunk.len() as u64 {
+            f.write_all_at(&chunk, i * chunk.len() as u64).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let std_file = std::fs::File::open(&path).unwrap();
+    let cache = PageCache::new();
+    let file = cache.open(&path).unwrap();
+    // Warm both caches completely.
+    let mut buf = vec![0u8; 1 << 20];
+    for off in (0..FILE_SIZE).step_by(buf.len()) {
+        std_file.read_exact_at(&mut buf, off).unwrap();
+        file.read_exact_at(&mut buf, off).unwrap();
+    }
+    let warm = cache.stats();
+    let offs = offsets(1 << 16);
+    let mut buf = vec![0u8; READ];
+
+    let mut g = c.benchmark_group("read_4k_random");
+    g.throughput(Throughput::Bytes(READ as u64));
+    g.sample_size(50);
+    let mut i = 0usize;
+    g.bench_function("upcache", |b| {
+        b.iter(|| {
+            i = (i + 1) & (offs.len() - 1);
+            file.read_at(&mut buf, offs[i]).unwrap()
+        })
+    });
+    let mut j = 0usize;
+    g.bench_function("pread", |b| {
+        b.iter(|| {
+            j = (j + 1) & (offs.len() - 1);
+            std_file.read_at(&mut buf, offs[j]).unwrap()
+        })
+    });
+    g.finish();
+    // The upcache side really was all hits.
+    assert_eq!(cache.stats().misses, warm.misses, "upcache missed during the benchmark");
+}
+
+#[allow(missing_docs)]
+mod group {
+    criterion::criterion_group!(benches, super::read_4k_random);
+}
+use group::benches;
+criterion_main!(benches);

@@ -67,8 +67,9 @@ use crate::aops::AddressSpaceOps;
 use crate::errseq::ErrSeq;
 use crate::folio::{Folio, FolioGuard, FolioRef};
 use crate::page_store::PageStore;
+use crate::rwsem::{RwSem, RwSemReadGuard, RwSemWriteGuard};
 use crate::stats::CacheStats;
-use crate::sync::{epoch, Arc, AtomicU64, Ordering, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use crate::sync::{epoch, Arc, AtomicU64, Ordering};
 use crate::types::{PgOff, MAX_ORDER};
 use crate::xarray::{Tag, XArray};
 
@@ -98,8 +99,8 @@ pub struct AddressSpace {
     name: String,
     pub(crate) i_pages: XArray,
     i_size: AtomicU64,
-    invalidate_lock: RwLock<()>,
-    i_rwsem: RwLock<()>,
+    invalidate_lock: RwSem,
+    i_rwsem: RwSem,
     nrpages: AtomicU64,
     pub(crate) ops: Box<dyn AddressSpaceOps>,
     pub(crate) store: PageStore,
@@ -138,8 +139,8 @@ impl AddressSpace {
             name,
             i_pages: XArray::new(),
             i_size: AtomicU64::new(size),
-            invalidate_lock: RwLock::new(()),
-            i_rwsem: RwLock::new(()),
+            invalidate_lock: RwSem::new(),
+            i_rwsem: RwSem::new(),
             nrpages: AtomicU64::new(0),
             ops,
             wb_err: ErrSeq::new(),
@@ -193,30 +194,28 @@ impl AddressSpace {
     // ----- locks ----------------------------------------------------------
 
     /// Take `invalidate_lock` shared (`filemap_invalidate_lock_shared`).
-    pub fn invalidate_lock_shared(&self) -> RwLockReadGuard<'_, ()> {
+    pub fn invalidate_lock_shared(&self) -> RwSemReadGuard<'_> {
         self.invalidate_lock.read()
     }
 
     /// Take `invalidate_lock` exclusive (`filemap_invalidate_lock`).
-    pub fn invalidate_lock_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+    pub fn invalidate_lock_exclusive(&self) -> RwSemWriteGuard<'_> {
         self.invalidate_lock.write()
     }
 
     /// Take `i_rwsem` exclusive (`inode_lock`).
-    pub fn inode_lock(&self) -> RwLockWriteGuard<'_, ()> {
+    pub fn inode_lock(&self) -> RwSemWriteGuard<'_> {
         self.i_rwsem.write()
     }
 
     /// Who holds `invalidate_lock` (for assertions in tests and stores).
-    #[cfg(not(loom))]
     pub fn invalidate_lock_state(&self) -> LockState {
-        rw_state(&self.invalidate_lock)
+        self.invalidate_lock.state()
     }
 
     /// Who holds `i_rwsem` (for assertions in tests and stores).
-    #[cfg(not(loom))]
     pub fn inode_lock_state(&self) -> LockState {
-        rw_state(&self.i_rwsem)
+        self.i_rwsem.state()
     }
 
     // ----- lookup -----------------------------------------------------------
@@ -233,30 +232,8 @@ impl AddressSpace {
 
     /// The lookup, under a guard the caller already holds (map_pages pins
     /// once for a whole fault-around window).
-    pub(crate) fn get_folio_pinned(&self, index: PgOff, _guard: &epoch::Guard) -> Option<FolioRef> {
-        loop {
-            let p = self.i_pages.load(index.0);
-            if p.is_null() {
-                return None;
-            }
-            // SAFETY: `p` was loaded from the index while pinned; a folio is
-            // freed only through the epoch after leaving the index, so it is
-            // still allocated while `_guard` lives.
-            let folio = unsafe { &*p };
-            if !folio.try_get() {
-                // Being freed: its slot is being cleared, look again.
-                crate::sync::spin_loop();
-                continue;
-            }
-            // SAFETY: `try_get` gave us a reference.
-            let r = unsafe { FolioRef::from_raw(NonNull::from(folio)) };
-            if self.i_pages.load(index.0) != p {
-                // Removed (and maybe replaced) between load and try_get.
-                drop(r);
-                continue;
-            }
-            return Some(r);
-        }
+    pub(crate) fn get_folio_pinned(&self, index: PgOff, guard: &epoch::Guard) -> Option<FolioRef> {
+        folio_lookup(&self.i_pages, index.0, guard)
     }
 
     /// Look up and lock the folio covering `index`, re-checking that it
@@ -290,14 +267,17 @@ impl AddressSpace {
         debug_assert!(order <= MAX_ORDER);
         let n = 1u64 << order;
         let data = self.store.view_ptr(index.byte())?;
-        let xa = self.i_pages.lock();
-        if !self.i_pages.range_empty(&xa, index.0, n) {
+        if !self.i_pages.range_empty(&self.i_pages.lock(), index.0, n) {
             return Ok(None);
         }
         let guard = Folio::alloc_locked(self.id, index, order, data);
-        self.i_pages.store_range(&xa, index.0, n, &*guard as *const Folio);
+        if !index_add_folio(&self.i_pages, &guard) {
+            // Lost a race: nobody else saw it; drop the index's reference.
+            guard.detach();
+            index_put_ref(&guard);
+            return Ok(None);
+        }
         self.nrpages.fetch_add(n, Ordering::Relaxed);
-        drop(xa);
         self.stats.folio_added(n);
         Ok(Some(guard))
     }
@@ -325,15 +305,8 @@ impl AddressSpace {
         debug_assert_eq!(folio.mapping_id(), self.id);
         debug_assert!(!folio.is_writeback());
         let n = folio.nr_pages();
-        let idx = folio.index().0;
-        {
-            let mut xa = self.i_pages.lock();
-            self.i_pages.store_range(&xa, idx, n, std::ptr::null());
-            xa.clear_tag(idx, Tag::Dirty);
-            xa.clear_tag(idx, Tag::ToWrite);
-            folio.detach();
-            self.nrpages.fetch_sub(n, Ordering::Relaxed);
-        }
+        index_delete_folio(&self.i_pages, folio);
+        self.nrpages.fetch_sub(n, Ordering::Relaxed);
         if folio.folio().is_dirty() {
             // Only truncate drops dirty folios; cancel the accounting.
             folio.test_clear_dirty();
@@ -341,9 +314,7 @@ impl AddressSpace {
         }
         self.stats.folio_removed(n);
         self.ops.free_folio(self, folio);
-        // SAFETY: the index held one reference, given up here; the caller's
-        // guard holds another, so this put does not free the folio.
-        drop(unsafe { FolioRef::from_raw(NonNull::from(&**folio)) });
+        index_put_ref(folio);
     }
 
     // ----- dirty / writeback --------------------------------------------------
@@ -432,15 +403,62 @@ impl AddressSpace {
     }
 }
 
-#[cfg(not(loom))]
-fn rw_state(l: &RwLock<()>) -> LockState {
-    if l.is_locked_exclusive() {
-        LockState::Exclusive
-    } else if l.is_locked() {
-        LockState::Shared
-    } else {
-        LockState::Unlocked
+/// The lockless lookup (see the protocol table in the module docs).
+pub(crate) fn folio_lookup(xa: &XArray, index: u64, _guard: &epoch::Guard) -> Option<FolioRef> {
+    loop {
+        let p = xa.load(index);
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: `p` was loaded from the index while pinned; a folio is
+        // freed only through the epoch after leaving the index, so it is
+        // still allocated while `_guard` lives.
+        let folio = unsafe { &*p };
+        if !folio.try_get() {
+            // Being freed: its slot is being cleared, look again.
+            crate::sync::spin_loop();
+            continue;
+        }
+        // SAFETY: `try_get` gave us a reference.
+        let r = unsafe { FolioRef::from_raw(NonNull::from(folio)) };
+        if xa.load(index) != p {
+            // Removed (and maybe replaced) between load and try_get.
+            drop(r);
+            continue;
+        }
+        return Some(r);
     }
+}
+
+/// Removal, first half: clear the folio's slots and tags and detach it.
+/// Folio locked; the index still owns its reference (see `index_put_ref`).
+pub(crate) fn index_delete_folio(xa: &XArray, folio: &FolioGuard) {
+    let idx = folio.index().0;
+    let mut locked = xa.lock();
+    xa.store_range(&locked, idx, folio.nr_pages(), std::ptr::null());
+    locked.clear_tag(idx, Tag::Dirty);
+    locked.clear_tag(idx, Tag::ToWrite);
+    folio.detach();
+}
+
+/// Removal, second half: drop the reference the index held.
+pub(crate) fn index_put_ref(folio: &FolioGuard) {
+    debug_assert_eq!(folio.mapping_id(), 0, "folio still indexed");
+    // SAFETY: the index held one reference, given up here once (the folio
+    // was just detached by `index_delete_folio`); the caller's guard holds
+    // another, so this put does not free the folio.
+    drop(unsafe { FolioRef::from_raw(NonNull::from(&**folio)) });
+}
+
+/// Insertion: store a new folio (from `Folio::alloc_locked`) in its slots.
+/// `false` if any is occupied.
+pub(crate) fn index_add_folio(xa: &XArray, folio: &FolioGuard) -> bool {
+    let locked = xa.lock();
+    if !xa.range_empty(&locked, folio.index().0, folio.nr_pages()) {
+        return false;
+    }
+    xa.store_range(&locked, folio.index().0, folio.nr_pages(), &**folio as *const Folio);
+    true
 }
 
 /// A folio under writeback (`PG_writeback` set, folio unlocked). Ending it

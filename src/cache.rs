@@ -67,13 +67,15 @@ impl PageCacheBuilder {
     }
 }
 
+/// Open files by (device, inode), with their number of open handles.
+type FileTable = HashMap<(u64, u64), (Arc<AddressSpace>, usize)>;
+
 struct CacheInner {
     ra: RaConfig,
     stats: Arc<CacheStats>,
-    /// Open files by (device, inode), so that two opens of one file share
-    /// one address space (one copy, coherent), as in the kernel.
-    /// The count is the number of open handles.
-    files: Mutex<HashMap<(u64, u64), (Arc<AddressSpace>, usize)>>,
+    /// Two opens of one file share one address space (one copy,
+    /// coherent), as in the kernel.
+    files: Mutex<FileTable>,
     next_id: AtomicU64,
 }
 

@@ -32,6 +32,7 @@
 //! | `page_store` | shmem | the memfd that holds folio bytes |
 //! | `errseq` | `lib/errseq.c` | report each writeback error once per handle |
 //! | [`cache`] | the VFS around it | `PageCache`, `File` |
+//! | [`rwsem`] | `struct rw_semaphore` | `i_rwsem`, `invalidate_lock` with exact holder state |
 //! | `sync` | — | the one std/loom switch |
 //!
 //! The design, lock order and protocols are in `ARCHITECTURE.md`.
@@ -47,6 +48,7 @@ pub mod filemap;
 pub mod folio;
 mod page_store;
 pub mod page_writeback;
+pub mod rwsem;
 mod stats;
 #[doc(hidden)]
 pub mod sync;
@@ -64,17 +66,71 @@ pub use stats::Stats;
 pub use types::{PgOff, MAX_FILE_SIZE, PAGE_SIZE};
 
 /// Internals exposed to the loom models in `loom-tests/` (only under
-/// `--cfg loom`).
+/// `--cfg loom`): the real protocol functions, without a page store.
 #[cfg(loom)]
 pub mod loom_support {
     pub use crate::folio::flags;
-    pub use crate::xarray::{Tag, XArray};
 
-    use crate::folio::{Folio, FolioGuard};
+    use crate::address_space::{folio_lookup, index_add_folio, index_delete_folio, index_put_ref};
+    use crate::folio::{Folio, FolioGuard, FolioRef};
+    use crate::sync::epoch;
     use crate::types::PgOff;
+    use crate::xarray::XArray;
 
-    /// A folio with no page store behind it (the models never touch data).
+    /// A folio with no page store behind it (the models never touch data),
+    /// locked, with the index's reference and the returned one.
     pub fn alloc_folio(mapping: u64, index: u64) -> FolioGuard {
         Folio::alloc_locked(mapping, PgOff(index), 0, std::ptr::null_mut())
+    }
+
+    /// The page-cache index.
+    pub struct Index(XArray);
+
+    impl Default for Index {
+        fn default() -> Self {
+            Index(XArray::new())
+        }
+    }
+
+    impl Index {
+        /// `filemap_add_folio` without the page store.
+        pub fn add(&self, folio: &FolioGuard) -> bool {
+            index_add_folio(&self.0, folio)
+        }
+        /// `filemap_get_folio`: the lockless lookup.
+        pub fn lookup(&self, index: u64) -> Option<FolioRef> {
+            let guard = epoch::pin();
+            folio_lookup(&self.0, index, &guard)
+        }
+        /// `filemap_remove_folio`: unindex, detach, drop the index's ref.
+        pub fn remove(&self, folio: &FolioGuard) {
+            index_delete_folio(&self.0, folio);
+            index_put_ref(folio);
+        }
+    }
+
+    /// Owning mapping id (0 once removed).
+    pub fn mapping_id(f: &Folio) -> u64 {
+        f.mapping_id()
+    }
+    /// Sleep until the caller's is the only reference.
+    pub fn wait_refs_drained(f: &Folio) {
+        f.wait_refs_drained()
+    }
+    /// `folio_start_writeback`'s flag part. Folio locked.
+    pub fn set_writeback(g: &FolioGuard) {
+        g.set_writeback_bit()
+    }
+    /// `folio_end_writeback`'s flag part.
+    pub fn end_writeback(f: &Folio) {
+        f.clear_writeback_bit()
+    }
+    /// Set DIRTY; true if it was clean.
+    pub fn test_set_dirty(f: &Folio) -> bool {
+        f.test_set_dirty()
+    }
+    /// Clear DIRTY; true if it was dirty.
+    pub fn test_clear_dirty(f: &Folio) -> bool {
+        f.test_clear_dirty()
     }
 }

@@ -1,0 +1,251 @@
+//! A fault-injecting store: read errors, write errors (EIO, ENOSPC) and
+//! short reads. Errors must reach the caller, leave no folio falsely
+//! uptodate, never drop dirty data silently, and never hang or panic.
+
+mod common;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use common::{tempdir, Rng};
+use upcache::{BackingStore, Error, FileStore, PageCache, PgOff, StoreOps, PAGE_SIZE};
+
+const EIO: i32 = 5;
+const ENOSPC: i32 = 28;
+
+#[derive(Default)]
+struct Switches {
+    /// errno for reads (0: healthy)
+    read_err: AtomicI32,
+    /// errno for writes (0: healthy)
+    write_err: AtomicI32,
+    /// largest read a single call returns (0: unlimited)
+    short_read: AtomicUsize,
+    /// writes attempted
+    writes: AtomicUsize,
+    sync_fails: AtomicBool,
+}
+
+struct Faulty {
+    inner: FileStore,
+    sw: Arc<Switches>,
+}
+
+impl BackingStore for Faulty {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let e = self.sw.read_err.load(Relaxed);
+        if e != 0 {
+            return Err(io::Error::from_raw_os_error(e));
+        }
+        let max = self.sw.short_read.load(Relaxed);
+        let n = if max == 0 { buf.len() } else { buf.len().min(max) };
+        self.inner.read_at(&mut buf[..n], off)
+    }
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.sw.writes.fetch_add(1, Relaxed);
+        let e = self.sw.write_err.load(Relaxed);
+        if e != 0 {
+            return Err(io::Error::from_raw_os_error(e));
+        }
+        self.inner.write_all_at(buf, off)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        if self.sw.sync_fails.load(Relaxed) {
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
+        self.inner.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, size: u64) -> io::Result<()> {
+        self.inner.set_len(size)
+    }
+}
+
+fn setup(
+    content: &[u8],
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    PageCache,
+    upcache::File,
+    Arc<Switches>,
+) {
+    let dir = tempdir();
+    let path = dir.path().join("faulty");
+    std::fs::write(&path, content).unwrap();
+    let sw = Arc::new(Switches::default());
+    let cache = PageCache::new();
+    let store = Faulty {
+        inner: FileStore::open(&path).unwrap(),
+        sw: sw.clone(),
+    };
+    let file = cache.open_with_ops("faulty", StoreOps::new(store)).unwrap();
+    (dir, path, cache, file, sw)
+}
+
+fn errno(e: &Error) -> i32 {
+    e.raw_os_error()
+}
+
+#[test]
+fn read_error_reaches_caller_and_folio_stays_not_uptodate() {
+    let content: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+    let (_d, _p, cache, file, sw) = setup(&content);
+    sw.read_err.store(EIO, Relaxed);
+    let mut buf = [0u8; 100];
+    let e = file.read_at(&mut buf, 5000).unwrap_err();
+    assert_eq!(errno(&e), EIO, "{e}");
+    let m = file.address_space().unwrap();
+    let f = m.filemap_get_folio(PgOff(1)).expect("folio stays cached");
+    assert!(!f.is_uptodate(), "a failed read must not leave the folio uptodate");
+    assert!(f.has_error());
+    drop(f);
+    assert!(cache.stats().read_errors > 0);
+    // Healed: the same read now succeeds and returns the file's bytes.
+    sw.read_err.store(0, Relaxed);
+    assert_eq!(file.read_at(&mut buf, 5000).unwrap(), 100);
+    assert_eq!(&buf[..], &content[5000..5100]);
+}
+
+#[test]
+fn partial_write_needs_read_and_reports_its_error() {
+    let (_d, _p, _c, file, sw) = setup(&vec![1u8; 16 * 1024]);
+    sw.read_err.store(EIO, Relaxed);
+    // A write covering part of a folio must read it first: the read error
+    // is the write's error, and nothing is dirtied.
+    let e = file.write_at(b"abc", 10).unwrap_err();
+    assert_eq!(errno(&e), EIO);
+    assert_eq!(file.address_space().unwrap().nr_dirty_folios(), 0);
+    // A whole-page overwrite needs no read and succeeds.
+    file.write_at(&[2u8; PAGE_SIZE], PAGE_SIZE as u64).unwrap();
+    sw.read_err.store(0, Relaxed);
+    file.fsync().unwrap();
+}
+
+#[test]
+fn short_reads_are_retried() {
+    let mut content = vec![0u8; 200 * 1024 + 77];
+    Rng::new(4).fill(&mut content);
+    let (_d, _p, _c, file, sw) = setup(&content);
+    sw.short_read.store(777, Relaxed);
+    let mut buf = vec![0u8; content.len() + 100];
+    let n = file.read_at(&mut buf, 0).unwrap();
+    assert_eq!(n, content.len());
+    assert!(buf[..n] == content[..]);
+}
+
+#[test]
+fn write_errors_surface_on_fsync_and_keep_data_dirty() {
+    for err in [EIO, ENOSPC] {
+        let (_d, path, cache, file, sw) = setup(&vec![0u8; 64 * 1024]);
+        file.write_at(&[0xAB; 10_000], 3000).unwrap();
+        sw.write_err.store(err, Relaxed);
+        let e = file.fsync().unwrap_err();
+        assert!(matches!(e, Error::Writeback(_)), "{e}");
+        assert_eq!(errno(&e), err);
+        // The data was not dropped: still dirty, still readable.
+        assert!(
+            file.address_space().unwrap().nr_dirty_folios() > 0,
+            "dirty data kept after a failed write"
+        );
+        assert!(cache.stats().dirty_bytes > 0);
+        let mut b = [0u8; 10];
+        file.read_at(&mut b, 3000).unwrap();
+        assert_eq!(b, [0xAB; 10]);
+        // Close fails too and leaves the file open.
+        assert!(file.close().is_err());
+        assert!(file.len().is_ok(), "a failed close leaves the handle open");
+        // Store healthy again: the retry writes the data, fsync is clean.
+        sw.write_err.store(0, Relaxed);
+        file.fsync().unwrap();
+        let disk = std::fs::read(&path).unwrap();
+        assert!(
+            disk[3000..13_000].iter().all(|&x| x == 0xAB),
+            "retried write reached the file"
+        );
+        assert_eq!(cache.stats().dirty_bytes, 0);
+        file.close().unwrap();
+    }
+}
+
+#[test]
+fn error_from_background_writeback_reported_once_per_handle() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![0u8; 8192]).unwrap();
+    let sw = Arc::new(Switches::default());
+    let cache = PageCache::new();
+    let file = cache
+        .open_with_ops(
+            "f",
+            StoreOps::new(Faulty {
+                inner: FileStore::open(&path).unwrap(),
+                sw: sw.clone(),
+            }),
+        )
+        .unwrap();
+    file.write_at(b"x", 0).unwrap();
+    sw.write_err.store(EIO, Relaxed);
+    // Cleansing writeback fails; its error is kept for fsync.
+    assert!(file.writeback(100).is_err());
+    sw.write_err.store(0, Relaxed);
+    let e = file.fsync().unwrap_err();
+    assert_eq!(errno(&e), EIO, "background error reported to fsync");
+    file.fsync().expect("reported once, then clean");
+}
+
+#[test]
+fn store_sync_failure_is_reported() {
+    let (_d, _p, _c, file, sw) = setup(&[0u8; 4096]);
+    file.write_at(b"y", 1).unwrap();
+    sw.sync_fails.store(true, Relaxed);
+    assert_eq!(errno(&file.fsync().unwrap_err()), EIO);
+    sw.sync_fails.store(false, Relaxed);
+    file.fsync().unwrap();
+}
+
+#[test]
+fn many_threads_with_failing_store_neither_hang_nor_panic() {
+    let mut content = vec![0u8; 256 * 1024];
+    Rng::new(5).fill(&mut content);
+    let (_d, _p, _c, file, sw) = setup(&content);
+    let file = Arc::new(file);
+    sw.read_err.store(EIO, Relaxed);
+    sw.write_err.store(ENOSPC, Relaxed);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let file = file.clone();
+            s.spawn(move || {
+                let mut rng = Rng::new(t);
+                let mut buf = vec![0u8; 5000];
+                for _ in 0..300 {
+                    let off = rng.below(256 * 1024);
+                    match rng.below(4) {
+                        0 => {
+                            let _ = file.read_at(&mut buf, off);
+                        }
+                        1 => {
+                            let _ = file.write_at(&buf, off);
+                        }
+                        2 => {
+                            let _ = file.fsync();
+                        }
+                        _ => {
+                            let _ = file.punch_hole(off, 9000);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    sw.read_err.store(0, Relaxed);
+    sw.write_err.store(0, Relaxed);
+    // Healthy again: everything flushes (the failed fsyncs reported their
+    // errors; a final one may still report the last of them once).
+    let _ = file.fsync();
+    file.fsync().unwrap();
+    assert!(sw.writes.load(Relaxed) > 0);
+}
