@@ -66,10 +66,11 @@ use std::ptr::NonNull;
 use crate::aops::AddressSpaceOps;
 use crate::errseq::ErrSeq;
 use crate::folio::{Folio, FolioGuard, FolioRef};
+use crate::mmap::VmArea;
 use crate::page_store::PageStore;
 use crate::rwsem::{RwSem, RwSemReadGuard, RwSemWriteGuard};
 use crate::stats::CacheStats;
-use crate::sync::{epoch, Arc, AtomicU64, Ordering};
+use crate::sync::{epoch, Arc, AtomicU64, Mutex, Ordering};
 use crate::types::{PgOff, MAX_ORDER};
 use crate::xarray::{Tag, XArray};
 
@@ -107,6 +108,8 @@ pub struct AddressSpace {
     pub(crate) wb_err: ErrSeq,
     pub(crate) stats: Arc<CacheStats>,
     pub(crate) ra: RaConfig,
+    /// The user mappings of this file (`i_mmap`), for page_mkclean and zaps.
+    pub(crate) i_mmap: Mutex<Vec<Arc<VmArea>>>,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -146,6 +149,7 @@ impl AddressSpace {
             wb_err: ErrSeq::new(),
             stats,
             ra,
+            i_mmap: Mutex::new(Vec::new()),
         })
     }
 
@@ -338,8 +342,9 @@ impl AddressSpace {
         }
     }
 
-    /// `folio_clear_dirty_for_io`: clear DIRTY before writing the folio.
-    /// Returns whether it was dirty. The DIRTY tag stays until
+    /// `folio_clear_dirty_for_io`: clear DIRTY before writing the folio and
+    /// write-protect it in user mappings (`page_mkclean`). Returns whether
+    /// it was dirty. The DIRTY tag stays until
     /// `folio_start_writeback`, so the folio cannot be missed by an
     /// integrity sync in between.
     ///
@@ -348,6 +353,9 @@ impl AddressSpace {
     pub fn folio_clear_dirty_for_io(&self, folio: &FolioGuard) -> bool {
         if folio.test_clear_dirty() {
             self.stats.dirty_sub(folio.nr_pages());
+            // Write-protect it in every shared-writable mapping first, so a
+            // write during writeback faults and re-dirties it.
+            self.page_mkclean(folio);
             true
         } else {
             false

@@ -6,11 +6,14 @@ use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::address_space::{AddressSpace, RaConfig};
 use crate::aops::{AddressSpaceOps, WritebackControl};
 use crate::backing::{FileStore, StoreOps};
 use crate::error::{Error, Result};
+use crate::fault::{FaultConfig, FaultEngine};
+use crate::mmap::{do_mmap, Mmap, MmapMut, Share, UffdMode};
 use crate::stats::{CacheStats, Stats};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::types::{MAX_ORDER, PAGE_SIZE};
@@ -20,6 +23,7 @@ use crate::types::{MAX_ORDER, PAGE_SIZE};
 pub struct PageCacheBuilder {
     readahead_bytes: u64,
     max_folio_order: u8,
+    fault: FaultConfig,
 }
 
 impl Default for PageCacheBuilder {
@@ -27,6 +31,13 @@ impl Default for PageCacheBuilder {
         PageCacheBuilder {
             readahead_bytes: Self::DEFAULT_READAHEAD,
             max_folio_order: Self::DEFAULT_MAX_FOLIO_ORDER,
+            fault: FaultConfig {
+                threads: Self::DEFAULT_FAULT_THREADS,
+                spin: Self::DEFAULT_FAULT_SPIN,
+                fault_around_pages: Self::DEFAULT_FAULT_AROUND / PAGE_SIZE as u64,
+                mode: Self::DEFAULT_MMAP_MODE,
+                map_ahead: true,
+            },
         }
     }
 }
@@ -37,6 +48,50 @@ impl PageCacheBuilder {
     /// Default largest folio readahead allocates: order 4 (64 KiB), which
     /// makes a 128 KiB window two folios and keeps 4 KiB random reads cheap.
     pub const DEFAULT_MAX_FOLIO_ORDER: u8 = 4;
+
+    /// Default number of fault handler threads.
+    pub const DEFAULT_FAULT_THREADS: usize = 2;
+    /// Default time a handler polls the userfaultfd before sleeping.
+    pub const DEFAULT_FAULT_SPIN: Duration = Duration::from_micros(50);
+    /// Default fault-around window of `map_pages` (the kernel's
+    /// `fault_around_bytes`).
+    pub const DEFAULT_FAULT_AROUND: u64 = 64 * 1024;
+    /// Default registration mode of new mappings.
+    pub const DEFAULT_MMAP_MODE: UffdMode = UffdMode::Minor;
+
+    /// Number of fault handler threads (at least 1).
+    pub fn fault_threads(mut self, n: usize) -> Self {
+        self.fault.threads = n.max(1);
+        self
+    }
+
+    /// How long an idle handler keeps polling before it sleeps (0: sleep
+    /// at once). Polling answers faults ~3x sooner than a wake-up here, at
+    /// the price of CPU time.
+    pub fn fault_spin(mut self, d: Duration) -> Self {
+        self.fault.spin = d;
+        self
+    }
+
+    /// Fault-around window of `map_pages`, in bytes (rounded to a power of
+    /// two number of pages, at least one page).
+    pub fn fault_around_bytes(mut self, bytes: u64) -> Self {
+        self.fault.fault_around_pages = bytes.div_ceil(PAGE_SIZE as u64).max(1).next_power_of_two();
+        self
+    }
+
+    /// How new mappings are registered ([`UffdMode`]).
+    pub fn mmap_mode(mut self, mode: UffdMode) -> Self {
+        self.fault.mode = mode;
+        self
+    }
+
+    /// After a fault that read a readahead window, map the whole window
+    /// (Minor mode), so sequential scans fault once per window.
+    pub fn map_ahead(mut self, on: bool) -> Self {
+        self.fault.map_ahead = on;
+        self
+    }
 
     /// Readahead window read on a miss, in bytes (rounded up to pages; at
     /// least one page).
@@ -62,6 +117,8 @@ impl PageCacheBuilder {
                 stats: Arc::new(CacheStats::default()),
                 files: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                fault_cfg: self.fault,
+                engine: Mutex::new(None),
             }),
         }
     }
@@ -77,6 +134,21 @@ struct CacheInner {
     /// coherent), as in the kernel.
     files: Mutex<FileTable>,
     next_id: AtomicU64,
+    fault_cfg: FaultConfig,
+    /// Started on the first mmap.
+    engine: Mutex<Option<Arc<FaultEngine>>>,
+}
+
+impl CacheInner {
+    fn engine(&self) -> Result<Arc<FaultEngine>> {
+        let mut e = self.engine.lock();
+        if let Some(e) = &*e {
+            return Ok(e.clone());
+        }
+        let new = FaultEngine::start(self.fault_cfg)?;
+        *e = Some(new.clone());
+        Ok(new)
+    }
 }
 
 /// A page cache: the address spaces of the files it caches, their
@@ -128,11 +200,20 @@ impl PageCache {
         let mut files = self.inner.files.lock();
         if let Some((m, handles)) = files.get_mut(&key) {
             *handles += 1;
-            return Ok(File::new(m.clone(), Some((self.inner.clone(), key))));
+            return Ok(File::new(m.clone(), self.inner.clone(), Some(key)));
         }
         let m = Arc::new(self.new_mapping(path.display().to_string(), Box::new(StoreOps::new(store)))?);
         files.insert(key, (m.clone(), 1));
-        Ok(File::new(m, Some((self.inner.clone(), key))))
+        Ok(File::new(m, self.inner.clone(), Some(key)))
+    }
+
+    /// Start the fault engine now (it starts on the first mmap otherwise),
+    /// to learn early whether userfaultfd is usable.
+    ///
+    /// # Errors
+    /// [`Error::Userfaultfd`] naming the missing permission or feature.
+    pub fn start_fault_engine(&self) -> Result<()> {
+        self.inner.engine().map(|_| ())
     }
 
     /// Cache a file whose operations the engine supplies (its own store,
@@ -142,7 +223,7 @@ impl PageCache {
     /// The operations' `initial_size` error; memfd creation failure.
     pub fn open_with_ops(&self, name: &str, ops: impl AddressSpaceOps) -> Result<File> {
         let m = Arc::new(self.new_mapping(name.to_string(), Box::new(ops))?);
-        Ok(File::new(m, None))
+        Ok(File::new(m, self.inner.clone(), None))
     }
 
     fn new_mapping(&self, name: String, ops: Box<dyn AddressSpaceOps>) -> Result<AddressSpace> {
@@ -162,7 +243,9 @@ pub struct File {
     /// `f_wb_err`: the errseq value this handle last reported.
     wb_err: AtomicU64,
     closed: AtomicBool,
-    registry: Option<(Arc<CacheInner>, (u64, u64))>,
+    cache: Arc<CacheInner>,
+    /// Key in the cache's table of open files (files opened by path).
+    key: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for File {
@@ -175,13 +258,58 @@ impl std::fmt::Debug for File {
 }
 
 impl File {
-    fn new(mapping: Arc<AddressSpace>, registry: Option<(Arc<CacheInner>, (u64, u64))>) -> File {
+    fn new(mapping: Arc<AddressSpace>, cache: Arc<CacheInner>, key: Option<(u64, u64)>) -> File {
         File {
             wb_err: AtomicU64::new(mapping.wb_err.sample()),
             mapping,
             closed: AtomicBool::new(false),
-            registry,
+            cache,
+            key,
         }
+    }
+
+    /// Map `len` bytes of the file at `offset` (page-aligned) read-only,
+    /// faults served by the cache's fault engine. Pages past end of file
+    /// raise SIGBUS when touched, as with a kernel mapping.
+    ///
+    /// # Errors
+    /// `Closed`; `EINVAL` for a zero length or unaligned offset; `EFBIG`
+    /// past the largest file; [`Error::Userfaultfd`] if userfaultfd is not
+    /// usable here; `mmap(2)`'s error.
+    pub fn mmap(&self, offset: u64, len: usize, share: Share) -> Result<Mmap> {
+        self.mmap_with_mode(offset, len, share, self.cache.fault_cfg.mode)
+    }
+
+    /// Map `len` bytes at `offset` read-write: `Share::Shared` writes go to
+    /// the page cache (dirtying folios through page_mkwrite, written back
+    /// by fsync / `MmapMut::flush`); `Share::Private` writes stay private.
+    ///
+    /// # Errors
+    /// As [`mmap`](Self::mmap).
+    pub fn mmap_mut(&self, offset: u64, len: usize, share: Share) -> Result<MmapMut> {
+        self.mmap_mut_with_mode(offset, len, share, self.cache.fault_cfg.mode)
+    }
+
+    /// [`mmap`](Self::mmap) with an explicit registration mode.
+    ///
+    /// # Errors
+    /// As [`mmap`](Self::mmap).
+    pub fn mmap_with_mode(&self, offset: u64, len: usize, share: Share, mode: UffdMode) -> Result<Mmap> {
+        self.mapping()?;
+        let engine = self.cache.engine()?;
+        let vma = do_mmap(&engine, &self.mapping, offset, len, false, share, mode)?;
+        Ok(Mmap::new(vma, engine))
+    }
+
+    /// [`mmap_mut`](Self::mmap_mut) with an explicit registration mode.
+    ///
+    /// # Errors
+    /// As [`mmap`](Self::mmap).
+    pub fn mmap_mut_with_mode(&self, offset: u64, len: usize, share: Share, mode: UffdMode) -> Result<MmapMut> {
+        self.mapping()?;
+        let engine = self.cache.engine()?;
+        let vma = do_mmap(&engine, &self.mapping, offset, len, true, share, mode)?;
+        Ok(MmapMut::new(vma, engine))
     }
 
     fn mapping(&self) -> Result<&AddressSpace> {
@@ -325,8 +453,8 @@ impl File {
 
     /// Drop the registry entry when this is the last handle.
     fn release(&self) {
-        if let Some((cache, key)) = &self.registry {
-            let mut files = cache.files.lock();
+        if let Some(key) = &self.key {
+            let mut files = self.cache.files.lock();
             if let Some((_, handles)) = files.get_mut(key) {
                 *handles -= 1;
                 if *handles == 0 {

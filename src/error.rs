@@ -31,6 +31,10 @@ pub enum Error {
     /// The file handle was closed (`EBADF`).
     #[error("file is closed (EBADF)")]
     Closed,
+    /// userfaultfd cannot be used (permission, kernel features): mappings
+    /// are unavailable; the message says what to change.
+    #[error(transparent)]
+    Userfaultfd(#[from] crate::uffd::OpenError),
     /// Writeback of earlier dirty data failed; the data is still cached and
     /// dirty and will be retried by the next sync.
     #[error("writeback failed: {0}")]
@@ -46,6 +50,8 @@ impl Error {
             Error::FileTooLarge { .. } => Errno::FBIG.raw_os_error(),
             Error::InvalidArgument { .. } => Errno::INVAL.raw_os_error(),
             Error::Closed => Errno::BADF.raw_os_error(),
+            Error::Userfaultfd(crate::uffd::OpenError::NotPermitted { .. }) => Errno::PERM.raw_os_error(),
+            Error::Userfaultfd(_) => Errno::NOSYS.raw_os_error(),
         }
     }
 }

@@ -202,6 +202,7 @@ impl AddressSpace {
             return Ok(0);
         }
         let _i = self.inode_lock();
+        let old_size = self.size();
         let mut done = 0usize;
         while done < buf.len() {
             let p = pos + done as u64;
@@ -219,6 +220,9 @@ impl AddressSpace {
             if copied < n {
                 break;
             }
+        }
+        if self.size() > old_size {
+            self.unpoison_growth(old_size, self.size());
         }
         Ok(done)
     }

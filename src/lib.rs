@@ -32,6 +32,10 @@
 //! | `page_store` | shmem | the memfd that holds folio bytes |
 //! | `errseq` | `lib/errseq.c` | report each writeback error once per handle |
 //! | [`cache`] | the VFS around it | `PageCache`, `File` |
+//! | [`mmap`] | `struct vm_area_struct`, `mm/mmap.c`, rmap | `Mmap`/`MmapMut`, `i_mmap`, page_mkclean, zap |
+//! | [`vm_ops`] | `vm_operations_struct`, `filemap_fault`, `filemap_map_pages` | fault, map_pages, page_mkwrite |
+//! | `fault` | `mm/memory.c` (`handle_mm_fault`) | handler threads, fault dispatch, SIGBUS |
+//! | [`uffd`] | `include/uapi/linux/userfaultfd.h` | the userfaultfd ABI and errno meanings |
 //! | [`rwsem`] | `struct rw_semaphore` | `i_rwsem`, `invalidate_lock` with exact holder state |
 //! | `sync` | — | the one std/loom switch |
 //!
@@ -44,8 +48,10 @@ pub mod backing;
 pub mod cache;
 mod error;
 mod errseq;
+mod fault;
 pub mod filemap;
 pub mod folio;
+pub mod mmap;
 mod page_store;
 pub mod page_writeback;
 pub mod rwsem;
@@ -54,6 +60,8 @@ mod stats;
 pub mod sync;
 mod truncate;
 pub mod types;
+pub mod uffd;
+pub mod vm_ops;
 mod xarray;
 
 pub use address_space::{AddressSpace, LockState, Writeback};
@@ -62,8 +70,10 @@ pub use backing::{BackingStore, FileStore, StoreOps};
 pub use cache::{File, PageCache, PageCacheBuilder};
 pub use error::{Error, Result};
 pub use folio::{Folio, FolioGuard, FolioRef};
+pub use mmap::{Mmap, MmapMut, Share, UffdMode, VmArea};
 pub use stats::Stats;
 pub use types::{PgOff, MAX_FILE_SIZE, PAGE_SIZE};
+pub use vm_ops::{FilemapVmOps, MapPages, VmFault, VmFaultResult, VmOps};
 
 /// Internals exposed to the loom models in `loom-tests/` (only under
 /// `--cfg loom`): the real protocol functions, without a page store.

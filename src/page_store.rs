@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{fallocate, fstat, ftruncate, memfd_create, FallocateFlags, MemfdFlags};
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
@@ -42,6 +42,11 @@ impl PageStore {
             memfd,
             chunks: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The memfd (the fault engine maps it into user mappings).
+    pub(crate) fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
     }
 
     /// Engine-view address of file offset `pos`; maps its chunk on first use.

@@ -17,6 +17,10 @@ pub(crate) struct CacheStats {
     writes: AtomicU64,
     write_errors: AtomicU64,
     read_errors: AtomicU64,
+    faults_fast: AtomicU64,
+    faults_slow: AtomicU64,
+    faults_wp: AtomicU64,
+    sigbus: AtomicU64,
 }
 
 macro_rules! counter {
@@ -35,6 +39,10 @@ impl CacheStats {
     counter!(write_io, writes);
     counter!(write_error, write_errors);
     counter!(read_error, read_errors);
+    counter!(fault_fast, faults_fast);
+    counter!(fault_slow, faults_slow);
+    counter!(fault_wp, faults_wp);
+    counter!(sigbus, sigbus);
 
     pub(crate) fn folio_added(&self, pages: u64) {
         self.folios.fetch_add(1, Ordering::Relaxed);
@@ -70,6 +78,10 @@ impl CacheStats {
             write_ios: l(&self.writes),
             read_errors: l(&self.read_errors),
             write_errors: l(&self.write_errors),
+            faults_fast: l(&self.faults_fast),
+            faults_slow: l(&self.faults_slow),
+            faults_wp: l(&self.faults_wp),
+            sigbus: l(&self.sigbus),
         }
     }
 }
@@ -97,13 +109,21 @@ pub struct Stats {
     pub read_errors: u64,
     /// Failed folio writes.
     pub write_errors: u64,
+    /// Faults resolved by `map_pages` alone (no sleeping, no I/O).
+    pub faults_fast: u64,
+    /// Faults that took the `filemap_fault` slow path.
+    pub faults_slow: u64,
+    /// Write-protect faults (`page_mkwrite`).
+    pub faults_wp: u64,
+    /// Faults answered with SIGBUS.
+    pub sigbus: u64,
 }
 
 impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {}",
+            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {} faults fast {} slow {} wp {} sigbus {}",
             self.hits,
             self.misses,
             self.folios,
@@ -113,7 +133,11 @@ impl std::fmt::Display for Stats {
             self.read_ios,
             self.write_ios,
             self.read_errors,
-            self.write_errors
+            self.write_errors,
+            self.faults_fast,
+            self.faults_slow,
+            self.faults_wp,
+            self.sigbus
         )
     }
 }

@@ -26,13 +26,21 @@ impl AddressSpace {
         check_range_max(new_size, 0)?;
         let _i = self.inode_lock();
         let _inv = self.invalidate_lock_exclusive();
-        if new_size < self.size() {
-            // i_size first (truncate_setsize): a reader that re-checks it
-            // after finding an uptodate folio stops at the new end.
+        let old = self.size();
+        if new_size < old {
+            // i_size first (truncate_setsize): a reader or fault that
+            // re-checks it after finding an uptodate folio stops at the new
+            // end.
             self.set_size_locked(new_size);
+            // Zap user mappings past the new end (the punch below zaps the
+            // dropped folios; this also catches the pages of a folio that
+            // straddles the new end), then drop the folios.
+            let first = PgOff(new_size.div_ceil(PAGE_SIZE as u64));
+            self.unmap_mapping_range(first, PgOff(old.div_ceil(PAGE_SIZE as u64)));
             self.truncate_inode_pages_range(new_size, u64::MAX)?;
         } else {
             self.set_size_locked(new_size);
+            self.unpoison_growth(old, new_size);
         }
         self.ops.set_size(new_size)?;
         Ok(())

@@ -1,0 +1,467 @@
+//! User mappings of cached files (`struct vm_area_struct`, `mm/mmap.c`):
+//! [`Mmap`] / [`MmapMut`] handles, the per-file list of mappings
+//! (`i_mmap`), and the operations truncate and writeback apply to every
+//! mapping of a folio (zap, `page_mkclean`).
+//!
+//! A user mapping is a `mmap(2)` of the file's memfd at the file offset,
+//! registered with the cache's userfaultfd:
+//!
+//! | mode | registered | who maps a cached page | upcache sees |
+//! |---|---|---|---|
+//! | [`UffdMode::Minor`] | MISSING + MINOR (+ WP if shared-writable) | upcache (`map_pages`, one `UFFDIO_CONTINUE` per run of folios) | every first touch of a page after a zap |
+//! | [`UffdMode::Missing`] | MISSING (+ WP if shared-writable) | the kernel, with its own fault-around | only misses (pages absent from the memfd) and first writes |
+
+use std::ops::{Deref, DerefMut, Range};
+
+use crate::address_space::AddressSpace;
+use crate::error::{Error, Result};
+use crate::fault::{EngineShared, FaultEngine};
+use crate::folio::Folio;
+use crate::sync::{Arc, AtomicBool, AtomicU32, Ordering, UnparkOp, WaitQueue};
+use crate::types::{PgOff, MAX_FILE_SIZE, PAGE_SHIFT, PAGE_SIZE};
+use crate::uffd::{mode, UffdError};
+use crate::vm_ops::{FilemapVmOps, VmOps};
+
+/// How user mappings are registered with userfaultfd (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdMode {
+    /// MISSING + MINOR (+ WP): upcache maps every page itself.
+    Minor,
+    /// MISSING (+ WP): upcache fills misses; the kernel maps cached pages.
+    Missing,
+}
+
+/// Private or shared mapping (`MAP_PRIVATE` / `MAP_SHARED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Share {
+    /// Writes reach the file (through the page cache).
+    Shared,
+    /// Writes are copied on write and never reach the file.
+    Private,
+}
+
+const DEAD: u32 = 1 << 31;
+
+/// One user mapping of a file (`struct vm_area_struct`).
+pub struct VmArea {
+    start: usize,
+    len: usize,
+    pgoff: u64,
+    writable: bool,
+    shared: bool,
+    mode: UffdMode,
+    mapping: Arc<AddressSpace>,
+    pub(crate) engine: Arc<EngineShared>,
+    pub(crate) ops: Box<dyn VmOps>,
+    /// Faults being handled (low bits) and DEAD.
+    state: AtomicU32,
+    wq: WaitQueue,
+    /// Some page of this mapping was poisoned (SIGBUS) and must be zapped
+    /// if the file grows over it.
+    pub(crate) poisoned: AtomicBool,
+}
+
+impl std::fmt::Debug for VmArea {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmArea")
+            .field("start", &format_args!("{:#x}", self.start))
+            .field("len", &self.len)
+            .field("pgoff", &self.pgoff)
+            .field("writable", &self.writable)
+            .field("shared", &self.shared)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl VmArea {
+    /// First user address.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+    /// Length in bytes (a page multiple).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Never empty (mappings have at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// One past the last user address.
+    pub fn end(&self) -> usize {
+        self.start + self.len
+    }
+    /// File page index mapped at `start`.
+    pub fn pgoff(&self) -> PgOff {
+        PgOff(self.pgoff)
+    }
+    /// The mapped file.
+    pub fn mapping(&self) -> &AddressSpace {
+        &self.mapping
+    }
+    /// Mapped writable?
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    /// `MAP_SHARED`?
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+    /// Registration mode.
+    pub fn mode(&self) -> UffdMode {
+        self.mode
+    }
+    /// Are first writes reported (shared-writable: page_mkwrite needed)?
+    pub(crate) fn tracks_writes(&self) -> bool {
+        self.shared && self.writable
+    }
+    /// File page index of user address `addr` (inside the mapping).
+    #[inline]
+    pub fn addr_to_pgoff(&self, addr: usize) -> PgOff {
+        PgOff(self.pgoff + ((addr - self.start) >> PAGE_SHIFT) as u64)
+    }
+    /// User address of file page `index`, if the mapping covers it.
+    #[inline]
+    pub fn pgoff_to_addr(&self, index: PgOff) -> Option<usize> {
+        let pages = (self.len >> PAGE_SHIFT) as u64;
+        (index.0 >= self.pgoff && index.0 < self.pgoff + pages)
+            .then(|| self.start + (((index.0 - self.pgoff) as usize) << PAGE_SHIFT))
+    }
+    /// The user address range covering file pages `[first, end)`, clamped
+    /// to the mapping; `None` if they do not overlap.
+    pub(crate) fn user_range(&self, first: PgOff, end: PgOff) -> Option<Range<usize>> {
+        let pages = (self.len >> PAGE_SHIFT) as u64;
+        let a = first.0.max(self.pgoff);
+        let b = end.0.min(self.pgoff + pages);
+        (a < b).then(|| {
+            let s = self.start + (((a - self.pgoff) as usize) << PAGE_SHIFT);
+            s..s + (((b - a) as usize) << PAGE_SHIFT)
+        })
+    }
+
+    /// Enter fault handling; false once the mapping is being torn down.
+    pub(crate) fn enter(&self) -> bool {
+        let mut s = self.state.load(Ordering::Relaxed);
+        loop {
+            if s & DEAD != 0 {
+                return false;
+            }
+            match self
+                .state
+                .compare_exchange_weak(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(v) => s = v,
+            }
+        }
+    }
+
+    /// Leave fault handling; wakes a teardown waiting for us.
+    pub(crate) fn exit(&self) {
+        let old = self.state.fetch_sub(1, Ordering::Release);
+        if old == DEAD | 1 {
+            self.wq
+                .unpark_filter(self as *const _ as usize, 0, |_| UnparkOp::Unpark, |_| {});
+        }
+    }
+
+    /// Mark dead and wait for the faults in flight to finish.
+    fn kill_and_drain(&self) {
+        self.state.fetch_or(DEAD, Ordering::AcqRel);
+        loop {
+            if self.state.load(Ordering::Acquire) == DEAD {
+                return;
+            }
+            self.wq.park(self as *const _ as usize, 0, 0, || {
+                self.state.load(Ordering::Acquire) != DEAD
+            });
+        }
+    }
+
+    /// `MADV_DONTNEED` the user range of file pages `[first, end)`: the
+    /// next access faults again (truncate's tail, clearing poison).
+    pub(crate) fn zap(&self, first: PgOff, end: PgOff) {
+        if let Some(r) = self.user_range(first, end) {
+            // SAFETY: the range lies inside our own live mapping (the VmArea
+            // is alive and not yet unmapped: callers reach it through
+            // `i_mmap`, which the handle's drop empties before munmap);
+            // DONTNEED on a shared file mapping only drops page-table
+            // entries, and private copies past EOF are meant to go.
+            unsafe {
+                libc::madvise(r.start as *mut _, r.len(), libc::MADV_DONTNEED);
+            }
+        }
+    }
+
+    /// Write-protect the folio's pages in this mapping (`page_mkclean_one`).
+    pub(crate) fn mkclean(&self, folio: &Folio) {
+        if let Some(r) = self.user_range(folio.index(), folio.index().add(folio.nr_pages())) {
+            match self.engine.uffd.writeprotect(r.start, r.len(), true) {
+                Ok(()) | Err(UffdError::Gone(_)) => {}
+                Err(e) => eprintln!("upcache: page_mkclean failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Validate a mapping request; returns the page-rounded length.
+fn check_map_range(offset: u64, len: usize) -> Result<usize> {
+    if len == 0 {
+        return Err(Error::InvalidArgument {
+            what: "mmap of zero length",
+        });
+    }
+    if offset % PAGE_SIZE as u64 != 0 {
+        return Err(Error::InvalidArgument {
+            what: "mmap offset not page-aligned",
+        });
+    }
+    let plen = len.checked_next_multiple_of(PAGE_SIZE).ok_or(Error::InvalidArgument {
+        what: "mmap length overflows",
+    })?;
+    match offset.checked_add(plen as u64) {
+        Some(end) if end <= MAX_FILE_SIZE => Ok(plen),
+        _ => Err(Error::FileTooLarge {
+            offset,
+            len: plen as u64,
+            max: MAX_FILE_SIZE,
+        }),
+    }
+}
+
+/// Create, register and publish a mapping.
+pub(crate) fn do_mmap(
+    engine: &Arc<FaultEngine>,
+    mapping: &Arc<AddressSpace>,
+    offset: u64,
+    len: usize,
+    writable: bool,
+    share: Share,
+    mode: UffdMode,
+) -> Result<Arc<VmArea>> {
+    let plen = check_map_range(offset, len)?;
+    let shared = share == Share::Shared;
+    let prot = if writable {
+        rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE
+    } else {
+        rustix::mm::ProtFlags::READ
+    };
+    let flags = if shared {
+        rustix::mm::MapFlags::SHARED
+    } else {
+        rustix::mm::MapFlags::PRIVATE
+    } | rustix::mm::MapFlags::NORESERVE;
+    // SAFETY: a fresh mapping (null hint, no MAP_FIXED) aliases no Rust
+    // object; the memfd outlives it (the VmArea holds the AddressSpace).
+    let addr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), plen, prot, flags, mapping.store.memfd(), offset) }
+        .map_err(|e| Error::Io(e.into()))? as usize;
+    let vma = Arc::new(VmArea {
+        start: addr,
+        len: plen,
+        pgoff: offset >> PAGE_SHIFT,
+        writable,
+        shared,
+        mode,
+        mapping: mapping.clone(),
+        engine: engine.shared().clone(),
+        ops: Box::new(FilemapVmOps),
+        state: AtomicU32::new(0),
+        wq: WaitQueue::new(),
+        poisoned: AtomicBool::new(false),
+    });
+    let mut modes = mode::MISSING;
+    if mode == UffdMode::Minor {
+        modes |= mode::MINOR;
+    }
+    if vma.tracks_writes() {
+        modes |= mode::WP;
+    }
+    engine.shared().insert(vma.clone());
+    mapping.i_mmap.lock().push(vma.clone());
+    if let Err(e) = engine.shared().uffd.register(addr, plen, modes) {
+        unpublish(&vma);
+        // SAFETY: our own fresh mapping, never handed out.
+        let _ = unsafe { rustix::mm::munmap(addr as *mut _, plen) };
+        return Err(Error::Io(e));
+    }
+    if mode == UffdMode::Missing && vma.tracks_writes() {
+        // The kernel maps cached pages itself in this mode; write-protect
+        // the whole range (PTE markers on shmem) so that first writes
+        // still reach page_mkwrite.
+        let _ = engine.shared().uffd.writeprotect(addr, plen, true);
+    }
+    Ok(vma)
+}
+
+fn unpublish(vma: &Arc<VmArea>) {
+    vma.engine.remove(vma);
+    vma.mapping.i_mmap.lock().retain(|v| !Arc::ptr_eq(v, vma));
+}
+
+/// Tear a mapping down: stop new faults, wake blocked faulters, wait for
+/// faults in flight, unmap.
+fn do_munmap(vma: &Arc<VmArea>) {
+    unpublish(vma);
+    // Unregistering wakes threads blocked on faults in the range.
+    let _ = vma.engine.uffd.unregister(vma.start, vma.len);
+    vma.kill_and_drain();
+    // SAFETY: the handle owning this mapping is being dropped, so no Rust
+    // reference into it remains; no handler thread is inside a fault on it.
+    let _ = unsafe { rustix::mm::munmap(vma.start as *mut _, vma.len) };
+}
+
+/// A read-only mapping of a cached file; derefs to `&[u8]`.
+///
+/// Like memmap2's `Mmap`, the bytes may change under the slice when the
+/// file is written (through `write_at` or another mapping): that is the
+/// point of a shared cache. Accessing a page past end of file raises SIGBUS,
+/// as with a kernel mapping.
+pub struct Mmap {
+    vma: Arc<VmArea>,
+    _engine: Arc<FaultEngine>,
+}
+
+/// A writable mapping; derefs to `&mut [u8]`. Shared mappings write into
+/// the page cache (dirtying folios through page_mkwrite); private ones copy
+/// on write.
+pub struct MmapMut {
+    vma: Arc<VmArea>,
+    _engine: Arc<FaultEngine>,
+}
+
+impl Mmap {
+    pub(crate) fn new(vma: Arc<VmArea>, engine: Arc<FaultEngine>) -> Mmap {
+        Mmap { vma, _engine: engine }
+    }
+    /// The mapping's description.
+    pub fn vma(&self) -> &VmArea {
+        &self.vma
+    }
+}
+
+impl MmapMut {
+    pub(crate) fn new(vma: Arc<VmArea>, engine: Arc<FaultEngine>) -> MmapMut {
+        MmapMut { vma, _engine: engine }
+    }
+    /// The mapping's description.
+    pub fn vma(&self) -> &VmArea {
+        &self.vma
+    }
+
+    /// `msync(MS_SYNC)`: integrity writeback of the mapped range and the
+    /// store's sync. Errors recorded by earlier writeback of these pages are
+    /// returned here too.
+    ///
+    /// # Errors
+    /// The write or sync error.
+    pub fn flush(&self) -> Result<()> {
+        flush_vma(&self.vma)
+    }
+}
+
+fn flush_vma(vma: &VmArea) -> Result<()> {
+    if !vma.shared {
+        return Ok(());
+    }
+    let start = vma.pgoff << PAGE_SHIFT;
+    let m = vma.mapping();
+    m.write_and_wait_range(start, start + vma.len as u64 - 1)
+        .map_err(Error::Writeback)?;
+    m.ops.fsync().map_err(Error::Io)
+}
+
+impl Mmap {
+    /// `msync(MS_SYNC)` (a read-only shared mapping has nothing of its own
+    /// to flush, but the range's dirty folios are written).
+    ///
+    /// # Errors
+    /// The write or sync error.
+    pub fn flush(&self) -> Result<()> {
+        flush_vma(&self.vma)
+    }
+}
+
+impl Deref for Mmap {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `start..start+len` is our live mapping for as long as the
+        // handle exists (munmap happens in Drop). Faults on it are served by
+        // the engine (or end in SIGBUS past EOF, as with any file mapping).
+        unsafe { std::slice::from_raw_parts(self.vma.start as *const u8, self.vma.len) }
+    }
+}
+
+impl Deref for MmapMut {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: as for `Mmap`.
+        unsafe { std::slice::from_raw_parts(self.vma.start as *const u8, self.vma.len) }
+    }
+}
+
+impl DerefMut for MmapMut {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `Mmap`; the mapping is writable and `&mut self`
+        // makes this the only slice through this handle.
+        unsafe { std::slice::from_raw_parts_mut(self.vma.start as *mut u8, self.vma.len) }
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        do_munmap(&self.vma);
+    }
+}
+
+impl Drop for MmapMut {
+    fn drop(&mut self) {
+        do_munmap(&self.vma);
+    }
+}
+
+impl std::fmt::Debug for Mmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Mmap").field(&*self.vma).finish()
+    }
+}
+
+impl std::fmt::Debug for MmapMut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("MmapMut").field(&*self.vma).finish()
+    }
+}
+
+impl AddressSpace {
+    /// `page_mkclean`: write-protect the folio in every shared-writable
+    /// mapping, so the next write faults into page_mkwrite and re-dirties
+    /// it. Folio locked (called from `folio_clear_dirty_for_io`).
+    pub(crate) fn page_mkclean(&self, folio: &Folio) {
+        let vmas = self.i_mmap.lock();
+        for v in vmas.iter().filter(|v| v.tracks_writes()) {
+            v.mkclean(folio);
+        }
+    }
+
+    /// `unmap_mapping_range`: zap file pages `[first, end)` from every user
+    /// mapping (their next access faults again).
+    pub(crate) fn unmap_mapping_range(&self, first: PgOff, end: PgOff) {
+        let vmas = self.i_mmap.lock();
+        for v in vmas.iter() {
+            v.zap(first, end);
+        }
+    }
+
+    /// The file grew from `old` to `new` bytes: clear SIGBUS poison that
+    /// mappings installed past the old end.
+    pub(crate) fn unpoison_growth(&self, old: u64, new: u64) {
+        let vmas = self.i_mmap.lock();
+        for v in vmas.iter().filter(|v| v.poisoned.load(Ordering::Relaxed)) {
+            v.zap(PgOff::of_byte(old), PgOff(new.div_ceil(PAGE_SIZE as u64)));
+        }
+    }
+
+    /// Number of live user mappings.
+    pub fn nr_mappings(&self) -> usize {
+        self.i_mmap.lock().len()
+    }
+}

@@ -1,0 +1,288 @@
+//! `vm_operations_struct` and the generic filemap versions
+//! (`filemap_fault`, `filemap_map_pages`, `filemap_page_mkwrite`).
+//!
+//! | method | held on entry | may block | returns |
+//! |---|---|---|---|
+//! | `fault` | nothing of the folio | yes | the folio locked and uptodate, or `Retry`, or `SigBus`; takes `invalidate_lock` shared to create or read a folio |
+//! | `map_pages` | nothing; pins the epoch itself (the RCU read side) | **no**: trylock only | pages mapped; never maps past EOF, locked, not-uptodate or READAHEAD folios |
+//! | `page_mkwrite` | nothing | yes | the folio locked and dirty, or `Retry` if it was truncated meanwhile; waits for writeback when the store needs stable pages |
+//! | `access` | nothing | yes | bytes copied |
+
+use std::ops::Range;
+
+use crate::folio::FolioGuard;
+use crate::mmap::VmArea;
+use crate::sync::epoch;
+use crate::types::{PgOff, PAGE_SHIFT, PAGE_SIZE};
+use crate::uffd::UffdError;
+
+/// One fault being handled (`struct vm_fault`).
+#[derive(Debug)]
+pub struct VmFault<'a> {
+    /// The mapping faulted on.
+    pub vma: &'a VmArea,
+    /// Page-aligned faulting address.
+    pub address: usize,
+    /// File page index of `address`.
+    pub pgoff: PgOff,
+    /// `uffd::fault_flag::*`.
+    pub flags: u64,
+}
+
+/// Outcome of `fault` / `page_mkwrite` (`vm_fault_t`).
+#[derive(Debug)]
+pub enum VmFaultResult {
+    /// The folio, locked and uptodate (and, from page_mkwrite, dirty).
+    Locked(FolioGuard),
+    /// Try again (`VM_FAULT_NOPAGE` / `VM_FAULT_RETRY`): the folio went away.
+    Retry,
+    /// The access cannot be served: raise SIGBUS (`VM_FAULT_SIGBUS`).
+    SigBus,
+}
+
+/// Outcome of `map_pages`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapPages {
+    /// Pages mapped.
+    pub mapped: usize,
+    /// Was the faulting page among them?
+    pub fault_mapped: bool,
+    /// Some page was already mapped by someone else: the faulting thread
+    /// may not have been woken by our ioctl.
+    pub needs_wake: bool,
+}
+
+/// What the fault engine calls for a mapping. Every method has the generic
+/// filemap behaviour as its default.
+pub trait VmOps: Send + Sync + 'static {
+    /// Bring the faulting page's folio uptodate and return it locked.
+    ///
+    /// # Locking
+    /// Nothing held on entry; may sleep on locks and I/O.
+    fn fault(&self, vmf: &VmFault<'_>) -> VmFaultResult {
+        filemap_fault(vmf)
+    }
+
+    /// Map the ready folios of file pages `range` without sleeping.
+    ///
+    /// # Locking
+    /// Nothing held; pins the epoch; trylock only.
+    fn map_pages(&self, vmf: &VmFault<'_>, range: Range<PgOff>) -> MapPages {
+        filemap_map_pages(vmf, range)
+    }
+
+    /// The first write to a clean page of a shared-writable mapping.
+    ///
+    /// # Locking
+    /// Nothing held on entry; returns the folio locked and dirty.
+    fn page_mkwrite(&self, vmf: &VmFault<'_>) -> VmFaultResult {
+        filemap_page_mkwrite(vmf)
+    }
+
+    /// Copy mapped file bytes at `offset` into the mapping into `buf` (for
+    /// debuggers); returns the bytes copied.
+    ///
+    /// # Locking
+    /// Nothing held; may sleep.
+    fn access(&self, vma: &VmArea, offset: usize, buf: &mut [u8]) -> usize {
+        let pos = (vma.pgoff().0 << PAGE_SHIFT) + offset as u64;
+        let n = buf.len().min(vma.len().saturating_sub(offset));
+        vma.mapping().read_at(&mut buf[..n], pos).unwrap_or(0)
+    }
+}
+
+/// The generic vm operations of a cached file.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FilemapVmOps;
+
+impl VmOps for FilemapVmOps {}
+
+/// `filemap_fault`: look up or read the folio of the faulting page and
+/// return it locked and uptodate.
+///
+/// Beyond EOF → SigBus. Absent → synchronous readahead of a window (under
+/// `invalidate_lock` shared), look again. Not uptodate → `read_folio` under
+/// `invalidate_lock` shared; a read error → SigBus. Locked, then re-checked:
+/// truncated meanwhile → look again; beyond the (new) EOF → SigBus.
+pub fn filemap_fault(vmf: &VmFault<'_>) -> VmFaultResult {
+    let m = vmf.vma.mapping();
+    let index = vmf.pgoff;
+    for _ in 0..64 {
+        if index.byte() >= m.size() {
+            return VmFaultResult::SigBus;
+        }
+        let Some(f) = m.filemap_get_folio(index) else {
+            m.stats.miss();
+            if m.page_cache_sync_readahead(index, m.ra.window_pages).is_err() {
+                return VmFaultResult::SigBus;
+            }
+            continue;
+        };
+        if f.is_readahead() && f.test_clear_soft(crate::folio::flags::READAHEAD) {
+            let next = f.index().add(f.nr_pages());
+            drop(f);
+            let _ = m.page_cache_sync_readahead(next, m.ra.window_pages);
+            continue;
+        }
+        if !f.is_uptodate() {
+            drop(f);
+            if m.filemap_update_folio(index).is_err() {
+                return VmFaultResult::SigBus;
+            }
+            continue;
+        }
+        let g = f.lock();
+        if g.mapping_id() != m.id() || !g.is_uptodate() {
+            continue;
+        }
+        if index.byte() >= m.size() {
+            return VmFaultResult::SigBus;
+        }
+        g.mark_accessed();
+        return VmFaultResult::Locked(g);
+    }
+    // Pathological churn (truncated under us 64 times): let the thread
+    // retry the access rather than spin here.
+    VmFaultResult::Retry
+}
+
+/// `filemap_page_mkwrite`: lock the folio, re-check it is still in the
+/// file and below EOF, wait for writeback if the store wants stable pages,
+/// mark it dirty.
+pub fn filemap_page_mkwrite(vmf: &VmFault<'_>) -> VmFaultResult {
+    let m = vmf.vma.mapping();
+    let Some(g) = m.filemap_lock_folio(vmf.pgoff) else {
+        return VmFaultResult::Retry;
+    };
+    if vmf.pgoff.byte() >= m.size() {
+        return VmFaultResult::Retry;
+    }
+    if m.ops.stable_writes() {
+        g.wait_writeback();
+    }
+    m.folio_mark_dirty(&g);
+    VmFaultResult::Locked(g)
+}
+
+/// `filemap_map_pages`: the fast path. Under one epoch guard, walk the
+/// folios of `range` (clamped to the mapping and EOF), skip anything not
+/// ready (absent, locked, not uptodate, READAHEAD, being freed, truncated),
+/// trylock the rest and map each run of consecutive folios with one
+/// `UFFDIO_CONTINUE`, write-protected unless the folio is already dirty in
+/// a shared-writable mapping. Never sleeps, never does I/O.
+pub fn filemap_map_pages(vmf: &VmFault<'_>, range: Range<PgOff>) -> MapPages {
+    let vma = vmf.vma;
+    let m = vma.mapping();
+    let eof = m.size().div_ceil(PAGE_SIZE as u64);
+    let vend = vma.pgoff().0 + (vma.len() >> PAGE_SHIFT) as u64;
+    let end = range.end.0.min(eof).min(vend);
+    let mut i = range.start.0.max(vma.pgoff().0);
+    let mut res = MapPages::default();
+    let mut run = Run::default();
+    let guard = epoch::pin();
+    while i < end {
+        let mut next = i + 1;
+        let ready = m.get_folio_pinned(PgOff(i), &guard).and_then(|f| {
+            next = f.index().0 + f.nr_pages();
+            if !f.is_uptodate() || f.is_readahead() || f.is_locked() {
+                return None;
+            }
+            let g = f.trylock().ok()?;
+            (g.mapping_id() == m.id() && g.is_uptodate()).then_some(g)
+        });
+        match ready {
+            Some(g) => {
+                let wp = vma.tracks_writes() && !g.is_dirty();
+                let b = next.min(end);
+                if !run.folios.is_empty() && (wp != run.wp || i != run.end) {
+                    run.flush(vmf, &mut res);
+                }
+                if run.folios.is_empty() {
+                    run.start = i;
+                    run.wp = wp;
+                }
+                run.end = b;
+                g.mark_accessed();
+                run.folios.push(g);
+            }
+            None => run.flush(vmf, &mut res),
+        }
+        i = next;
+    }
+    run.flush(vmf, &mut res);
+    drop(guard);
+    res
+}
+
+#[derive(Default)]
+struct Run {
+    start: u64,
+    end: u64,
+    wp: bool,
+    folios: Vec<FolioGuard>,
+}
+
+impl Run {
+    fn flush(&mut self, vmf: &VmFault<'_>, res: &mut MapPages) {
+        if self.folios.is_empty() {
+            return;
+        }
+        let vma = vmf.vma;
+        if let Some(r) = vma.user_range(PgOff(self.start), PgOff(self.end)) {
+            let out = continue_range(vma, r.clone(), self.wp);
+            res.mapped += r.len() >> PAGE_SHIFT;
+            res.needs_wake |= out != Continued::Clean;
+            if r.contains(&vmf.address) && out != Continued::Failed {
+                res.fault_mapped = true;
+            }
+        }
+        // Unlock only after the pages are mapped: truncate, which takes the
+        // folio lock before removing it, then zaps them with its punch.
+        self.folios.clear();
+    }
+}
+
+/// Outcome of [`continue_range`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Continued {
+    /// Every page mapped by one ioctl, which woke the faulting threads.
+    Clean,
+    /// Every page is mapped, some by someone else: wake explicitly.
+    Raced,
+    /// The mapping is going away or the kernel refused: nothing to wake
+    /// beyond an explicit wake.
+    Failed,
+}
+
+/// `UFFDIO_CONTINUE` over a user range, skipping pages already mapped.
+pub(crate) fn continue_range(vma: &VmArea, r: Range<usize>, wp: bool) -> Continued {
+    let uffd = &vma.engine.uffd;
+    let mut start = r.start;
+    let mut out = Continued::Clean;
+    let mut tries = 0;
+    while start < r.end {
+        match uffd.continue_range(start, r.end - start, wp) {
+            Ok(()) => break,
+            Err(UffdError::Exists { done }) | Err(UffdError::NoPage { done }) => {
+                // Already mapped by another handler (or, for NoPage, not
+                // in the memfd any more): skip that page.
+                out = Continued::Raced;
+                start += done + PAGE_SIZE;
+            }
+            Err(UffdError::Again { done }) => {
+                start += done;
+                tries += 1;
+                if tries > 1000 {
+                    return Continued::Failed;
+                }
+                std::thread::yield_now();
+            }
+            Err(UffdError::Gone(_)) => return Continued::Failed,
+            Err(UffdError::Os(e)) => {
+                eprintln!("upcache: UFFDIO_CONTINUE failed: {e}");
+                return Continued::Failed;
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,196 @@
+//! The fault engine with real userfaultfd, memfd, files and threads.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{tempdir, Rng};
+use upcache::{PageCache, Share, UffdMode};
+
+/// Userfaultfd must work here; if it does not, fail loudly with the reason
+/// (which names the missing permission), never skip.
+fn cache_with(mode: UffdMode) -> PageCache {
+    let cache = PageCache::builder().mmap_mode(mode).build();
+    if let Err(e) = cache.start_fault_engine() {
+        panic!("userfaultfd unavailable, the mmap tests cannot run: {e}");
+    }
+    cache
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Rng::new(seed).fill(&mut v);
+    v
+}
+
+fn modes() -> [UffdMode; 2] {
+    [UffdMode::Minor, UffdMode::Missing]
+}
+
+#[test]
+fn mapping_reads_the_files_bytes() {
+    for mode in modes() {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let content = pattern(3 << 20, 1);
+        std::fs::write(&path, &content).unwrap();
+        let cache = cache_with(mode);
+        let file = cache.open(&path).unwrap();
+        let map = file.mmap(0, content.len(), Share::Shared).unwrap();
+        assert_eq!(map.len(), content.len());
+        assert!(map[..] == content[..], "{mode:?}: mapped bytes differ");
+        let s = cache.stats();
+        assert!(s.faults_slow > 0, "{mode:?}: faults went through the engine: {s}");
+    }
+}
+
+#[test]
+fn many_threads_read_one_mapping() {
+    for mode in modes() {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let content = Arc::new(pattern(4 << 20, 2));
+        std::fs::write(&path, &*content).unwrap();
+        let cache = cache_with(mode);
+        let file = cache.open(&path).unwrap();
+        let map = Arc::new(file.mmap(0, content.len(), Share::Shared).unwrap());
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let map = map.clone();
+                let content = content.clone();
+                s.spawn(move || {
+                    let mut rng = Rng::new(t);
+                    for _ in 0..3000 {
+                        let off = rng.below(content.len() as u64 - 64) as usize;
+                        assert_eq!(map[off..off + 64], content[off..off + 64], "{mode:?} at {off}");
+                    }
+                });
+            }
+        });
+    }
+}
+
+#[test]
+fn shared_writes_reach_read_at_other_mappings_and_the_file() {
+    for mode in modes() {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let mut content = pattern(1 << 20, 3);
+        std::fs::write(&path, &content).unwrap();
+        let cache = cache_with(mode);
+        let file = cache.open(&path).unwrap();
+        let mut w = file.mmap_mut(0, content.len(), Share::Shared).unwrap();
+        let r = file.mmap(0, content.len(), Share::Shared).unwrap();
+        // Touch r first so its pages are mapped before the writes.
+        assert_eq!(r[5000], content[5000]);
+        for (i, off) in [5000usize, 70_000, 700_001].into_iter().enumerate() {
+            w[off] = 0xE0 + i as u8;
+            content[off] = 0xE0 + i as u8;
+            assert_eq!(r[off], content[off], "{mode:?}: second mapping sees the write at once");
+            let mut b = [0u8; 1];
+            file.read_at(&mut b, off as u64).unwrap();
+            assert_eq!(b[0], content[off], "{mode:?}: read_at sees the mapped write");
+        }
+        assert!(cache.stats().dirty_bytes > 0, "{mode:?}: mapped writes dirtied folios");
+        w.flush().unwrap();
+        assert!(std::fs::read(&path).unwrap() == content, "{mode:?}: file after flush");
+        // Written again after writeback: page_mkclean re-armed the write fault.
+        w[5000] = 0x11;
+        content[5000] = 0x11;
+        assert!(
+            cache.stats().dirty_bytes > 0,
+            "{mode:?}: write after writeback re-dirtied"
+        );
+        file.fsync().unwrap();
+        assert!(std::fs::read(&path).unwrap() == content, "{mode:?}: file after fsync");
+    }
+}
+
+#[test]
+fn write_at_is_visible_through_existing_mappings() {
+    for mode in modes() {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let content = pattern(256 << 10, 4);
+        std::fs::write(&path, &content).unwrap();
+        let cache = cache_with(mode);
+        let file = cache.open(&path).unwrap();
+        let map = file.mmap(0, content.len(), Share::Shared).unwrap();
+        assert!(map[..] == content[..]);
+        file.write_at(b"hello, mapping", 12345).unwrap();
+        assert_eq!(&map[12345..12359], b"hello, mapping", "{mode:?}");
+    }
+}
+
+#[test]
+fn private_mapping_writes_never_reach_the_file() {
+    for mode in modes() {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let content = pattern(128 << 10, 5);
+        std::fs::write(&path, &content).unwrap();
+        let cache = cache_with(mode);
+        let file = cache.open(&path).unwrap();
+        let mut p = file.mmap_mut(0, content.len(), Share::Private).unwrap();
+        let shared = file.mmap(0, content.len(), Share::Shared).unwrap();
+        p[100] ^= 0xFF;
+        p[100_000] ^= 0xFF;
+        assert_eq!(p[100], content[100] ^ 0xFF);
+        assert_eq!(
+            shared[100], content[100],
+            "{mode:?}: private write leaked into the shared view"
+        );
+        let mut b = [0u8; 1];
+        file.read_at(&mut b, 100).unwrap();
+        assert_eq!(b[0], content[100]);
+        file.fsync().unwrap();
+        assert!(
+            std::fs::read(&path).unwrap() == content,
+            "{mode:?}: private write reached the file"
+        );
+    }
+}
+
+#[test]
+fn dropping_mappings_while_other_threads_fault_neither_hangs_nor_crashes() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    let content = pattern(2 << 20, 6);
+    std::fs::write(&path, &content).unwrap();
+    let cache = cache_with(UffdMode::Minor);
+    let file = Arc::new(cache.open(&path).unwrap());
+    std::thread::scope(|s| {
+        for t in 0..3u64 {
+            let file = file.clone();
+            let content = &content;
+            s.spawn(move || {
+                let mut rng = Rng::new(t);
+                for _ in 0..40 {
+                    let map = file.mmap(0, content.len(), Share::Shared).unwrap();
+                    for _ in 0..20 {
+                        let off = rng.below(content.len() as u64) as usize;
+                        assert_eq!(map[off], content[off]);
+                    }
+                    // Dropped while the other threads' faults are in flight
+                    // on their own mappings of the same folios.
+                    drop(map);
+                }
+            });
+        }
+    });
+    assert_eq!(file.address_space().unwrap().nr_mappings(), 0);
+}
+
+#[test]
+fn bad_mmap_arguments_are_einval() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, [1u8; 100]).unwrap();
+    let cache = cache_with(UffdMode::Minor);
+    let file = cache.open(&path).unwrap();
+    assert_eq!(file.mmap(0, 0, Share::Shared).unwrap_err().raw_os_error(), 22);
+    assert_eq!(file.mmap(100, 4096, Share::Shared).unwrap_err().raw_os_error(), 22);
+    assert_eq!(file.mmap(!4095u64, 4096, Share::Shared).unwrap_err().raw_os_error(), 27);
+    file.close().unwrap();
+    assert!(matches!(file.mmap(0, 4096, Share::Shared), Err(upcache::Error::Closed)));
+}
