@@ -227,7 +227,16 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
                     }
                     UffdMode::Missing => {
                         // The page is in the memfd now; the kernel maps it
-                        // when the thread retries.
+                        // when the thread retries. In a shared-writable
+                        // mapping, first write-protect the (empty) PTEs of a
+                        // clean folio, which installs uffd-wp markers: else
+                        // the kernel would map it writable and the first
+                        // write would never reach page_mkwrite.
+                        if vma.tracks_writes() && !g.is_dirty() {
+                            if let Some(r) = vma.user_range(g.index(), folio_end) {
+                                let _ = sh.uffd.writeprotect(r.start, r.len(), true);
+                            }
+                        }
                         drop(g);
                         wake_page(sh, vmf.address);
                     }

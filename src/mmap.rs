@@ -11,6 +11,7 @@
 //! | [`UffdMode::Minor`] | MISSING + MINOR (+ WP if shared-writable) | upcache (`map_pages`, one `UFFDIO_CONTINUE` per run of folios) | every first touch of a page after a zap |
 //! | [`UffdMode::Missing`] | MISSING (+ WP if shared-writable) | the kernel, with its own fault-around | only misses (pages absent from the memfd) and first writes |
 
+use std::io;
 use std::ops::{Deref, DerefMut, Range};
 
 use crate::address_space::AddressSpace;
@@ -189,6 +190,11 @@ impl VmArea {
             // entries, and private copies past EOF are meant to go.
             unsafe {
                 libc::madvise(r.start as *mut _, r.len(), libc::MADV_DONTNEED);
+            }
+            if self.mode == UffdMode::Missing && self.tracks_writes() {
+                // DONTNEED dropped the uffd-wp markers too; the kernel maps
+                // cached pages itself in this mode, so re-arm them.
+                let _ = self.engine.uffd.writeprotect(r.start, r.len(), true);
             }
         }
     }
@@ -458,6 +464,25 @@ impl AddressSpace {
         for v in vmas.iter().filter(|v| v.poisoned.load(Ordering::Relaxed)) {
             v.zap(PgOff::of_byte(old), PgOff(new.div_ceil(PAGE_SIZE as u64)));
         }
+    }
+
+    /// Free the folio memory of file bytes `[pos, pos + len)` (which also
+    /// zaps it from every user mapping). Mappings where the kernel maps
+    /// cached pages itself (`Missing` mode, shared-writable) lose their
+    /// uffd-wp markers for PTEs that were writable: re-arm them, or a page
+    /// refilled later (by read_at, readahead) would be mapped writable
+    /// without page_mkwrite.
+    pub(crate) fn punch_memory(&self, pos: u64, len: u64) -> io::Result<()> {
+        self.store.punch(pos, len)?;
+        let first = PgOff::of_byte(pos);
+        let end = PgOff((pos + len).div_ceil(PAGE_SIZE as u64));
+        let vmas = self.i_mmap.lock();
+        for v in vmas.iter().filter(|v| v.mode == UffdMode::Missing && v.tracks_writes()) {
+            if let Some(r) = v.user_range(first, end) {
+                let _ = v.engine.uffd.writeprotect(r.start, r.len(), true);
+            }
+        }
+        Ok(())
     }
 
     /// Number of live user mappings.

@@ -108,6 +108,16 @@ impl AddressSpace {
                     g.data_mut()[zs..ze].fill(0);
                 }
                 self.ops.invalidate_folio(self, &g, zs, ze - zs);
+                if end == u64::MAX {
+                    // Truncate inside a large folio: free its pages wholly
+                    // past the new end. They are zeros nobody may read, and
+                    // as holes they fault again (and get SIGBUS) even in
+                    // mappings where the kernel maps cached pages itself.
+                    let tail = crate::types::page_align_up(start);
+                    if tail < fend {
+                        self.punch_memory(tail, fend - tail)?;
+                    }
+                }
             }
         }
         for f in &removed {
@@ -121,14 +131,14 @@ impl AddressSpace {
             run = match run {
                 Some((rp, rl)) if rp + rl == p => Some((rp, rl + l)),
                 Some((rp, rl)) => {
-                    res = res.and(self.store.punch(rp, rl));
+                    res = res.and(self.punch_memory(rp, rl));
                     Some((p, l))
                 }
                 None => Some((p, l)),
             };
         }
         if let Some((rp, rl)) = run {
-            res = res.and(self.store.punch(rp, rl));
+            res = res.and(self.punch_memory(rp, rl));
         }
         res
     }

@@ -1,0 +1,154 @@
+//! Faults that cannot be served end in SIGBUS for the faulting thread
+//! (UFFDIO_POISON), never in a hang. Each case runs in a child process (the
+//! test binary re-executed with `UPCACHE_CHILD=<case>`), and the parent
+//! asserts the child died of SIGBUS — after the child checked everything
+//! that must still work (a failed check exits with a panic instead).
+
+mod common;
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use common::{tempdir, Rng};
+use upcache::{BackingStore, FileStore, PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
+
+const SIGBUS: i32 = 7;
+
+fn run_child(case: &str, mode: UffdMode, path: &Path) -> std::process::ExitStatus {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env("UPCACHE_CHILD", case)
+        .env("UPCACHE_CHILD_MODE", format!("{mode:?}"))
+        .env("UPCACHE_CHILD_PATH", path)
+        .status()
+        .expect("spawn child")
+}
+
+fn assert_sigbus(case: &str) {
+    for mode in [UffdMode::Minor, UffdMode::Missing] {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let st = run_child(case, mode, &path);
+        assert_eq!(
+            st.signal(),
+            Some(SIGBUS),
+            "{case} ({mode:?}): child should die of SIGBUS, got {st:?}"
+        );
+    }
+}
+
+fn byte(o: usize) -> u8 {
+    (o % 253) as u8 + 1
+}
+
+struct FailingReads(FileStore);
+impl BackingStore for FailingReads {
+    fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<usize> {
+        Err(io::Error::from_raw_os_error(5))
+    }
+    fn write_all_at(&self, b: &[u8], o: u64) -> io::Result<()> {
+        self.0.write_all_at(b, o)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, s: u64) -> io::Result<()> {
+        self.0.set_len(s)
+    }
+}
+
+/// The child's side. A no-op unless `UPCACHE_CHILD` is set.
+#[test]
+fn child_entry() {
+    let Ok(case) = std::env::var("UPCACHE_CHILD") else {
+        return;
+    };
+    let mode = match std::env::var("UPCACHE_CHILD_MODE").unwrap().as_str() {
+        "Minor" => UffdMode::Minor,
+        _ => UffdMode::Missing,
+    };
+    let path = std::path::PathBuf::from(std::env::var_os("UPCACHE_CHILD_PATH").unwrap());
+    let cache = PageCache::builder().mmap_mode(mode).build();
+    cache.start_fault_engine().expect("userfaultfd");
+    match case.as_str() {
+        "beyond_eof" => {
+            let size = 2 * PAGE_SIZE + 1000;
+            std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
+            let file = cache.open(&path).unwrap();
+            let map = file.mmap(0, 8 * PAGE_SIZE, Share::Shared).unwrap();
+            assert_eq!(map[PAGE_SIZE + 5], byte(PAGE_SIZE + 5));
+            // The partial last page: data, then zeros up to the page end.
+            assert_eq!(map[size - 1], byte(size - 1));
+            assert_eq!(map[size + 10], 0);
+            // A page wholly past EOF: SIGBUS.
+            let _ = std::hint::black_box(map[5 * PAGE_SIZE]);
+        }
+        "after_truncate" => {
+            let size = 64 * PAGE_SIZE;
+            std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
+            let file = Arc::new(cache.open(&path).unwrap());
+            let map = Arc::new(file.mmap(0, size, Share::Shared).unwrap());
+            assert!(map.iter().enumerate().all(|(o, &b)| b == byte(o)));
+            let low = 16 * PAGE_SIZE + 100;
+            std::thread::scope(|s| {
+                for t in 0..2u64 {
+                    let map = map.clone();
+                    s.spawn(move || {
+                        let mut rng = Rng::new(t);
+                        for _ in 0..20_000 {
+                            let o = rng.below(16 * PAGE_SIZE as u64) as usize;
+                            assert_eq!(map[o], byte(o), "below the new EOF stays correct");
+                        }
+                    });
+                }
+                file.truncate(low as u64).unwrap();
+            });
+            assert_eq!(map[low - 1], byte(low - 1));
+            assert_eq!(map[low + 1], 0, "tail of the last page reads zero");
+            let _ = std::hint::black_box(map[40 * PAGE_SIZE]);
+        }
+        "read_error" => {
+            std::fs::write(&path, vec![9u8; 8 * PAGE_SIZE]).unwrap();
+            let store = FailingReads(FileStore::open(&path).unwrap());
+            let file = cache.open_with_ops("failing", StoreOps::new(store)).unwrap();
+            let map = file.mmap(0, 8 * PAGE_SIZE, Share::Shared).unwrap();
+            let _ = std::hint::black_box(map[3 * PAGE_SIZE]);
+        }
+        other => panic!("unknown child case {other}"),
+    }
+    // Reaching this line means no SIGBUS: exit normally so the parent fails.
+    std::process::exit(0);
+}
+
+#[test]
+fn page_beyond_eof_raises_sigbus() {
+    assert_sigbus("beyond_eof");
+}
+
+#[test]
+fn truncate_under_readers_raises_sigbus_past_eof_only() {
+    assert_sigbus("after_truncate");
+}
+
+#[test]
+fn failed_read_raises_sigbus_and_the_engine_keeps_serving() {
+    // The parent's own engine serves a mapping before and after the child
+    // died of its failed read.
+    let dir = tempdir();
+    let path = dir.path().join("healthy");
+    let content: Vec<u8> = (0..64 * PAGE_SIZE).map(byte).collect();
+    std::fs::write(&path, &content).unwrap();
+    let cache = PageCache::new();
+    cache.start_fault_engine().expect("userfaultfd");
+    let file = cache.open(&path).unwrap();
+    let map = file.mmap(0, content.len(), Share::Shared).unwrap();
+    assert_eq!(map[10], content[10]);
+    assert_sigbus("read_error");
+    assert!(map[..] == content[..], "parent's mapping still served");
+}
