@@ -60,7 +60,10 @@ fn fault_vs_truncate_leaves_no_stale_mapping() {
         }
         // truncate has returned: nothing may map page 0 any more.
         fault.join().unwrap();
-        assert!(!pte.load(Ordering::Acquire), "stale page mapped after truncate returned");
+        assert!(
+            !pte.load(Ordering::Acquire),
+            "stale page mapped after truncate returned"
+        );
     });
 }
 
@@ -131,7 +134,10 @@ fn page_mkwrite_vs_writeback_never_loses_a_write() {
             thread::spawn(move || loop {
                 let v = pte.load(Ordering::Acquire);
                 if v & WRITABLE != 0 {
-                    if pte.compare_exchange(v, WRITABLE | 2, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    if pte
+                        .compare_exchange(v, WRITABLE | 2, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
                         return;
                     }
                     continue;
@@ -160,6 +166,9 @@ fn page_mkwrite_vs_writeback_never_loses_a_write() {
         writer.join().unwrap();
         let dirty = folio.is_dirty();
         let on_disk = store.load(Ordering::Relaxed);
-        assert!(dirty || on_disk == 2, "lost mapped write: clean folio, store has {on_disk}");
+        assert!(
+            dirty || on_disk == 2,
+            "lost mapped write: clean folio, store has {on_disk}"
+        );
     });
 }

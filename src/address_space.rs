@@ -65,6 +65,7 @@ use std::ptr::NonNull;
 
 use crate::aops::AddressSpaceOps;
 use crate::errseq::ErrSeq;
+use crate::filemap::RaState;
 use crate::folio::{Folio, FolioGuard, FolioRef};
 use crate::mmap::VmArea;
 use crate::page_store::PageStore;
@@ -79,6 +80,8 @@ use crate::xarray::{Tag, XArray};
 pub(crate) struct RaConfig {
     /// Pages read on a miss (the on-demand window).
     pub(crate) window_pages: u64,
+    /// Largest window sequential readahead ramps up to (pages).
+    pub(crate) max_pages: u64,
     /// Largest folio order readahead allocates.
     pub(crate) max_order: u8,
 }
@@ -110,6 +113,8 @@ pub struct AddressSpace {
     pub(crate) ra: RaConfig,
     /// The user mappings of this file (`i_mmap`), for page_mkclean and zaps.
     pub(crate) i_mmap: Mutex<Vec<Arc<VmArea>>>,
+    /// On-demand readahead state.
+    pub(crate) ra_state: Mutex<RaState>,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -150,6 +155,7 @@ impl AddressSpace {
             stats,
             ra,
             i_mmap: Mutex::new(Vec::new()),
+            ra_state: Mutex::new(RaState::default()),
         })
     }
 

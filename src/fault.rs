@@ -170,11 +170,26 @@ fn handle_fault(sh: &EngineShared, pf: PageFault) {
         address: page,
         pgoff: vma.addr_to_pgoff(page),
         flags: pf.flags,
+        async_ra: Default::default(),
     };
     if pf.flags & fault_flag::WP != 0 {
         do_wp_page(sh, &vmf);
     } else {
         do_fault(sh, &vmf);
+        if let Some(window) = vmf.async_ra.take() {
+            // The faulting thread runs again; read its next window now, and
+            // (map-ahead) map it into this mapping before the thread gets
+            // there, so a sequential stream does not fault per folio.
+            if vma.mapping().page_cache_async_readahead(window.clone()).is_ok()
+                && vma.mode() == UffdMode::Minor
+                && sh.cfg.map_ahead
+            {
+                let r = vma.ops.map_pages(&vmf, PgOff(window.start)..PgOff(window.end));
+                if r.needs_wake {
+                    wake_page(sh, vmf.address);
+                }
+            }
+        }
     }
     vma.exit();
 }

@@ -3,12 +3,24 @@
 //! `write_begin` / `write_end`.
 
 use std::io;
+use std::ops::Range;
 
 use crate::address_space::AddressSpace;
 use crate::aops::ReadaheadControl;
 use crate::error::{Error, Result};
-use crate::folio::{flags, FolioGuard};
+use crate::folio::FolioGuard;
 use crate::types::{PgOff, MAX_FILE_SIZE, PAGE_SHIFT};
+
+/// On-demand readahead state of one file (`struct file_ra_state`).
+#[derive(Debug, Default)]
+pub(crate) struct RaState {
+    /// First page after the last window read.
+    next: u64,
+    /// Size of the last window (pages); 0 before the first.
+    size: u64,
+    /// First page of the window read ahead, left absent as the marker.
+    hole: Option<u64>,
+}
 
 /// Check that `[pos, pos + len)` ends within the largest file.
 pub(crate) fn check_range_max(pos: u64, len: u64) -> Result<u64> {
@@ -54,19 +66,13 @@ impl AddressSpace {
                 None => {
                     self.stats.miss();
                     let want = (((buf.len() - done) as u64) + (p & ((1 << PAGE_SHIFT) - 1))).div_ceil(1 << PAGE_SHIFT);
-                    self.page_cache_sync_readahead(index, want)?;
+                    if let Some(next) = self.page_cache_sync_readahead(index, want)? {
+                        // No thread to hand it to here: read it now.
+                        self.page_cache_async_readahead(next)?;
+                    }
                     continue;
                 }
             };
-            if folio.is_readahead() && folio.test_clear_soft(flags::READAHEAD) {
-                // The marker: read the next window before the reader gets
-                // there (synchronously for now; no reference may be held
-                // while taking invalidate_lock).
-                let next = folio.index().add(folio.nr_pages());
-                drop(folio);
-                self.page_cache_sync_readahead(next, self.ra.window_pages)?;
-                continue;
-            }
             if !folio.is_uptodate() {
                 drop(folio);
                 self.filemap_update_folio(index)?;
@@ -126,10 +132,19 @@ impl AddressSpace {
         }
     }
 
-    /// `page_cache_sync_readahead`: create the missing folios of a window
-    /// starting at `index` (at least `req_pages` pages, clamped to EOF),
-    /// using large folios where alignment and the window allow, and read
-    /// them with the engine's `readahead`.
+    /// `page_cache_sync_readahead` (on-demand readahead, `mm/readahead.c`):
+    /// a miss at `index` wanting at least `req_pages`. Reads a window
+    /// synchronously and returns the window to read next, asynchronously,
+    /// when the access pattern is sequential.
+    ///
+    /// The per-file state ramps the window up (doubling from
+    /// `readahead_bytes` to `readahead_max_bytes`) while misses continue
+    /// where the last window ended. The async window is read without its
+    /// first page: that hole is the marker (the kernel's PG_readahead). A
+    /// reader reaching it misses again, which reads the one page and starts
+    /// the following window — so a sequential stream keeps one window in
+    /// flight ahead of it, even in `Missing` mode where the kernel maps
+    /// cached pages without telling us.
     ///
     /// # Locking
     /// Caller holds no folio reference. Takes `invalidate_lock` shared.
@@ -137,15 +152,58 @@ impl AddressSpace {
     /// # Errors
     /// Only failures to map the page store; read errors are left on the
     /// folios and reported by whoever needs them.
-    pub(crate) fn page_cache_sync_readahead(&self, index: PgOff, req_pages: u64) -> Result<()> {
+    pub(crate) fn page_cache_sync_readahead(&self, index: PgOff, req_pages: u64) -> Result<Option<Range<u64>>> {
+        let init = self.ra.window_pages;
+        let max = self.ra.max_pages.max(init);
+        let (sync, next) = {
+            let mut st = self.ra_state.lock();
+            if st.hole == Some(index.0) {
+                // The stream reached the marker of the window read ahead.
+                let size = (st.size * 2).min(max);
+                let start = st.next;
+                st.size = size;
+                st.next = start + size;
+                st.hole = Some(start);
+                ((index.0, req_pages.max(1)), Some(start..start + size))
+            } else if st.size > 0 && index.0 == st.next {
+                // Sequential, but nothing was read ahead: ramp up.
+                let size = (st.size * 2).min(max);
+                let start = index.0 + size;
+                st.size = size;
+                st.next = start + size;
+                st.hole = Some(start);
+                ((index.0, req_pages.max(size)), Some(start..start + size))
+            } else {
+                st.size = init;
+                st.next = index.0 + init;
+                st.hole = None;
+                ((index.0, req_pages.max(init)), None)
+            }
+        };
+        self.page_cache_ra_range(PgOff(sync.0), sync.0.saturating_add(sync.1))?;
+        Ok(next)
+    }
+
+    /// `page_cache_async_readahead`: read a window returned by
+    /// [`page_cache_sync_readahead`](Self::page_cache_sync_readahead),
+    /// leaving its first page as the marker hole.
+    ///
+    /// # Locking
+    /// As `page_cache_sync_readahead`.
+    ///
+    /// # Errors
+    /// As `page_cache_sync_readahead`.
+    pub(crate) fn page_cache_async_readahead(&self, window: Range<u64>) -> Result<()> {
+        self.page_cache_ra_range(PgOff(window.start + 1), window.end)
+    }
+
+    /// Create the missing folios of `[index, end)` (clamped to EOF), using
+    /// large folios where alignment allows, and read them with the engine's
+    /// `readahead`.
+    fn page_cache_ra_range(&self, index: PgOff, end: u64) -> Result<()> {
         let _inv = self.invalidate_lock_shared();
         let eof_pages = self.size().div_ceil(1 << PAGE_SHIFT);
-        if index.0 >= eof_pages {
-            return Ok(());
-        }
-        let window = req_pages.max(self.ra.window_pages).max(1);
-        let end = index.0.saturating_add(window).min(eof_pages);
-        let marker = index.0 + (end - index.0) / 2;
+        let end = end.min(eof_pages);
         let mut batch = Vec::new();
         let mut i = index.0;
         'next: while i < end {
@@ -158,9 +216,6 @@ impl AddressSpace {
                 let n = 1u64 << order;
                 if i % n == 0 && i + n <= end {
                     if let Some(g) = self.filemap_add_folio(PgOff(i), order)? {
-                        if g.contains(PgOff(marker)) && marker != index.0 {
-                            g.test_set_soft(flags::READAHEAD);
-                        }
                         i += n;
                         batch.push(g);
                         continue 'next;

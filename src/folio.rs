@@ -223,20 +223,6 @@ impl Folio {
         self.flags() & READAHEAD != 0
     }
 
-    /// Set `bit` (a "soft" bit: READAHEAD, REFERENCED, ACTIVE); returns
-    /// whether it was clear before.
-    #[inline]
-    pub(crate) fn test_set_soft(&self, bit: u32) -> bool {
-        debug_assert!(bit & (READAHEAD | REFERENCED | ACTIVE | ERROR) == bit);
-        self.flags.fetch_or(bit, Ordering::Relaxed) & bit == 0
-    }
-    /// Clear a soft bit; returns whether it was set.
-    #[inline]
-    pub(crate) fn test_clear_soft(&self, bit: u32) -> bool {
-        debug_assert!(bit & (READAHEAD | REFERENCED | ACTIVE | ERROR) == bit);
-        self.flags.fetch_and(!bit, Ordering::Relaxed) & bit != 0
-    }
-
     /// `folio_mark_accessed`: note a use for reclaim. One load on the hot
     /// path when the bit is already set (no cache-line bouncing).
     #[inline]

@@ -8,6 +8,7 @@
 //! | `page_mkwrite` | nothing | yes | the folio locked and dirty, or `Retry` if it was truncated meanwhile; waits for writeback when the store needs stable pages |
 //! | `access` | nothing | yes | bytes copied |
 
+use std::cell::Cell;
 use std::ops::Range;
 
 use crate::folio::FolioGuard;
@@ -17,7 +18,6 @@ use crate::types::{PgOff, PAGE_SHIFT, PAGE_SIZE};
 use crate::uffd::UffdError;
 
 /// One fault being handled (`struct vm_fault`).
-#[derive(Debug)]
 pub struct VmFault<'a> {
     /// The mapping faulted on.
     pub vma: &'a VmArea,
@@ -27,6 +27,20 @@ pub struct VmFault<'a> {
     pub pgoff: PgOff,
     /// `uffd::fault_flag::*`.
     pub flags: u64,
+    /// A readahead window the fault started, for the engine to read after
+    /// the faulting thread was woken (async readahead).
+    pub async_ra: Cell<Option<Range<u64>>>,
+}
+
+impl std::fmt::Debug for VmFault<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmFault")
+            .field("vma", self.vma)
+            .field("address", &format_args!("{:#x}", self.address))
+            .field("pgoff", &self.pgoff.0)
+            .field("flags", &self.flags)
+            .finish()
+    }
 }
 
 /// Outcome of `fault` / `page_mkwrite` (`vm_fault_t`).
@@ -113,17 +127,17 @@ pub fn filemap_fault(vmf: &VmFault<'_>) -> VmFaultResult {
         }
         let Some(f) = m.filemap_get_folio(index) else {
             m.stats.miss();
-            if m.page_cache_sync_readahead(index, m.ra.window_pages).is_err() {
-                return VmFaultResult::SigBus;
+            match m.page_cache_sync_readahead(index, 1) {
+                Ok(next) => {
+                    if next.is_some() {
+                        // Read by the engine once the faulting thread runs.
+                        vmf.async_ra.set(next);
+                    }
+                }
+                Err(_) => return VmFaultResult::SigBus,
             }
             continue;
         };
-        if f.is_readahead() && f.test_clear_soft(crate::folio::flags::READAHEAD) {
-            let next = f.index().add(f.nr_pages());
-            drop(f);
-            let _ = m.page_cache_sync_readahead(next, m.ra.window_pages);
-            continue;
-        }
         if !f.is_uptodate() {
             drop(f);
             if m.filemap_update_folio(index).is_err() {

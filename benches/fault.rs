@@ -1,0 +1,372 @@
+//! Fault-engine benchmarks. Every group measures its references in the same
+//! run on the same data:
+//!
+//! - `fault_random_4k/{kernel_mmap, upcache_minor, upcache_missing, uffd_copy_peer}`:
+//!   first touch of every page of a 256 MiB file in random order by 2
+//!   threads; the file is in the kernel's page cache, upcache's cache starts
+//!   empty (a new `PageCache` per iteration, so upcache reads every window
+//!   from the store). `uffd_copy_peer` is a UMap-style engine: anonymous
+//!   region, MISSING only, one handler thread, `pread` + `UFFDIO_COPY` of
+//!   4 KiB per fault.
+//! - `mapped_hit_random/{kernel_mmap, upcache, upcache_minor, upcache_missing}`: a new
+//!   mapping of a file upcache holds entirely, touched at random (one
+//!   thread). `upcache` is the default mode.
+//! - `scan_seq_cold/{kernel_mmap, upcache, upcache_minor}`: sequential scan of a 1 GiB
+//!   file on the disk filesystem, dropped from the kernel's page cache
+//!   (fsync + POSIX_FADV_DONTNEED) and from upcache before each iteration.
+//! - `first_write/{kernel_ext4, upcache, upcache_minor}`: a shared writable mapping of a
+//!   64 MiB file on the disk filesystem; every page read first (untimed),
+//!   then each page written once (timed).
+//!
+//! `cargo bench --bench fault` (`UPCACHE_BENCH_DIR` places the files; it
+//! must be on a disk filesystem, not tmpfs).
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_main, Criterion};
+use upcache::uffd::{mode, Uffd};
+use upcache::{PageCache, Share, UffdMode, PAGE_SIZE};
+
+fn bench_dir() -> PathBuf {
+    std::env::var_os("UPCACHE_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+fn make_file(path: &Path, size: u64) {
+    let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i * 13 % 251) as u8 + 1).collect();
+    let f = std::fs::File::create(path).unwrap();
+    for i in 0..size / chunk.len() as u64 {
+        f.write_all_at(&chunk, i * chunk.len() as u64).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn warm_kernel_cache(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while f.read_at(&mut buf, off).unwrap() > 0 {
+        off += buf.len() as u64;
+    }
+}
+
+fn drop_kernel_cache(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+}
+
+fn shuffled_pages(n: usize, seed: u64) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    let mut x = seed | 1;
+    for i in (1..n).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    v
+}
+
+/// Touch (read one byte of) every listed page of `base`, split over
+/// `threads` threads; returns the wall time.
+fn touch_pages(base: usize, pages: &[usize], threads: usize) -> Duration {
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for part in pages.chunks(pages.len().div_ceil(threads)) {
+            s.spawn(move || {
+                let mut sum = 0u64;
+                for &p in part {
+                    // SAFETY: `base` is a live mapping covering every listed
+                    // page (the caller keeps it mapped during the call).
+                    sum += unsafe { std::ptr::read_volatile((base + p * PAGE_SIZE) as *const u8) } as u64;
+                }
+                std::hint::black_box(sum);
+            });
+        }
+    });
+    t.elapsed()
+}
+
+struct KernelMap {
+    ptr: usize,
+    len: usize,
+}
+
+impl KernelMap {
+    fn new(path: &Path, len: usize, write: bool) -> (KernelMap, std::fs::File) {
+        use rustix::mm::{mmap, MapFlags, ProtFlags};
+        let f = std::fs::OpenOptions::new().read(true).write(write).open(path).unwrap();
+        let prot = if write {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
+        // SAFETY: a fresh mapping of our own file; unmapped in Drop.
+        let ptr = unsafe { mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, &f, 0).unwrap() } as usize;
+        (KernelMap { ptr, len }, f)
+    }
+}
+
+impl Drop for KernelMap {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping.
+        unsafe { rustix::mm::munmap(self.ptr as *mut _, self.len).unwrap() };
+    }
+}
+
+const RANDOM_SIZE: u64 = 256 << 20;
+
+/// The UMap-style peer: anonymous region, MISSING only, one handler,
+/// pread + UFFDIO_COPY per fault.
+fn uffd_copy_peer(path: &Path, pages: &[usize]) -> Duration {
+    use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
+    let len = RANDOM_SIZE as usize;
+    // SAFETY: a fresh private anonymous mapping; unmapped below.
+    let base = unsafe {
+        mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )
+        .unwrap()
+    } as usize;
+    let uffd = Uffd::open(0).expect("userfaultfd");
+    uffd.register(base, len, mode::MISSING).unwrap();
+    let file = std::fs::File::open(path).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let t = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut msgs = [upcache::uffd::RawMsg::default(); 16];
+            let mut buf = vec![0u8; PAGE_SIZE];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = uffd.read_msgs(&mut msgs).unwrap();
+                if n == 0 {
+                    // SAFETY: the fd is owned by `uffd`, alive here.
+                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(uffd.raw_fd()) };
+                    let mut pfd = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+                    let timeout = rustix::event::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 10_000_000,
+                    };
+                    let _ = rustix::event::poll(&mut pfd, Some(&timeout));
+                    continue;
+                }
+                for m in &msgs[..n] {
+                    if let Some(pf) = m.page_fault() {
+                        let page = pf.address & !(PAGE_SIZE - 1);
+                        file.read_exact_at(&mut buf, (page - base) as u64).unwrap();
+                        // SAFETY: `buf` is a readable 4 KiB buffer.
+                        let _ = unsafe { uffd.copy(page, buf.as_ptr(), PAGE_SIZE) };
+                    }
+                }
+            }
+        });
+        let t = touch_pages(base, pages, 2);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        t
+    });
+    // SAFETY: our own mapping, no longer touched.
+    unsafe { rustix::mm::munmap(base as *mut _, len).unwrap() };
+    t
+}
+
+fn fault_random_4k(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
+    let path = dir.path().join("fault-random");
+    make_file(&path, RANDOM_SIZE);
+    warm_kernel_cache(&path);
+    let pages = shuffled_pages((RANDOM_SIZE / PAGE_SIZE as u64) as usize, 7);
+    let mut g = c.benchmark_group("fault_random_4k");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(20))
+        .warm_up_time(Duration::from_secs(1));
+    g.bench_function("kernel_mmap", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let (m, _f) = KernelMap::new(&path, RANDOM_SIZE as usize, false);
+                    touch_pages(m.ptr, &pages, 2)
+                })
+                .sum()
+        })
+    });
+    for (id, mode) in [
+        ("upcache_minor", UffdMode::Minor),
+        ("upcache_missing", UffdMode::Missing),
+    ] {
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        let cache = PageCache::builder().mmap_mode(mode).build();
+                        let file = cache.open(&path).unwrap();
+                        let map = file.mmap(0, RANDOM_SIZE as usize, Share::Shared).unwrap();
+                        touch_pages(map.as_ptr() as usize, &pages, 2)
+                    })
+                    .sum()
+            })
+        });
+    }
+    g.bench_function("uffd_copy_peer", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| uffd_copy_peer(&path, &pages)).sum())
+    });
+    g.finish();
+}
+
+fn mapped_hit_random(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
+    let path = dir.path().join("mapped-hit");
+    make_file(&path, RANDOM_SIZE);
+    warm_kernel_cache(&path);
+    let pages = shuffled_pages((RANDOM_SIZE / PAGE_SIZE as u64) as usize, 9);
+    let mut g = c.benchmark_group("mapped_hit_random");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(1));
+    g.bench_function("kernel_mmap", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let (m, _f) = KernelMap::new(&path, RANDOM_SIZE as usize, false);
+                    touch_pages(m.ptr, &pages, 1)
+                })
+                .sum()
+        })
+    });
+    let default_mode = upcache::PageCacheBuilder::DEFAULT_MMAP_MODE;
+    for (id, mode) in [
+        ("upcache", default_mode),
+        ("upcache_minor", UffdMode::Minor),
+        ("upcache_missing", UffdMode::Missing),
+    ] {
+        let cache = PageCache::builder().mmap_mode(mode).build();
+        let file = cache.open(&path).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        for off in (0..RANDOM_SIZE).step_by(buf.len()) {
+            file.read_exact_at(&mut buf, off).unwrap();
+        }
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        let map = file.mmap(0, RANDOM_SIZE as usize, Share::Shared).unwrap();
+                        touch_pages(map.as_ptr() as usize, &pages, 1)
+                    })
+                    .sum()
+            })
+        });
+    }
+    g.finish();
+}
+
+const SCAN_SIZE: u64 = 1 << 30;
+
+fn scan_seq_cold(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
+    let path = dir.path().join("scan-cold");
+    make_file(&path, SCAN_SIZE);
+    let pages: Vec<usize> = (0..(SCAN_SIZE / PAGE_SIZE as u64) as usize).collect();
+    let mut g = c.benchmark_group("scan_seq_cold");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(30))
+        .warm_up_time(Duration::from_secs(1));
+    g.bench_function("kernel_mmap", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    drop_kernel_cache(&path);
+                    let (m, _f) = KernelMap::new(&path, SCAN_SIZE as usize, false);
+                    touch_pages(m.ptr, &pages, 1)
+                })
+                .sum()
+        })
+    });
+    let default_mode = upcache::PageCacheBuilder::DEFAULT_MMAP_MODE;
+    for (id, mode) in [("upcache", default_mode), ("upcache_minor", UffdMode::Minor)] {
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        drop_kernel_cache(&path);
+                        let cache = PageCache::builder().mmap_mode(mode).build();
+                        let file = cache.open(&path).unwrap();
+                        let map = file.mmap(0, SCAN_SIZE as usize, Share::Shared).unwrap();
+                        touch_pages(map.as_ptr() as usize, &pages, 1)
+                    })
+                    .sum()
+            })
+        });
+    }
+    g.finish();
+}
+
+const WRITE_SIZE: u64 = 64 << 20;
+
+fn write_pages(base: usize, pages: usize) -> Duration {
+    let t = Instant::now();
+    for p in 0..pages {
+        // SAFETY: `base` is a live writable mapping of `pages` pages.
+        unsafe { std::ptr::write_volatile((base + p * PAGE_SIZE) as *mut u8, p as u8) };
+    }
+    t.elapsed()
+}
+
+fn first_write(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
+    let path = dir.path().join("first-write");
+    make_file(&path, WRITE_SIZE);
+    let n = (WRITE_SIZE / PAGE_SIZE as u64) as usize;
+    let all: Vec<usize> = (0..n).collect();
+    let mut g = c.benchmark_group("first_write");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(1));
+    g.bench_function("kernel_ext4", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let (m, f) = KernelMap::new(&path, WRITE_SIZE as usize, true);
+                    f.sync_all().unwrap(); // every page clean: the first write pays page_mkwrite
+                    touch_pages(m.ptr, &all, 1);
+                    write_pages(m.ptr, n)
+                })
+                .sum()
+        })
+    });
+    let default_mode = upcache::PageCacheBuilder::DEFAULT_MMAP_MODE;
+    for (id, mode) in [("upcache", default_mode), ("upcache_minor", UffdMode::Minor)] {
+        let cache = PageCache::builder().mmap_mode(mode).build();
+        let file = cache.open(&path).unwrap();
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        file.fsync().unwrap(); // every folio clean
+                        let mut map = file.mmap_mut(0, WRITE_SIZE as usize, Share::Shared).unwrap();
+                        touch_pages(map.as_mut_ptr() as usize, &all, 1);
+                        write_pages(map.as_mut_ptr() as usize, n)
+                    })
+                    .sum()
+            })
+        });
+    }
+    g.finish();
+}
+
+#[allow(missing_docs)]
+mod groups {
+    criterion::criterion_group!(
+        benches,
+        super::fault_random_4k,
+        super::mapped_hit_random,
+        super::scan_seq_cold,
+        super::first_write
+    );
+}
+use groups::benches;
+criterion_main!(benches);
