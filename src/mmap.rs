@@ -47,6 +47,8 @@ const DEAD: u32 = 1 << 31;
 pub struct VmArea {
     start: usize,
     len: usize,
+    /// The length asked for (the handle derefs to this many bytes).
+    req_len: usize,
     pgoff: u64,
     writable: bool,
     shared: bool,
@@ -80,7 +82,8 @@ impl VmArea {
     pub fn start(&self) -> usize {
         self.start
     }
-    /// Length in bytes (a page multiple).
+    /// Length in bytes of the mapped range (the request rounded up to
+    /// pages; the handles deref to the requested length).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -264,6 +267,7 @@ pub(crate) fn do_mmap(
     let vma = Arc::new(VmArea {
         start: addr,
         len: plen,
+        req_len: len,
         pgoff: offset >> PAGE_SHIFT,
         writable,
         shared,
@@ -393,7 +397,7 @@ impl Deref for Mmap {
         // SAFETY: `start..start+len` is our live mapping for as long as the
         // handle exists (munmap happens in Drop). Faults on it are served by
         // the engine (or end in SIGBUS past EOF, as with any file mapping).
-        unsafe { std::slice::from_raw_parts(self.vma.start as *const u8, self.vma.len) }
+        unsafe { std::slice::from_raw_parts(self.vma.start as *const u8, self.vma.req_len) }
     }
 }
 
@@ -401,7 +405,7 @@ impl Deref for MmapMut {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: as for `Mmap`.
-        unsafe { std::slice::from_raw_parts(self.vma.start as *const u8, self.vma.len) }
+        unsafe { std::slice::from_raw_parts(self.vma.start as *const u8, self.vma.req_len) }
     }
 }
 
@@ -409,7 +413,7 @@ impl DerefMut for MmapMut {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as for `Mmap`; the mapping is writable and `&mut self`
         // makes this the only slice through this handle.
-        unsafe { std::slice::from_raw_parts_mut(self.vma.start as *mut u8, self.vma.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.vma.start as *mut u8, self.vma.req_len) }
     }
 }
 
