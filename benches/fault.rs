@@ -8,10 +8,11 @@
 //!   from the store). `uffd_copy_peer` is a UMap-style engine: anonymous
 //!   region, MISSING only, one handler thread, `pread` + `UFFDIO_COPY` of
 //!   4 KiB per fault.
-//! - `mapped_hit_random/{kernel_mmap, upcache, upcache_minor, upcache_missing}`: a new
+//! - `mapped_hit_random/{kernel_mmap, kernel_mmap_memfd, upcache, upcache_minor, upcache_missing}`: a new
 //!   mapping of a file upcache holds entirely, touched at random (one
-//!   thread). `upcache` is the default mode.
-//! - `scan_seq_cold/{kernel_mmap, upcache, upcache_minor}`: sequential scan of a 1 GiB
+//!   thread). `upcache` is the default mode; `kernel_mmap_memfd` maps the
+//!   same bytes from a memfd (4 KiB shmem pages, like upcache's).
+//! - `scan_seq_cold/{kernel_mmap, upcache, upcache_minor, upcache_minor_no_map_ahead}`: sequential scan of a 1 GiB
 //!   file on the disk filesystem, dropped from the kernel's page cache
 //!   (fsync + POSIX_FADV_DONTNEED) and from upcache before each iteration.
 //! - `first_write/{kernel_ext4, upcache, upcache_minor}`: a shared writable mapping of a
@@ -238,6 +239,36 @@ fn mapped_hit_random(c: &mut Criterion) {
                 .sum()
         })
     });
+    // The same pages in a memfd (4 KiB shmem pages, as upcache's), mapped
+    // by the kernel: what the page-table work costs without ext4's large
+    // folios.
+    let memfd = rustix::fs::memfd_create("bench", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    let memfd = std::fs::File::from(memfd);
+    {
+        let mut buf = vec![0u8; 1 << 20];
+        let src = std::fs::File::open(&path).unwrap();
+        for off in (0..RANDOM_SIZE).step_by(buf.len()) {
+            src.read_exact_at(&mut buf, off).unwrap();
+            memfd.write_all_at(&buf, off).unwrap();
+        }
+    }
+    g.bench_function("kernel_mmap_memfd", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+                    let len = RANDOM_SIZE as usize;
+                    // SAFETY: a fresh read-only mapping of our memfd,
+                    // unmapped below.
+                    let p = unsafe { mmap(std::ptr::null_mut(), len, ProtFlags::READ, MapFlags::SHARED, &memfd, 0).unwrap() };
+                    let t = touch_pages(p as usize, &pages, 1);
+                    // SAFETY: our mapping, no longer used.
+                    unsafe { munmap(p, len).unwrap() };
+                    t
+                })
+                .sum()
+        })
+    });
     let default_mode = upcache::PageCacheBuilder::DEFAULT_MMAP_MODE;
     for (id, mode) in [
         ("upcache", default_mode),
@@ -287,13 +318,17 @@ fn scan_seq_cold(c: &mut Criterion) {
         })
     });
     let default_mode = upcache::PageCacheBuilder::DEFAULT_MMAP_MODE;
-    for (id, mode) in [("upcache", default_mode), ("upcache_minor", UffdMode::Minor)] {
+    for (id, mode, map_ahead) in [
+        ("upcache", default_mode, true),
+        ("upcache_minor", UffdMode::Minor, true),
+        ("upcache_minor_no_map_ahead", UffdMode::Minor, false),
+    ] {
         g.bench_function(id, |b| {
             b.iter_custom(|iters| {
                 (0..iters)
                     .map(|_| {
                         drop_kernel_cache(&path);
-                        let cache = PageCache::builder().mmap_mode(mode).build();
+                        let cache = PageCache::builder().mmap_mode(mode).map_ahead(map_ahead).build();
                         let file = cache.open(&path).unwrap();
                         let map = file.mmap(0, SCAN_SIZE as usize, Share::Shared).unwrap();
                         touch_pages(map.as_ptr() as usize, &pages, 1)
