@@ -260,7 +260,9 @@ fn mapped_hit_random(c: &mut Criterion) {
                     let len = RANDOM_SIZE as usize;
                     // SAFETY: a fresh read-only mapping of our memfd,
                     // unmapped below.
-                    let p = unsafe { mmap(std::ptr::null_mut(), len, ProtFlags::READ, MapFlags::SHARED, &memfd, 0).unwrap() };
+                    let p = unsafe {
+                        mmap(std::ptr::null_mut(), len, ProtFlags::READ, MapFlags::SHARED, &memfd, 0).unwrap()
+                    };
                     let t = touch_pages(p as usize, &pages, 1);
                     // SAFETY: our mapping, no longer used.
                     unsafe { munmap(p, len).unwrap() };
