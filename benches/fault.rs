@@ -12,7 +12,7 @@
 //!   mapping of a file upcache holds entirely, touched at random (one
 //!   thread). `upcache` is the default mode; `kernel_mmap_memfd` maps the
 //!   same bytes from a memfd (4 KiB shmem pages, like upcache's).
-//! - `scan_seq_cold/{kernel_mmap, upcache, upcache_minor, upcache_minor_no_map_ahead}`: sequential scan of a 1 GiB
+//! - `scan_seq_cold/{kernel_mmap, upcache, upcache_minor, upcache_minor_no_map_ahead, upcache_direct}`: sequential scan of a 1 GiB
 //!   file on the disk filesystem, dropped from the kernel's page cache
 //!   (fsync + POSIX_FADV_DONTNEED) and from upcache before each iteration.
 //! - `first_write/{kernel_ext4, upcache, upcache_minor}`: a shared writable mapping of a
@@ -325,21 +325,43 @@ fn scan_seq_cold(c: &mut Criterion) {
         ("upcache_minor", UffdMode::Minor, true),
         ("upcache_minor_no_map_ahead", UffdMode::Minor, false),
     ] {
+        scan_upcache(&mut g, id, &path, &pages, mode, map_ahead, false);
+    }
+    // The O_DIRECT store: the disk reads straight into the folios, no copy
+    // through the kernel's page cache.
+    scan_upcache(&mut g, "upcache_direct", &path, &pages, default_mode, true, true);
+    g.finish();
+}
+
+fn scan_upcache(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: &str,
+    path: &Path,
+    pages: &[usize],
+    mode: UffdMode,
+    map_ahead: bool,
+    direct: bool,
+) {
+    {
         g.bench_function(id, |b| {
             b.iter_custom(|iters| {
                 (0..iters)
                     .map(|_| {
-                        drop_kernel_cache(&path);
+                        drop_kernel_cache(path);
                         let cache = PageCache::builder().mmap_mode(mode).map_ahead(map_ahead).build();
-                        let file = cache.open(&path).unwrap();
+                        let file = if direct {
+                            let store = upcache::DirectFileStore::open(path).unwrap();
+                            cache.open_with_ops("scan", upcache::StoreOps::new(store)).unwrap()
+                        } else {
+                            cache.open(path).unwrap()
+                        };
                         let map = file.mmap(0, SCAN_SIZE as usize, Share::Shared).unwrap();
-                        touch_pages(map.as_ptr() as usize, &pages, 1)
+                        touch_pages(map.as_ptr() as usize, pages, 1)
                     })
                     .sum()
             })
         });
     }
-    g.finish();
 }
 
 const WRITE_SIZE: u64 = 64 << 20;

@@ -3,12 +3,12 @@
 //! the generic [`AddressSpaceOps`] built on any store.
 
 use std::fs;
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::address_space::AddressSpace;
-use crate::aops::{AddressSpaceOps, WritebackControl};
+use crate::aops::{AddressSpaceOps, ReadaheadControl, WritebackControl};
 use crate::folio::FolioGuard;
 
 /// Byte-addressed storage for one file.
@@ -24,6 +24,25 @@ pub trait BackingStore: Send + Sync + 'static {
     /// # Errors
     /// Any I/O error.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+
+    /// Read into several buffers from consecutive offsets starting at `off`
+    /// (`preadv(2)`); returns the bytes read, fewer only at end of file (or
+    /// on a short read: the caller retries the rest). The default reads
+    /// each buffer in turn.
+    ///
+    /// # Errors
+    /// Any I/O error.
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
+        let mut done = 0usize;
+        for b in bufs.iter_mut() {
+            let n = read_full(self, b, off + done as u64)?;
+            done += n;
+            if n < b.len() {
+                break;
+            }
+        }
+        Ok(done)
+    }
 
     /// Write all of `buf` at `off`, extending the store if needed.
     ///
@@ -109,6 +128,10 @@ impl BackingStore for FileStore {
         }
     }
 
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
+        preadv_retry(&self.file, bufs, off)
+    }
+
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         // std's write_all_at retries short writes and EINTR.
         self.file.write_all_at(buf, off)
@@ -136,6 +159,144 @@ impl BackingStore for FileStore {
         ) {
             Ok(()) => Ok(()),
             // A filesystem without hole punching: write zeros instead.
+            Err(rustix::io::Errno::OPNOTSUPP) => write_zeros(self, off, len),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// `preadv(2)`, retrying EINTR.
+fn preadv_retry(f: &fs::File, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
+    loop {
+        match rustix::io::preadv(f, bufs, off) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => return r.map_err(Into::into),
+        }
+    }
+}
+
+/// A real file opened with `O_DIRECT`, so that upcache is the only cache:
+/// reads go from the disk straight into the folios (no copy through the
+/// kernel's page cache), writes straight from them.
+///
+/// `O_DIRECT` needs offsets, lengths and buffers aligned to the device's
+/// logical block; folios are page-aligned, so everything but the partial
+/// block at end of file qualifies. Unaligned requests (that tail) go through
+/// a second, buffered descriptor of the same file, which the kernel keeps
+/// coherent with the direct one.
+#[derive(Debug)]
+pub struct DirectFileStore {
+    direct: fs::File,
+    buffered: fs::File,
+    align: usize,
+}
+
+impl DirectFileStore {
+    /// Open `path` read-write with `O_DIRECT`.
+    ///
+    /// # Errors
+    /// `open(2)`'s error; for a filesystem that refuses `O_DIRECT` (tmpfs,
+    /// some FUSE), an `Unsupported` error saying so — use [`FileStore`]
+    /// there.
+    pub fn open(path: impl AsRef<Path>) -> io::Result<DirectFileStore> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = path.as_ref();
+        let direct = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        format!(
+                            "{}: the filesystem refuses O_DIRECT (tmpfs?); use FileStore instead",
+                            path.display()
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })?;
+        let buffered = fs::OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(DirectFileStore {
+            direct,
+            buffered,
+            align: 4096,
+        })
+    }
+
+    fn aligned(&self, ptr: *const u8, len: usize, off: u64) -> bool {
+        let a = self.align;
+        (ptr as usize) % a == 0 && len % a == 0 && off % a as u64 == 0
+    }
+}
+
+impl BackingStore for DirectFileStore {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let f = if self.aligned(buf.as_ptr(), buf.len(), off) {
+            &self.direct
+        } else {
+            &self.buffered
+        };
+        loop {
+            match f.read_at(buf, off) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
+        let mut pos = off;
+        let aligned = bufs.iter().all(|b| {
+            let ok = self.aligned(b.as_ptr(), b.len(), pos);
+            pos += b.len() as u64;
+            ok
+        });
+        preadv_retry(if aligned { &self.direct } else { &self.buffered }, bufs, off)
+    }
+
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        let a = self.align;
+        if (buf.as_ptr() as usize) % a == 0 && off % a as u64 == 0 {
+            let head = buf.len() & !(a - 1);
+            if head > 0 {
+                self.direct.write_all_at(&buf[..head], off)?;
+            }
+            if head < buf.len() {
+                self.buffered.write_all_at(&buf[head..], off + head as u64)?;
+            }
+            Ok(())
+        } else {
+            self.buffered.write_all_at(buf, off)
+        }
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        // One inode: this flushes the buffered descriptor's writes too.
+        self.buffered.sync_data()?;
+        self.direct.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.direct.metadata()?.len())
+    }
+
+    fn set_len(&self, size: u64) -> io::Result<()> {
+        self.direct.set_len(size)
+    }
+
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        match fallocate(
+            &self.direct,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            off,
+            len,
+        ) {
+            Ok(()) => Ok(()),
             Err(rustix::io::Errno::OPNOTSUPP) => write_zeros(self, off, len),
             Err(e) => Err(e.into()),
         }
@@ -193,6 +354,76 @@ impl<S: BackingStore> StoreOps<S> {
     }
 }
 
+impl<S: BackingStore> StoreOps<S> {
+    /// Fill consecutive folios with one vectored read; each is marked
+    /// uptodate (zero-filled past the store's end) or errored, and unlocked.
+    fn read_run(&self, mut run: Vec<FolioGuard>, isize: u64) {
+        let Some(first) = run.first() else { return };
+        let pos = first.pos();
+        // Whole folios: aligned for O_DIRECT; bytes past EOF come back short
+        // and are zero-filled below.
+        let total: usize = run.iter().map(|f| f.size()).sum();
+        let res = {
+            let mut bufs: Vec<IoSliceMut<'_>> = run.iter_mut().map(|f| IoSliceMut::new(f.data_mut())).collect();
+            let mut done = 0usize;
+            loop {
+                // Retry short reads below EOF by reading the remainder.
+                match self.read_remaining(&mut bufs, pos, done) {
+                    Ok(0) => break Ok(done),
+                    Ok(n) => {
+                        done += n;
+                        if done >= total || pos + done as u64 >= isize {
+                            break Ok(done);
+                        }
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+        };
+        match res {
+            Ok(done) => {
+                let valid = (done as u64).min(isize.saturating_sub(pos)) as usize;
+                let mut at = 0usize;
+                for mut f in run {
+                    let sz = f.size();
+                    let keep = valid.saturating_sub(at).min(sz);
+                    f.data_mut()[keep..].fill(0);
+                    f.mark_uptodate();
+                    at += sz;
+                }
+            }
+            Err(_) => {
+                for f in run {
+                    f.set_error();
+                }
+            }
+        }
+    }
+
+    /// One vectored read of the bytes of `bufs` after the first `skip`.
+    fn read_remaining(&self, bufs: &mut [IoSliceMut<'_>], pos: u64, skip: usize) -> io::Result<usize> {
+        if skip == 0 {
+            return self.store.read_vectored_at(bufs, pos);
+        }
+        // Rare (short read): fall back to plain reads of the remainder.
+        let mut at = 0usize;
+        let mut n = 0usize;
+        for b in bufs.iter_mut() {
+            let len = b.len();
+            if at + len > skip {
+                let from = skip.max(at) - at;
+                let got = read_full(&self.store, &mut b[from..], pos + (at + from) as u64)?;
+                n += got;
+                if got < len - from {
+                    return Ok(n);
+                }
+            }
+            at += len;
+        }
+        Ok(n)
+    }
+}
+
 impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
     fn read_folio(&self, mapping: &AddressSpace, mut folio: FolioGuard) -> io::Result<()> {
         let pos = folio.pos();
@@ -213,6 +444,22 @@ impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
                 Err(e)
             }
         }
+    }
+
+    /// Reads each run of consecutive folios with one `preadv(2)`: a 2 MiB
+    /// window is one I/O, which matters most for `O_DIRECT` stores (no
+    /// kernel readahead behind them).
+    fn readahead(&self, mapping: &AddressSpace, rac: &mut ReadaheadControl) {
+        let isize = mapping.size();
+        let mut run: Vec<FolioGuard> = Vec::new();
+        while let Some(f) = rac.next_folio() {
+            let contiguous = run.last().is_none_or(|l| l.pos() + l.size() as u64 == f.pos());
+            if !contiguous || run.len() == 64 {
+                self.read_run(std::mem::take(&mut run), isize);
+            }
+            run.push(f);
+        }
+        self.read_run(run, isize);
     }
 
     fn writepage(&self, mapping: &AddressSpace, folio: FolioGuard, _wbc: &mut WritebackControl) -> io::Result<()> {

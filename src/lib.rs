@@ -66,7 +66,7 @@ mod xarray;
 
 pub use address_space::{AddressSpace, LockState, Writeback};
 pub use aops::{AddressSpaceOps, ReadaheadControl, SyncMode, WritebackControl};
-pub use backing::{BackingStore, FileStore, StoreOps};
+pub use backing::{BackingStore, DirectFileStore, FileStore, StoreOps};
 pub use cache::{File, PageCache, PageCacheBuilder};
 pub use error::{Error, Result};
 pub use folio::{Folio, FolioGuard, FolioRef};

@@ -15,6 +15,10 @@ use upcache::{PageCache, PAGE_SIZE};
 const MAX_SIZE: u64 = 768 * 1024;
 
 fn run(cache: PageCache, seed: u64, ops: usize) {
+    run_with(cache, seed, ops, false)
+}
+
+fn run_with(cache: PageCache, seed: u64, ops: usize, direct: bool) {
     let dir = tempdir();
     let path = dir.path().join("data");
     let mut rng = Rng::new(seed);
@@ -22,7 +26,15 @@ fn run(cache: PageCache, seed: u64, ops: usize) {
     rng.fill(&mut model);
     std::fs::write(&path, &model).unwrap();
 
-    let mut file = Some(cache.open(&path).unwrap());
+    let open = |cache: &PageCache| {
+        if direct {
+            let store = upcache::DirectFileStore::open(&path).expect("O_DIRECT on the test directory's filesystem");
+            cache.open_with_ops("direct", upcache::StoreOps::new(store)).unwrap()
+        } else {
+            cache.open(&path).unwrap()
+        }
+    };
+    let mut file = Some(open(&cache));
     let mut buf = vec![0u8; 4 * PAGE_SIZE];
     let mut counts = [0usize; 8];
     for op in 0..ops {
@@ -90,7 +102,7 @@ fn run(cache: PageCache, seed: u64, ops: usize) {
                 file.take().unwrap().close().unwrap();
                 let disk = std::fs::read(&path).unwrap();
                 assert!(disk == model, "{ctx}: file bytes after close");
-                file = Some(cache.open(&path).unwrap());
+                file = Some(open(&cache));
             }
         }
     }
@@ -116,4 +128,9 @@ fn random_ops_small_folios_tiny_readahead() {
 fn random_ops_large_folios() {
     let cache = PageCache::builder().max_folio_order(9).readahead_bytes(2 << 20).build();
     run(cache, seed(3), ops_count(10_000) / 2);
+}
+
+#[test]
+fn random_ops_with_o_direct_store() {
+    run_with(PageCache::new(), seed(4), ops_count(10_000) / 2, true);
 }
