@@ -89,6 +89,14 @@ pub trait BackingStore: Send + Sync + 'static {
     fn stable_writes(&self) -> bool {
         false
     }
+
+    /// Should readahead read each run of consecutive folios with one
+    /// vectored read? Worth it when nothing below reads ahead (`O_DIRECT`);
+    /// a buffered file does better with one read per folio, which lets the
+    /// copy overlap the kernel's own readahead (BENCHMARKS.md).
+    fn batch_readahead(&self) -> bool {
+        false
+    }
 }
 
 /// A real file, through `pread(2)` / `pwrite(2)` / `fdatasync(2)`.
@@ -234,6 +242,10 @@ impl DirectFileStore {
 }
 
 impl BackingStore for DirectFileStore {
+    fn batch_readahead(&self) -> bool {
+        true
+    }
+
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         let f = if self.aligned(buf.as_ptr(), buf.len(), off) {
             &self.direct
@@ -446,10 +458,16 @@ impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
         }
     }
 
-    /// Reads each run of consecutive folios with one `preadv(2)`: a 2 MiB
-    /// window is one I/O, which matters most for `O_DIRECT` stores (no
-    /// kernel readahead behind them).
+    /// With a store that asks for it ([`BackingStore::batch_readahead`]),
+    /// reads each run of consecutive folios with one `preadv(2)` (a 2 MiB
+    /// window is one I/O); otherwise one read per folio.
     fn readahead(&self, mapping: &AddressSpace, rac: &mut ReadaheadControl) {
+        if !self.store.batch_readahead() {
+            while let Some(f) = rac.next_folio() {
+                let _ = self.read_folio(mapping, f);
+            }
+            return;
+        }
         let isize = mapping.size();
         let mut run: Vec<FolioGuard> = Vec::new();
         while let Some(f) = rac.next_folio() {
