@@ -73,6 +73,7 @@ use crate::rwsem::{RwSem, RwSemReadGuard, RwSemWriteGuard};
 use crate::stats::CacheStats;
 use crate::sync::{epoch, Arc, AtomicU64, Mutex, Ordering};
 use crate::types::{PgOff, MAX_ORDER};
+use crate::vmscan::Reclaimer;
 use crate::xarray::{Tag, XArray};
 
 /// Readahead tunables of one file.
@@ -115,6 +116,8 @@ pub struct AddressSpace {
     pub(crate) i_mmap: Mutex<Vec<Arc<VmArea>>>,
     /// On-demand readahead state.
     pub(crate) ra_state: Mutex<RaState>,
+    /// The cache's reclaimer, when it has a memory limit.
+    pub(crate) reclaim: Option<Arc<Reclaimer>>,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -135,6 +138,7 @@ impl AddressSpace {
         ops: Box<dyn AddressSpaceOps>,
         stats: Arc<CacheStats>,
         ra: RaConfig,
+        reclaim: Option<Arc<Reclaimer>>,
     ) -> io::Result<AddressSpace> {
         assert!(id != 0, "mapping id 0 means detached");
         let size = ops.initial_size()?;
@@ -156,6 +160,7 @@ impl AddressSpace {
             ra,
             i_mmap: Mutex::new(Vec::new()),
             ra_state: Mutex::new(RaState::default()),
+            reclaim,
         })
     }
 
@@ -184,6 +189,10 @@ impl AddressSpace {
     /// Pages cached.
     pub fn nrpages(&self) -> u64 {
         self.nrpages.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn nrpages_sub(&self, n: u64) {
+        self.nrpages.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Bytes of memory the folio store holds (memfd blocks).
@@ -276,6 +285,9 @@ impl AddressSpace {
     pub(crate) fn filemap_add_folio(&self, index: PgOff, order: u8) -> io::Result<Option<FolioGuard>> {
         debug_assert!(order <= MAX_ORDER);
         let n = 1u64 << order;
+        if let Some(r) = &self.reclaim {
+            r.charge(n);
+        }
         let data = self.store.view_ptr(index.byte())?;
         if !self.i_pages.range_empty(&self.i_pages.lock(), index.0, n) {
             return Ok(None);
@@ -289,6 +301,9 @@ impl AddressSpace {
         }
         self.nrpages.fetch_add(n, Ordering::Relaxed);
         self.stats.folio_added(n);
+        if let Some(r) = &self.reclaim {
+            r.note_new(self.id, index);
+        }
         Ok(Some(guard))
     }
 

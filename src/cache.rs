@@ -17,10 +17,12 @@ use crate::mmap::{do_mmap, Mmap, MmapMut, Share, UffdMode};
 use crate::stats::{CacheStats, Stats};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::types::{MAX_ORDER, PAGE_SIZE};
+use crate::vmscan::Reclaimer;
 
 /// Builder for [`PageCache`], with documented defaults.
 #[derive(Clone, Debug)]
 pub struct PageCacheBuilder {
+    memory_limit: Option<u64>,
     readahead_bytes: u64,
     readahead_max_bytes: u64,
     max_folio_order: u8,
@@ -30,6 +32,7 @@ pub struct PageCacheBuilder {
 impl Default for PageCacheBuilder {
     fn default() -> Self {
         PageCacheBuilder {
+            memory_limit: None,
             readahead_bytes: Self::DEFAULT_READAHEAD,
             readahead_max_bytes: Self::DEFAULT_READAHEAD_MAX,
             max_folio_order: Self::DEFAULT_MAX_FOLIO_ORDER,
@@ -64,6 +67,15 @@ impl PageCacheBuilder {
     /// numbers in BENCHMARKS.md (mapped hits 8x cheaper than `Minor`, the
     /// same miss cost).
     pub const DEFAULT_MMAP_MODE: UffdMode = UffdMode::Missing;
+
+    /// Keep the bytes cached (over every file) under `bytes` (at least
+    /// 256 KiB). Past 95 % a background thread reclaims down to 90 %; an
+    /// allocation that would pass the limit reclaims directly first.
+    /// Default: no limit.
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
 
     /// Number of fault handler threads (at least 1).
     pub fn fault_threads(mut self, n: usize) -> Self {
@@ -121,14 +133,17 @@ impl PageCacheBuilder {
 
     /// Build the cache.
     pub fn build(self) -> PageCache {
+        let stats = Arc::new(CacheStats::default());
+        let reclaim = self.memory_limit.map(|l| Reclaimer::new(l, stats.clone()));
         PageCache {
             inner: Arc::new(CacheInner {
+                reclaim,
                 ra: RaConfig {
                     window_pages: self.readahead_bytes.div_ceil(PAGE_SIZE as u64).max(1),
                     max_pages: self.readahead_max_bytes.div_ceil(PAGE_SIZE as u64).max(1),
                     max_order: self.max_folio_order,
                 },
-                stats: Arc::new(CacheStats::default()),
+                stats,
                 files: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 fault_cfg: self.fault,
@@ -142,6 +157,8 @@ impl PageCacheBuilder {
 type FileTable = HashMap<(u64, u64), (Arc<AddressSpace>, usize)>;
 
 struct CacheInner {
+    /// Present with a memory limit.
+    reclaim: Option<Arc<Reclaimer>>,
     ra: RaConfig,
     stats: Arc<CacheStats>,
     /// Two opens of one file share one address space (one copy,
@@ -151,6 +168,14 @@ struct CacheInner {
     fault_cfg: FaultConfig,
     /// Started on the first mmap.
     engine: Mutex<Option<Arc<FaultEngine>>>,
+}
+
+impl Drop for CacheInner {
+    fn drop(&mut self) {
+        if let Some(r) = &self.reclaim {
+            r.shutdown();
+        }
+    }
 }
 
 impl CacheInner {
@@ -216,7 +241,7 @@ impl PageCache {
             *handles += 1;
             return Ok(File::new(m.clone(), self.inner.clone(), Some(key)));
         }
-        let m = Arc::new(self.new_mapping(path.display().to_string(), Box::new(StoreOps::new(store)))?);
+        let m = self.new_mapping(path.display().to_string(), Box::new(StoreOps::new(store)))?;
         files.insert(key, (m.clone(), 1));
         Ok(File::new(m, self.inner.clone(), Some(key)))
     }
@@ -236,13 +261,31 @@ impl PageCache {
     /// # Errors
     /// The operations' `initial_size` error; memfd creation failure.
     pub fn open_with_ops(&self, name: &str, ops: impl AddressSpaceOps) -> Result<File> {
-        let m = Arc::new(self.new_mapping(name.to_string(), Box::new(ops))?);
+        let m = self.new_mapping(name.to_string(), Box::new(ops))?;
         Ok(File::new(m, self.inner.clone(), None))
     }
 
-    fn new_mapping(&self, name: String, ops: Box<dyn AddressSpaceOps>) -> Result<AddressSpace> {
+    fn new_mapping(&self, name: String, ops: Box<dyn AddressSpaceOps>) -> Result<Arc<AddressSpace>> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        AddressSpace::new(id, name, ops, self.inner.stats.clone(), self.inner.ra).map_err(Error::Io)
+        let m = AddressSpace::new(
+            id,
+            name,
+            ops,
+            self.inner.stats.clone(),
+            self.inner.ra,
+            self.inner.reclaim.clone(),
+        )
+        .map_err(Error::Io)?;
+        let m = Arc::new(m);
+        if let Some(r) = &self.inner.reclaim {
+            r.register(&m);
+        }
+        Ok(m)
+    }
+
+    /// The memory limit, if any.
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.inner.reclaim.as_ref().map(|r| r.limit_bytes())
     }
 }
 

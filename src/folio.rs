@@ -227,9 +227,45 @@ impl Folio {
     /// path when the bit is already set (no cache-line bouncing).
     #[inline]
     pub fn mark_accessed(&self) {
-        if self.flags.load(Ordering::Relaxed) & REFERENCED == 0 {
+        // A two-bit use counter for the replacement policy: REFERENCED on
+        // the first use, ACTIVE on the next (S3-FIFO's frequency, capped).
+        let f = self.flags.load(Ordering::Relaxed);
+        if f & REFERENCED == 0 {
             self.flags.fetch_or(REFERENCED, Ordering::Relaxed);
+        } else if f & ACTIVE == 0 {
+            self.flags.fetch_or(ACTIVE, Ordering::Relaxed);
         }
+    }
+
+    /// Uses since the policy last looked: 0, 1 or 2.
+    #[inline]
+    pub(crate) fn use_count(&self) -> u32 {
+        let f = self.flags.load(Ordering::Relaxed);
+        (f & REFERENCED != 0) as u32 + (f & ACTIVE != 0) as u32
+    }
+
+    /// Take one use off the counter (the policy gave the folio a pass).
+    pub(crate) fn dec_use(&self) {
+        let f = self.flags.load(Ordering::Relaxed);
+        let bit = if f & ACTIVE != 0 { ACTIVE } else { REFERENCED };
+        self.flags.fetch_and(!bit, Ordering::Relaxed);
+    }
+
+    /// Clear the use counter.
+    pub(crate) fn clear_uses(&self) {
+        self.flags.fetch_and(!(REFERENCED | ACTIVE), Ordering::Relaxed);
+    }
+
+    /// `folio_ref_freeze`: drop the count from `expected` to 0 if nobody
+    /// else holds a reference, so that no lookup can take one any more.
+    /// Folio locked. Reclaim uses it: a folio someone reads, writes or
+    /// waits on is never evicted.
+    pub(crate) fn freeze_refs(&self, expected: u32) -> bool {
+        debug_assert!(self.is_locked());
+        // Acquire: pairs with the Release decrements of earlier holders.
+        self.refcount
+            .compare_exchange(expected, 0, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Set `DIRTY`; true if it was clean. Folio locked or under writeback.
@@ -636,6 +672,34 @@ impl FolioGuard {
     pub fn data(&self) -> &[u8] {
         // SAFETY: as in `data_mut`; shared access under the lock.
         unsafe { std::slice::from_raw_parts(self.folio.data, self.folio.size()) }
+    }
+}
+
+impl FolioGuard {
+    /// Free a folio whose references were frozen to zero and which has left
+    /// the index: unlock it and release its memory through the epoch.
+    pub(crate) fn free_frozen(self) {
+        debug_assert_eq!(self.folio.ref_count(), 0);
+        debug_assert_eq!(self.folio.mapping_id(), 0);
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `me` is never dropped, so the reference is moved out once;
+        // it is then forgotten because the count is already zero.
+        let folio = unsafe { std::ptr::read(&me.folio) };
+        // Nobody waits on the lock: a waiter holds a reference, and the
+        // count was frozen from exactly ours and the index's.
+        folio.flags.fetch_and(!LOCKED, Ordering::Release);
+        let p = SendPtr(folio.ptr);
+        std::mem::forget(folio);
+        let guard = epoch::pin();
+        // SAFETY: the count is zero and frozen (try_get fails), the folio is
+        // out of the index, and we held the last reference; pinned readers
+        // that loaded the pointer before removal are protected by deferring.
+        unsafe {
+            guard.defer_unchecked(move || {
+                let p = p;
+                drop(Box::from_raw(p.0.as_ptr()));
+            });
+        }
     }
 }
 

@@ -35,6 +35,7 @@
 //! | [`mmap`] | `struct vm_area_struct`, `mm/mmap.c`, rmap | `Mmap`/`MmapMut`, `i_mmap`, page_mkclean, zap |
 //! | [`vm_ops`] | `vm_operations_struct`, `filemap_fault`, `filemap_map_pages` | fault, map_pages, page_mkwrite |
 //! | `fault` | `mm/memory.c` (`handle_mm_fault`) | handler threads, fault dispatch, SIGBUS |
+//! | `vmscan` | `mm/vmscan.c` | memory limit, S3-FIFO reclaim, eviction by refcount freeze |
 //! | [`uffd`] | `include/uapi/linux/userfaultfd.h` | the userfaultfd ABI and errno meanings |
 //! | [`rwsem`] | `struct rw_semaphore` | `i_rwsem`, `invalidate_lock` with exact holder state |
 //! | `sync` | — | the one std/loom switch |
@@ -62,6 +63,7 @@ mod truncate;
 pub mod types;
 pub mod uffd;
 pub mod vm_ops;
+mod vmscan;
 mod xarray;
 
 pub use address_space::{AddressSpace, LockState, Writeback};

@@ -21,6 +21,7 @@ pub(crate) struct CacheStats {
     faults_slow: AtomicU64,
     faults_wp: AtomicU64,
     sigbus: AtomicU64,
+    evicted_pages: AtomicU64,
 }
 
 macro_rules! counter {
@@ -52,6 +53,9 @@ impl CacheStats {
         self.folios.fetch_sub(1, Ordering::Relaxed);
         self.pages.fetch_sub(pages, Ordering::Relaxed);
     }
+    pub(crate) fn evicted(&self, pages: u64) {
+        self.evicted_pages.fetch_add(pages, Ordering::Relaxed);
+    }
     pub(crate) fn dirty_add(&self, pages: u64) {
         self.dirty_pages.fetch_add(pages, Ordering::Relaxed);
     }
@@ -82,6 +86,7 @@ impl CacheStats {
             faults_slow: l(&self.faults_slow),
             faults_wp: l(&self.faults_wp),
             sigbus: l(&self.sigbus),
+            evicted_bytes: l(&self.evicted_pages) * PAGE_SIZE as u64,
         }
     }
 }
@@ -117,13 +122,15 @@ pub struct Stats {
     pub faults_wp: u64,
     /// Faults answered with SIGBUS.
     pub sigbus: u64,
+    /// Bytes evicted by reclaim.
+    pub evicted_bytes: u64,
 }
 
 impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {} faults fast {} slow {} wp {} sigbus {}",
+            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {} faults fast {} slow {} wp {} sigbus {} evicted {} KiB",
             self.hits,
             self.misses,
             self.folios,
@@ -137,7 +144,8 @@ impl std::fmt::Display for Stats {
             self.faults_fast,
             self.faults_slow,
             self.faults_wp,
-            self.sigbus
+            self.sigbus,
+            self.evicted_bytes / 1024
         )
     }
 }

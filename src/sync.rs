@@ -17,7 +17,7 @@ pub use crossbeam_epoch as epoch;
 #[cfg(not(loom))]
 mod imp {
     pub use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-    pub use std::sync::Arc;
+    pub use std::sync::{Arc, Weak};
 
     use super::UnparkOp;
 
@@ -115,7 +115,9 @@ mod imp {
 #[cfg(loom)]
 mod imp {
     pub use loom::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-    pub use loom::sync::Arc;
+    // Reference counting is not part of any protocol loom checks here;
+    // std's Arc (with Weak, which loom lacks) serves both builds.
+    pub use std::sync::{Arc, Weak};
 
     /// loom's mutex with parking_lot's signature.
     #[derive(Debug, Default)]

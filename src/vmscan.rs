@@ -1,0 +1,288 @@
+//! Reclaim under a memory limit (`mm/vmscan.c`), with an S3-FIFO
+//! replacement policy.
+//!
+//! # Policy
+//!
+//! S3-FIFO (Yang et al., SOSP 2023): new folios enter a small FIFO (10 % of
+//! the cache); a folio used again while there moves to the main FIFO,
+//! otherwise it is evicted and remembered in a ghost FIFO; a folio whose
+//! index is still a ghost when it is read back enters main directly. Main is
+//! a CLOCK with a two-bit use counter (the folio's REFERENCED and ACTIVE
+//! bits). A one-pass scan fills and drains the small FIFO without touching
+//! the hot set in main: the policy is scan-resistant.
+//!
+//! Queue entries are `(address space id, page index)`, never pointers: an
+//! entry whose folio is gone (truncated, replaced) is skipped when it
+//! reaches the head.
+//!
+//! # Eviction protocol (`__remove_mapping`)
+//!
+//! Trylock the folio; skip it if locked, dirty (it is written back first,
+//! and evicted on a later pass), under writeback, or if `release_folio`
+//! refuses. Then freeze the refcount from exactly "index + ours" to 0:
+//! anybody else holding a reference (a reader copying, a fault mapping, a
+//! waiter) makes it fail, and once frozen no lookup can take one. Punch the
+//! folio's memory (which zaps it from every user mapping) while it is still
+//! indexed, so that no new folio can appear at the same file offset before
+//! the punch, then remove it from the index and free it. A folio is never
+//! evicted dirty: data is lost only by truncate.
+//!
+//! # Watermarks
+//!
+//! `limit` is hard: an allocation that would pass it first reclaims
+//! directly, in the allocating thread, down to the high watermark (95 %).
+//! Past the high watermark a background thread reclaims down to the low
+//! watermark (90 %).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::thread::{JoinHandle, Thread};
+
+use crate::address_space::{index_delete_folio, AddressSpace};
+use crate::aops::WritebackControl;
+use crate::stats::CacheStats;
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering, Weak};
+use crate::types::PgOff;
+
+type Key = (u64, u64);
+
+#[derive(Default)]
+struct Queues {
+    small: VecDeque<Key>,
+    main: VecDeque<Key>,
+    ghost: VecDeque<Key>,
+    ghost_set: HashSet<Key>,
+}
+
+/// The cache-wide reclaimer.
+pub(crate) struct Reclaimer {
+    limit_pages: u64,
+    high_pages: u64,
+    low_pages: u64,
+    queues: Mutex<Queues>,
+    spaces: Mutex<HashMap<u64, Weak<AddressSpace>>>,
+    stats: Arc<CacheStats>,
+    stop: AtomicBool,
+    kswapd: Mutex<Option<(Thread, JoinHandle<()>)>>,
+    /// Serializes reclaimers so they do not fight over the queue heads.
+    shrinking: Mutex<()>,
+}
+
+/// What happened to one queue entry.
+enum Outcome {
+    /// Folio freed: its pages.
+    Freed(u64),
+    /// Not evictable now: keep it, at the tail.
+    Keep,
+    /// Entry stale (folio gone): drop it.
+    Gone,
+    /// Used since last seen: give it another round.
+    Used,
+}
+
+impl Reclaimer {
+    pub(crate) fn new(limit_bytes: u64, stats: Arc<CacheStats>) -> Arc<Reclaimer> {
+        let limit = (limit_bytes / crate::types::PAGE_SIZE as u64).max(64);
+        let r = Arc::new(Reclaimer {
+            limit_pages: limit,
+            high_pages: limit * 95 / 100,
+            low_pages: limit * 90 / 100,
+            queues: Mutex::new(Queues::default()),
+            spaces: Mutex::new(HashMap::new()),
+            stats,
+            stop: AtomicBool::new(false),
+            kswapd: Mutex::new(None),
+            shrinking: Mutex::new(()),
+        });
+        let me = r.clone();
+        let h = std::thread::Builder::new()
+            .name("upcache-kswapd".into())
+            .spawn(move || me.kswapd_main())
+            .expect("spawn reclaim thread");
+        *r.kswapd.lock() = Some((h.thread().clone(), h));
+        r
+    }
+
+    /// The hard limit in bytes.
+    pub(crate) fn limit_bytes(&self) -> u64 {
+        self.limit_pages * crate::types::PAGE_SIZE as u64
+    }
+
+    /// Stop and join the background thread (the cache is going away).
+    pub(crate) fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        let h = self.kswapd.lock().take();
+        if let Some((t, h)) = h {
+            t.unpark();
+            let _ = h.join();
+        }
+    }
+
+    pub(crate) fn register(&self, m: &Arc<AddressSpace>) {
+        self.spaces.lock().insert(m.id(), Arc::downgrade(m));
+    }
+
+    fn cached_pages(&self) -> u64 {
+        self.stats.snapshot().bytes_cached / crate::types::PAGE_SIZE as u64
+    }
+
+    /// Before allocating `pages`: reclaim directly if the hard limit would
+    /// be passed; wake the background reclaimer past the high watermark.
+    ///
+    /// # Locking
+    /// Called from `filemap_add_folio`, possibly with `invalidate_lock`
+    /// shared or `i_rwsem` held and a new folio locked: reclaim only
+    /// trylocks folios and takes no address-space lock.
+    pub(crate) fn charge(&self, pages: u64) {
+        let now = self.cached_pages() + pages;
+        if now > self.limit_pages {
+            self.shrink(now.saturating_sub(self.high_pages));
+        }
+        if self.cached_pages() + pages > self.high_pages {
+            if let Some((t, _)) = &*self.kswapd.lock() {
+                t.unpark();
+            }
+        }
+    }
+
+    /// A folio was added.
+    pub(crate) fn note_new(&self, id: u64, index: PgOff) {
+        let key = (id, index.0);
+        let mut q = self.queues.lock();
+        if q.ghost_set.remove(&key) {
+            q.main.push_back(key);
+        } else {
+            q.small.push_back(key);
+        }
+    }
+
+    fn kswapd_main(&self) {
+        while !self.stop.load(Ordering::Acquire) {
+            let now = self.cached_pages();
+            if now > self.high_pages {
+                self.shrink(now - self.low_pages);
+            } else {
+                std::thread::park();
+            }
+        }
+    }
+
+    /// Free at least `want` pages if possible; returns pages freed.
+    pub(crate) fn shrink(&self, want: u64) -> u64 {
+        let _one = self.shrinking.lock();
+        let mut freed = 0;
+        // Two full passes over both queues at most: past that, everything
+        // left is pinned, dirty-and-failing or locked.
+        let mut budget = {
+            let q = self.queues.lock();
+            2 * (q.small.len() + q.main.len()) + 64
+        };
+        while freed < want && budget > 0 {
+            budget -= 1;
+            let (key, from_small) = {
+                let mut q = self.queues.lock();
+                let total = q.small.len() + q.main.len();
+                let from_small = !q.small.is_empty() && (q.main.is_empty() || q.small.len() * 10 >= total);
+                let k = if from_small {
+                    q.small.pop_front()
+                } else {
+                    q.main.pop_front()
+                };
+                match k {
+                    Some(k) => (k, from_small),
+                    None => break,
+                }
+            };
+            match self.consider(key, from_small) {
+                Outcome::Freed(n) => {
+                    freed += n;
+                    if from_small {
+                        let mut q = self.queues.lock();
+                        q.ghost.push_back(key);
+                        q.ghost_set.insert(key);
+                        let cap = self.limit_pages as usize;
+                        while q.ghost.len() > cap {
+                            if let Some(old) = q.ghost.pop_front() {
+                                q.ghost_set.remove(&old);
+                            }
+                        }
+                    }
+                }
+                Outcome::Gone => {}
+                Outcome::Used => self.queues.lock().main.push_back(key),
+                Outcome::Keep => {
+                    let mut q = self.queues.lock();
+                    if from_small {
+                        q.small.push_back(key)
+                    } else {
+                        q.main.push_back(key)
+                    }
+                }
+            }
+        }
+        freed
+    }
+
+    fn consider(&self, (id, index): Key, from_small: bool) -> Outcome {
+        let Some(m) = self.spaces.lock().get(&id).and_then(|w| w.upgrade()) else {
+            return Outcome::Gone;
+        };
+        let Some(f) = m.filemap_get_folio(PgOff(index)) else {
+            return Outcome::Gone;
+        };
+        if f.index().0 != index {
+            return Outcome::Gone;
+        }
+        if f.use_count() > 0 {
+            if from_small {
+                f.clear_uses();
+            } else {
+                f.dec_use();
+            }
+            return Outcome::Used;
+        }
+        if f.is_dirty() {
+            // Write it back now; it is evicted on a later pass once clean.
+            if let Ok(g) = f.trylock() {
+                if g.mapping_id() == m.id() && g.is_dirty() && !g.is_writeback() && m.folio_clear_dirty_for_io(&g) {
+                    m.stats.write_io();
+                    let mut wbc = WritebackControl::none(g.nr_pages() as i64);
+                    let _ = m.ops.writepage(&m, g, &mut wbc);
+                }
+            }
+            return Outcome::Keep;
+        }
+        match m.evict_folio(f) {
+            Ok(Some(n)) => Outcome::Freed(n),
+            Ok(None) => Outcome::Keep,
+            Err(_) => Outcome::Keep,
+        }
+    }
+}
+
+impl AddressSpace {
+    /// Evict one clean folio (see the module docs). `Ok(None)` if it is in
+    /// use, locked, dirty, under writeback or its private state stays.
+    fn evict_folio(&self, f: crate::folio::FolioRef) -> io::Result<Option<u64>> {
+        let Ok(g) = f.trylock() else { return Ok(None) };
+        if g.mapping_id() != self.id() || g.is_dirty() || g.is_writeback() || !self.ops.release_folio(self, &g) {
+            return Ok(None);
+        }
+        // Index + ours: anyone else (a reader mid-copy, a fault, a waiter)
+        // keeps it.
+        if !g.freeze_refs(2) {
+            return Ok(None);
+        }
+        let n = g.nr_pages();
+        // Punch while still indexed (lookups spin on the frozen count), so
+        // no new folio can be created at this offset before the punch.
+        let punched = self.punch_memory(g.pos(), g.size() as u64);
+        index_delete_folio(&self.i_pages, &g);
+        self.nrpages_sub(n);
+        self.stats.folio_removed(n);
+        self.stats.evicted(n);
+        self.ops.free_folio(self, &g);
+        g.free_frozen();
+        punched.map(|_| Some(n))
+    }
+}
