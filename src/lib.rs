@@ -119,6 +119,17 @@ pub mod loom_support {
             index_delete_folio(&self.0, folio);
             index_put_ref(folio);
         }
+        /// Reclaim's removal of a folio whose count was frozen: unindex and
+        /// detach (the index's reference went with the freeze), then free.
+        pub fn remove_frozen(&self, folio: FolioGuard) {
+            index_delete_folio(&self.0, &folio);
+            folio.free_frozen();
+        }
+    }
+
+    /// `folio_ref_freeze`. Folio locked.
+    pub fn freeze_refs(g: &FolioGuard, expected: u32) -> bool {
+        g.freeze_refs(expected)
     }
 
     /// Owning mapping id (0 once removed).
