@@ -90,3 +90,51 @@ fn truncate_waits_for_writeback_under_the_folio_lock() {
         flusher.join().unwrap();
     });
 }
+
+#[test]
+fn flusher_vs_truncate_never_writes_a_truncated_folio() {
+    use upcache::loom_support::{mapping_id, wait_refs_drained, Index};
+    loom::model(|| {
+        let index = Arc::new(Index::default());
+        let g = alloc_folio(1, 0);
+        assert!(test_set_dirty(&g));
+        assert!(index.add(&g));
+        drop(g);
+        // The file's bytes on disk for this folio: 0 = truncated away.
+        let store = Arc::new(AtomicU32::new(9));
+
+        let flusher = {
+            let (index, store) = (index.clone(), store.clone());
+            thread::spawn(move || {
+                // write_cache_pages: look up, lock, re-check it is still in
+                // the file, clear dirty, start writeback, unlock, write.
+                if let Some(f) = index.lookup(0) {
+                    let g = f.lock();
+                    if mapping_id(&g) == 1 && test_clear_dirty(&g) {
+                        set_writeback(&g);
+                        let f = g.unlock();
+                        store.store(1, Ordering::Release);
+                        end_writeback(&f);
+                    }
+                }
+            })
+        };
+
+        // truncate(0): lock, wait for writeback, remove, unlock, drain, and
+        // only then cut the store.
+        if let Some(f) = index.lookup(0) {
+            let g = f.lock();
+            g.wait_writeback();
+            index.remove(&g);
+            let f = g.unlock();
+            wait_refs_drained(&f);
+        }
+        store.store(0, Ordering::Release);
+        flusher.join().unwrap();
+        assert_eq!(
+            store.load(Ordering::Acquire),
+            0,
+            "flusher wrote a folio truncate had dropped"
+        );
+    });
+}

@@ -67,6 +67,7 @@ use crate::aops::AddressSpaceOps;
 use crate::errseq::ErrSeq;
 use crate::filemap::RaState;
 use crate::folio::{Folio, FolioGuard, FolioRef};
+use crate::fs_writeback::Writeback as CacheWriteback;
 use crate::mmap::VmArea;
 use crate::page_store::PageStore;
 use crate::rwsem::{RwSem, RwSemReadGuard, RwSemWriteGuard};
@@ -118,6 +119,11 @@ pub struct AddressSpace {
     pub(crate) ra_state: Mutex<RaState>,
     /// The cache's reclaimer, when it has a memory limit.
     pub(crate) reclaim: Option<Arc<Reclaimer>>,
+    /// The cache's flusher, freeze gate and dirty throttling.
+    pub(crate) wb: Option<Arc<CacheWriteback>>,
+    /// When the file first became dirty since its last flush (ms on the
+    /// flusher's clock; 0: clean), the kernel's `dirtied_when`.
+    dirtied_when: AtomicU64,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -139,6 +145,7 @@ impl AddressSpace {
         stats: Arc<CacheStats>,
         ra: RaConfig,
         reclaim: Option<Arc<Reclaimer>>,
+        wb: Option<Arc<CacheWriteback>>,
     ) -> io::Result<AddressSpace> {
         assert!(id != 0, "mapping id 0 means detached");
         let size = ops.initial_size()?;
@@ -161,6 +168,8 @@ impl AddressSpace {
             i_mmap: Mutex::new(Vec::new()),
             ra_state: Mutex::new(RaState::default()),
             reclaim,
+            wb,
+            dirtied_when: AtomicU64::new(0),
         })
     }
 
@@ -359,8 +368,34 @@ impl AddressSpace {
             let idx = folio.index().0;
             self.i_pages.lock().set_tag(idx, Tag::Dirty);
             self.stats.dirty_add(folio.nr_pages());
+            if let Some(wb) = &self.wb {
+                if self.dirtied_when.load(Ordering::Relaxed) == 0 {
+                    let _ = self
+                        .dirtied_when
+                        .compare_exchange(0, wb.now_ms(), Ordering::Relaxed, Ordering::Relaxed);
+                }
+            }
             self.ops.dirty_folio(self, folio);
         }
+    }
+
+    /// `inode->dirtied_when` (0: clean).
+    pub(crate) fn dirtied_when(&self) -> u64 {
+        self.dirtied_when.load(Ordering::Relaxed)
+    }
+
+    /// After a flusher pass that started from `seen`: clean → 0, still
+    /// dirty → `now` (unless a dirtying raced and changed it).
+    pub(crate) fn reset_dirtied_when(&self, seen: u64, now: u64) {
+        let new = if self.nr_dirty_folios() == 0 { 0 } else { now };
+        let _ = self
+            .dirtied_when
+            .compare_exchange(seen, new, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// `sb_start_write`: enter a dirtying operation (sleeps while frozen).
+    pub(crate) fn start_write(&self) -> Option<crate::sync::RwLockReadGuard<'_, ()>> {
+        self.wb.as_ref().map(|w| w.gate.start_write())
     }
 
     /// `folio_clear_dirty_for_io`: clear DIRTY before writing the folio and

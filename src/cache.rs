@@ -13,6 +13,7 @@ use crate::aops::{AddressSpaceOps, WritebackControl};
 use crate::backing::{FileStore, StoreOps};
 use crate::error::{Error, Result};
 use crate::fault::{FaultConfig, FaultEngine};
+use crate::fs_writeback::{DirtyConfig, Spaces, Writeback as CacheWriteback};
 use crate::mmap::{do_mmap, Mmap, MmapMut, Share, UffdMode};
 use crate::stats::{CacheStats, Stats};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering};
@@ -23,6 +24,9 @@ use crate::vmscan::Reclaimer;
 #[derive(Clone, Debug)]
 pub struct PageCacheBuilder {
     memory_limit: Option<u64>,
+    dirty_expire: Duration,
+    dirty_background_bytes: Option<u64>,
+    dirty_limit_bytes: Option<u64>,
     readahead_bytes: u64,
     readahead_max_bytes: u64,
     max_folio_order: u8,
@@ -33,6 +37,9 @@ impl Default for PageCacheBuilder {
     fn default() -> Self {
         PageCacheBuilder {
             memory_limit: None,
+            dirty_expire: Self::DEFAULT_DIRTY_EXPIRE,
+            dirty_background_bytes: None,
+            dirty_limit_bytes: None,
             readahead_bytes: Self::DEFAULT_READAHEAD,
             readahead_max_bytes: Self::DEFAULT_READAHEAD_MAX,
             max_folio_order: Self::DEFAULT_MAX_FOLIO_ORDER,
@@ -74,6 +81,31 @@ impl PageCacheBuilder {
     /// Default: no limit.
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// Default age after which the flusher writes a dirty file back: 30 s
+    /// (the kernel's `dirty_expire_centisecs`).
+    pub const DEFAULT_DIRTY_EXPIRE: Duration = Duration::from_secs(30);
+
+    /// Write dirty files back once their oldest dirtying is this old.
+    pub fn dirty_expire(mut self, d: Duration) -> Self {
+        self.dirty_expire = d;
+        self
+    }
+
+    /// Dirty bytes (over every file) past which the flusher writes back at
+    /// once. Default: 10 % of the memory limit, or 64 MiB without one.
+    pub fn dirty_background_bytes(mut self, bytes: u64) -> Self {
+        self.dirty_background_bytes = Some(bytes);
+        self
+    }
+
+    /// Dirty bytes past which writers are throttled (they write back part
+    /// of their file before dirtying more). Default: 20 % of the memory
+    /// limit, or 256 MiB without one.
+    pub fn dirty_limit_bytes(mut self, bytes: u64) -> Self {
+        self.dirty_limit_bytes = Some(bytes);
         self
     }
 
@@ -134,10 +166,25 @@ impl PageCacheBuilder {
     /// Build the cache.
     pub fn build(self) -> PageCache {
         let stats = Arc::new(CacheStats::default());
-        let reclaim = self.memory_limit.map(|l| Reclaimer::new(l, stats.clone()));
+        let spaces = Arc::new(Spaces::default());
+        let reclaim = self
+            .memory_limit
+            .map(|l| Reclaimer::new(l, stats.clone(), spaces.clone()));
+        let dirty = DirtyConfig {
+            expire: self.dirty_expire,
+            background_bytes: self
+                .dirty_background_bytes
+                .unwrap_or(self.memory_limit.map_or(64 << 20, |l| l / 10)),
+            limit_bytes: self
+                .dirty_limit_bytes
+                .unwrap_or(self.memory_limit.map_or(256 << 20, |l| l / 5)),
+        };
+        let wb = CacheWriteback::new(spaces.clone(), stats.clone(), dirty);
         PageCache {
             inner: Arc::new(CacheInner {
                 reclaim,
+                spaces,
+                wb,
                 ra: RaConfig {
                     window_pages: self.readahead_bytes.div_ceil(PAGE_SIZE as u64).max(1),
                     max_pages: self.readahead_max_bytes.div_ceil(PAGE_SIZE as u64).max(1),
@@ -159,6 +206,10 @@ type FileTable = HashMap<(u64, u64), (Arc<AddressSpace>, usize)>;
 struct CacheInner {
     /// Present with a memory limit.
     reclaim: Option<Arc<Reclaimer>>,
+    /// Every address space, by id.
+    spaces: Arc<Spaces>,
+    /// Flusher, throttling, freeze.
+    wb: Arc<CacheWriteback>,
     ra: RaConfig,
     stats: Arc<CacheStats>,
     /// Two opens of one file share one address space (one copy,
@@ -175,6 +226,7 @@ impl Drop for CacheInner {
         if let Some(r) = &self.reclaim {
             r.shutdown();
         }
+        self.wb.shutdown();
     }
 }
 
@@ -274,13 +326,44 @@ impl PageCache {
             self.inner.stats.clone(),
             self.inner.ra,
             self.inner.reclaim.clone(),
+            Some(self.inner.wb.clone()),
         )
         .map_err(Error::Io)?;
         let m = Arc::new(m);
-        if let Some(r) = &self.inner.reclaim {
-            r.register(&m);
-        }
+        self.inner.spaces.register(&m);
         Ok(m)
+    }
+
+    /// `syncfs`: integrity writeback and store sync of every file of the
+    /// cache.
+    ///
+    /// # Errors
+    /// The first write or sync error (failed folios stay dirty).
+    pub fn sync_all(&self) -> Result<()> {
+        self.inner.wb.sync_all().map_err(Error::Writeback)
+    }
+
+    /// `FIFREEZE`: block new dirtying (write_at, truncate, punch_hole, and
+    /// first writes through mappings) until [`thaw`](Self::thaw), wait for
+    /// the dirtying operations in flight, and write and sync every file. On
+    /// return the files on disk are a consistent snapshot point. Reads and
+    /// read faults go on.
+    ///
+    /// # Errors
+    /// `EBUSY` if already frozen; the sync's error (the cache is then thawed).
+    pub fn freeze(&self) -> Result<()> {
+        self.inner.wb.freeze().map_err(Error::Writeback)
+    }
+
+    /// `FITHAW`: let dirtying resume (parked write faults are served).
+    /// Returns whether the cache was frozen.
+    pub fn thaw(&self) -> bool {
+        self.inner.wb.thaw()
+    }
+
+    /// Is the cache frozen?
+    pub fn is_frozen(&self) -> bool {
+        self.inner.wb.is_frozen()
     }
 
     /// The memory limit, if any.

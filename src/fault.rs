@@ -14,6 +14,7 @@ use std::os::fd::OwnedFd;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::fs_writeback::ParkedFault;
 use crate::mmap::{UffdMode, VmArea};
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock};
 use crate::types::{PgOff, PAGE_SIZE};
@@ -173,7 +174,7 @@ fn handle_fault(sh: &EngineShared, pf: PageFault) {
         async_ra: Default::default(),
     };
     if pf.flags & fault_flag::WP != 0 {
-        do_wp_page(sh, &vmf);
+        do_wp_page(sh, &vma, &vmf);
     } else {
         do_fault(sh, &vmf);
         if let Some(window) = vmf.async_ra.take() {
@@ -271,9 +272,27 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
 
 /// A write to a write-protected page of a shared-writable mapping:
 /// page_mkwrite, then unprotect the folio's pages in this mapping.
-fn do_wp_page(sh: &EngineShared, vmf: &VmFault<'_>) {
+fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
     let vma = vmf.vma;
     let m = vma.mapping();
+    // sb_start_pagefault: while the cache is frozen, park the fault (its
+    // thread stays blocked in the kernel) rather than this handler thread.
+    let _sb = match &m.wb {
+        Some(wb) => match wb.gate.try_start_write() {
+            Some(g) => Some(g),
+            None => {
+                wb.gate.park_fault(ParkedFault {
+                    vma: vma_arc.clone(),
+                    address: vmf.address,
+                });
+                return;
+            }
+        },
+        None => None,
+    };
+    if let Some(wb) = &m.wb {
+        wb.kick();
+    }
     match vma.ops.page_mkwrite(vmf) {
         VmFaultResult::Locked(g) => {
             m.stats.fault_wp();
@@ -302,6 +321,25 @@ fn do_wp_page(sh: &EngineShared, vmf: &VmFault<'_>) {
         VmFaultResult::Retry => wake_page(sh, vmf.address),
         VmFaultResult::SigBus => sigbus(sh, vmf),
     }
+}
+
+/// Handle again a write fault parked while the cache was frozen (called
+/// by `thaw`).
+pub(crate) fn replay_wp_fault(vma: &Arc<VmArea>, address: usize) {
+    let sh = vma.engine.clone();
+    if !vma.enter() {
+        wake_page(&sh, address);
+        return;
+    }
+    let vmf = VmFault {
+        vma,
+        address,
+        pgoff: vma.addr_to_pgoff(address),
+        flags: fault_flag::WP | fault_flag::WRITE,
+        async_ra: Default::default(),
+    };
+    do_wp_page(&sh, vma, &vmf);
+    vma.exit();
 }
 
 /// Answer a fault that cannot be served with SIGBUS for the faulting

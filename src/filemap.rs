@@ -256,6 +256,7 @@ impl AddressSpace {
         if buf.is_empty() {
             return Ok(0);
         }
+        let _sb = self.start_write();
         let _i = self.inode_lock();
         let old_size = self.size();
         let mut done = 0usize;
@@ -278,6 +279,9 @@ impl AddressSpace {
         }
         if self.size() > old_size {
             self.unpoison_growth(old_size, self.size());
+        }
+        if let Some(wb) = &self.wb {
+            wb.balance_dirty_pages(self);
         }
         Ok(done)
     }

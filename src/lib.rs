@@ -35,6 +35,7 @@
 //! | [`mmap`] | `struct vm_area_struct`, `mm/mmap.c`, rmap | `Mmap`/`MmapMut`, `i_mmap`, page_mkclean, zap |
 //! | [`vm_ops`] | `vm_operations_struct`, `filemap_fault`, `filemap_map_pages` | fault, map_pages, page_mkwrite |
 //! | `fault` | `mm/memory.c` (`handle_mm_fault`) | handler threads, fault dispatch, SIGBUS |
+//! | `fs_writeback` | `fs/fs-writeback.c`, `balance_dirty_pages`, `freeze_super` | flusher, throttling, sync_all, freeze/thaw |
 //! | `vmscan` | `mm/vmscan.c` | memory limit, S3-FIFO reclaim, eviction by refcount freeze |
 //! | [`uffd`] | `include/uapi/linux/userfaultfd.h` | the userfaultfd ABI and errno meanings |
 //! | [`rwsem`] | `struct rw_semaphore` | `i_rwsem`, `invalidate_lock` with exact holder state |
@@ -52,6 +53,7 @@ mod errseq;
 mod fault;
 pub mod filemap;
 pub mod folio;
+mod fs_writeback;
 pub mod mmap;
 mod page_store;
 pub mod page_writeback;

@@ -22,6 +22,7 @@ pub(crate) struct CacheStats {
     faults_wp: AtomicU64,
     sigbus: AtomicU64,
     evicted_pages: AtomicU64,
+    throttled: AtomicU64,
 }
 
 macro_rules! counter {
@@ -44,6 +45,7 @@ impl CacheStats {
     counter!(fault_slow, faults_slow);
     counter!(fault_wp, faults_wp);
     counter!(sigbus, sigbus);
+    counter!(throttled, throttled);
 
     pub(crate) fn folio_added(&self, pages: u64) {
         self.folios.fetch_add(1, Ordering::Relaxed);
@@ -87,6 +89,7 @@ impl CacheStats {
             faults_wp: l(&self.faults_wp),
             sigbus: l(&self.sigbus),
             evicted_bytes: l(&self.evicted_pages) * PAGE_SIZE as u64,
+            throttled: l(&self.throttled),
         }
     }
 }
@@ -124,6 +127,8 @@ pub struct Stats {
     pub sigbus: u64,
     /// Bytes evicted by reclaim.
     pub evicted_bytes: u64,
+    /// Writes throttled past the dirty limit.
+    pub throttled: u64,
 }
 
 impl std::fmt::Display for Stats {

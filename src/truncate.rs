@@ -24,6 +24,7 @@ impl AddressSpace {
     /// `EFBIG` past the largest file; the store's error from resizing.
     pub fn truncate(&self, new_size: u64) -> Result<()> {
         check_range_max(new_size, 0)?;
+        let _sb = self.start_write();
         let _i = self.inode_lock();
         let _inv = self.invalidate_lock_exclusive();
         let old = self.size();
@@ -63,6 +64,7 @@ impl AddressSpace {
             });
         }
         let end = check_range_max(off, len)?;
+        let _sb = self.start_write();
         let _i = self.inode_lock();
         let _inv = self.invalidate_lock_exclusive();
         let end = end.min(self.size());

@@ -34,14 +34,15 @@
 //! Past the high watermark a background thread reclaims down to the low
 //! watermark (90 %).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::thread::{JoinHandle, Thread};
 
 use crate::address_space::{index_delete_folio, AddressSpace};
 use crate::aops::WritebackControl;
+use crate::fs_writeback::Spaces;
 use crate::stats::CacheStats;
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering, Weak};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
 use crate::types::PgOff;
 
 type Key = (u64, u64);
@@ -60,7 +61,7 @@ pub(crate) struct Reclaimer {
     high_pages: u64,
     low_pages: u64,
     queues: Mutex<Queues>,
-    spaces: Mutex<HashMap<u64, Weak<AddressSpace>>>,
+    spaces: Arc<Spaces>,
     stats: Arc<CacheStats>,
     stop: AtomicBool,
     kswapd: Mutex<Option<(Thread, JoinHandle<()>)>>,
@@ -81,14 +82,14 @@ enum Outcome {
 }
 
 impl Reclaimer {
-    pub(crate) fn new(limit_bytes: u64, stats: Arc<CacheStats>) -> Arc<Reclaimer> {
+    pub(crate) fn new(limit_bytes: u64, stats: Arc<CacheStats>, spaces: Arc<Spaces>) -> Arc<Reclaimer> {
         let limit = (limit_bytes / crate::types::PAGE_SIZE as u64).max(64);
         let r = Arc::new(Reclaimer {
             limit_pages: limit,
             high_pages: limit * 95 / 100,
             low_pages: limit * 90 / 100,
             queues: Mutex::new(Queues::default()),
-            spaces: Mutex::new(HashMap::new()),
+            spaces,
             stats,
             stop: AtomicBool::new(false),
             kswapd: Mutex::new(None),
@@ -116,10 +117,6 @@ impl Reclaimer {
             t.unpark();
             let _ = h.join();
         }
-    }
-
-    pub(crate) fn register(&self, m: &Arc<AddressSpace>) {
-        self.spaces.lock().insert(m.id(), Arc::downgrade(m));
     }
 
     fn cached_pages(&self) -> u64 {
@@ -224,7 +221,7 @@ impl Reclaimer {
     }
 
     fn consider(&self, (id, index): Key, from_small: bool) -> Outcome {
-        let Some(m) = self.spaces.lock().get(&id).and_then(|w| w.upgrade()) else {
+        let Some(m) = self.spaces.get(id) else {
             return Outcome::Gone;
         };
         let Some(f) = m.filemap_get_folio(PgOff(index)) else {

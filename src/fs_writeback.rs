@@ -1,0 +1,265 @@
+//! Cache-wide writeback (`fs/fs-writeback.c`, `mm/page-writeback.c`'s
+//! dirty throttling, `fs/super.c`'s freeze): the flusher thread, writer
+//! throttling, `sync_all`, and `freeze` / `thaw`.
+//!
+//! - **Flusher**: wakes every `expire / 4`; writes back (cleansing) every
+//!   file whose oldest dirtying is older than `dirty_expire`, and every
+//!   file while dirty memory is above `dirty_background_bytes`.
+//! - **Throttling** (`balance_dirty_pages`): a `write_at` that finds dirty
+//!   memory above `dirty_limit_bytes` first writes back part of its own
+//!   file, so writers cannot grow dirty memory without bound. A write fault
+//!   (page_mkwrite) does not throttle the handler thread, which serves
+//!   everybody's faults; it wakes the flusher instead.
+//! - **Freeze** (`freeze_super`): new dirtying (write_at, page_mkwrite,
+//!   truncate, punch) waits while frozen; `freeze` waits for dirtiers in
+//!   flight, then syncs every file: on return the files on disk are a
+//!   consistent snapshot. A write fault arriving while frozen is parked
+//!   (the faulting thread stays blocked in the kernel, the handler thread
+//!   moves on) and replayed by `thaw`.
+
+use std::collections::HashMap;
+use std::io;
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use crate::address_space::AddressSpace;
+use crate::aops::WritebackControl;
+use crate::mmap::VmArea;
+use crate::stats::CacheStats;
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock, RwLockReadGuard, UnparkOp, WaitQueue, Weak};
+
+/// Every address space of a cache, by id (for the flusher, reclaim,
+/// sync_all).
+#[derive(Default)]
+pub(crate) struct Spaces(Mutex<HashMap<u64, Weak<AddressSpace>>>);
+
+impl Spaces {
+    pub(crate) fn register(&self, m: &Arc<AddressSpace>) {
+        let mut t = self.0.lock();
+        t.retain(|_, w| w.strong_count() > 0);
+        t.insert(m.id(), Arc::downgrade(m));
+    }
+
+    pub(crate) fn get(&self, id: u64) -> Option<Arc<AddressSpace>> {
+        self.0.lock().get(&id).and_then(|w| w.upgrade())
+    }
+
+    pub(crate) fn all(&self) -> Vec<Arc<AddressSpace>> {
+        self.0.lock().values().filter_map(|w| w.upgrade()).collect()
+    }
+}
+
+/// A write fault parked while the cache is frozen.
+pub(crate) struct ParkedFault {
+    pub(crate) vma: Arc<VmArea>,
+    pub(crate) address: usize,
+}
+
+/// `sb_start_write` / `freeze_super`.
+#[derive(Default)]
+pub(crate) struct FreezeGate {
+    lock: RwLock<()>,
+    frozen: AtomicBool,
+    wq: WaitQueue,
+    parked: Mutex<Vec<ParkedFault>>,
+}
+
+impl FreezeGate {
+    /// Enter a dirtying operation; sleeps while the cache is frozen.
+    pub(crate) fn start_write(&self) -> RwLockReadGuard<'_, ()> {
+        loop {
+            let g = self.lock.read();
+            if !self.frozen.load(Ordering::Acquire) {
+                return g;
+            }
+            drop(g);
+            self.wq
+                .park(self as *const _ as usize, 0, 0, || self.frozen.load(Ordering::Acquire));
+        }
+    }
+
+    /// Enter without sleeping: `None` while frozen (write faults).
+    pub(crate) fn try_start_write(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        let g = self.lock.read();
+        (!self.frozen.load(Ordering::Acquire)).then_some(g)
+    }
+
+    /// Park a write fault until thaw.
+    pub(crate) fn park_fault(&self, f: ParkedFault) {
+        self.parked.lock().push(f);
+    }
+
+    fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
+    }
+}
+
+/// Dirty-memory tunables.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DirtyConfig {
+    pub(crate) expire: Duration,
+    pub(crate) background_bytes: u64,
+    pub(crate) limit_bytes: u64,
+}
+
+/// The flusher thread and the cache-wide writeback entry points.
+pub(crate) struct Writeback {
+    pub(crate) spaces: Arc<Spaces>,
+    pub(crate) gate: FreezeGate,
+    stats: Arc<CacheStats>,
+    cfg: DirtyConfig,
+    epoch: Instant,
+    stop: AtomicBool,
+    flusher: Mutex<Option<(Thread, JoinHandle<()>)>>,
+}
+
+impl Writeback {
+    pub(crate) fn new(spaces: Arc<Spaces>, stats: Arc<CacheStats>, cfg: DirtyConfig) -> Arc<Writeback> {
+        let w = Arc::new(Writeback {
+            spaces,
+            gate: FreezeGate::default(),
+            stats,
+            cfg,
+            epoch: Instant::now(),
+            stop: AtomicBool::new(false),
+            flusher: Mutex::new(None),
+        });
+        // The flusher holds only a weak reference: it must not keep the
+        // cache alive.
+        let weak = Arc::downgrade(&w);
+        let period = (cfg.expire / 4).max(Duration::from_millis(10));
+        let h = std::thread::Builder::new()
+            .name("upcache-flush".into())
+            .spawn(move || flusher_main(weak, period))
+            .expect("spawn flusher thread");
+        *w.flusher.lock() = Some((h.thread().clone(), h));
+        w
+    }
+
+    /// Milliseconds since the cache started (the dirtied-when clock).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    pub(crate) fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        let h = self.flusher.lock().take();
+        if let Some((t, h)) = h {
+            t.unpark();
+            let _ = h.join();
+        }
+    }
+
+    fn dirty_bytes(&self) -> u64 {
+        self.stats.snapshot().dirty_bytes
+    }
+
+    /// Wake the flusher (dirty memory grew past the background level).
+    pub(crate) fn kick(&self) {
+        if self.dirty_bytes() > self.cfg.background_bytes {
+            if let Some((t, _)) = &*self.flusher.lock() {
+                t.unpark();
+            }
+        }
+    }
+
+    /// `balance_dirty_pages`: past the dirty limit, the writer cleans part
+    /// of its own file before dirtying more.
+    pub(crate) fn balance_dirty_pages(&self, m: &AddressSpace) {
+        let dirty = self.dirty_bytes();
+        if dirty <= self.cfg.limit_bytes {
+            self.kick();
+            return;
+        }
+        self.stats.throttled();
+        let over = (dirty - self.cfg.limit_bytes) / crate::types::PAGE_SIZE as u64;
+        let mut wbc = WritebackControl::none((over as i64).max(32));
+        let _ = m.writepages(&mut wbc);
+        self.kick();
+    }
+
+    /// One flusher pass.
+    fn flush_pass(&self) {
+        let now = self.now_ms();
+        let expire = self.cfg.expire.as_millis() as u64;
+        let over_background = self.dirty_bytes() > self.cfg.background_bytes;
+        for m in self.spaces.all() {
+            let when = m.dirtied_when();
+            if when == 0 {
+                continue;
+            }
+            if over_background || now.saturating_sub(when) >= expire {
+                let mut wbc = WritebackControl::none(i64::MAX);
+                let _ = m.writepages(&mut wbc);
+                m.reset_dirtied_when(when, now);
+            }
+        }
+    }
+
+    /// `sync_filesystem`: integrity writeback and store sync of every file.
+    pub(crate) fn sync_all(&self) -> io::Result<()> {
+        let mut first = Ok(());
+        for m in self.spaces.all() {
+            let r = m.write_and_wait_range(0, u64::MAX).and_then(|_| m.ops.fsync());
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    /// `freeze_super`: block new dirtying, wait for dirtiers in flight, sync
+    /// everything. On a sync error the cache is thawed and the error
+    /// returned.
+    pub(crate) fn freeze(&self) -> io::Result<()> {
+        {
+            let _w = self.gate.lock.write();
+            if self.gate.frozen.swap(true, Ordering::AcqRel) {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    "the cache is already frozen (EBUSY)",
+                ));
+            }
+        }
+        if let Err(e) = self.sync_all() {
+            self.thaw();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `thaw_super`: let writers in again and replay parked write faults.
+    pub(crate) fn thaw(&self) -> bool {
+        let was = {
+            let _w = self.gate.lock.write();
+            self.gate.frozen.swap(false, Ordering::AcqRel)
+        };
+        self.gate
+            .wq
+            .unpark_filter(&self.gate as *const _ as usize, 0, |_| UnparkOp::Unpark, |_| {});
+        let parked = std::mem::take(&mut *self.gate.parked.lock());
+        for f in parked {
+            crate::fault::replay_wp_fault(&f.vma, f.address);
+        }
+        was
+    }
+
+    pub(crate) fn is_frozen(&self) -> bool {
+        self.gate.is_frozen()
+    }
+}
+
+fn flusher_main(w: Weak<Writeback>, period: Duration) {
+    loop {
+        {
+            let Some(w) = w.upgrade() else { return };
+            if w.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if !w.is_frozen() {
+                w.flush_pass();
+            }
+        }
+        std::thread::park_timeout(period);
+    }
+}
