@@ -13,6 +13,7 @@ use crate::aops::{AddressSpaceOps, WritebackControl};
 use crate::backing::{FileStore, StoreOps};
 use crate::error::{Error, Result};
 use crate::fault::{FaultConfig, FaultEngine};
+use crate::filemap::Advice;
 use crate::fs_writeback::{DirtyConfig, Spaces, Writeback as CacheWriteback};
 use crate::mmap::{do_mmap, Mmap, MmapMut, Share, UffdMode};
 use crate::stats::{CacheStats, Stats};
@@ -526,6 +527,14 @@ impl File {
     /// `Closed`; `EINVAL`; `EFBIG`; the store's error.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
         self.mapping()?.punch_hole(off, len)
+    }
+
+    /// `posix_fadvise` ([`AddressSpace::advise`]).
+    ///
+    /// # Errors
+    /// `Closed`; as `AddressSpace::advise`.
+    pub fn advise(&self, advice: Advice, off: u64, len: u64) -> Result<()> {
+        self.mapping()?.advise(advice, off, len)
     }
 
     /// Cleansing writeback of up to `nr_pages` dirty pages (does not wait

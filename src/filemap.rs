@@ -20,6 +20,24 @@ pub(crate) struct RaState {
     size: u64,
     /// First page of the window read ahead, left absent as the marker.
     hole: Option<u64>,
+    /// Set by [`AddressSpace::advise`].
+    advice: Advice,
+}
+
+/// Access-pattern advice for a file (`posix_fadvise` / `madvise`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Advice {
+    /// No advice: on-demand readahead ramps up on sequential misses.
+    #[default]
+    Normal,
+    /// Sequential access: read ahead the largest window from the first miss.
+    Sequential,
+    /// Random access: no readahead, read only what is asked for.
+    Random,
+    /// The range will be needed soon: read it into the cache now.
+    WillNeed,
+    /// The range is not needed: write it back and drop its clean folios.
+    DontNeed,
 }
 
 /// Check that `[pos, pos + len)` ends within the largest file.
@@ -157,7 +175,15 @@ impl AddressSpace {
         let max = self.ra.max_pages.max(init);
         let (sync, next) = {
             let mut st = self.ra_state.lock();
-            if st.hole == Some(index.0) {
+            if st.advice == Advice::Random {
+                ((index.0, req_pages.max(1)), None)
+            } else if st.advice == Advice::Sequential && st.hole != Some(index.0) {
+                let start = index.0 + max;
+                st.size = max;
+                st.next = start + max;
+                st.hole = Some(start);
+                ((index.0, req_pages.max(max)), Some(start..start + max))
+            } else if st.hole == Some(index.0) {
                 // The stream reached the marker of the window read ahead.
                 let size = (st.size * 2).min(max);
                 let start = st.next;
@@ -239,6 +265,50 @@ impl AddressSpace {
         // Folios the engine did not take are unlocked, not uptodate.
         drop(rac);
         Ok(())
+    }
+
+    /// `posix_fadvise`: `Normal`, `Sequential` and `Random` set the file's
+    /// readahead behaviour; `WillNeed` reads `[off, off + len)` into the
+    /// cache now; `DontNeed` starts writeback of the range and drops its
+    /// clean folios that nobody is using (mapped pages are zapped and fault
+    /// back in).
+    ///
+    /// # Locking
+    /// `WillNeed` takes `invalidate_lock` shared; `DontNeed` trylocks folios.
+    ///
+    /// # Errors
+    /// `EINVAL` for a zero length with `WillNeed`/`DontNeed`; write errors
+    /// of `DontNeed`'s writeback (also kept for fsync).
+    pub fn advise(&self, advice: Advice, off: u64, len: u64) -> Result<()> {
+        match advice {
+            Advice::Normal | Advice::Sequential | Advice::Random => {
+                let mut st = self.ra_state.lock();
+                st.advice = advice;
+                st.hole = None;
+                st.size = 0;
+                Ok(())
+            }
+            Advice::WillNeed | Advice::DontNeed if len == 0 => Err(Error::InvalidArgument {
+                what: "advise of zero length",
+            }),
+            Advice::WillNeed => {
+                let end = off.saturating_add(len).div_ceil(1 << PAGE_SHIFT);
+                self.page_cache_ra_range(PgOff::of_byte(off), end)
+            }
+            Advice::DontNeed => {
+                let last = off.saturating_add(len) - 1;
+                let mut wbc = crate::aops::WritebackControl {
+                    sync_mode: crate::aops::SyncMode::None,
+                    nr_to_write: i64::MAX,
+                    range_start: off,
+                    range_end: last,
+                    pages_written: 0,
+                };
+                let written = self.writepages(&mut wbc);
+                self.invalidate_clean_range(PgOff::of_byte(off), last.div_ceil(1 << PAGE_SHIFT).max(1));
+                written.map_err(Error::Writeback)
+            }
+        }
     }
 
     /// `generic_perform_write` under `i_rwsem`: copy `buf` into the cache at

@@ -73,6 +73,7 @@ pub use aops::{AddressSpaceOps, ReadaheadControl, SyncMode, WritebackControl};
 pub use backing::{BackingStore, DirectFileStore, FileStore, StoreOps};
 pub use cache::{File, PageCache, PageCacheBuilder};
 pub use error::{Error, Result};
+pub use filemap::Advice;
 pub use folio::{Folio, FolioGuard, FolioRef};
 pub use mmap::{Mmap, MmapMut, Share, UffdMode, VmArea};
 pub use stats::Stats;

@@ -258,6 +258,23 @@ impl Reclaimer {
 }
 
 impl AddressSpace {
+    /// `invalidate_mapping_pages`: drop the clean, unused folios of pages
+    /// `[first, end)`. Returns pages dropped.
+    pub(crate) fn invalidate_clean_range(&self, first: PgOff, end: u64) -> u64 {
+        let mut freed = 0;
+        let mut i = first.0;
+        while let Some((idx, _)) = self.i_pages.find_from(i, end) {
+            i = idx + 1;
+            if let Some(f) = self.filemap_get_folio(PgOff(idx)) {
+                i = f.index().0 + f.nr_pages();
+                if let Ok(Some(n)) = self.evict_folio(f) {
+                    freed += n;
+                }
+            }
+        }
+        freed
+    }
+
     /// Evict one clean folio (see the module docs). `Ok(None)` if it is in
     /// use, locked, dirty, under writeback or its private state stays.
     fn evict_folio(&self, f: crate::folio::FolioRef) -> io::Result<Option<u64>> {
