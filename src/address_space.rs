@@ -72,7 +72,7 @@ use crate::mmap::VmArea;
 use crate::page_store::PageStore;
 use crate::rwsem::{RwSem, RwSemReadGuard, RwSemWriteGuard};
 use crate::stats::CacheStats;
-use crate::sync::{epoch, Arc, AtomicU64, Mutex, Ordering};
+use crate::sync::{epoch, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::types::{PgOff, MAX_ORDER};
 use crate::vmscan::Reclaimer;
 use crate::xarray::{Tag, XArray};
@@ -121,6 +121,9 @@ pub struct AddressSpace {
     pub(crate) reclaim: Option<Arc<Reclaimer>>,
     /// The cache's flusher, freeze gate and dirty throttling.
     pub(crate) wb: Option<Arc<CacheWriteback>>,
+    /// Some mapping lets the kernel map cached pages itself (`Missing`
+    /// mode): fills must then make each page visible only when complete.
+    atomic_fill: AtomicBool,
     /// When the file first became dirty since its last flush (ms on the
     /// flusher's clock; 0: clean), the kernel's `dirtied_when`.
     dirtied_when: AtomicU64,
@@ -170,6 +173,7 @@ impl AddressSpace {
             reclaim,
             wb,
             dirtied_when: AtomicU64::new(0),
+            atomic_fill: AtomicBool::new(false),
         })
     }
 
@@ -376,6 +380,48 @@ impl AddressSpace {
                 }
             }
             self.ops.dirty_folio(self, folio);
+        }
+    }
+
+    /// Must folio fills be page-atomic? True once a `Missing`-mode mapping
+    /// of the file was created: the kernel maps pages present in the memfd
+    /// without asking upcache, so a page must not become present before its
+    /// data is complete. Engines that fill folios themselves should then
+    /// use [`fill_folio`](Self::fill_folio).
+    pub fn needs_atomic_fill(&self) -> bool {
+        self.atomic_fill.load(Ordering::Acquire)
+    }
+
+    /// Switch fills to page-atomic mode, then wait for fills in flight
+    /// (they all hold `invalidate_lock` shared).
+    pub(crate) fn set_atomic_fill(&self) {
+        if !self.atomic_fill.swap(true, Ordering::AcqRel) {
+            drop(self.invalidate_lock_exclusive());
+        }
+    }
+
+    /// Fill a locked, not-uptodate folio with `data` (zero-padded to the
+    /// folio size) the safe way for this file: through the engine view, or
+    /// with `pwrite(2)` to the memfd when [`needs_atomic_fill`]
+    /// (Self::needs_atomic_fill). Does not mark it uptodate.
+    ///
+    /// # Errors
+    /// The memfd write's error.
+    pub fn fill_folio(&self, folio: &mut FolioGuard, data: &[u8]) -> io::Result<()> {
+        let n = data.len().min(folio.size());
+        if self.needs_atomic_fill() {
+            if n == folio.size() {
+                self.store.pwrite(folio.pos(), &data[..n])
+            } else {
+                let mut full = vec![0u8; folio.size()];
+                full[..n].copy_from_slice(&data[..n]);
+                self.store.pwrite(folio.pos(), &full)
+            }
+        } else {
+            let d = folio.data_mut();
+            d[..n].copy_from_slice(&data[..n]);
+            d[n..].fill(0);
+            Ok(())
         }
     }
 

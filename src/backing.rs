@@ -443,6 +443,22 @@ impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
         // the last folio is zero in the cache).
         let isize = mapping.size();
         let want = folio.size().min(isize.saturating_sub(pos) as usize);
+        if mapping.needs_atomic_fill() {
+            // Read into a bounce buffer and install it page-atomically.
+            let mut bounce = vec![0u8; folio.size()];
+            let r =
+                read_full(&self.store, &mut bounce[..want], pos).and_then(|_| mapping.fill_folio(&mut folio, &bounce));
+            return match r {
+                Ok(()) => {
+                    folio.mark_uptodate();
+                    Ok(())
+                }
+                Err(e) => {
+                    folio.set_error();
+                    Err(e)
+                }
+            };
+        }
         let data = folio.data_mut();
         let r = read_full(&self.store, &mut data[..want], pos);
         match r {
@@ -462,7 +478,7 @@ impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
     /// reads each run of consecutive folios with one `preadv(2)` (a 2 MiB
     /// window is one I/O); otherwise one read per folio.
     fn readahead(&self, mapping: &AddressSpace, rac: &mut ReadaheadControl) {
-        if !self.store.batch_readahead() {
+        if !self.store.batch_readahead() || mapping.needs_atomic_fill() {
             while let Some(f) = rac.next_folio() {
                 let _ = self.read_folio(mapping, f);
             }

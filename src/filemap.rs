@@ -340,7 +340,19 @@ impl AddressSpace {
             };
             let off = (p - g.pos()) as usize;
             let n = (g.size() - off).min(left);
-            g.data_mut()[off..off + n].copy_from_slice(&buf[done..done + n]);
+            if !g.is_uptodate() && self.needs_atomic_fill() {
+                // A whole-folio overwrite of an uncached folio: install it
+                // page-atomically, or a kernel-mapped reader could see the
+                // fresh zero page instead of old or new data.
+                if let Err(e) = self.fill_folio(&mut g, &buf[done..done + n]) {
+                    if done == 0 {
+                        return Err(Error::Io(e));
+                    }
+                    break;
+                }
+            } else {
+                g.data_mut()[off..off + n].copy_from_slice(&buf[done..done + n]);
+            }
             let copied = self.ops.write_end(self, p, n, g);
             done += copied;
             if copied < n {

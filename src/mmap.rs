@@ -249,6 +249,11 @@ pub(crate) fn do_mmap(
     mode: UffdMode,
 ) -> Result<Arc<VmArea>> {
     let plen = check_map_range(offset, len)?;
+    if mode == UffdMode::Missing {
+        // The kernel will map cached pages of this file itself: from now
+        // on every fill must be page-atomic.
+        mapping.set_atomic_fill();
+    }
     let shared = share == Share::Shared;
     let prot = if writable {
         rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE

@@ -78,6 +78,23 @@ impl PageStore {
         Ok((base + (pos & (CHUNK_SIZE - 1)) as usize) as *mut u8)
     }
 
+    /// Write `data` at `pos` with `pwrite(2)`: the kernel fills each memfd
+    /// page under its own page lock and marks it uptodate only when full,
+    /// so a kernel fault on a user mapping never maps a half-filled page.
+    pub(crate) fn pwrite(&self, mut pos: u64, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match rustix::io::pwrite(&self.memfd, data, pos) {
+                Ok(n) => {
+                    data = &data[n..];
+                    pos += n as u64;
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Free the memory of `[pos, pos + len)` (`FALLOC_FL_PUNCH_HOLE`), which
     /// also unmaps it from every user mapping of the memfd.
     pub(crate) fn punch(&self, pos: u64, len: u64) -> io::Result<()> {

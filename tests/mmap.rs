@@ -38,7 +38,15 @@ fn mapping_reads_the_files_bytes() {
         let file = cache.open(&path).unwrap();
         let map = file.mmap(0, content.len(), Share::Shared).unwrap();
         assert_eq!(map.len(), content.len());
-        assert!(map[..] == content[..], "{mode:?}: mapped bytes differ");
+        if let Some(o) = (0..content.len()).find(|&o| map[o] != content[o]) {
+            panic!(
+                "{mode:?}: mapped bytes differ at {o}: {} vs {} (page {}), stats {}",
+                map[o],
+                content[o],
+                o / 4096,
+                cache.stats()
+            );
+        }
         let s = cache.stats();
         assert!(s.faults_slow > 0, "{mode:?}: faults went through the engine: {s}");
     }
