@@ -19,12 +19,13 @@ use crate::mmap::{do_mmap, Mmap, MmapMut, Share, UffdMode};
 use crate::stats::{CacheStats, Stats};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::types::{MAX_ORDER, PAGE_SIZE};
-use crate::vmscan::Reclaimer;
+use crate::vmscan::{Reclaimer, ReplacementPolicy};
 
 /// Builder for [`PageCache`], with documented defaults.
 #[derive(Clone, Debug)]
 pub struct PageCacheBuilder {
     memory_limit: Option<u64>,
+    policy: ReplacementPolicy,
     dirty_expire: Duration,
     dirty_background_bytes: Option<u64>,
     dirty_limit_bytes: Option<u64>,
@@ -38,6 +39,7 @@ impl Default for PageCacheBuilder {
     fn default() -> Self {
         PageCacheBuilder {
             memory_limit: None,
+            policy: ReplacementPolicy::S3Fifo,
             dirty_expire: Self::DEFAULT_DIRTY_EXPIRE,
             dirty_background_bytes: None,
             dirty_limit_bytes: None,
@@ -82,6 +84,13 @@ impl PageCacheBuilder {
     /// Default: no limit.
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// Replacement policy under a memory limit (default S3-FIFO; CLOCK is
+    /// the LRU-approximation baseline).
+    pub fn replacement_policy(mut self, p: ReplacementPolicy) -> Self {
+        self.policy = p;
         self
     }
 
@@ -170,7 +179,7 @@ impl PageCacheBuilder {
         let spaces = Arc::new(Spaces::default());
         let reclaim = self
             .memory_limit
-            .map(|l| Reclaimer::new(l, stats.clone(), spaces.clone()));
+            .map(|l| Reclaimer::new(l, self.policy, stats.clone(), spaces.clone()));
         let dirty = DirtyConfig {
             expire: self.dirty_expire,
             background_bytes: self

@@ -79,6 +79,7 @@ pub use mmap::{Mmap, MmapMut, Share, UffdMode, VmArea};
 pub use stats::Stats;
 pub use types::{PgOff, MAX_FILE_SIZE, PAGE_SIZE};
 pub use vm_ops::{FilemapVmOps, MapPages, VmFault, VmFaultResult, VmOps};
+pub use vmscan::ReplacementPolicy;
 
 /// Internals exposed to the loom models in `loom-tests/` (only under
 /// `--cfg loom`): the real protocol functions, without a page store.

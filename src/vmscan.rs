@@ -47,6 +47,17 @@ use crate::types::PgOff;
 
 type Key = (u64, u64);
 
+/// Replacement policy of a cache with a memory limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReplacementPolicy {
+    /// S3-FIFO: small + main + ghost FIFOs (the default; scan-resistant).
+    #[default]
+    S3Fifo,
+    /// CLOCK (second chance) over one FIFO: the classic LRU approximation,
+    /// kept as the baseline the hit-ratio comparison measures against.
+    Clock,
+}
+
 #[derive(Default)]
 struct Queues {
     small: VecDeque<Key>,
@@ -57,6 +68,7 @@ struct Queues {
 
 /// The cache-wide reclaimer.
 pub(crate) struct Reclaimer {
+    policy: ReplacementPolicy,
     limit_pages: u64,
     high_pages: u64,
     low_pages: u64,
@@ -82,9 +94,15 @@ enum Outcome {
 }
 
 impl Reclaimer {
-    pub(crate) fn new(limit_bytes: u64, stats: Arc<CacheStats>, spaces: Arc<Spaces>) -> Arc<Reclaimer> {
+    pub(crate) fn new(
+        limit_bytes: u64,
+        policy: ReplacementPolicy,
+        stats: Arc<CacheStats>,
+        spaces: Arc<Spaces>,
+    ) -> Arc<Reclaimer> {
         let limit = (limit_bytes / crate::types::PAGE_SIZE as u64).max(64);
         let r = Arc::new(Reclaimer {
+            policy,
             limit_pages: limit,
             high_pages: limit * 95 / 100,
             low_pages: limit * 90 / 100,
@@ -146,7 +164,7 @@ impl Reclaimer {
     pub(crate) fn note_new(&self, id: u64, index: PgOff) {
         let key = (id, index.0);
         let mut q = self.queues.lock();
-        if q.ghost_set.remove(&key) {
+        if self.policy == ReplacementPolicy::Clock || q.ghost_set.remove(&key) {
             q.main.push_back(key);
         } else {
             q.small.push_back(key);
@@ -231,7 +249,7 @@ impl Reclaimer {
             return Outcome::Gone;
         }
         if f.use_count() > 0 {
-            if from_small {
+            if from_small || self.policy == ReplacementPolicy::Clock {
                 f.clear_uses();
             } else {
                 f.dec_use();
