@@ -291,6 +291,13 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
         None => None,
     };
     if let Some(wb) = &m.wb {
+        if wb.over_dirty_limit() && !replaying_throttled() {
+            wb.throttle_fault(ParkedFault {
+                vma: vma_arc.clone(),
+                address: vmf.address,
+            });
+            return;
+        }
         wb.kick();
     }
     match vma.ops.page_mkwrite(vmf) {
@@ -323,9 +330,25 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
     }
 }
 
+std::thread_local! {
+    /// Set while the flusher replays throttled faults: they already waited
+    /// for one flusher pass and go through now.
+    static REPLAYING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn replaying_throttled() -> bool {
+    REPLAYING.with(|r| r.get())
+}
+
 /// Handle again a write fault parked while the cache was frozen (called
-/// by `thaw`).
+/// by `thaw`) or throttled (called by the flusher after a pass).
 pub(crate) fn replay_wp_fault(vma: &Arc<VmArea>, address: usize) {
+    REPLAYING.with(|r| r.set(true));
+    replay_wp_fault_inner(vma, address);
+    REPLAYING.with(|r| r.set(false));
+}
+
+fn replay_wp_fault_inner(vma: &Arc<VmArea>, address: usize) {
     let sh = vma.engine.clone();
     if !vma.enter() {
         wake_page(&sh, address);

@@ -8,8 +8,9 @@
 //! - **Throttling** (`balance_dirty_pages`): a `write_at` that finds dirty
 //!   memory above `dirty_limit_bytes` first writes back part of its own
 //!   file, so writers cannot grow dirty memory without bound. A write fault
-//!   (page_mkwrite) does not throttle the handler thread, which serves
-//!   everybody's faults; it wakes the flusher instead.
+//!   (page_mkwrite) past the limit is parked instead (its thread stays
+//!   blocked in the kernel; the handler thread, which serves everybody's
+//!   faults, moves on) and replayed after the flusher's next pass.
 //! - **Freeze** (`freeze_super`): new dirtying (write_at, page_mkwrite,
 //!   truncate, punch) waits while frozen; `freeze` waits for dirtiers in
 //!   flight, then syncs every file: on return the files on disk are a
@@ -111,6 +112,9 @@ pub(crate) struct Writeback {
     epoch: Instant,
     stop: AtomicBool,
     flusher: Mutex<Option<(Thread, JoinHandle<()>)>>,
+    /// Write faults throttled past the dirty limit: replayed after the
+    /// flusher's next pass.
+    throttled: Mutex<Vec<ParkedFault>>,
 }
 
 impl Writeback {
@@ -123,6 +127,7 @@ impl Writeback {
             epoch: Instant::now(),
             stop: AtomicBool::new(false),
             flusher: Mutex::new(None),
+            throttled: Mutex::new(Vec::new()),
         });
         // The flusher holds only a weak reference: it must not keep the
         // cache alive.
@@ -147,6 +152,33 @@ impl Writeback {
         if let Some((t, h)) = h {
             t.unpark();
             let _ = h.join();
+        }
+        // Never leave a faulting thread parked.
+        self.release_throttled();
+    }
+
+    /// Is dirty memory past the hard limit?
+    pub(crate) fn over_dirty_limit(&self) -> bool {
+        self.dirty_bytes() > self.cfg.limit_bytes
+    }
+
+    /// Throttle a write fault past the dirty limit: park it (its thread
+    /// stays blocked in the kernel, the handler moves on) until the
+    /// flusher's next pass, which it starts now.
+    pub(crate) fn throttle_fault(&self, f: ParkedFault) {
+        self.stats.throttled();
+        self.throttled.lock().push(f);
+        if let Some((t, _)) = &*self.flusher.lock() {
+            t.unpark();
+        }
+    }
+
+    /// Replay the throttled write faults (after a flusher pass: whatever it
+    /// achieved, throttling is a delay, never a hang).
+    fn release_throttled(&self) {
+        let parked = std::mem::take(&mut *self.throttled.lock());
+        for f in parked {
+            crate::fault::replay_wp_fault(&f.vma, f.address);
         }
     }
 
@@ -259,6 +291,7 @@ fn flusher_main(w: Weak<Writeback>, period: Duration) {
             if !w.is_frozen() {
                 w.flush_pass();
             }
+            w.release_throttled();
         }
         std::thread::park_timeout(period);
     }

@@ -141,3 +141,28 @@ fn writers_are_throttled_past_the_dirty_limit() {
     file.fsync().unwrap();
     assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 7));
 }
+
+#[test]
+fn mapped_writers_are_throttled_past_the_dirty_limit_without_hanging() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    let size = 8usize << 20;
+    std::fs::write(&path, vec![0u8; size]).unwrap();
+    let limit = 512 * 1024u64;
+    let cache = PageCache::builder()
+        .dirty_limit_bytes(limit)
+        // The flusher sleeps below the limit: the writer reaches it.
+        .dirty_background_bytes(limit)
+        .dirty_expire(Duration::from_secs(3600))
+        .build();
+    cache.start_fault_engine().expect("userfaultfd");
+    let file = cache.open(&path).unwrap();
+    let mut map = file.mmap_mut(0, size, Share::Shared).unwrap();
+    for p in (0..size).step_by(PAGE_SIZE) {
+        map[p] = 0xAB;
+    }
+    assert!(cache.stats().throttled > 0, "{}", cache.stats());
+    map.flush().unwrap();
+    let disk = std::fs::read(&path).unwrap();
+    assert!((0..size).step_by(PAGE_SIZE).all(|p| disk[p] == 0xAB));
+}
