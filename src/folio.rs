@@ -256,6 +256,14 @@ impl Folio {
         self.flags.fetch_and(!(REFERENCED | ACTIVE), Ordering::Relaxed);
     }
 
+    /// `folio_ref_unfreeze`: give a frozen folio its references back (an
+    /// eviction that could not complete).
+    pub(crate) fn unfreeze_refs(&self, count: u32) {
+        debug_assert_eq!(self.refcount.load(Ordering::Relaxed), 0);
+        // Release: pairs with the Acquire of a later try_get.
+        self.refcount.store(count, Ordering::Release);
+    }
+
     /// `folio_ref_freeze`: drop the count from `expected` to 0 if nobody
     /// else holds a reference, so that no lookup can take one any more.
     /// Folio locked. Reclaim uses it: a folio someone reads, writes or
