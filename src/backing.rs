@@ -128,12 +128,7 @@ impl FileStore {
 
 impl BackingStore for FileStore {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
-        loop {
-            match self.file.read_at(buf, off) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => return r,
-            }
-        }
+        pread_retry(&self.file, buf, off)
     }
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
@@ -158,18 +153,28 @@ impl BackingStore for FileStore {
     }
 
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
-        use rustix::fs::{fallocate, FallocateFlags};
-        match fallocate(
-            &self.file,
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            off,
-            len,
-        ) {
-            Ok(()) => Ok(()),
-            // A filesystem without hole punching: write zeros instead.
-            Err(rustix::io::Errno::OPNOTSUPP) => write_zeros(self, off, len),
-            Err(e) => Err(e.into()),
+        punch_file(self, &self.file, off, len)
+    }
+}
+
+/// `pread(2)`, retrying EINTR.
+fn pread_retry(f: &fs::File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    loop {
+        match f.read_at(buf, off) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
         }
+    }
+}
+
+/// `fallocate(PUNCH_HOLE | KEEP_SIZE)` on `f`, or zeros written through
+/// `store` where the filesystem cannot punch holes.
+fn punch_file<S: BackingStore>(store: &S, f: &fs::File, off: u64, len: u64) -> io::Result<()> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    match fallocate(f, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, off, len) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => write_zeros(store, off, len),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -252,12 +257,7 @@ impl BackingStore for DirectFileStore {
         } else {
             &self.buffered
         };
-        loop {
-            match f.read_at(buf, off) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => return r,
-            }
-        }
+        pread_retry(f, buf, off)
     }
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
@@ -301,17 +301,7 @@ impl BackingStore for DirectFileStore {
     }
 
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
-        use rustix::fs::{fallocate, FallocateFlags};
-        match fallocate(
-            &self.direct,
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            off,
-            len,
-        ) {
-            Ok(()) => Ok(()),
-            Err(rustix::io::Errno::OPNOTSUPP) => write_zeros(self, off, len),
-            Err(e) => Err(e.into()),
-        }
+        punch_file(self, &self.direct, off, len)
     }
 }
 
