@@ -82,19 +82,20 @@ impl FaultEngine {
             wake_fd,
             cfg,
         });
-        let threads = (0..cfg.threads.max(1))
-            .map(|i| {
-                let sh = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("upcache-fault-{i}"))
-                    .spawn(move || handler_main(&sh))
-                    .expect("spawn fault handler thread")
-            })
-            .collect();
-        Ok(Arc::new(FaultEngine {
-            shared,
-            threads: Mutex::new(threads),
-        }))
+        let engine = Arc::new(FaultEngine {
+            shared: shared.clone(),
+            threads: Mutex::new(Vec::new()),
+        });
+        for i in 0..cfg.threads.max(1) {
+            let sh = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("upcache-fault-{i}"))
+                .spawn(move || handler_main(&sh))
+                // Dropping `engine` stops the threads already started.
+                .map_err(OpenError::Threads)?;
+            engine.threads.lock().push(t);
+        }
+        Ok(engine)
     }
 
     pub(crate) fn shared(&self) -> &Arc<EngineShared> {

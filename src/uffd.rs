@@ -238,6 +238,9 @@ pub enum OpenError {
     /// The API handshake failed.
     #[error("UFFDIO_API handshake failed: {0}")]
     Handshake(io::Error),
+    /// The fault handler threads could not be started.
+    #[error("starting the fault handler threads failed: {0}")]
+    Threads(io::Error),
 }
 
 /// The features upcache requires.
