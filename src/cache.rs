@@ -79,7 +79,7 @@ impl PageCacheBuilder {
     pub const DEFAULT_MMAP_MODE: UffdMode = UffdMode::Missing;
 
     /// Keep the bytes cached (over every file) under `bytes` (at least
-    /// 256 KiB). Past 95 % a background thread reclaims down to 90 %; an
+    /// 256 KiB). Past 98 % a background thread reclaims down to 95 %; an
     /// allocation that would pass the limit reclaims directly first.
     /// Default: no limit.
     pub fn memory_limit(mut self, bytes: u64) -> Self {

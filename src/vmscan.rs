@@ -32,9 +32,9 @@
 //! # Watermarks
 //!
 //! `limit` is hard: an allocation that would pass it first reclaims
-//! directly, in the allocating thread, down to the high watermark (95 %).
+//! directly, in the allocating thread, down to the high watermark (98 %).
 //! Past the high watermark a background thread reclaims down to the low
-//! watermark (90 %).
+//! watermark (95 %).
 
 use std::collections::{HashSet, VecDeque};
 use std::io;
@@ -108,8 +108,8 @@ impl Reclaimer {
         let r = Arc::new(Reclaimer {
             policy,
             limit_pages: limit,
-            high_pages: limit * 95 / 100,
-            low_pages: limit * 90 / 100,
+            high_pages: limit * 98 / 100,
+            low_pages: limit * 95 / 100,
             queues: Mutex::new(Queues::default()),
             spaces,
             stats,
