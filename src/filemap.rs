@@ -230,6 +230,13 @@ impl AddressSpace {
         let _inv = self.invalidate_lock_shared();
         let eof_pages = self.size().div_ceil(1 << PAGE_SHIFT);
         let end = end.min(eof_pages);
+        if index.0 >= end {
+            return Ok(());
+        }
+        // Large folios for large windows: the order grows with the window
+        // (up to `max_folio_order`), so a 1-page read gets an order-0 folio
+        // and a sequential stream's big windows get big folios.
+        let max_order = self.ra.max_order.min((end - index.0).ilog2() as u8);
         let mut batch = Vec::new();
         let mut i = index.0;
         'next: while i < end {
@@ -237,7 +244,7 @@ impl AddressSpace {
                 i = f.index().0 + f.nr_pages();
                 continue;
             }
-            let mut order = self.ra.max_order;
+            let mut order = max_order;
             loop {
                 let n = 1u64 << order;
                 if i % n == 0 && i + n <= end {
