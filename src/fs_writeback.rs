@@ -183,7 +183,7 @@ impl Writeback {
     }
 
     fn dirty_bytes(&self) -> u64 {
-        self.stats.snapshot().dirty_bytes
+        self.stats.dirty_bytes()
     }
 
     /// Wake the flusher (dirty memory grew past the background level).

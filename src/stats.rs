@@ -71,6 +71,16 @@ impl CacheStats {
         self.writeback_pages.fetch_sub(pages, Ordering::Relaxed);
     }
 
+    /// Pages cached now (one load; reclaim's hot check).
+    pub(crate) fn cached_pages(&self) -> u64 {
+        self.pages.load(Ordering::Relaxed)
+    }
+
+    /// Bytes dirty now (one load; throttling's hot check).
+    pub(crate) fn dirty_bytes(&self) -> u64 {
+        self.dirty_pages.load(Ordering::Relaxed) * PAGE_SIZE as u64
+    }
+
     pub(crate) fn snapshot(&self) -> Stats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {

@@ -142,7 +142,7 @@ impl Reclaimer {
     }
 
     fn cached_pages(&self) -> u64 {
-        self.stats.snapshot().bytes_cached / crate::types::PAGE_SIZE as u64
+        self.stats.cached_pages()
     }
 
     /// Before allocating `pages`: reclaim directly if the hard limit would
