@@ -60,6 +60,25 @@ fn drop_kernel_cache(path: &Path) {
     rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
 }
 
+/// A group of slow iterations: 10 samples, `secs` of measurement.
+fn slow_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    secs: u64,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(secs))
+        .warm_up_time(Duration::from_secs(1));
+    g
+}
+
+/// Time `iters` runs of `one`, each returning the time of its measured part
+/// (setup and teardown outside it are not counted).
+fn iter_each(b: &mut criterion::Bencher<'_>, mut one: impl FnMut() -> Duration) {
+    b.iter_custom(|iters| (0..iters).map(|_| one()).sum())
+}
+
 fn shuffled_pages(n: usize, seed: u64) -> Vec<usize> {
     let mut v: Vec<usize> = (0..n).collect();
     let mut x = seed | 1;
@@ -182,18 +201,11 @@ fn fault_random_4k(c: &mut Criterion) {
     make_file(&path, RANDOM_SIZE);
     warm_kernel_cache(&path);
     let pages = shuffled_pages((RANDOM_SIZE / PAGE_SIZE as u64) as usize, 7);
-    let mut g = c.benchmark_group("fault_random_4k");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(20))
-        .warm_up_time(Duration::from_secs(1));
+    let mut g = slow_group(c, "fault_random_4k", 20);
     g.bench_function("kernel_mmap", |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| {
-                    let (m, _f) = KernelMap::new(&path, RANDOM_SIZE as usize, false);
-                    touch_pages(m.ptr, &pages, 2)
-                })
-                .sum()
+        iter_each(b, || {
+            let (m, _f) = KernelMap::new(&path, RANDOM_SIZE as usize, false);
+            touch_pages(m.ptr, &pages, 2)
         })
     });
     for (id, mode) in [
@@ -201,21 +213,15 @@ fn fault_random_4k(c: &mut Criterion) {
         ("upcache_missing", UffdMode::Missing),
     ] {
         g.bench_function(id, |b| {
-            b.iter_custom(|iters| {
-                (0..iters)
-                    .map(|_| {
-                        let cache = PageCache::builder().mmap_mode(mode).build();
-                        let file = cache.open(&path).unwrap();
-                        let map = file.mmap(0, RANDOM_SIZE as usize, Share::Shared).unwrap();
-                        touch_pages(map.as_ptr() as usize, &pages, 2)
-                    })
-                    .sum()
+            iter_each(b, || {
+                let cache = PageCache::builder().mmap_mode(mode).build();
+                let file = cache.open(&path).unwrap();
+                let map = file.mmap(0, RANDOM_SIZE as usize, Share::Shared).unwrap();
+                touch_pages(map.as_ptr() as usize, &pages, 2)
             })
         });
     }
-    g.bench_function("uffd_copy_peer", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| uffd_copy_peer(&path, &pages)).sum())
-    });
+    g.bench_function("uffd_copy_peer", |b| iter_each(b, || uffd_copy_peer(&path, &pages)));
     g.finish();
 }
 
@@ -225,18 +231,11 @@ fn mapped_hit_random(c: &mut Criterion) {
     make_file(&path, RANDOM_SIZE);
     warm_kernel_cache(&path);
     let pages = shuffled_pages((RANDOM_SIZE / PAGE_SIZE as u64) as usize, 9);
-    let mut g = c.benchmark_group("mapped_hit_random");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(10))
-        .warm_up_time(Duration::from_secs(1));
+    let mut g = slow_group(c, "mapped_hit_random", 10);
     g.bench_function("kernel_mmap", |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| {
-                    let (m, _f) = KernelMap::new(&path, RANDOM_SIZE as usize, false);
-                    touch_pages(m.ptr, &pages, 1)
-                })
-                .sum()
+        iter_each(b, || {
+            let (m, _f) = KernelMap::new(&path, RANDOM_SIZE as usize, false);
+            touch_pages(m.ptr, &pages, 1)
         })
     });
     // The same pages in a memfd (4 KiB shmem pages, as upcache's), mapped
@@ -253,22 +252,16 @@ fn mapped_hit_random(c: &mut Criterion) {
         }
     }
     g.bench_function("kernel_mmap_memfd", |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| {
-                    use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
-                    let len = RANDOM_SIZE as usize;
-                    // SAFETY: a fresh read-only mapping of our memfd,
-                    // unmapped below.
-                    let p = unsafe {
-                        mmap(std::ptr::null_mut(), len, ProtFlags::READ, MapFlags::SHARED, &memfd, 0).unwrap()
-                    };
-                    let t = touch_pages(p as usize, &pages, 1);
-                    // SAFETY: our mapping, no longer used.
-                    unsafe { munmap(p, len).unwrap() };
-                    t
-                })
-                .sum()
+        iter_each(b, || {
+            use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+            let len = RANDOM_SIZE as usize;
+            // SAFETY: a fresh read-only mapping of our memfd,
+            // unmapped below.
+            let p = unsafe { mmap(std::ptr::null_mut(), len, ProtFlags::READ, MapFlags::SHARED, &memfd, 0).unwrap() };
+            let t = touch_pages(p as usize, &pages, 1);
+            // SAFETY: our mapping, no longer used.
+            unsafe { munmap(p, len).unwrap() };
+            t
         })
     });
     let default_mode = upcache::PageCacheBuilder::DEFAULT_MMAP_MODE;
@@ -284,13 +277,9 @@ fn mapped_hit_random(c: &mut Criterion) {
             file.read_exact_at(&mut buf, off).unwrap();
         }
         g.bench_function(id, |b| {
-            b.iter_custom(|iters| {
-                (0..iters)
-                    .map(|_| {
-                        let map = file.mmap(0, RANDOM_SIZE as usize, Share::Shared).unwrap();
-                        touch_pages(map.as_ptr() as usize, &pages, 1)
-                    })
-                    .sum()
+            iter_each(b, || {
+                let map = file.mmap(0, RANDOM_SIZE as usize, Share::Shared).unwrap();
+                touch_pages(map.as_ptr() as usize, &pages, 1)
             })
         });
     }
@@ -304,19 +293,12 @@ fn scan_seq_cold(c: &mut Criterion) {
     let path = dir.path().join("scan-cold");
     make_file(&path, SCAN_SIZE);
     let pages: Vec<usize> = (0..(SCAN_SIZE / PAGE_SIZE as u64) as usize).collect();
-    let mut g = c.benchmark_group("scan_seq_cold");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(30))
-        .warm_up_time(Duration::from_secs(1));
+    let mut g = slow_group(c, "scan_seq_cold", 30);
     g.bench_function("kernel_mmap", |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| {
-                    drop_kernel_cache(&path);
-                    let (m, _f) = KernelMap::new(&path, SCAN_SIZE as usize, false);
-                    touch_pages(m.ptr, &pages, 1)
-                })
-                .sum()
+        iter_each(b, || {
+            drop_kernel_cache(&path);
+            let (m, _f) = KernelMap::new(&path, SCAN_SIZE as usize, false);
+            touch_pages(m.ptr, &pages, 1)
         })
     });
     let default_mode = upcache::PageCacheBuilder::DEFAULT_MMAP_MODE;
@@ -344,21 +326,17 @@ fn scan_upcache(
 ) {
     {
         g.bench_function(id, |b| {
-            b.iter_custom(|iters| {
-                (0..iters)
-                    .map(|_| {
-                        drop_kernel_cache(path);
-                        let cache = PageCache::builder().mmap_mode(mode).map_ahead(map_ahead).build();
-                        let file = if direct {
-                            let store = upcache::DirectFileStore::open(path).unwrap();
-                            cache.open_with_ops("scan", upcache::StoreOps::new(store)).unwrap()
-                        } else {
-                            cache.open(path).unwrap()
-                        };
-                        let map = file.mmap(0, SCAN_SIZE as usize, Share::Shared).unwrap();
-                        touch_pages(map.as_ptr() as usize, pages, 1)
-                    })
-                    .sum()
+            iter_each(b, || {
+                drop_kernel_cache(path);
+                let cache = PageCache::builder().mmap_mode(mode).map_ahead(map_ahead).build();
+                let file = if direct {
+                    let store = upcache::DirectFileStore::open(path).unwrap();
+                    cache.open_with_ops("scan", upcache::StoreOps::new(store)).unwrap()
+                } else {
+                    cache.open(path).unwrap()
+                };
+                let map = file.mmap(0, SCAN_SIZE as usize, Share::Shared).unwrap();
+                touch_pages(map.as_ptr() as usize, pages, 1)
             })
         });
     }
@@ -381,20 +359,13 @@ fn first_write(c: &mut Criterion) {
     make_file(&path, WRITE_SIZE);
     let n = (WRITE_SIZE / PAGE_SIZE as u64) as usize;
     let all: Vec<usize> = (0..n).collect();
-    let mut g = c.benchmark_group("first_write");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(10))
-        .warm_up_time(Duration::from_secs(1));
+    let mut g = slow_group(c, "first_write", 10);
     g.bench_function("kernel_ext4", |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| {
-                    let (m, f) = KernelMap::new(&path, WRITE_SIZE as usize, true);
-                    f.sync_all().unwrap(); // every page clean: the first write pays page_mkwrite
-                    touch_pages(m.ptr, &all, 1);
-                    write_pages(m.ptr, n)
-                })
-                .sum()
+        iter_each(b, || {
+            let (m, f) = KernelMap::new(&path, WRITE_SIZE as usize, true);
+            f.sync_all().unwrap(); // every page clean: the first write pays page_mkwrite
+            touch_pages(m.ptr, &all, 1);
+            write_pages(m.ptr, n)
         })
     });
     let default_mode = upcache::PageCacheBuilder::DEFAULT_MMAP_MODE;
@@ -402,15 +373,11 @@ fn first_write(c: &mut Criterion) {
         let cache = PageCache::builder().mmap_mode(mode).build();
         let file = cache.open(&path).unwrap();
         g.bench_function(id, |b| {
-            b.iter_custom(|iters| {
-                (0..iters)
-                    .map(|_| {
-                        file.fsync().unwrap(); // every folio clean
-                        let mut map = file.mmap_mut(0, WRITE_SIZE as usize, Share::Shared).unwrap();
-                        touch_pages(map.as_mut_ptr() as usize, &all, 1);
-                        write_pages(map.as_mut_ptr() as usize, n)
-                    })
-                    .sum()
+            iter_each(b, || {
+                file.fsync().unwrap(); // every folio clean
+                let mut map = file.mmap_mut(0, WRITE_SIZE as usize, Share::Shared).unwrap();
+                touch_pages(map.as_mut_ptr() as usize, &all, 1);
+                write_pages(map.as_mut_ptr() as usize, n)
             })
         });
     }
