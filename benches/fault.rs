@@ -216,7 +216,8 @@ fn fault_random_4k(c: &mut Criterion) {
             iter_each(b, || {
                 let cache = PageCache::builder().mmap_mode(mode).build();
                 let file = cache.open(&path).unwrap();
-                let map = file.mmap(0, RANDOM_SIZE as usize, Share::Shared).unwrap();
+                // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+                let map = unsafe { file.mmap(0, RANDOM_SIZE as usize, Share::Shared) }.unwrap();
                 touch_pages(map.as_ptr() as usize, &pages, 2)
             })
         });
@@ -278,7 +279,8 @@ fn mapped_hit_random(c: &mut Criterion) {
         }
         g.bench_function(id, |b| {
             iter_each(b, || {
-                let map = file.mmap(0, RANDOM_SIZE as usize, Share::Shared).unwrap();
+                // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+                let map = unsafe { file.mmap(0, RANDOM_SIZE as usize, Share::Shared) }.unwrap();
                 touch_pages(map.as_ptr() as usize, &pages, 1)
             })
         });
@@ -335,7 +337,8 @@ fn scan_upcache(
                 } else {
                     cache.open(path).unwrap()
                 };
-                let map = file.mmap(0, SCAN_SIZE as usize, Share::Shared).unwrap();
+                // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+                let map = unsafe { file.mmap(0, SCAN_SIZE as usize, Share::Shared) }.unwrap();
                 touch_pages(map.as_ptr() as usize, pages, 1)
             })
         });
@@ -375,7 +378,8 @@ fn first_write(c: &mut Criterion) {
         g.bench_function(id, |b| {
             iter_each(b, || {
                 file.fsync().unwrap(); // every folio clean
-                let mut map = file.mmap_mut(0, WRITE_SIZE as usize, Share::Shared).unwrap();
+                                       // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+                let mut map = unsafe { file.mmap_mut(0, WRITE_SIZE as usize, Share::Shared) }.unwrap();
                 touch_pages(map.as_mut_ptr() as usize, &all, 1);
                 write_pages(map.as_mut_ptr() as usize, n)
             })

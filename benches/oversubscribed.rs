@@ -151,7 +151,8 @@ fn oversubscribed_random(c: &mut Criterion) {
     g.bench_function("upcache", |b| {
         b.iter_custom(|iters| {
             let (_cache, file) = upcache_cache(&path, ReplacementPolicy::S3Fifo);
-            let map = file.mmap(0, FILE_SIZE as usize, Share::Shared).unwrap();
+            // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+            let map = unsafe { file.mmap(0, FILE_SIZE as usize, Share::Shared) }.unwrap();
             run_reads(map.as_ptr() as usize, &offsets(1, ACCESSES));
             (0..iters)
                 .map(|i| run_reads(map.as_ptr() as usize, &offsets(100 + i, ACCESSES)))
@@ -163,7 +164,8 @@ fn oversubscribed_random(c: &mut Criterion) {
 
     for policy in [ReplacementPolicy::S3Fifo, ReplacementPolicy::Clock] {
         let (cache, file) = upcache_cache(&path, policy);
-        let map = file.mmap(0, FILE_SIZE as usize, Share::Shared).unwrap();
+        // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+        let map = unsafe { file.mmap(0, FILE_SIZE as usize, Share::Shared) }.unwrap();
         run_reads(map.as_ptr() as usize, &offsets(1, ACCESSES));
         let before = cache.stats();
         run_reads(map.as_ptr() as usize, &offsets(2, ACCESSES));

@@ -72,7 +72,7 @@ use crate::mmap::VmArea;
 use crate::page_store::PageStore;
 use crate::rwsem::{RwSem, RwSemReadGuard, RwSemWriteGuard};
 use crate::stats::CacheStats;
-use crate::sync::{epoch, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::sync::{epoch, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 use crate::types::{PgOff, MAX_ORDER};
 use crate::vmscan::Reclaimer;
 use crate::xarray::{Tag, XArray};
@@ -109,7 +109,7 @@ pub struct AddressSpace {
     i_rwsem: RwSem,
     nrpages: AtomicU64,
     pub(crate) ops: Box<dyn AddressSpaceOps>,
-    pub(crate) store: PageStore,
+    pub(crate) store: Arc<PageStore>,
     pub(crate) wb_err: ErrSeq,
     pub(crate) stats: Arc<CacheStats>,
     pub(crate) ra: RaConfig,
@@ -124,6 +124,11 @@ pub struct AddressSpace {
     /// Some mapping lets the kernel map cached pages itself (`Missing`
     /// mode): fills must then make each page visible only when complete.
     atomic_fill: AtomicBool,
+    /// Held shared by every writeback of the file (`writepages`, reclaim's
+    /// writeback with a trylock), exclusive by truncate around the store's
+    /// shrink and the new `i_size`: no folio past the new end can be
+    /// written (growing the file back) in between.
+    pub(crate) wb_lock: RwLock<()>,
     /// When the file first became dirty since its last flush (ms on the
     /// flusher's clock; 0: clean), the kernel's `dirtied_when`.
     dirtied_when: AtomicU64,
@@ -157,7 +162,7 @@ impl AddressSpace {
         }
         Ok(AddressSpace {
             id,
-            store: PageStore::new(&name)?,
+            store: Arc::new(PageStore::new(&name)?),
             name,
             i_pages: XArray::new(),
             i_size: AtomicU64::new(size),
@@ -173,6 +178,7 @@ impl AddressSpace {
             reclaim,
             wb,
             dirtied_when: AtomicU64::new(0),
+            wb_lock: RwLock::new(()),
             atomic_fill: AtomicBool::new(false),
         })
     }
@@ -268,6 +274,13 @@ impl AddressSpace {
         folio_lookup(&self.i_pages, index.0, guard)
     }
 
+    /// The lookup for callers that must never wait (map_pages, reclaim):
+    /// a frozen folio (being evicted) is reported as [`Lookup::Busy`]
+    /// instead of spun on.
+    pub(crate) fn try_get_folio_pinned(&self, index: PgOff, guard: &epoch::Guard) -> Lookup {
+        folio_try_lookup(&self.i_pages, index.0, guard)
+    }
+
     /// Look up and lock the folio covering `index`, re-checking that it
     /// still belongs to this file (`filemap_lock_folio`).
     ///
@@ -305,7 +318,7 @@ impl AddressSpace {
         if !self.i_pages.range_empty(&self.i_pages.lock(), index.0, n) {
             return Ok(None);
         }
-        let guard = Folio::alloc_locked(self.id, index, order, data);
+        let guard = Folio::alloc_locked(self.id, index, order, data, Some(self.store.clone()));
         if !index_add_folio(&self.i_pages, &guard) {
             // Lost a race: nobody else saw it; drop the index's reference.
             guard.detach();
@@ -315,7 +328,7 @@ impl AddressSpace {
         self.nrpages.fetch_add(n, Ordering::Relaxed);
         self.stats.folio_added(n);
         if let Some(r) = &self.reclaim {
-            r.note_new(self.id, index);
+            r.note_new(self.id, index, &*guard as *const Folio as usize);
         }
         Ok(Some(guard))
     }
@@ -514,20 +527,41 @@ impl AddressSpace {
 }
 
 /// The lockless lookup (see the protocol table in the module docs).
-pub(crate) fn folio_lookup(xa: &XArray, index: u64, _guard: &epoch::Guard) -> Option<FolioRef> {
+pub(crate) fn folio_lookup(xa: &XArray, index: u64, guard: &epoch::Guard) -> Option<FolioRef> {
+    loop {
+        match folio_try_lookup(xa, index, guard) {
+            Lookup::Found(r) => return Some(r),
+            Lookup::Absent => return None,
+            Lookup::Busy => crate::sync::spin_loop(),
+        }
+    }
+}
+
+/// Outcome of one lockless lookup attempt.
+pub(crate) enum Lookup {
+    /// A reference to the folio covering the index.
+    Found(FolioRef),
+    /// Nothing cached there.
+    Absent,
+    /// A folio is there but frozen (being evicted or freed): callers that
+    /// must not wait (map_pages, reclaim) skip it; others look again.
+    Busy,
+}
+
+/// One attempt of the lockless lookup that never spins on a frozen folio.
+pub(crate) fn folio_try_lookup(xa: &XArray, index: u64, _guard: &epoch::Guard) -> Lookup {
     loop {
         let p = xa.load(index);
         if p.is_null() {
-            return None;
+            return Lookup::Absent;
         }
         // SAFETY: `p` was loaded from the index while pinned; a folio is
         // freed only through the epoch after leaving the index, so it is
         // still allocated while `_guard` lives.
         let folio = unsafe { &*p };
         if !folio.try_get() {
-            // Being freed: its slot is being cleared, look again.
-            crate::sync::spin_loop();
-            continue;
+            // Frozen by reclaim, or being freed while its slot is cleared.
+            return Lookup::Busy;
         }
         // SAFETY: `try_get` gave us a reference.
         let r = unsafe { FolioRef::from_raw(NonNull::from(folio)) };
@@ -536,7 +570,7 @@ pub(crate) fn folio_lookup(xa: &XArray, index: u64, _guard: &epoch::Guard) -> Op
             drop(r);
             continue;
         }
-        return Some(r);
+        return Lookup::Found(r);
     }
 }
 
@@ -586,15 +620,17 @@ impl Writeback<'_> {
 
     /// The folio's bytes, to hand to the store.
     ///
-    /// Unless the store asked for stable writes, a user mapping may modify
-    /// them during the write; the folio is then dirty again and written by
-    /// the next writeback.
+    /// Stable for as long as the handle lives: upcache keeps pages stable
+    /// under writeback (the kernel's `stable_writes`, always on), so
+    /// `write_at` and write faults wait for the writeback to end, and
+    /// `folio_clear_dirty_for_io` write-protected the folio in every
+    /// shared-writable mapping before writeback started.
     pub fn data(&self) -> &[u8] {
         let f = self.folio();
-        // SAFETY: the folio's range of the page store view is mapped for the
-        // store's life; the folio is referenced, under writeback, so it is
-        // not truncated (truncate waits for writeback) and no in-crate
-        // writer frees it.
+        // SAFETY: the folio's range of the page store view stays mapped while
+        // we hold a reference (the folio keeps the store alive); WRITEBACK is
+        // set, so no upcache writer and no user mapping writes the bytes
+        // (stable pages, above) and truncate waits for writeback to end.
         unsafe { std::slice::from_raw_parts(f.as_ptr(), f.size()) }
     }
 
@@ -627,8 +663,21 @@ impl Drop for Writeback<'_> {
 
 impl Drop for AddressSpace {
     fn drop(&mut self) {
-        // Nobody else can reach us: drop every folio. Dirty data left here
-        // was already reported by the last handle's close/drop.
+        // The last user (a handle, a mapping, a FolioRef's owner) is gone:
+        // write back what is still dirty (mapped writes after close, a
+        // handle dropped after a failed flush) before dropping the folios.
+        // No dirty data is discarded silently: a failure is reported.
+        if self.nr_dirty_folios() > 0 {
+            let r = self.write_and_wait_range(0, u64::MAX).and_then(|_| self.ops.fsync());
+            if let Err(e) = r {
+                eprintln!(
+                    "upcache: {}: writing back dirty data of the last user failed ({e}); \
+                     {} dirty folios are lost",
+                    self.name,
+                    self.nr_dirty_folios()
+                );
+            }
+        }
         let mut index = 0;
         while let Some((i, _)) = self.i_pages.find_from(index, u64::MAX) {
             match self.filemap_lock_folio(PgOff(i)) {

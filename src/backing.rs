@@ -513,7 +513,10 @@ impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
     fn launder_folio(&self, mapping: &AddressSpace, folio: &mut FolioGuard) -> io::Result<()> {
         let pos = folio.pos();
         let len = folio.size().min(mapping.size().saturating_sub(pos) as usize);
-        self.store.write_all_at(&folio.data()[..len], pos)
+        // A copy: the folio's bytes stay shared with user mappings.
+        let mut buf = vec![0u8; len];
+        folio.copy_out(0, &mut buf);
+        self.store.write_all_at(&buf, pos)
     }
 
     fn initial_size(&self) -> io::Result<u64> {

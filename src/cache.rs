@@ -15,9 +15,9 @@ use crate::error::{Error, Result};
 use crate::fault::{FaultConfig, FaultEngine};
 use crate::filemap::Advice;
 use crate::fs_writeback::{DirtyConfig, Spaces, Writeback as CacheWriteback};
-use crate::mmap::{do_mmap, Mmap, MmapMut, Share, UffdMode};
+use crate::mmap::{do_mmap, Mmap, MmapMut, MmapRaw, Share, UffdMode};
 use crate::stats::{CacheStats, Stats};
-use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, Weak};
 use crate::types::{MAX_ORDER, PAGE_SIZE};
 use crate::vmscan::{Reclaimer, ReplacementPolicy};
 
@@ -210,8 +210,9 @@ impl PageCacheBuilder {
     }
 }
 
-/// Open files by (device, inode), with their number of open handles.
-type FileTable = HashMap<(u64, u64), (Arc<AddressSpace>, usize)>;
+/// Cached files by (device, inode). Weak: an address space lives while a
+/// handle or a mapping holds it, and its last holder writes it back.
+type FileTable = HashMap<(u64, u64), Weak<AddressSpace>>;
 
 struct CacheInner {
     /// Present with a memory limit.
@@ -295,17 +296,23 @@ impl PageCache {
     /// cacheable file.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<File> {
         let path = path.as_ref();
-        let store = FileStore::open(path)?;
-        let md = store.file().metadata()?;
+        let open_err = |source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let store = FileStore::open(path).map_err(open_err)?;
+        let md = store.file().metadata().map_err(open_err)?;
         let key = (md.dev(), md.ino());
         let mut files = self.inner.files.lock();
-        if let Some((m, handles)) = files.get_mut(&key) {
-            *handles += 1;
-            return Ok(File::new(m.clone(), self.inner.clone(), Some(key)));
+        // One address space per file while anything (a handle or a
+        // mapping) still uses it.
+        if let Some(m) = files.get(&key).and_then(Weak::upgrade) {
+            return Ok(File::new(m, self.inner.clone()));
         }
         let m = self.new_mapping(path.display().to_string(), Box::new(StoreOps::new(store)))?;
-        files.insert(key, (m.clone(), 1));
-        Ok(File::new(m, self.inner.clone(), Some(key)))
+        files.retain(|_, w| w.strong_count() > 0);
+        files.insert(key, Arc::downgrade(&m));
+        Ok(File::new(m, self.inner.clone()))
     }
 
     /// Start the fault engine now (it starts on the first mmap otherwise),
@@ -324,7 +331,7 @@ impl PageCache {
     /// The operations' `initial_size` error; memfd creation failure.
     pub fn open_with_ops(&self, name: &str, ops: impl AddressSpaceOps) -> Result<File> {
         let m = self.new_mapping(name.to_string(), Box::new(ops))?;
-        Ok(File::new(m, self.inner.clone(), None))
+        Ok(File::new(m, self.inner.clone()))
     }
 
     fn new_mapping(&self, name: String, ops: Box<dyn AddressSpaceOps>) -> Result<Arc<AddressSpace>> {
@@ -394,8 +401,6 @@ pub struct File {
     wb_err: AtomicU64,
     closed: AtomicBool,
     cache: Arc<CacheInner>,
-    /// Key in the cache's table of open files (files opened by path).
-    key: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for File {
@@ -408,13 +413,12 @@ impl std::fmt::Debug for File {
 }
 
 impl File {
-    fn new(mapping: Arc<AddressSpace>, cache: Arc<CacheInner>, key: Option<(u64, u64)>) -> File {
+    fn new(mapping: Arc<AddressSpace>, cache: Arc<CacheInner>) -> File {
         File {
             wb_err: AtomicU64::new(mapping.wb_err.sample()),
             mapping,
             closed: AtomicBool::new(false),
             cache,
-            key,
         }
     }
 
@@ -426,8 +430,21 @@ impl File {
     /// `Closed`; `EINVAL` for a zero length or unaligned offset; `EFBIG`
     /// past the largest file; [`Error::Userfaultfd`] if userfaultfd is not
     /// usable here; `mmap(2)`'s error.
-    pub fn mmap(&self, offset: u64, len: usize, share: Share) -> Result<Mmap> {
-        self.mmap_with_mode(offset, len, share, self.cache.fault_cfg.mode)
+    ///
+    /// # Safety
+    ///
+    /// As with `memmap2::Mmap`, the returned handle derefs to a slice of
+    /// memory that others may change: `write_at`, `truncate`, `punch_hole`,
+    /// other mappings of the file (in this or any thread), and other
+    /// processes writing the file through upcache. The caller must ensure
+    /// that no such change happens to the bytes of a slice obtained from
+    /// the mapping while that slice is alive, and that no slice is used
+    /// for bytes past end of file (SIGBUS). For memory shared with
+    /// concurrent writers, use the safe [`mmap_raw`](Self::mmap_raw).
+    pub unsafe fn mmap(&self, offset: u64, len: usize, share: Share) -> Result<Mmap> {
+        // SAFETY: the caller upholds this function's contract, which is
+        // the same.
+        unsafe { self.mmap_with_mode(offset, len, share, self.cache.fault_cfg.mode) }
     }
 
     /// Map `len` bytes at `offset` read-write: `Share::Shared` writes go to
@@ -436,15 +453,27 @@ impl File {
     ///
     /// # Errors
     /// As [`mmap`](Self::mmap).
-    pub fn mmap_mut(&self, offset: u64, len: usize, share: Share) -> Result<MmapMut> {
-        self.mmap_mut_with_mode(offset, len, share, self.cache.fault_cfg.mode)
+    ///
+    /// # Safety
+    ///
+    /// As [`mmap`](Self::mmap); in addition `&mut [u8]` from this handle
+    /// must not alias bytes that another mapping, `write_at` or another
+    /// thread reads or writes while it is alive (two `MmapMut`s of one
+    /// page are two `&mut` to the same memory).
+    pub unsafe fn mmap_mut(&self, offset: u64, len: usize, share: Share) -> Result<MmapMut> {
+        // SAFETY: the caller upholds this function's contract, which is
+        // the same.
+        unsafe { self.mmap_mut_with_mode(offset, len, share, self.cache.fault_cfg.mode) }
     }
 
     /// [`mmap`](Self::mmap) with an explicit registration mode.
     ///
     /// # Errors
     /// As [`mmap`](Self::mmap).
-    pub fn mmap_with_mode(&self, offset: u64, len: usize, share: Share, mode: UffdMode) -> Result<Mmap> {
+    ///
+    /// # Safety
+    /// As [`mmap`](Self::mmap).
+    pub unsafe fn mmap_with_mode(&self, offset: u64, len: usize, share: Share, mode: UffdMode) -> Result<Mmap> {
         self.mapping()?;
         let engine = self.cache.engine()?;
         let vma = do_mmap(&engine, &self.mapping, offset, len, false, share, mode)?;
@@ -455,11 +484,37 @@ impl File {
     ///
     /// # Errors
     /// As [`mmap`](Self::mmap).
-    pub fn mmap_mut_with_mode(&self, offset: u64, len: usize, share: Share, mode: UffdMode) -> Result<MmapMut> {
+    ///
+    /// # Safety
+    /// As [`mmap_mut`](Self::mmap_mut).
+    pub unsafe fn mmap_mut_with_mode(&self, offset: u64, len: usize, share: Share, mode: UffdMode) -> Result<MmapMut> {
         self.mapping()?;
         let engine = self.cache.engine()?;
         let vma = do_mmap(&engine, &self.mapping, offset, len, true, share, mode)?;
         Ok(MmapMut::new(vma, engine))
+    }
+
+    /// A shared, writable mapping handed out as a raw pointer and length
+    /// (like `memmap2::MmapRaw`): safe to create, `Send + Sync`, and
+    /// accessed through [`MmapRaw::read`] / [`MmapRaw::write`] copies or
+    /// through the raw pointer, so several threads (and `write_at`) may
+    /// share its pages without any `&[u8]` to them existing.
+    ///
+    /// # Errors
+    /// As [`mmap`](Self::mmap).
+    pub fn mmap_raw(&self, offset: u64, len: usize) -> Result<MmapRaw> {
+        self.mapping()?;
+        let engine = self.cache.engine()?;
+        let vma = do_mmap(
+            &engine,
+            &self.mapping,
+            offset,
+            len,
+            true,
+            Share::Shared,
+            self.cache.fault_cfg.mode,
+        )?;
+        Ok(MmapRaw::new(vma, engine))
     }
 
     fn mapping(&self) -> Result<&AddressSpace> {
@@ -605,21 +660,7 @@ impl File {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Err(Error::Closed);
         }
-        self.release();
         Ok(())
-    }
-
-    /// Drop the registry entry when this is the last handle.
-    fn release(&self) {
-        if let Some(key) = &self.key {
-            let mut files = self.cache.files.lock();
-            if let Some((_, handles)) = files.get_mut(key) {
-                *handles -= 1;
-                if *handles == 0 {
-                    files.remove(key);
-                }
-            }
-        }
     }
 }
 
@@ -631,10 +672,9 @@ impl Drop for File {
         if let Err(e) = self.fsync() {
             eprintln!(
                 "upcache: {}: dropped without close and the flush failed ({e}); \
-                 unwritten data is lost when the last handle goes",
+                 the data stays dirty and is retried when the last user of the file goes",
                 self.mapping.name()
             );
         }
-        self.release();
     }
 }

@@ -28,6 +28,15 @@ pub enum Error {
         /// What was wrong.
         what: &'static str,
     },
+    /// Opening the file at `path` failed (`ENOENT`, `EACCES`, `EINVAL` for
+    /// a path with a NUL byte, ...).
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        /// The path given to `open`.
+        path: std::path::PathBuf,
+        /// What `open(2)` (or the store) said.
+        source: io::Error,
+    },
     /// The file handle was closed (`EBADF`).
     #[error("file is closed (EBADF)")]
     Closed,
@@ -46,7 +55,7 @@ impl Error {
     pub fn raw_os_error(&self) -> i32 {
         use rustix::io::Errno;
         match self {
-            Error::Io(e) | Error::Writeback(e) => e.raw_os_error().unwrap_or(Errno::IO.raw_os_error()),
+            Error::Io(e) | Error::Writeback(e) | Error::Open { source: e, .. } => errno_of(e),
             Error::FileTooLarge { .. } => Errno::FBIG.raw_os_error(),
             Error::InvalidArgument { .. } => Errno::INVAL.raw_os_error(),
             Error::Closed => Errno::BADF.raw_os_error(),
@@ -56,10 +65,21 @@ impl Error {
     }
 }
 
+/// The errno of an `io::Error`; errors std makes without one (a NUL byte
+/// in a path, an invalid argument) map to `EINVAL`, the rest to `EIO`.
+fn errno_of(e: &io::Error) -> i32 {
+    use rustix::io::Errno;
+    e.raw_os_error().unwrap_or(match e.kind() {
+        io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => Errno::INVAL.raw_os_error(),
+        _ => Errno::IO.raw_os_error(),
+    })
+}
+
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         match e {
             Error::Io(e) => e,
+            Error::Open { path, source } => io::Error::new(source.kind(), format!("{}: {source}", path.display())),
             other => io::Error::from_raw_os_error(other.raw_os_error()),
         }
     }

@@ -127,7 +127,10 @@ fn handler_main(sh: &EngineShared) {
             }
         };
         if n == 0 && !sh.cfg.spin.is_zero() {
-            let deadline = Instant::now() + sh.cfg.spin;
+            // Saturating: a huge spin setting means "always spin", never
+            // an overflow panic in the handler.
+            let now = Instant::now();
+            let deadline = now.checked_add(sh.cfg.spin).unwrap_or(now + Duration::from_secs(3600));
             while n == 0 && Instant::now() < deadline && !sh.stop.load(Ordering::Relaxed) {
                 std::hint::spin_loop();
                 n = sh.uffd.read_msgs(&mut msgs).unwrap_or(0);
@@ -146,7 +149,18 @@ fn handler_main(sh: &EngineShared) {
         }
         for m in &msgs[..n] {
             if let Some(pf) = m.page_fault() {
-                handle_fault(sh, pf);
+                // A panic while serving a fault (in the store, an engine
+                // callback or upcache itself) ends that fault in SIGBUS and
+                // the handler goes on: a dead handler would leave the
+                // faulting thread, and every later fault, hanging.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle_fault(sh, pf)));
+                if r.is_err() {
+                    eprintln!(
+                        "upcache: panic while serving a fault at {:#x}; the faulting thread gets SIGBUS",
+                        pf.address
+                    );
+                    poison_page(sh, page_down(pf.address));
+                }
             }
         }
     }
@@ -167,6 +181,15 @@ fn handle_fault(sh: &EngineShared, pf: PageFault) {
         wake_page(sh, page);
         return;
     }
+    // Leave the fault on every path, panics included (teardown waits for
+    // faults in flight).
+    struct Exit<'a>(&'a VmArea);
+    impl Drop for Exit<'_> {
+        fn drop(&mut self) {
+            self.0.exit();
+        }
+    }
+    let _exit = Exit(&vma);
     let vmf = VmFault {
         vma: &vma,
         address: page,
@@ -193,7 +216,6 @@ fn handle_fault(sh: &EngineShared, pf: PageFault) {
             }
         }
     }
-    vma.exit();
 }
 
 /// A read or first-touch fault (MISSING or MINOR).
@@ -282,10 +304,15 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
         Some(wb) => match wb.gate.try_start_write() {
             Some(g) => Some(g),
             None => {
-                wb.gate.park_fault(ParkedFault {
+                let parked = wb.gate.park_fault(ParkedFault {
                     vma: vma_arc.clone(),
                     address: vmf.address,
                 });
+                if parked.is_none() {
+                    return;
+                }
+                // Thawed meanwhile: retry from the top.
+                wake_page(sh, vmf.address);
                 return;
             }
         },
@@ -371,9 +398,33 @@ fn replay_wp_fault_inner(vma: &Arc<VmArea>, address: usize) {
 fn sigbus(sh: &EngineShared, vmf: &VmFault<'_>) {
     vmf.vma.poisoned.store(true, Ordering::Relaxed);
     vmf.vma.mapping().stats.sigbus();
-    match sh.uffd.poison(vmf.address, PAGE_SIZE) {
-        Ok(()) => {}
-        // Mapped by someone meanwhile (the file grew back): just retry.
-        Err(_) => wake_page(sh, vmf.address),
+    poison_page(sh, vmf.address);
+}
+
+/// `UFFDIO_POISON` one page; the faulting thread gets SIGBUS.
+///
+/// `EEXIST` means the PTE is not none: either a real page (mapped by
+/// someone meanwhile, e.g. the file grew back: the retry is served) or a
+/// uffd-wp *marker* (Missing-mode shared-writable mappings keep them armed
+/// on absent pages), which POISON cannot replace. A marker is cleared by
+/// un-write-protecting the page, then POISON is tried again; treating
+/// EEXIST as done would leave the thread refaulting forever.
+fn poison_page(sh: &EngineShared, page: usize) {
+    for _ in 0..2 {
+        match sh.uffd.poison(page, PAGE_SIZE) {
+            Ok(()) => return,
+            Err(UffdError::Exists { .. }) => {
+                // Clears a wp marker on a none PTE (then POISON works).
+                let _ = sh.uffd.writeprotect(page, PAGE_SIZE, false);
+            }
+            Err(_) => break,
+        }
     }
+    // A real page is mapped there (the file grew back meanwhile): protect
+    // it again, since the unprotect above may have made a clean page
+    // writable behind page_mkwrite's back (over-protecting only costs a
+    // WP fault; outside a WP-registered range this fails harmlessly), and
+    // let the thread retry.
+    let _ = sh.uffd.writeprotect(page, PAGE_SIZE, true);
+    wake_page(sh, page);
 }

@@ -69,6 +69,20 @@ impl AddressSpace {
     /// # Errors
     /// The store's read error (the folio stays cached, not uptodate).
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
+        if crate::mmap::overlaps_user_mapping(buf.as_ptr(), buf.len()) {
+            // Copying into an upcache mapping can fault into this very
+            // file while we hold a folio reference that truncate waits
+            // for: read into a bounce buffer, copy out with nothing held.
+            let mut bounce = vec![0u8; buf.len()];
+            let n = self.read_at_locked_out(&mut bounce, pos)?;
+            buf[..n].copy_from_slice(&bounce[..n]);
+            return Ok(n);
+        }
+        self.read_at_locked_out(buf, pos)
+    }
+
+    /// `read_at` into a buffer that is not an upcache mapping.
+    fn read_at_locked_out(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
         let mut done = 0usize;
         while done < buf.len() {
             let p = match pos.checked_add(done as u64) {
@@ -333,6 +347,13 @@ impl AddressSpace {
         if buf.is_empty() {
             return Ok(0);
         }
+        if crate::mmap::overlaps_user_mapping(buf.as_ptr(), buf.len()) {
+            // The source is an upcache mapping: copying from it under the
+            // folio lock could fault on that very folio. Fault it in now,
+            // with no lock held, into a bounce buffer.
+            let bounce = buf.to_vec();
+            return self.write_at(&bounce, pos);
+        }
         let _sb = self.start_write();
         let _i = self.inode_lock();
         let old_size = self.size();
@@ -345,6 +366,9 @@ impl AddressSpace {
                 Err(e) if done == 0 => return Err(Error::Io(e)),
                 Err(_) => break,
             };
+            // Stable pages, always: the bytes of a folio under writeback
+            // are being read by the store; wait rather than change them.
+            g.wait_writeback();
             let off = (p - g.pos()) as usize;
             let n = (g.size() - off).min(left);
             if !g.is_uptodate() && self.needs_atomic_fill() {
@@ -358,7 +382,7 @@ impl AddressSpace {
                     break;
                 }
             } else {
-                g.data_mut()[off..off + n].copy_from_slice(&buf[done..done + n]);
+                g.copy_in_raw(off, &buf[done..done + n]);
             }
             let copied = self.ops.write_end(self, p, n, g);
             done += copied;

@@ -43,7 +43,8 @@
 use std::fmt;
 use std::ptr::NonNull;
 
-use crate::sync::{epoch, AtomicU32, AtomicU64, Ordering, UnparkOp, WaitQueue};
+use crate::page_store::PageStore;
+use crate::sync::{epoch, Arc, AtomicU32, AtomicU64, Ordering, UnparkOp, WaitQueue};
 use crate::types::{PgOff, PAGE_SHIFT, PAGE_SIZE};
 
 /// Folio flag bits (see the module docs for the state table).
@@ -90,12 +91,17 @@ pub struct Folio {
     order: u8,
     /// First byte of the folio in the page store's engine view.
     data: *mut u8,
+    /// Keeps the page store (and so the view `data` points into) mapped
+    /// for as long as this folio exists: a [`FolioRef`] may outlive its
+    /// `File`, its `AddressSpace` and its `PageCache`. `None` only in the
+    /// loom models, which never touch data.
+    _store: Option<Arc<PageStore>>,
     wq: WaitQueue,
 }
 
-// SAFETY: all mutable state is atomic; `data` points into a shared mapping
-// that outlives every folio of its page store (see `page_store`), and access
-// to its bytes follows the folio lock protocol.
+// SAFETY: all mutable state is atomic; `data` points into the page store's
+// shared view, which the folio keeps mapped (`_store`), and access to its
+// bytes follows the folio lock protocol.
 unsafe impl Send for Folio {}
 // SAFETY: as above; `&Folio` exposes only atomics and raw copies.
 unsafe impl Sync for Folio {}
@@ -114,7 +120,13 @@ impl fmt::Debug for Folio {
 impl Folio {
     /// Allocate a folio, locked, with two references (the page cache's and
     /// the returned one's) and attached to `mapping`.
-    pub(crate) fn alloc_locked(mapping: u64, index: PgOff, order: u8, data: *mut u8) -> FolioGuard {
+    pub(crate) fn alloc_locked(
+        mapping: u64,
+        index: PgOff,
+        order: u8,
+        data: *mut u8,
+        store: Option<Arc<PageStore>>,
+    ) -> FolioGuard {
         debug_assert!(order <= crate::types::MAX_ORDER);
         debug_assert_eq!(
             index.0 & ((1u64 << order) - 1),
@@ -128,6 +140,7 @@ impl Folio {
             index,
             order,
             data,
+            _store: store,
             wq: WaitQueue::new(),
         });
         FolioGuard {
@@ -327,7 +340,17 @@ impl Folio {
     ///
     /// The caller owns one reference to the folio at `ptr`, and gives it up.
     unsafe fn put(ptr: NonNull<Folio>) {
-        // SAFETY: we own a reference, so the folio is alive.
+        // Pin before giving the reference up: after our decrement another
+        // holder may drop the last reference and defer the free, and we
+        // still read `mapping` below. The pin keeps the deferred free from
+        // running until we are done. (Not under loom: the models do not
+        // free memory behind their threads' backs, and the extra epoch
+        // traffic multiplies the interleavings past any budget; the
+        // reclamation itself is crossbeam-epoch's, loom-tested there.)
+        #[cfg(not(loom))]
+        let _pin = epoch::pin();
+        // SAFETY: we own a reference, so the folio is alive; after the
+        // decrement the pin above keeps it allocated.
         let f = unsafe { ptr.as_ref() };
         // SeqCst: see `detach` and `wait_refs_drained` (Dekker: the drainer
         // publishes "detached" then reads the count; we publish the count
@@ -340,7 +363,9 @@ impl Folio {
             f.wq.unpark_filter(f.key(), WQ_REFS, |_| UnparkOp::Unpark, |_| {});
         } else if old == 1 {
             let p = SendPtr(ptr);
-            let guard = epoch::pin();
+            #[cfg(loom)]
+            let _pin = epoch::pin();
+            let guard = &_pin;
             // SAFETY: the count reached zero, so `try_get` can never succeed
             // again and the index no longer holds the folio (the cache's own
             // reference is dropped only after removal). Lockless readers that
@@ -549,10 +574,33 @@ impl Folio {
         unsafe { std::ptr::copy_nonoverlapping(self.data.add(off), dst.as_mut_ptr(), dst.len()) }
     }
 
-    /// Pointer to the folio's bytes in the engine view.
+    /// Pointer to the folio's bytes in the engine view (valid for
+    /// [`size`](Self::size) bytes while the caller holds a reference).
+    /// The bytes are shared with user mappings and other threads: access
+    /// them only with raw copies, never through a long-lived reference.
     #[inline]
     pub fn as_ptr(&self) -> *mut u8 {
         self.data
+    }
+
+    /// Copy `src` into the folio at `off`, with a raw copy (no reference
+    /// to folio memory is formed). Folio locked by the caller (crate use:
+    /// write_at, truncate's zeroing).
+    pub(crate) fn copy_in_raw(&self, off: usize, src: &[u8]) {
+        assert!(off + src.len() <= self.size());
+        debug_assert!(self.is_locked());
+        // SAFETY: in bounds (checked), inside the store view kept mapped
+        // by `_store`; `src` is a distinct allocation. Other readers copy
+        // without the lock as the kernel's filemap_read does.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.data.add(off), src.len()) }
+    }
+
+    /// Zero `len` bytes at `off` with a raw write. Folio locked.
+    pub(crate) fn zero_raw(&self, off: usize, len: usize) {
+        assert!(off + len <= self.size());
+        debug_assert!(self.is_locked());
+        // SAFETY: as in `copy_in_raw`.
+        unsafe { std::ptr::write_bytes(self.data.add(off), 0, len) }
     }
 }
 
@@ -664,22 +712,28 @@ impl FolioGuard {
         self.folio.flags.fetch_or(ERROR, Ordering::Release);
     }
 
-    /// The folio's bytes, for filling or modifying under the lock.
+    /// The bytes of a folio being filled (`read_folio`, `readahead`).
     ///
-    /// The memory is shared with user mappings of the same file (as with
-    /// memmap2's `MmapMut`): upcache itself only writes it under the folio
-    /// lock and only reads it without the lock in `copy_out`.
+    /// Only a locked folio that is **not uptodate** has bytes nobody else
+    /// may look at: lockless readers (`copy_out`), `map_pages` and faults
+    /// all wait for UPTODATE, and in `Missing` mode fills go through
+    /// [`AddressSpace::fill_folio`](crate::AddressSpace::fill_folio). Once
+    /// a folio is uptodate its bytes are shared with user mappings and
+    /// readers, so no `&mut [u8]` to them can exist: use
+    /// [`Folio::copy_out`] and the address space's write paths instead.
+    ///
+    /// # Panics
+    /// If the folio is uptodate.
     pub fn data_mut(&mut self) -> &mut [u8] {
+        assert!(
+            !self.folio.is_uptodate(),
+            "FolioGuard::data_mut on an uptodate folio: its bytes are shared"
+        );
         // SAFETY: the range is the folio's own slot in the page store view,
-        // mapped for the store's life; holding the lock (and `&mut self`)
-        // excludes every other in-crate writer.
+        // kept mapped by the folio (`_store`); the folio is locked and not
+        // uptodate, so no reader, mapping or writer touches it (see above),
+        // and `&mut self` makes this the only slice.
         unsafe { std::slice::from_raw_parts_mut(self.folio.data, self.folio.size()) }
-    }
-
-    /// The folio's bytes, read-only.
-    pub fn data(&self) -> &[u8] {
-        // SAFETY: as in `data_mut`; shared access under the lock.
-        unsafe { std::slice::from_raw_parts(self.folio.data, self.folio.size()) }
     }
 }
 

@@ -85,9 +85,17 @@ impl FreezeGate {
         (!self.frozen.load(Ordering::Acquire)).then_some(g)
     }
 
-    /// Park a write fault until thaw.
-    pub(crate) fn park_fault(&self, f: ParkedFault) {
-        self.parked.lock().push(f);
+    /// Park a write fault until thaw. Returns it back if the cache was
+    /// thawed meanwhile (the caller serves it now): checked under the
+    /// `parked` lock, which `thaw` takes after clearing `frozen`, so no
+    /// fault is parked after the thaw that should replay it.
+    pub(crate) fn park_fault(&self, f: ParkedFault) -> Option<ParkedFault> {
+        let mut q = self.parked.lock();
+        if !self.frozen.load(Ordering::Acquire) {
+            return Some(f);
+        }
+        q.push(f);
+        None
     }
 
     fn is_frozen(&self) -> bool {
@@ -146,6 +154,10 @@ impl Writeback {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
+    /// The cache is going away: stop the flusher, thaw (a frozen cache
+    /// has nobody left to thaw it) and answer every parked or throttled
+    /// write fault. Mappings may outlive the cache; their later write
+    /// faults are neither parked nor throttled (`is_stopped`).
     pub(crate) fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
         let h = self.flusher.lock().take();
@@ -153,8 +165,14 @@ impl Writeback {
             t.unpark();
             let _ = h.join();
         }
+        self.thaw();
         // Never leave a faulting thread parked.
         self.release_throttled();
+    }
+
+    /// Has the cache shut down (no flusher, no freeze)?
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
     }
 
     /// Is dirty memory past the hard limit?
@@ -167,7 +185,15 @@ impl Writeback {
     /// flusher's next pass, which it starts now.
     pub(crate) fn throttle_fault(&self, f: ParkedFault) {
         self.stats.throttled();
-        self.throttled.lock().push(f);
+        let mut q = self.throttled.lock();
+        if self.is_stopped() {
+            // No flusher will replay it: serve it now.
+            drop(q);
+            crate::fault::replay_wp_fault(&f.vma, f.address);
+            return;
+        }
+        q.push(f);
+        drop(q);
         if let Some((t, _)) = &*self.flusher.lock() {
             t.unpark();
         }
@@ -184,6 +210,13 @@ impl Writeback {
 
     fn dirty_bytes(&self) -> u64 {
         self.stats.dirty_bytes()
+    }
+
+    /// Wake the flusher now (direct reclaim found dirty folios).
+    pub(crate) fn wake_flusher(&self) {
+        if let Some((t, _)) = &*self.flusher.lock() {
+            t.unpark();
+        }
     }
 
     /// Wake the flusher (dirty memory grew past the background level).
@@ -246,6 +279,9 @@ impl Writeback {
     pub(crate) fn freeze(&self) -> io::Result<()> {
         {
             let _w = self.gate.lock.write();
+            if self.is_stopped() {
+                return Err(io::Error::other("the cache is shut down"));
+            }
             if self.gate.frozen.swap(true, Ordering::AcqRel) {
                 return Err(io::Error::new(
                     io::ErrorKind::ResourceBusy,

@@ -75,7 +75,7 @@ pub use cache::{File, PageCache, PageCacheBuilder};
 pub use error::{Error, Result};
 pub use filemap::Advice;
 pub use folio::{Folio, FolioGuard, FolioRef};
-pub use mmap::{Mmap, MmapMut, Share, UffdMode, VmArea};
+pub use mmap::{Mmap, MmapMut, MmapRaw, Share, UffdMode, VmArea};
 pub use stats::Stats;
 pub use types::{PgOff, MAX_FILE_SIZE, PAGE_SIZE};
 pub use vm_ops::{FilemapVmOps, MapPages, VmFault, VmFaultResult, VmOps};
@@ -96,7 +96,7 @@ pub mod loom_support {
     /// A folio with no page store behind it (the models never touch data),
     /// locked, with the index's reference and the returned one.
     pub fn alloc_folio(mapping: u64, index: u64) -> FolioGuard {
-        Folio::alloc_locked(mapping, PgOff(index), 0, std::ptr::null_mut())
+        Folio::alloc_locked(mapping, PgOff(index), 0, std::ptr::null_mut(), None)
     }
 
     /// The page-cache index.
@@ -161,3 +161,8 @@ pub mod loom_support {
         f.test_clear_dirty()
     }
 }
+
+/// The README's examples, compiled by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -269,6 +269,18 @@ pub(crate) fn do_mmap(
     // object; the memfd outlives it (the VmArea holds the AddressSpace).
     let addr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), plen, prot, flags, mapping.store.memfd(), offset) }
         .map_err(|e| Error::Io(e.into()))? as usize;
+    // A child of a storage engine does not inherit its cache mappings: a
+    // forked child touching an uncached page would otherwise fault it in
+    // as a zero page of the shared memfd (the uffd registration is not
+    // inherited), corrupting the parent's view. The child gets SIGSEGV.
+    // SAFETY: our own fresh mapping; MADV_DONTFORK changes only fork(2)'s
+    // treatment of it.
+    if unsafe { libc::madvise(addr as *mut _, plen, libc::MADV_DONTFORK) } != 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: our own fresh mapping, never handed out.
+        let _ = unsafe { rustix::mm::munmap(addr as *mut _, plen) };
+        return Err(Error::Io(e));
+    }
     let vma = Arc::new(VmArea {
         start: addr,
         len: plen,
@@ -293,8 +305,10 @@ pub(crate) fn do_mmap(
     }
     engine.shared().insert(vma.clone());
     mapping.i_mmap.lock().push(vma.clone());
+    register_user_range(addr, plen);
     if let Err(e) = engine.shared().uffd.register(addr, plen, modes) {
         unpublish(&vma);
+        unregister_user_range(addr);
         // SAFETY: our own fresh mapping, never handed out.
         let _ = unsafe { rustix::mm::munmap(addr as *mut _, plen) };
         return Err(Error::Io(e));
@@ -308,21 +322,89 @@ pub(crate) fn do_mmap(
     Ok(vma)
 }
 
+/// Every live upcache user mapping of the process, over all caches:
+/// start → end. `read_at` / `write_at` consult it to copy through a bounce
+/// buffer when the caller's buffer lies in such a mapping (see
+/// [`overlaps_user_mapping`]).
+#[cfg(not(loom))]
+static USER_MAPPINGS: crate::sync::RwLock<std::collections::BTreeMap<usize, usize>> =
+    crate::sync::const_rwlock(std::collections::BTreeMap::new());
+#[cfg(not(loom))]
+static NR_USER_MAPPINGS: crate::sync::AtomicUsize = crate::sync::AtomicUsize::new(0);
+
+#[cfg(not(loom))]
+fn register_user_range(start: usize, len: usize) {
+    USER_MAPPINGS.write().insert(start, start + len);
+    NR_USER_MAPPINGS.fetch_add(1, Ordering::Release);
+}
+
+#[cfg(not(loom))]
+fn unregister_user_range(start: usize) {
+    if USER_MAPPINGS.write().remove(&start).is_some() {
+        NR_USER_MAPPINGS.fetch_sub(1, Ordering::Release);
+    }
+}
+
+#[cfg(loom)]
+fn register_user_range(_: usize, _: usize) {}
+#[cfg(loom)]
+fn unregister_user_range(_: usize) {}
+
+/// Does `[ptr, ptr + len)` overlap an upcache user mapping (of any file, of
+/// any cache)?
+///
+/// `generic_perform_write` copies from the user buffer with page faults
+/// disabled, so a buffer that is a mapping of the file being written can
+/// never fault while a folio lock is held. A userspace copy cannot disable
+/// faults, and a fault on an upcache mapping needs folio locks and
+/// `invalidate_lock`: copying from (or into) such a buffer while holding
+/// them deadlocks. So `write_at` / `read_at` copy through a bounce buffer,
+/// filled or drained with no lock held, whenever this returns true. One
+/// relaxed load when no mapping exists.
+pub(crate) fn overlaps_user_mapping(ptr: *const u8, len: usize) -> bool {
+    #[cfg(not(loom))]
+    {
+        if len == 0 || NR_USER_MAPPINGS.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let a = ptr as usize;
+        let b = a.saturating_add(len);
+        let m = USER_MAPPINGS.read();
+        m.range(..b).next_back().is_some_and(|(_, &end)| end > a)
+    }
+    #[cfg(loom)]
+    {
+        let _ = (ptr, len);
+        false
+    }
+}
+
 fn unpublish(vma: &Arc<VmArea>) {
     vma.engine.remove(vma);
     vma.mapping.i_mmap.lock().retain(|v| !Arc::ptr_eq(v, vma));
 }
 
-/// Tear a mapping down: stop new faults, wake blocked faulters, wait for
-/// faults in flight, unmap.
+/// Tear a mapping down: stop new faults, wait for faults in flight, unmap,
+/// then wake threads still blocked on faults in the range.
+///
+/// The order matters. Unregistering first (as the kernel's munmap path
+/// would suggest) lets a thread blocked on a fault retry its access on a
+/// range that is still mapped but no longer registered: the kernel then
+/// faults a *zero page into the shared memfd*, which later `Missing`-mode
+/// mappings would serve as file data. Unmapping first turns such a retry
+/// into SIGSEGV (an access to memory the program unmapped) and leaves the
+/// memfd alone; munmap also drops the range's registration.
 fn do_munmap(vma: &Arc<VmArea>) {
     unpublish(vma);
-    // Unregistering wakes threads blocked on faults in the range.
-    let _ = vma.engine.uffd.unregister(vma.start, vma.len);
     vma.kill_and_drain();
     // SAFETY: the handle owning this mapping is being dropped, so no Rust
-    // reference into it remains; no handler thread is inside a fault on it.
+    // reference into it remains; no handler thread is inside a fault on it
+    // (drained above) and new faults find it dead.
     let _ = unsafe { rustix::mm::munmap(vma.start as *mut _, vma.len) };
+    unregister_user_range(vma.start);
+    // Wake threads still blocked on faults in the range (UFFDIO_WAKE
+    // needs no registration).
+    let _ = vma.engine.uffd.wake(vma.start, vma.len);
 }
 
 /// A read-only mapping of a cached file; derefs to `&[u8]`.
@@ -372,15 +454,34 @@ impl MmapMut {
     pub fn flush(&self) -> Result<()> {
         flush_vma(&self.vma)
     }
+
+    /// `msync(MS_SYNC)` of `len` bytes at `off` (every folio overlapping
+    /// them is written).
+    ///
+    /// # Errors
+    /// `EINVAL` for a range outside the mapping; the write or sync error.
+    pub fn flush_range(&self, off: usize, len: usize) -> Result<()> {
+        flush_vma_range(&self.vma, off, len)
+    }
 }
 
 fn flush_vma(vma: &VmArea) -> Result<()> {
-    if !vma.shared {
+    flush_vma_range(vma, 0, vma.len)
+}
+
+/// `msync(MS_SYNC)` of `len` bytes at `off` into the mapping.
+fn flush_vma_range(vma: &VmArea, off: usize, len: usize) -> Result<()> {
+    if off.checked_add(len).is_none_or(|e| e > vma.len) {
+        return Err(Error::InvalidArgument {
+            what: "flush range outside the mapping",
+        });
+    }
+    if !vma.shared || len == 0 {
         return Ok(());
     }
-    let start = vma.pgoff << PAGE_SHIFT;
+    let start = (vma.pgoff << PAGE_SHIFT) + off as u64;
     let m = vma.mapping();
-    m.write_and_wait_range(start, start + vma.len as u64 - 1)
+    m.write_and_wait_range(start, start + len as u64 - 1)
         .map_err(Error::Writeback)?;
     m.ops.fsync().map_err(Error::Io)
 }
@@ -431,6 +532,113 @@ impl Drop for Mmap {
 impl Drop for MmapMut {
     fn drop(&mut self) {
         do_munmap(&self.vma);
+    }
+}
+
+/// A shared, writable mapping handed out as a pointer and a length, like
+/// `memmap2::MmapRaw`: safe to create and to share between threads
+/// (`Send + Sync`), because it never hands out a Rust reference to the
+/// mapped bytes. Read and write it with [`read`](Self::read) /
+/// [`write`](Self::write) (bounds-checked copies) or through
+/// [`as_mut_ptr`](Self::as_mut_ptr) in your own `unsafe` code.
+///
+/// Writes dirty the cached folios (through page_mkwrite) and reach the file
+/// at [`flush`](Self::flush), `fsync`, or when the last user of the file
+/// goes. Touching bytes past end of file raises SIGBUS, as with any file
+/// mapping.
+pub struct MmapRaw {
+    vma: Arc<VmArea>,
+    _engine: Arc<FaultEngine>,
+}
+
+impl MmapRaw {
+    pub(crate) fn new(vma: Arc<VmArea>, engine: Arc<FaultEngine>) -> MmapRaw {
+        MmapRaw { vma, _engine: engine }
+    }
+    /// The mapping's description.
+    pub fn vma(&self) -> &VmArea {
+        &self.vma
+    }
+    /// First byte of the mapping.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.vma.start as *const u8
+    }
+    /// First byte of the mapping, writable.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.vma.start as *mut u8
+    }
+    /// Length asked for at creation.
+    pub fn len(&self) -> usize {
+        self.req_len()
+    }
+    /// Never empty (mappings have at least one byte).
+    pub fn is_empty(&self) -> bool {
+        self.req_len() == 0
+    }
+
+    fn req_len(&self) -> usize {
+        self.vma.req_len
+    }
+
+    fn check(&self, off: usize, n: usize) {
+        assert!(
+            off.checked_add(n).is_some_and(|e| e <= self.vma.req_len),
+            "MmapRaw access [{off}, {off}+{n}) out of bounds (len {})",
+            self.vma.req_len
+        );
+    }
+
+    /// Copy `buf.len()` mapped bytes at `off` into `buf`. Other threads may
+    /// write the same bytes meanwhile; the copy then sees some of each.
+    ///
+    /// # Panics
+    /// If the range is outside the mapping.
+    pub fn read(&self, off: usize, buf: &mut [u8]) {
+        self.check(off, buf.len());
+        // SAFETY: in bounds of our live mapping (checked; munmap happens in
+        // Drop); `buf` is a distinct allocation (a mapping of the same file
+        // elsewhere is a different address range). No reference to the
+        // mapped bytes is formed.
+        unsafe { std::ptr::copy_nonoverlapping((self.vma.start + off) as *const u8, buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// Copy `data` into the mapping at `off`.
+    ///
+    /// # Panics
+    /// If the range is outside the mapping.
+    pub fn write(&self, off: usize, data: &[u8]) {
+        self.check(off, data.len());
+        // SAFETY: as in `read`; the mapping is shared-writable.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), (self.vma.start + off) as *mut u8, data.len()) }
+    }
+
+    /// `msync(MS_SYNC)` of the whole mapping.
+    ///
+    /// # Errors
+    /// The write or sync error.
+    pub fn flush(&self) -> Result<()> {
+        flush_vma_range(&self.vma, 0, self.vma.len)
+    }
+
+    /// `msync(MS_SYNC)` of `len` bytes at `off` (every folio overlapping
+    /// them is written).
+    ///
+    /// # Errors
+    /// `EINVAL` for a range outside the mapping; the write or sync error.
+    pub fn flush_range(&self, off: usize, len: usize) -> Result<()> {
+        flush_vma_range(&self.vma, off, len)
+    }
+}
+
+impl Drop for MmapRaw {
+    fn drop(&mut self) {
+        do_munmap(&self.vma);
+    }
+}
+
+impl std::fmt::Debug for MmapRaw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("MmapRaw").field(&*self.vma).finish()
     }
 }
 

@@ -71,6 +71,11 @@ impl PageStore {
                         chunk << CHUNK_SHIFT,
                     )
                 }?;
+                // A forked child must not inherit the engine view: it
+                // could write cached folios behind the parent's back.
+                // SAFETY: our own fresh mapping; DONTFORK changes only
+                // fork(2)'s treatment of it.
+                unsafe { libc::madvise(p, CHUNK_SIZE as usize, libc::MADV_DONTFORK) };
                 chunks.insert(chunk, p as usize);
                 p as usize
             }

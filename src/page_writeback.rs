@@ -12,6 +12,18 @@ use crate::xarray::Tag;
 /// Folios fetched per index-lock hold.
 const BATCH: usize = 16;
 
+/// The page range of `wbc`, with its start moved back to the head of the
+/// folio that overlaps the range's first byte: tags live on folio heads, so
+/// a walk from the range's first index would skip a large folio that
+/// starts before it (and `sync_range` would return Ok without writing it).
+fn folio_range(mapping: &AddressSpace, wbc: &WritebackControl) -> (u64, u64) {
+    let (start, end) = page_range(wbc);
+    let head = mapping
+        .filemap_get_folio(PgOff(start))
+        .map_or(start, |f| f.index().0.min(start));
+    (head, end)
+}
+
 fn page_range(wbc: &WritebackControl) -> (u64, u64) {
     let start = wbc.range_start >> PAGE_SHIFT;
     let end = if wbc.range_end == u64::MAX {
@@ -50,7 +62,7 @@ pub fn write_cache_pages(
     wbc: &mut WritebackControl,
     mut writepage: impl FnMut(FolioGuard, &mut WritebackControl) -> io::Result<()>,
 ) -> io::Result<()> {
-    let (start, end) = page_range(wbc);
+    let (start, end) = folio_range(mapping, wbc);
     let tag = match wbc.sync_mode {
         SyncMode::All => {
             tag_pages_for_writeback(mapping, start, end);
@@ -96,7 +108,7 @@ pub fn write_cache_pages(
                 first_err.get_or_insert(e);
             }
             wbc.pages_written += nr as u64;
-            wbc.nr_to_write -= nr;
+            wbc.nr_to_write = wbc.nr_to_write.saturating_sub(nr);
             if wbc.nr_to_write <= 0 && wbc.sync_mode == SyncMode::None {
                 return first_err.map_or(Ok(()), Err);
             }
@@ -113,7 +125,7 @@ impl AddressSpace {
     /// Nothing held; sleeps.
     pub fn fdatawait_range(&self, start: u64, end: u64) {
         let wbc = WritebackControl::all(start, end);
-        let (s, e) = page_range(&wbc);
+        let (s, e) = folio_range(self, &wbc);
         let mut index = s;
         loop {
             let batch = self.i_pages.lock().tagged(Tag::Writeback, index, e, BATCH);
@@ -139,7 +151,10 @@ impl AddressSpace {
     /// The first write error of this call (also recorded for fsync).
     pub fn write_and_wait_range(&self, start: u64, end: u64) -> io::Result<()> {
         let mut wbc = WritebackControl::all(start, end);
-        let r = self.ops.writepages(self, &mut wbc);
+        let r = {
+            let _wb = self.wb_lock.read();
+            self.ops.writepages(self, &mut wbc)
+        };
         self.fdatawait_range(start, end);
         r
     }
@@ -150,6 +165,10 @@ impl AddressSpace {
     /// # Errors
     /// The first write error.
     pub fn writepages(&self, wbc: &mut WritebackControl) -> io::Result<()> {
+        if wbc.sync_mode == SyncMode::None && wbc.nr_to_write <= 0 {
+            return Ok(());
+        }
+        let _wb = self.wb_lock.read();
         self.ops.writepages(self, wbc)
     }
 }

@@ -34,6 +34,11 @@ mod imp {
     /// A condition variable paired with [`Mutex`].
     pub type Condvar = parking_lot::Condvar;
 
+    /// A reader-writer lock usable in a `static`.
+    pub const fn const_rwlock<T>(val: T) -> RwLock<T> {
+        parking_lot::const_rwlock(val)
+    }
+
     /// Spin-loop hint.
     #[inline]
     pub fn spin_loop() {

@@ -5,12 +5,34 @@
 use std::io;
 
 use crate::address_space::AddressSpace;
+use crate::aops::WritebackControl;
 use crate::error::{Error, Result};
 use crate::filemap::check_range_max;
-use crate::folio::FolioRef;
+use crate::folio::{FolioGuard, FolioRef};
 use crate::types::{PgOff, PAGE_SIZE};
 
 impl AddressSpace {
+    /// Write a locked folio back if it is dirty, and return it locked
+    /// again (`None` if it left the file meanwhile). Used by truncate for a
+    /// straddling folio, under `i_rwsem` and `invalidate_lock` exclusive:
+    /// the folio cannot be removed by anyone else, only written back.
+    fn write_back_locked(&self, g: FolioGuard) -> Option<FolioGuard> {
+        if !g.is_dirty() {
+            return Some(g);
+        }
+        let index = g.index();
+        if self.folio_clear_dirty_for_io(&g) {
+            self.stats.write_io();
+            let mut wbc = WritebackControl::all(g.pos(), g.pos() + g.size() as u64 - 1);
+            let _ = self.ops.writepage(self, g, &mut wbc);
+        } else {
+            drop(g);
+        }
+        let g = self.filemap_lock_folio(index)?;
+        g.wait_writeback();
+        Some(g)
+    }
+
     /// Set the file size (`truncate(2)` / `ftruncate(2)`). Shrinking drops
     /// every cached byte past the new end (dirty or not) and zeroes the
     /// tail of a folio that straddles it; growing leaves a hole that reads
@@ -29,21 +51,31 @@ impl AddressSpace {
         let _inv = self.invalidate_lock_exclusive();
         let old = self.size();
         if new_size < old {
-            // i_size first (truncate_setsize): a reader or fault that
-            // re-checks it after finding an uptodate folio stops at the new
-            // end.
-            self.set_size_locked(new_size);
+            {
+                // Ask the store first: a size it refuses (EFBIG, EIO)
+                // changes nothing. No writeback may run between the
+                // store's shrink and the new i_size (it would write a
+                // folio past the new end and grow the file back), so hold
+                // `wb_lock` exclusive and wait for writeback in flight.
+                let _wb = self.wb_lock.write();
+                self.fdatawait_range(new_size, u64::MAX);
+                self.ops.set_size(new_size)?;
+                // i_size next (truncate_setsize): a reader or fault that
+                // re-checks it after finding an uptodate folio stops at
+                // the new end, and writeback clips to it.
+                self.set_size_locked(new_size);
+            }
             // Zap user mappings past the new end (the punch below zaps the
             // dropped folios; this also catches the pages of a folio that
             // straddles the new end), then drop the folios.
             let first = PgOff(new_size.div_ceil(PAGE_SIZE as u64));
             self.unmap_mapping_range(first, PgOff(old.div_ceil(PAGE_SIZE as u64)));
-            self.truncate_inode_pages_range(new_size, u64::MAX)?;
+            self.truncate_inode_pages_range(new_size, u64::MAX, true)?;
         } else {
+            self.ops.set_size(new_size)?;
             self.set_size_locked(new_size);
             self.unpoison_growth(old, new_size);
         }
-        self.ops.set_size(new_size)?;
         Ok(())
     }
 
@@ -71,8 +103,16 @@ impl AddressSpace {
         if off >= end {
             return Ok(());
         }
-        self.truncate_inode_pages_range(off, end)?;
+        // As ext4 does: write the range back first, so that the store has
+        // seen every byte (and the size of an extending write whose tail
+        // is punched), then drop the whole folios, then punch the store.
+        // On any error nothing is lost: the cache still holds, or the store
+        // re-reads, the data; the partial folios at the edges are zeroed
+        // only once the store's punch succeeded.
+        self.write_and_wait_range(off, end - 1).map_err(Error::Writeback)?;
+        self.truncate_inode_pages_range(off, end, false)?;
         self.ops.punch_hole(off, end - off)?;
+        self.truncate_inode_pages_range(off, end, true)?;
         Ok(())
     }
 
@@ -86,40 +126,58 @@ impl AddressSpace {
     /// writeback, unlocks it after removal; then waits for transient
     /// references to drain before punching the memory (no reader may ever
     /// see a hole where its folio was).
-    pub(crate) fn truncate_inode_pages_range(&self, start: u64, end: u64) -> io::Result<()> {
+    ///
+    /// With `partial` false the folios that straddle an edge are left
+    /// alone (punch zeroes them only after the store's punch succeeded).
+    ///
+    /// A large folio that straddles a truncation point (`end == u64::MAX`)
+    /// is written back if dirty and then removed whole, as the kernel's
+    /// `truncate_inode_partial_folio` does when it cannot split: its pages
+    /// past the new end must fault again (SIGBUS, or zeros after the file
+    /// grows back), which they cannot while the folio stays cached and
+    /// uptodate. If its writeback fails it stays, with its tail zeroed.
+    pub(crate) fn truncate_inode_pages_range(&self, start: u64, end: u64, partial: bool) -> io::Result<()> {
         let mut removed: Vec<FolioRef> = Vec::new();
         let mut index = PgOff::of_byte(start).0;
         let end_index = end.div_ceil(PAGE_SIZE as u64);
         while let Some((i, _)) = self.i_pages.find_from(index, end_index) {
-            let Some(mut g) = self.filemap_lock_folio(PgOff(i)) else {
+            let Some(g) = self.filemap_lock_folio(PgOff(i)) else {
                 index = i + 1;
                 continue;
             };
             index = g.index().0 + g.nr_pages();
             g.wait_writeback();
+            let whole = g.pos() >= start && g.pos() + g.size() as u64 <= end;
+            if !partial && !whole {
+                continue;
+            }
             let fstart = g.pos();
             let fend = fstart + g.size() as u64;
             if fstart >= start && fend <= end {
                 self.ops.invalidate_folio(self, &g, 0, g.size());
                 self.filemap_remove_folio(&g);
                 removed.push(g.unlock());
-            } else {
+            } else if end == u64::MAX && crate::types::page_align_up(start) < fend {
+                // A folio with whole pages past the new end: remove it whole.
+                if let Some(g) = self.write_back_locked(g) {
+                    if g.is_dirty() {
+                        // The write failed: keep the data below the end.
+                        let zs = (start - fstart) as usize;
+                        g.zero_raw(zs, g.size() - zs);
+                        self.ops.invalidate_folio(self, &g, zs, g.size() - zs);
+                        continue;
+                    }
+                    self.ops.invalidate_folio(self, &g, 0, g.size());
+                    self.filemap_remove_folio(&g);
+                    removed.push(g.unlock());
+                }
+            } else if partial {
                 let zs = (start.max(fstart) - fstart) as usize;
                 let ze = (end.min(fend) - fstart) as usize;
                 if g.is_uptodate() {
-                    g.data_mut()[zs..ze].fill(0);
+                    g.zero_raw(zs, ze - zs);
                 }
                 self.ops.invalidate_folio(self, &g, zs, ze - zs);
-                if end == u64::MAX {
-                    // Truncate inside a large folio: free its pages wholly
-                    // past the new end. They are zeros nobody may read, and
-                    // as holes they fault again (and get SIGBUS) even in
-                    // mappings where the kernel maps cached pages itself.
-                    let tail = crate::types::page_align_up(start);
-                    if tail < fend {
-                        self.punch_memory(tail, fend - tail)?;
-                    }
-                }
             }
         }
         for f in &removed {

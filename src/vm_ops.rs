@@ -171,9 +171,9 @@ pub fn filemap_page_mkwrite(vmf: &VmFault<'_>) -> VmFaultResult {
     if vmf.pgoff.byte() >= m.size() {
         return VmFaultResult::Retry;
     }
-    if m.ops.stable_writes() {
-        g.wait_writeback();
-    }
+    // Stable pages, always: the store may be reading the folio's bytes
+    // (`Writeback::data`); the write waits until it is done.
+    g.wait_writeback();
     m.folio_mark_dirty(&g);
     VmFaultResult::Locked(g)
 }
@@ -196,7 +196,13 @@ pub fn filemap_map_pages(vmf: &VmFault<'_>, range: Range<PgOff>) -> MapPages {
     let guard = epoch::pin();
     while i < end {
         let mut next = i + 1;
-        let ready = m.get_folio_pinned(PgOff(i), &guard).and_then(|f| {
+        // Never spin on a frozen folio: skip it (the slow path handles
+        // that page).
+        let found = match m.try_get_folio_pinned(PgOff(i), &guard) {
+            crate::address_space::Lookup::Found(f) => Some(f),
+            _ => None,
+        };
+        let ready = found.and_then(|f| {
             next = f.index().0 + f.nr_pages();
             if !f.is_uptodate() || f.is_readahead() || f.is_locked() {
                 return None;

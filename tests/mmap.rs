@@ -36,7 +36,8 @@ fn mapping_reads_the_files_bytes() {
         std::fs::write(&path, &content).unwrap();
         let cache = cache_with(mode);
         let file = cache.open(&path).unwrap();
-        let map = file.mmap(0, content.len(), Share::Shared).unwrap();
+        // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+        let map = unsafe { file.mmap(0, content.len(), Share::Shared) }.unwrap();
         assert_eq!(map.len(), content.len());
         if let Some(o) = (0..content.len()).find(|&o| map[o] != content[o]) {
             panic!(
@@ -61,7 +62,8 @@ fn many_threads_read_one_mapping() {
         std::fs::write(&path, &*content).unwrap();
         let cache = cache_with(mode);
         let file = cache.open(&path).unwrap();
-        let map = Arc::new(file.mmap(0, content.len(), Share::Shared).unwrap());
+        // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+        let map = Arc::new(unsafe { file.mmap(0, content.len(), Share::Shared) }.unwrap());
         std::thread::scope(|s| {
             for t in 0..4u64 {
                 let map = map.clone();
@@ -87,8 +89,10 @@ fn shared_writes_reach_read_at_other_mappings_and_the_file() {
         std::fs::write(&path, &content).unwrap();
         let cache = cache_with(mode);
         let file = cache.open(&path).unwrap();
-        let mut w = file.mmap_mut(0, content.len(), Share::Shared).unwrap();
-        let r = file.mmap(0, content.len(), Share::Shared).unwrap();
+        // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+        let mut w = unsafe { file.mmap_mut(0, content.len(), Share::Shared) }.unwrap();
+        // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+        let r = unsafe { file.mmap(0, content.len(), Share::Shared) }.unwrap();
         // Touch r first so its pages are mapped before the writes.
         assert_eq!(r[5000], content[5000]);
         for (i, off) in [5000usize, 70_000, 700_001].into_iter().enumerate() {
@@ -123,7 +127,8 @@ fn write_at_is_visible_through_existing_mappings() {
         std::fs::write(&path, &content).unwrap();
         let cache = cache_with(mode);
         let file = cache.open(&path).unwrap();
-        let map = file.mmap(0, content.len(), Share::Shared).unwrap();
+        // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+        let map = unsafe { file.mmap(0, content.len(), Share::Shared) }.unwrap();
         assert!(map[..] == content[..]);
         file.write_at(b"hello, mapping", 12345).unwrap();
         assert_eq!(&map[12345..12359], b"hello, mapping", "{mode:?}");
@@ -139,8 +144,10 @@ fn private_mapping_writes_never_reach_the_file() {
         std::fs::write(&path, &content).unwrap();
         let cache = cache_with(mode);
         let file = cache.open(&path).unwrap();
-        let mut p = file.mmap_mut(0, content.len(), Share::Private).unwrap();
-        let shared = file.mmap(0, content.len(), Share::Shared).unwrap();
+        // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+        let mut p = unsafe { file.mmap_mut(0, content.len(), Share::Private) }.unwrap();
+        // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+        let shared = unsafe { file.mmap(0, content.len(), Share::Shared) }.unwrap();
         p[100] ^= 0xFF;
         p[100_000] ^= 0xFF;
         assert_eq!(p[100], content[100] ^ 0xFF);
@@ -174,7 +181,8 @@ fn dropping_mappings_while_other_threads_fault_neither_hangs_nor_crashes() {
             s.spawn(move || {
                 let mut rng = Rng::new(t);
                 for _ in 0..40 {
-                    let map = file.mmap(0, content.len(), Share::Shared).unwrap();
+                    // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+                    let map = unsafe { file.mmap(0, content.len(), Share::Shared) }.unwrap();
                     for _ in 0..20 {
                         let off = rng.below(content.len() as u64) as usize;
                         assert_eq!(map[off], content[off]);
@@ -196,9 +204,29 @@ fn bad_mmap_arguments_are_einval() {
     std::fs::write(&path, [1u8; 100]).unwrap();
     let cache = cache_with(UffdMode::Minor);
     let file = cache.open(&path).unwrap();
-    assert_eq!(file.mmap(0, 0, Share::Shared).unwrap_err().raw_os_error(), 22);
-    assert_eq!(file.mmap(100, 4096, Share::Shared).unwrap_err().raw_os_error(), 22);
-    assert_eq!(file.mmap(!4095u64, 4096, Share::Shared).unwrap_err().raw_os_error(), 27);
+    assert_eq!(
+        // SAFETY: every call fails; nothing is mapped.
+        unsafe { file.mmap(0, 0, Share::Shared) }.unwrap_err().raw_os_error(),
+        22
+    );
+    assert_eq!(
+        // SAFETY: every call fails; nothing is mapped.
+        unsafe { file.mmap(100, 4096, Share::Shared) }
+            .unwrap_err()
+            .raw_os_error(),
+        22
+    );
+    assert_eq!(
+        // SAFETY: every call fails; nothing is mapped.
+        unsafe { file.mmap(!4095u64, 4096, Share::Shared) }
+            .unwrap_err()
+            .raw_os_error(),
+        27
+    );
     file.close().unwrap();
-    assert!(matches!(file.mmap(0, 4096, Share::Shared), Err(upcache::Error::Closed)));
+    assert!(matches!(
+        // SAFETY: every call fails; nothing is mapped.
+        unsafe { file.mmap(0, 4096, Share::Shared) },
+        Err(upcache::Error::Closed)
+    ));
 }

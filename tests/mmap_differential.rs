@@ -79,7 +79,8 @@ fn run(mode: UffdMode, seed: u64, ops: usize) {
         .open(&twin_path)
         .unwrap();
     let mut kmap = KernelMap::new(&twin, MAP);
-    let mut umap: MmapMut = file.mmap_mut(0, MAP, Share::Shared).unwrap();
+    // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+    let mut umap: MmapMut = unsafe { file.mmap_mut(0, MAP, Share::Shared) }.unwrap();
     let mut size = init.len() as u64;
     let mut buf = vec![0u8; 3 * PAGE_SIZE];
     let mut tbuf = vec![0u8; 3 * PAGE_SIZE];
@@ -150,7 +151,8 @@ fn run(mode: UffdMode, seed: u64, ops: usize) {
             _ => {
                 // Remap both.
                 drop(umap);
-                umap = file.mmap_mut(0, MAP, Share::Shared).unwrap();
+                // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+                umap = unsafe { file.mmap_mut(0, MAP, Share::Shared) }.unwrap();
                 kmap = KernelMap::new(&twin, MAP);
             }
         }

@@ -81,7 +81,8 @@ fn child_entry() {
             let size = 2 * PAGE_SIZE + 1000;
             std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
             let file = cache.open(&path).unwrap();
-            let map = file.mmap(0, 8 * PAGE_SIZE, Share::Shared).unwrap();
+            // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+            let map = unsafe { file.mmap(0, 8 * PAGE_SIZE, Share::Shared) }.unwrap();
             assert_eq!(map[PAGE_SIZE + 5], byte(PAGE_SIZE + 5));
             // The partial last page: data, then zeros up to the page end.
             assert_eq!(map[size - 1], byte(size - 1));
@@ -93,7 +94,8 @@ fn child_entry() {
             let size = 64 * PAGE_SIZE;
             std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
             let file = Arc::new(cache.open(&path).unwrap());
-            let map = Arc::new(file.mmap(0, size, Share::Shared).unwrap());
+            // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+            let map = Arc::new(unsafe { file.mmap(0, size, Share::Shared) }.unwrap());
             assert!(map.iter().enumerate().all(|(o, &b)| b == byte(o)));
             let low = 16 * PAGE_SIZE + 100;
             std::thread::scope(|s| {
@@ -117,7 +119,8 @@ fn child_entry() {
             std::fs::write(&path, vec![9u8; 8 * PAGE_SIZE]).unwrap();
             let store = FailingReads(FileStore::open(&path).unwrap());
             let file = cache.open_with_ops("failing", StoreOps::new(store)).unwrap();
-            let map = file.mmap(0, 8 * PAGE_SIZE, Share::Shared).unwrap();
+            // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+            let map = unsafe { file.mmap(0, 8 * PAGE_SIZE, Share::Shared) }.unwrap();
             let _ = std::hint::black_box(map[3 * PAGE_SIZE]);
         }
         other => panic!("unknown child case {other}"),
@@ -147,7 +150,8 @@ fn failed_read_raises_sigbus_and_the_engine_keeps_serving() {
     let cache = PageCache::new();
     cache.start_fault_engine().expect("userfaultfd");
     let file = cache.open(&path).unwrap();
-    let map = file.mmap(0, content.len(), Share::Shared).unwrap();
+    // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+    let map = unsafe { file.mmap(0, content.len(), Share::Shared) }.unwrap();
     assert_eq!(map[10], content[10]);
     assert_sigbus("read_error");
     assert!(map[..] == content[..], "parent's mapping still served");

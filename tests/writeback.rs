@@ -60,7 +60,8 @@ fn freeze_is_a_consistent_snapshot_under_concurrent_writers() {
         {
             let (file, stop) = (file.clone(), stop.clone());
             s.spawn(move || {
-                let mut map = file.mmap_mut(0, size, Share::Shared).unwrap();
+                // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+                let mut map = unsafe { file.mmap_mut(0, size, Share::Shared) }.unwrap();
                 let mut rng = Rng::new(77);
                 while !stop.load(Relaxed) {
                     let off = rng.below(size as u64) as usize;
@@ -157,7 +158,8 @@ fn mapped_writers_are_throttled_past_the_dirty_limit_without_hanging() {
         .build();
     cache.start_fault_engine().expect("userfaultfd");
     let file = cache.open(&path).unwrap();
-    let mut map = file.mmap_mut(0, size, Share::Shared).unwrap();
+    // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+    let mut map = unsafe { file.mmap_mut(0, size, Share::Shared) }.unwrap();
     for p in (0..size).step_by(PAGE_SIZE) {
         map[p] = 0xAB;
     }

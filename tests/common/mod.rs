@@ -63,3 +63,53 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn create_file(path: &Path, content: &[u8]) -> io::Result<()> {
     std::fs::write(path, content)
 }
+
+/// Run `f` on its own thread and fail with a message if it has not
+/// finished within `secs` seconds: a hang becomes a test failure, never a
+/// stuck CI job. (The bound is a watchdog, not synchronization.)
+pub fn watchdog<T: Send + 'static>(what: &str, secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::Builder::new()
+        .name(format!("watched: {what}"))
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(r);
+        })
+        .expect("spawn watched thread");
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(Ok(v)) => {
+            let _ = h.join();
+            v
+        }
+        Ok(Err(p)) => std::panic::resume_unwind(p),
+        Err(_) => panic!("HANG: {what} did not finish within {secs} s (watchdog)"),
+    }
+}
+
+/// Re-execute this test binary running only `test` with `UPCACHE_CHILD`
+/// set to `case` (plus `env`), and return its exit status; kill it and fail
+/// if it runs longer than `secs` seconds.
+pub fn run_child(test: &str, case: &str, env: &[(&str, String)], secs: u64) -> std::process::ExitStatus {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("UPCACHE_CHILD", case);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn child");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(st) => st.expect("wait child"),
+        Err(_) => {
+            // SAFETY-free: kill(2) by pid through the shell-less libc-free way.
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+            panic!("HANG: child case {case} did not finish within {secs} s (watchdog)");
+        }
+    }
+}

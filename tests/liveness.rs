@@ -1,0 +1,158 @@
+//! Regression tests for the liveness issue (#9): reclaim, truncate,
+//! write_at and faults never deadlock or livelock. Each sequence hung
+//! before its fix; every test runs under a watchdog.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+
+use common::{run_child, tempdir, watchdog};
+use upcache::{Advice, PageCache, Share, UffdMode, PAGE_SIZE};
+
+const SIGBUS: i32 = 7;
+
+fn byte(o: usize) -> u8 {
+    (o % 251) as u8 + 1
+}
+
+/// limit 256 KiB; `WillNeed X; DontNeed X; WillNeed X; WillNeed 1 MiB`:
+/// reclaim used to freeze the folio for one queue entry and then spin
+/// forever looking it up for the duplicate entry.
+#[test]
+fn reclaim_with_a_duplicate_queue_entry_does_not_deadlock() {
+    watchdog("reclaim duplicate entry", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, (0..4 << 20).map(byte).collect::<Vec<_>>()).unwrap();
+        let cache = PageCache::builder().memory_limit(256 * 1024).build();
+        let file = cache.open(&path).unwrap();
+        file.advise(Advice::WillNeed, 0, 4096).unwrap();
+        file.advise(Advice::DontNeed, 0, 4096).unwrap();
+        file.advise(Advice::WillNeed, 0, 4096).unwrap();
+        file.advise(Advice::WillNeed, 0, 1 << 20).unwrap();
+        file.advise(Advice::WillNeed, 1 << 20, 2 << 20).unwrap();
+        let mut b = vec![0u8; 4096];
+        file.read_at(&mut b, 0).unwrap();
+        assert!(b.iter().enumerate().all(|(i, &x)| x == byte(i)));
+    });
+}
+
+/// Truncate down then up inside a large folio, then touch the pages past
+/// the first truncation point through a mapping: zeros, no livelock (the
+/// punched tail pages of a folio that stayed uptodate were never mapped).
+#[test]
+fn mapped_access_after_truncate_down_and_up_inside_a_large_folio() {
+    watchdog("truncate down/up inside a large folio", 60, || {
+        for mode in [UffdMode::Missing, UffdMode::Minor] {
+            let dir = tempdir();
+            let path = dir.path().join("f");
+            let len = 256 * 1024;
+            std::fs::write(&path, (0..len).map(byte).collect::<Vec<_>>()).unwrap();
+            let cache = PageCache::builder().mmap_mode(mode).build();
+            let file = cache.open(&path).unwrap();
+            let mut b = vec![0u8; 64 * 1024];
+            file.read_at(&mut b, 0).unwrap(); // a large folio at 0
+            file.truncate(5000).unwrap();
+            file.truncate(len as u64).unwrap();
+            // SAFETY: only this thread touches the mapping.
+            let map = unsafe { file.mmap(0, len, Share::Shared) }.unwrap();
+            assert_eq!(map[4999], byte(4999), "{mode:?}");
+            assert_eq!(map[5000], 0, "{mode:?}");
+            for p in 2..16 {
+                assert_eq!(map[p * PAGE_SIZE + 3], 0, "{mode:?} page {p}");
+            }
+            let mut r = vec![0u8; 16 * PAGE_SIZE];
+            file.read_at(&mut r, 0).unwrap();
+            assert!(r[5000..].iter().all(|&x| x == 0), "{mode:?}: read_at past the old cut");
+            drop(map);
+        }
+    });
+}
+
+/// `write_at` from a buffer that is a mapping of the same file (and
+/// `read_at` into one) used to deadlock in `Minor` mode: the copy faulted
+/// on the folio the writer held locked.
+#[test]
+fn write_at_and_read_at_through_a_mapping_of_the_same_file() {
+    watchdog("write_at from own mapping", 60, || {
+        for mode in [UffdMode::Minor, UffdMode::Missing] {
+            let dir = tempdir();
+            let path = dir.path().join("f");
+            let len = 64 * PAGE_SIZE;
+            std::fs::write(&path, (0..len).map(byte).collect::<Vec<_>>()).unwrap();
+            let cache = PageCache::builder().mmap_mode(mode).readahead_bytes(4096).build();
+            let file = cache.open(&path).unwrap();
+            // SAFETY: only this thread touches the mapping, and `write_at`
+            // reads it (no `&mut` to it exists meanwhile).
+            let map = unsafe { file.mmap(0, len, Share::Shared) }.unwrap();
+            // Source page 8 is not faulted yet; it lies in the folio written.
+            file.write_at(&map[8 * PAGE_SIZE..9 * PAGE_SIZE], 8 * PAGE_SIZE as u64 + 100)
+                .unwrap();
+            let mut check = vec![0u8; 10];
+            file.read_at(&mut check, 8 * PAGE_SIZE as u64 + 100).unwrap();
+            assert_eq!(
+                check[..],
+                (0..10).map(|i| byte(8 * PAGE_SIZE + i)).collect::<Vec<_>>()[..]
+            );
+            // read_at into a mapping of the same file (not yet faulted).
+            // SAFETY: only this thread touches the mapping.
+            let mut wmap = unsafe { file.mmap_mut(0, len, Share::Shared) }.unwrap();
+            let (a, b) = wmap.split_at_mut(32 * PAGE_SIZE);
+            file.read_at(&mut b[..PAGE_SIZE], 20 * PAGE_SIZE as u64).unwrap();
+            let _ = a;
+            assert_eq!(wmap[32 * PAGE_SIZE + 1], byte(20 * PAGE_SIZE + 1), "{mode:?}");
+            drop(wmap);
+            drop(map);
+        }
+    });
+}
+
+/// Shrinking truncate under a shared writable mapping, then a touch of a
+/// never-touched page past the new end: SIGBUS (it used to livelock in
+/// `Missing` mode: POISON failed with EEXIST on the uffd-wp markers).
+#[test]
+fn shrinking_truncate_under_a_shared_writable_mapping_raises_sigbus() {
+    for mode in ["Missing", "Minor"] {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let st = run_child(
+            "child_entry",
+            "truncate_shared_mut",
+            &[
+                ("UPCACHE_CHILD_MODE", mode.to_string()),
+                ("UPCACHE_CHILD_PATH", path.display().to_string()),
+            ],
+            60,
+        );
+        assert_eq!(st.signal(), Some(SIGBUS), "{mode}: expected SIGBUS, got {st:?}");
+    }
+}
+
+/// The children's side. A no-op unless `UPCACHE_CHILD` is set.
+#[test]
+fn child_entry() {
+    let Ok(case) = std::env::var("UPCACHE_CHILD") else {
+        return;
+    };
+    let mode = match std::env::var("UPCACHE_CHILD_MODE").unwrap().as_str() {
+        "Minor" => UffdMode::Minor,
+        _ => UffdMode::Missing,
+    };
+    let path = std::path::PathBuf::from(std::env::var_os("UPCACHE_CHILD_PATH").unwrap());
+    let cache = PageCache::builder().mmap_mode(mode).build();
+    cache.start_fault_engine().expect("userfaultfd");
+    match case.as_str() {
+        "truncate_shared_mut" => {
+            let len = 64 * PAGE_SIZE;
+            std::fs::write(&path, (0..len).map(byte).collect::<Vec<_>>()).unwrap();
+            let file = cache.open(&path).unwrap();
+            // SAFETY: only this thread touches the mapping.
+            let mut map = unsafe { file.mmap_mut(0, len, Share::Shared) }.unwrap();
+            map[0] = 1;
+            file.truncate(8 * PAGE_SIZE as u64).unwrap();
+            let _ = std::hint::black_box(map[40 * PAGE_SIZE]);
+        }
+        other => panic!("unknown child case {other}"),
+    }
+    std::process::exit(0);
+}
