@@ -79,36 +79,58 @@ fn readers_never_see_stale_bytes_across_truncate() {
     std::fs::write(&path, &content).unwrap();
     let cache = PageCache::new();
     let file = Arc::new(cache.open(&path).unwrap());
+    // The lowest truncation point completed so far: no write happens, so
+    // every byte at or past it reads zero from then on, and every byte
+    // below the final one keeps its original value.
+    let cut = Arc::new(std::sync::atomic::AtomicU64::new(size));
     std::thread::scope(|s| {
         for t in 0..3u64 {
             let file = file.clone();
+            let cut = cut.clone();
             s.spawn(move || {
                 let mut rng = Rng::new(t);
                 let mut buf = vec![0u8; 16 * 1024];
                 for _ in 0..2000 {
                     let off = rng.below(size);
+                    let cut_before = cut.load(std::sync::atomic::Ordering::Acquire);
                     let n = file.read_at(&mut buf, off).unwrap();
                     for (i, &b) in buf[..n].iter().enumerate() {
                         let o = off + i as u64;
-                        // Either the original byte or a zero from a
-                        // truncate-and-extend: never anything else.
-                        assert!(b == pattern(o) || b == 0, "byte {o}: {b}");
+                        if o >= cut_before {
+                            // Truncated away before this read began: a
+                            // stale original byte here is the bug.
+                            assert_eq!(b, 0, "byte {o} past a completed truncate to {cut_before}: stale");
+                        } else {
+                            assert!(b == pattern(o) || b == 0, "byte {o}: {b}");
+                        }
                     }
                 }
             });
         }
         let file = file.clone();
+        let cut = cut.clone();
         s.spawn(move || {
             let mut rng = Rng::new(99);
             for _ in 0..200 {
-                file.truncate(rng.below(size)).unwrap();
+                let l = rng.below(size);
+                file.truncate(l).unwrap();
+                cut.fetch_min(l, std::sync::atomic::Ordering::Release);
                 file.truncate(size).unwrap();
             }
         });
     });
-    // After all that, every byte is the pattern or zero, on disk too.
+    // Below the lowest cut the original bytes, past it zeros: in the cache
+    // and on disk.
+    let low = cut.load(std::sync::atomic::Ordering::Acquire);
+    let mut all = vec![0u8; size as usize];
+    assert_eq!(file.read_at(&mut all, 0).unwrap() as u64, size);
     file.fsync().unwrap();
     let disk = std::fs::read(&path).unwrap();
     assert_eq!(disk.len() as u64, size);
-    assert!(disk.iter().enumerate().all(|(o, &b)| b == 0 || b == pattern(o as u64)));
+    for (name, bytes) in [("cache", &all), ("disk", &disk)] {
+        for (o, &b) in bytes.iter().enumerate() {
+            let want = if (o as u64) < low { pattern(o as u64) } else { 0 };
+            assert_eq!(b, want, "{name}: byte {o} (lowest cut {low})");
+        }
+    }
 }
