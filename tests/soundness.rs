@@ -287,3 +287,43 @@ fn parked_write_fault_is_answered_after_the_cache_is_dropped() {
         assert_eq!(std::fs::read(&path).unwrap()[2 * PAGE_SIZE], 0x77);
     });
 }
+
+/// Item 1 of the issue with the safe API: two raw mappings of one page and
+/// `write_at` see each other's writes, with no reference to shared bytes
+/// (with two `MmapMut`s, `a[0]=1; b[0]=2; a[0]` returned 1 in release).
+#[test]
+fn two_raw_mappings_of_one_page_are_coherent() {
+    watchdog("raw mappings", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, content(4 * PAGE_SIZE)).unwrap();
+        for mode in [UffdMode::Missing, UffdMode::Minor] {
+            let cache = PageCache::builder().mmap_mode(mode).build();
+            let file = cache.open(&path).unwrap();
+            let a = file.mmap_raw(0, 4 * PAGE_SIZE).unwrap();
+            let b = file.mmap_raw(0, 4 * PAGE_SIZE).unwrap();
+            a.write(0, &[1]);
+            b.write(0, &[2]);
+            let mut x = [0u8; 1];
+            a.read(0, &mut x);
+            assert_eq!(x[0], 2, "{mode:?}");
+            file.write_at(&[3], 0).unwrap();
+            b.read(0, &mut x);
+            assert_eq!(x[0], 3, "{mode:?}");
+            std::thread::scope(|s| {
+                s.spawn(|| a.write(PAGE_SIZE, &[9; 16]));
+            });
+            b.read(PAGE_SIZE, &mut x);
+            assert_eq!(x[0], 9, "{mode:?}");
+            assert!(
+                a.flush_range(4 * PAGE_SIZE, 1).is_err(),
+                "range past the mapping is EINVAL"
+            );
+            a.flush_range(PAGE_SIZE, 16).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap()[PAGE_SIZE], 9, "{mode:?}");
+            drop((a, b));
+            file.close().unwrap();
+            std::fs::write(&path, content(4 * PAGE_SIZE)).unwrap();
+        }
+    });
+}
