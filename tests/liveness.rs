@@ -6,7 +6,7 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 
-use common::{run_child, tempdir, watchdog};
+use common::{run_child_per_mode, tempdir, watchdog};
 use upcache::{Advice, PageCache, Share, UffdMode, PAGE_SIZE};
 
 const SIGBUS: i32 = 7;
@@ -112,18 +112,7 @@ fn write_at_and_read_at_through_a_mapping_of_the_same_file() {
 /// `Missing` mode: POISON failed with EEXIST on the uffd-wp markers).
 #[test]
 fn shrinking_truncate_under_a_shared_writable_mapping_raises_sigbus() {
-    for mode in ["Missing", "Minor"] {
-        let dir = tempdir();
-        let path = dir.path().join("f");
-        let st = run_child(
-            "child_entry",
-            "truncate_shared_mut",
-            &[
-                ("UPCACHE_CHILD_MODE", mode.to_string()),
-                ("UPCACHE_CHILD_PATH", path.display().to_string()),
-            ],
-            60,
-        );
+    for (mode, st) in run_child_per_mode("truncate_shared_mut") {
         assert_eq!(st.signal(), Some(SIGBUS), "{mode}: expected SIGBUS, got {st:?}");
     }
 }

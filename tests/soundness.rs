@@ -10,7 +10,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{run_child, tempdir, watchdog};
+use common::{run_child_per_mode, tempdir, watchdog};
 use upcache::{BackingStore, FileStore, PageCache, PgOff, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 const SIGBUS: i32 = 7;
@@ -113,18 +113,7 @@ fn reopen_while_mapped_shares_one_address_space() {
 /// hung forever).
 #[test]
 fn panicking_store_ends_the_fault_in_sigbus() {
-    for mode in ["Missing", "Minor"] {
-        let dir = tempdir();
-        let path = dir.path().join("f");
-        let st = run_child(
-            "child_entry",
-            "panicking_store",
-            &[
-                ("UPCACHE_CHILD_MODE", mode.to_string()),
-                ("UPCACHE_CHILD_PATH", path.display().to_string()),
-            ],
-            60,
-        );
+    for (mode, st) in run_child_per_mode("panicking_store") {
         assert_eq!(st.signal(), Some(SIGBUS), "{mode}: expected SIGBUS, got {st:?}");
     }
 }
@@ -135,18 +124,7 @@ fn panicking_store_ends_the_fault_in_sigbus() {
 /// upcache mappings (`MADV_DONTFORK`), so its access faults.
 #[test]
 fn fork_does_not_corrupt_the_parent() {
-    for mode in ["Missing", "Minor"] {
-        let dir = tempdir();
-        let path = dir.path().join("f");
-        let st = run_child(
-            "child_entry",
-            "fork",
-            &[
-                ("UPCACHE_CHILD_MODE", mode.to_string()),
-                ("UPCACHE_CHILD_PATH", path.display().to_string()),
-            ],
-            60,
-        );
+    for (mode, st) in run_child_per_mode("fork") {
         assert_eq!(st.code(), Some(0), "{mode}: parent-side check failed: {st:?}");
     }
 }

@@ -113,3 +113,26 @@ pub fn run_child(test: &str, case: &str, env: &[(&str, String)], secs: u64) -> s
         }
     }
 }
+
+/// Run the child case `case` of this test binary's `child_entry` once per
+/// mapping mode (`UPCACHE_CHILD_MODE`), on a fresh path each time
+/// (`UPCACHE_CHILD_PATH`), under the `run_child` watchdog.
+pub fn run_child_per_mode(case: &str) -> Vec<(&'static str, std::process::ExitStatus)> {
+    ["Missing", "Minor"]
+        .into_iter()
+        .map(|mode| {
+            let dir = tempdir();
+            let path = dir.path().join("f");
+            let st = run_child(
+                "child_entry",
+                case,
+                &[
+                    ("UPCACHE_CHILD_MODE", mode.to_string()),
+                    ("UPCACHE_CHILD_PATH", path.display().to_string()),
+                ],
+                60,
+            );
+            (mode, st)
+        })
+        .collect()
+}
