@@ -94,3 +94,36 @@ fn writeback_end_wakes_all_waiters_with_the_data_visible() {
         assert_eq!(folio.flags() & upcache::loom_support::flags::WB_WAITERS, 0);
     });
 }
+
+/// `Folio::put` vs removal (truncate's `wait_refs_drained`): two transient
+/// holders put their references while the remover detaches the folio and
+/// waits for the count to drain to its own. A put that decides "wake" from
+/// anything but its own decrement (the old code read `mapping` after it)
+/// either loses the wake-up (loom reports the deadlock) or must touch a
+/// folio another holder may already have freed.
+#[test]
+fn put_vs_removal_wakes_the_drainer() {
+    use upcache::loom_support::{mapping_id, wait_refs_drained, Index};
+    loom::model(|| {
+        let index = Arc::new(Index::default());
+        let g = alloc_folio(1, 0);
+        assert!(index.add(&g));
+        let folio = g.unlock();
+        let mut holders = Vec::new();
+        for _ in 0..2 {
+            let f = folio.clone();
+            holders.push(thread::spawn(move || drop(f)));
+        }
+        // Remove under the folio lock, then drain.
+        let g = folio.lock();
+        index.remove(&g);
+        let folio = g.unlock();
+        assert_eq!(mapping_id(&folio), 0);
+        wait_refs_drained(&folio);
+        assert_eq!(folio.ref_count(), 1, "drained with references left");
+        for h in holders {
+            h.join().unwrap();
+        }
+        assert!(index.lookup(0).is_none());
+    });
+}

@@ -99,6 +99,42 @@ pub trait BackingStore: Send + Sync + 'static {
     }
 }
 
+/// A shared store: an engine keeps an `Arc` of its store (to inspect or
+/// steer it) and gives the cache a clone. Every method delegates, defaults
+/// included, so nothing the store overrides is lost.
+impl<T: BackingStore + ?Sized> BackingStore for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        (**self).read_at(buf, off)
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
+        (**self).read_vectored_at(bufs, off)
+    }
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        (**self).write_all_at(buf, off)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        (**self).sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn is_empty(&self) -> io::Result<bool> {
+        (**self).is_empty()
+    }
+    fn set_len(&self, size: u64) -> io::Result<()> {
+        (**self).set_len(size)
+    }
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(off, len)
+    }
+    fn stable_writes(&self) -> bool {
+        (**self).stable_writes()
+    }
+    fn batch_readahead(&self) -> bool {
+        (**self).batch_readahead()
+    }
+}
+
 /// A real file, through `pread(2)` / `pwrite(2)` / `fdatasync(2)`.
 #[derive(Debug)]
 pub struct FileStore {

@@ -31,13 +31,22 @@
 //! collector, never directly, because lockless readers may still be looking
 //! at its refcount.
 //!
+//! The count word also carries `REF_DETACHED` (bit 31), set once by removal
+//! (`detach`). `put` decides everything from the value its `fetch_sub`
+//! returned: `REF_DETACHED | 2` means "a remover may be waiting for the
+//! count to drain to its own reference: wake it", a count of 1 means "last
+//! reference: free". It never touches the folio after its decrement, so it
+//! needs no epoch pin: once the decrement is visible another holder may put
+//! the last reference and free the folio (the wake uses only the address as
+//! a key, like the kernel's `folio_put` + `wake_up_var`).
+//!
 //! # Field protection
 //!
 //! | field | protection |
 //! |---|---|
 //! | `index`, `order`, `data` | immutable after creation |
 //! | `flags` | atomic RMW, see the table above |
-//! | `refcount` | atomic; 0 means being freed, never raised again |
+//! | `refcount` | atomic; low 31 bits the count, 0 means being freed and is never raised again; `REF_DETACHED` set once by `detach`, never cleared |
 //! | `mapping` | written under the index lock (attach, detach); read by lockless lookups and re-checked under the folio lock |
 
 use std::fmt;
@@ -77,6 +86,12 @@ const WQ_LOCK: usize = 0;
 const WQ_WRITEBACK: usize = 1;
 const WQ_REFS: usize = 2;
 
+/// `refcount` bit set by `detach`: the folio left its mapping, and a
+/// remover may sleep in `wait_refs_drained` until the count falls to 1.
+const REF_DETACHED: u32 = 1 << 31;
+/// The count part of `refcount`.
+const REF_COUNT: u32 = !REF_DETACHED;
+
 /// Park tokens on the lock queue.
 const TOKEN_EXCLUSIVE: usize = 0;
 const TOKEN_WAIT_ONLY: usize = 1;
@@ -112,7 +127,7 @@ impl fmt::Debug for Folio {
             .field("index", &self.index.0)
             .field("order", &self.order)
             .field("flags", &format_args!("{:#x}", self.flags.load(Ordering::Relaxed)))
-            .field("refcount", &self.refcount.load(Ordering::Relaxed))
+            .field("refcount", &(self.refcount.load(Ordering::Relaxed) & REF_COUNT))
             .finish()
     }
 }
@@ -188,7 +203,7 @@ impl Folio {
     /// Current reference count.
     #[inline]
     pub fn ref_count(&self) -> u32 {
-        self.refcount.load(Ordering::Acquire)
+        self.refcount.load(Ordering::Acquire) & REF_COUNT
     }
     /// Owning address space id (0 when detached).
     #[inline]
@@ -199,9 +214,13 @@ impl Folio {
     /// Mark the folio removed from its mapping. Index lock held, folio locked.
     pub(crate) fn detach(&self) {
         debug_assert!(self.is_locked());
-        // SeqCst: pairs with `put`, which reads `mapping` after its
-        // decrement to decide whether a drainer must be woken (Dekker).
-        self.mapping.store(0, Ordering::SeqCst);
+        // Release: pairs with the Acquire in `mapping_id`.
+        self.mapping.store(0, Ordering::Release);
+        // On the count word itself, so that `put` learns "detached" from the
+        // value its own decrement returns (one location, one total order:
+        // no Dekker pairing to get wrong). Relaxed: the bit orders nothing
+        // else; `wait_refs_drained` runs in this thread after it.
+        self.refcount.fetch_or(REF_DETACHED, Ordering::Relaxed);
     }
 
     /// Is the folio locked (by anyone)?
@@ -272,6 +291,7 @@ impl Folio {
     /// `folio_ref_unfreeze`: give a frozen folio its references back (an
     /// eviction that could not complete).
     pub(crate) fn unfreeze_refs(&self, count: u32) {
+        // A frozen folio is locked by the freezer, so nobody detached it.
         debug_assert_eq!(self.refcount.load(Ordering::Relaxed), 0);
         // Release: pairs with the Acquire of a later try_get.
         self.refcount.store(count, Ordering::Release);
@@ -309,7 +329,7 @@ impl Folio {
     pub(crate) fn try_get(&self) -> bool {
         let mut c = self.refcount.load(Ordering::Relaxed);
         loop {
-            if c == 0 {
+            if c & REF_COUNT == 0 {
                 return false;
             }
             // Acquire on success: pairs with the Release decrement in `put`
@@ -330,7 +350,7 @@ impl Folio {
     #[inline]
     fn get(&self) {
         let old = self.refcount.fetch_add(1, Ordering::Relaxed);
-        debug_assert!(old > 0);
+        debug_assert!(old & REF_COUNT > 0);
     }
 
     /// Drop a reference. The last one frees the folio through the epoch
@@ -340,32 +360,20 @@ impl Folio {
     ///
     /// The caller owns one reference to the folio at `ptr`, and gives it up.
     unsafe fn put(ptr: NonNull<Folio>) {
-        // Pin before giving the reference up: after our decrement another
-        // holder may drop the last reference and defer the free, and we
-        // still read `mapping` below. The pin keeps the deferred free from
-        // running until we are done. (Not under loom: the models do not
-        // free memory behind their threads' backs, and the extra epoch
-        // traffic multiplies the interleavings past any budget; the
-        // reclamation itself is crossbeam-epoch's, loom-tested there.)
-        #[cfg(not(loom))]
-        let _pin = epoch::pin();
-        // SAFETY: we own a reference, so the folio is alive; after the
-        // decrement the pin above keeps it allocated.
-        let f = unsafe { ptr.as_ref() };
-        // SeqCst: see `detach` and `wait_refs_drained` (Dekker: the drainer
-        // publishes "detached" then reads the count; we publish the count
-        // then read "detached").
-        let old = f.refcount.fetch_sub(1, Ordering::SeqCst);
-        debug_assert!(old > 0);
-        if old == 2 && f.mapping.load(Ordering::SeqCst) == 0 {
-            // The remaining reference is the one a truncate holds while it
-            // waits for transient users to leave: wake it.
-            f.wq.unpark_filter(f.key(), WQ_REFS, |_| UnparkOp::Unpark, |_| {});
-        } else if old == 1 {
+        // The key is the folio's address: computed before the decrement,
+        // used after it without dereferencing anything.
+        let key = ptr.as_ptr() as usize;
+        // SAFETY: we own a reference, so the folio is alive until our
+        // decrement; nothing below dereferences it afterwards except on the
+        // last reference, which nobody else can drop.
+        let old = unsafe { ptr.as_ref() }.refcount.fetch_sub(1, Ordering::AcqRel);
+        // AcqRel: Release so that the freer sees every holder's accesses;
+        // Acquire for the freer's side of the same pairing.
+        let n = old & REF_COUNT;
+        debug_assert!(n > 0, "folio put with a zero count");
+        if n == 1 {
             let p = SendPtr(ptr);
-            #[cfg(loom)]
-            let _pin = epoch::pin();
-            let guard = &_pin;
+            let guard = epoch::pin();
             // SAFETY: the count reached zero, so `try_get` can never succeed
             // again and the index no longer holds the folio (the cache's own
             // reference is dropped only after removal). Lockless readers that
@@ -377,6 +385,12 @@ impl Folio {
                     drop(Box::from_raw(p.0.as_ptr()));
                 });
             }
+        } else if old == REF_DETACHED | 2 {
+            // Detached, one reference left: maybe a remover waiting in
+            // `wait_refs_drained` for exactly this. Wake by key; the folio
+            // may already be gone (its last holder was someone else), then
+            // the wake is spurious and harmless.
+            WaitQueue::unpark_all(key, WQ_REFS);
         }
     }
 
@@ -385,12 +399,14 @@ impl Folio {
     /// no lock that a reference holder could be waiting for.
     pub(crate) fn wait_refs_drained(&self) {
         debug_assert_eq!(self.mapping_id(), 0);
-        loop {
-            if self.refcount.load(Ordering::SeqCst) <= 1 {
-                return;
-            }
-            self.wq
-                .park(self.key(), WQ_REFS, 0, || self.refcount.load(Ordering::SeqCst) > 1);
+        debug_assert_ne!(self.refcount.load(Ordering::Relaxed) & REF_DETACHED, 0);
+        // Acquire: pairs with the AcqRel decrements in `put`, so the holders'
+        // accesses happen before whatever the caller does next (punch).
+        let busy = || self.refcount.load(Ordering::Acquire) & REF_COUNT > 1;
+        while busy() {
+            // `validate` runs under the queue lock and `put` wakes under it
+            // after its decrement: no lost wake-up.
+            self.wq.park(self.key(), WQ_REFS, 0, busy);
         }
     }
 

@@ -50,7 +50,8 @@ mod imp {
     /// Normally it holds no state at all: sleepers park in
     /// `parking_lot_core`'s global hash table, keyed by the owner's address
     /// plus a small tag (one tag per event: unlock, writeback end, ...).
-    /// Under loom it is a real per-object queue, so the model sees it.
+    /// Under loom it is one global queue keyed the same way, so the model
+    /// sees every park and wake.
     #[derive(Default, Debug)]
     pub struct WaitQueue;
 
@@ -113,6 +114,13 @@ mod imp {
                 )
             };
             res.unparked_threads
+        }
+
+        /// Wake every sleeper on `(owner, tag)`. Needs no queue reference,
+        /// so a caller may wake sleepers on an object it may no longer
+        /// dereference (the key is just a number).
+        pub fn unpark_all(owner: usize, tag: usize) -> usize {
+            WaitQueue.unpark_filter(owner, tag, |_| UnparkOp::Unpark, |_| {})
         }
     }
 }
@@ -184,6 +192,7 @@ mod imp {
 
     #[derive(Debug)]
     struct Sleeper {
+        owner: usize,
         tag: usize,
         token: usize,
         id: usize,
@@ -195,47 +204,57 @@ mod imp {
         next_id: usize,
     }
 
-    /// Under loom: a real queue (mutex + condvar) with the exact semantics
-    /// of `parking_lot_core`'s address-keyed table: `validate` and the wake
-    /// callback run under the queue lock.
     #[derive(Debug, Default)]
-    pub struct WaitQueue {
+    struct Table {
         q: loom::sync::Mutex<Queue>,
         cv: loom::sync::Condvar,
     }
 
+    loom::lazy_static! {
+        /// The model's page wait table: one per model execution, keyed by
+        /// `(owner, tag)` like `parking_lot_core`'s global table.
+        static ref TABLE: Table = Table::default();
+    }
+
+    /// Under loom: one global queue (mutex + condvar) with the exact
+    /// semantics of `parking_lot_core`'s address-keyed table: `validate`
+    /// and the wake callback run under the queue lock, and a wake needs
+    /// only the key, never the object.
+    #[derive(Debug, Default)]
+    pub struct WaitQueue;
+
     impl WaitQueue {
         /// Create an empty queue.
         pub fn new() -> Self {
-            Self::default()
+            WaitQueue
         }
 
         /// See the non-loom version.
-        pub fn park(&self, _owner: usize, tag: usize, token: usize, validate: impl FnOnce() -> bool) {
-            let mut q = self.q.lock().unwrap();
+        pub fn park(&self, owner: usize, tag: usize, token: usize, validate: impl FnOnce() -> bool) {
+            let mut q = TABLE.q.lock().unwrap();
             if !validate() {
                 return;
             }
             let id = q.next_id;
             q.next_id += 1;
-            q.sleepers.push(Sleeper { tag, token, id });
+            q.sleepers.push(Sleeper { owner, tag, token, id });
             while q.sleepers.iter().any(|s| s.id == id) {
-                q = self.cv.wait(q).unwrap();
+                q = TABLE.cv.wait(q).unwrap();
             }
         }
 
         /// See the non-loom version.
         pub fn unpark_filter(
             &self,
-            _owner: usize,
+            owner: usize,
             tag: usize,
             mut filter: impl FnMut(usize) -> UnparkOp,
             callback: impl FnOnce(bool),
         ) -> usize {
-            let mut q = self.q.lock().unwrap();
+            let mut q = TABLE.q.lock().unwrap();
             let mut woke = 0;
             q.sleepers.retain(|s| {
-                if s.tag != tag {
+                if s.owner != owner || s.tag != tag {
                     return true;
                 }
                 match filter(s.token) {
@@ -246,13 +265,18 @@ mod imp {
                     UnparkOp::Skip => true,
                 }
             });
-            let have_more = q.sleepers.iter().any(|s| s.tag == tag);
+            let have_more = q.sleepers.iter().any(|s| s.owner == owner && s.tag == tag);
             callback(have_more);
             drop(q);
             if woke > 0 {
-                self.cv.notify_all();
+                TABLE.cv.notify_all();
             }
             woke
+        }
+
+        /// See the non-loom version.
+        pub fn unpark_all(owner: usize, tag: usize) -> usize {
+            WaitQueue.unpark_filter(owner, tag, |_| UnparkOp::Unpark, |_| {})
         }
     }
 }
