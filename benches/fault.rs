@@ -111,30 +111,25 @@ fn touch_pages(base: usize, pages: &[usize], threads: usize) -> Duration {
     t.elapsed()
 }
 
+/// A kernel mapping of a file (memmap2), the reference side.
 struct KernelMap {
     ptr: usize,
-    len: usize,
+    _map: memmap2::MmapRaw,
 }
 
 impl KernelMap {
     fn new(path: &Path, len: usize, write: bool) -> (KernelMap, std::fs::File) {
-        use rustix::mm::{mmap, MapFlags, ProtFlags};
         let f = std::fs::OpenOptions::new().read(true).write(write).open(path).unwrap();
-        let prot = if write {
-            ProtFlags::READ | ProtFlags::WRITE
-        } else {
-            ProtFlags::READ
-        };
-        // SAFETY: a fresh mapping of our own file; unmapped in Drop.
-        let ptr = unsafe { mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, &f, 0).unwrap() } as usize;
-        (KernelMap { ptr, len }, f)
-    }
-}
-
-impl Drop for KernelMap {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping.
-        unsafe { rustix::mm::munmap(self.ptr as *mut _, self.len).unwrap() };
+        let mut o = memmap2::MmapOptions::new();
+        o.len(len);
+        let map = if write { o.map_raw(&f) } else { o.map_raw_read_only(&f) }.unwrap();
+        (
+            KernelMap {
+                ptr: map.as_ptr() as usize,
+                _map: map,
+            },
+            f,
+        )
     }
 }
 
@@ -254,15 +249,11 @@ fn mapped_hit_random(c: &mut Criterion) {
     }
     g.bench_function("kernel_mmap_memfd", |b| {
         iter_each(b, || {
-            use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
-            let len = RANDOM_SIZE as usize;
-            // SAFETY: a fresh read-only mapping of our memfd,
-            // unmapped below.
-            let p = unsafe { mmap(std::ptr::null_mut(), len, ProtFlags::READ, MapFlags::SHARED, &memfd, 0).unwrap() };
-            let t = touch_pages(p as usize, &pages, 1);
-            // SAFETY: our mapping, no longer used.
-            unsafe { munmap(p, len).unwrap() };
-            t
+            let map = memmap2::MmapOptions::new()
+                .len(RANDOM_SIZE as usize)
+                .map_raw_read_only(&memfd)
+                .unwrap();
+            touch_pages(map.as_ptr() as usize, &pages, 1)
         })
     });
     let default_mode = upcache::PageCacheBuilder::DEFAULT_MMAP_MODE;

@@ -19,42 +19,18 @@ use upcache::{MmapMut, PageCache, Share, UffdMode, PAGE_SIZE};
 const MAX: u64 = 256 * 1024;
 const MAP: usize = 2 * MAX as usize;
 
-/// A kernel mapping of the twin file.
-struct KernelMap {
-    ptr: *mut u8,
-    len: usize,
-}
+/// The kernel twin: memmap2's shared writable mapping of the twin file.
+struct KernelMap(memmap2::MmapMut);
 
 impl KernelMap {
     fn new(f: &StdFile, len: usize) -> KernelMap {
-        use rustix::mm::{mmap, MapFlags, ProtFlags};
-        // SAFETY: a fresh shared mapping of our own file (no MAP_FIXED);
-        // only accessed below EOF by the test, unmapped in Drop.
-        let ptr = unsafe {
-            mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                f,
-                0,
-            )
-            .unwrap()
-        } as *mut u8;
-        KernelMap { ptr, len }
+        // SAFETY: only this test touches the twin file, through this
+        // mapping and `twin`'s pwrite/truncate (the kernel keeps the two
+        // coherent); accesses stay below EOF.
+        KernelMap(unsafe { memmap2::MmapOptions::new().len(len).map_mut(f) }.unwrap())
     }
     fn slice(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is live for `len` bytes while `self` is.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for KernelMap {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping from `new`.
-        unsafe {
-            rustix::mm::munmap(self.ptr.cast(), self.len).unwrap();
-        }
+        &mut self.0[..]
     }
 }
 
