@@ -212,7 +212,15 @@ impl PageCacheBuilder {
 
 /// Cached files by (device, inode). Weak: an address space lives while a
 /// handle or a mapping holds it, and its last holder writes it back.
-type FileTable = HashMap<(u64, u64), Weak<AddressSpace>>;
+/// What identifies a file to the cache: its inode for `open`, the
+/// engine's name for `open_with_ops`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum FileKey {
+    Inode(u64, u64),
+    Name(String),
+}
+
+type FileTable = HashMap<FileKey, Weak<AddressSpace>>;
 
 struct CacheInner {
     /// Present with a memory limit.
@@ -302,7 +310,7 @@ impl PageCache {
         };
         let store = FileStore::open(path).map_err(open_err)?;
         let md = store.file().metadata().map_err(open_err)?;
-        let key = (md.dev(), md.ino());
+        let key = FileKey::Inode(md.dev(), md.ino());
         let mut files = self.inner.files.lock();
         // One address space per file while anything (a handle or a
         // mapping) still uses it.
@@ -325,12 +333,24 @@ impl PageCache {
     }
 
     /// Cache a file whose operations the engine supplies (its own store,
-    /// its own I/O). Each call makes a new, independent address space.
+    /// its own I/O). `name` identifies the file: while anything (a handle
+    /// or a mapping) still uses the address space of `name`, opening `name`
+    /// again returns a handle to that same address space and drops `ops`
+    /// unused (the first open's operations stay, as an inode keeps its
+    /// `a_ops`). So close-then-reopen under a live mapping stays coherent;
+    /// two independent caches of one file would not be.
     ///
     /// # Errors
     /// The operations' `initial_size` error; memfd creation failure.
     pub fn open_with_ops(&self, name: &str, ops: impl AddressSpaceOps) -> Result<File> {
+        let key = FileKey::Name(name.to_string());
+        let mut files = self.inner.files.lock();
+        if let Some(m) = files.get(&key).and_then(Weak::upgrade) {
+            return Ok(File::new(m, self.inner.clone()));
+        }
         let m = self.new_mapping(name.to_string(), Box::new(ops))?;
+        files.retain(|_, w| w.strong_count() > 0);
+        files.insert(key, Arc::downgrade(&m));
         Ok(File::new(m, self.inner.clone()))
     }
 

@@ -319,7 +319,13 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
         None => None,
     };
     if let Some(wb) = &m.wb {
-        if wb.over_dirty_limit() && !replaying_throttled() {
+        // Past the dirty limit a write fault waits for one flusher pass,
+        // then is replayed and earns its mapping a few unthrottled faults:
+        // the pass may clean (and re-protect) another page the same store
+        // instruction needs, and without the credit the two faults would
+        // take turns being throttled forever (tests/liveness.rs,
+        // `throttled_mapped_write_across_two_folios_completes`).
+        if wb.over_dirty_limit() && !replaying_throttled() && !vma.take_throttle_credit() {
             wb.throttle_fault(ParkedFault {
                 vma: vma_arc.clone(),
                 address: vmf.address,
@@ -371,6 +377,7 @@ fn replaying_throttled() -> bool {
 /// Handle again a write fault parked while the cache was frozen (called
 /// by `thaw`) or throttled (called by the flusher after a pass).
 pub(crate) fn replay_wp_fault(vma: &Arc<VmArea>, address: usize) {
+    vma.grant_throttle_credit();
     REPLAYING.with(|r| r.set(true));
     replay_wp_fault_inner(vma, address);
     REPLAYING.with(|r| r.set(false));

@@ -62,7 +62,17 @@ pub struct VmArea {
     /// Some page of this mapping was poisoned (SIGBUS) and must be zapped
     /// if the file grows over it.
     pub(crate) poisoned: AtomicBool,
+    /// Write faults this mapping may still take past the dirty limit
+    /// without being throttled (granted when a throttled fault is
+    /// replayed; see `fault::do_wp_page`).
+    throttle_credit: AtomicU32,
 }
+
+/// Unthrottled write faults granted to a mapping each time one of its
+/// throttled faults is replayed: enough for every page one instruction
+/// (or one `memcpy`, which stores its head and tail last) needs writable
+/// at once, so throttling delays a writer and never starves it.
+pub(crate) const THROTTLE_CREDIT: u32 = 8;
 
 impl std::fmt::Debug for VmArea {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -182,6 +192,19 @@ impl VmArea {
         }
     }
 
+    /// Grant `THROTTLE_CREDIT` unthrottled write faults (a throttled fault
+    /// of this mapping was just replayed).
+    pub(crate) fn grant_throttle_credit(&self) {
+        self.throttle_credit.store(THROTTLE_CREDIT, Ordering::Relaxed);
+    }
+
+    /// Spend one unthrottled write fault; false if none is left.
+    pub(crate) fn take_throttle_credit(&self) -> bool {
+        self.throttle_credit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1))
+            .is_ok()
+    }
+
     /// `MADV_DONTNEED` the user range of file pages `[first, end)`: the
     /// next access faults again (truncate's tail, clearing poison).
     pub(crate) fn zap(&self, first: PgOff, end: PgOff) {
@@ -295,6 +318,7 @@ pub(crate) fn do_mmap(
         state: AtomicU32::new(0),
         wq: WaitQueue::new(),
         poisoned: AtomicBool::new(false),
+        throttle_credit: AtomicU32::new(0),
     });
     let mut modes = mode::MISSING;
     if mode == UffdMode::Minor {

@@ -118,6 +118,39 @@ fn shrinking_truncate_under_a_shared_writable_mapping_raises_sigbus() {
 }
 
 /// The children's side. A no-op unless `UPCACHE_CHILD` is set.
+/// Found by the fsx test (seed 13, Missing, 256 KiB limit, op 14737): with
+/// a dirty limit smaller than two folios, a mapped copy whose stores span
+/// two folios (memcpy writes its head and tail last) ping-ponged: each write
+/// fault was throttled until a flusher pass, and that pass cleaned and
+/// re-protected the other folio. The copy took minutes. A throttled fault,
+/// once replayed, earns its mapping a few unthrottled write faults, so one
+/// instruction's pages can all be writable at once.
+#[test]
+fn throttled_mapped_write_across_two_folios_completes() {
+    watchdog("throttled mapped write across two folios", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 256 * 1024]).unwrap();
+        for mode in [UffdMode::Missing, UffdMode::Minor] {
+            // Dirty limit: 20 % of 256 KiB, less than one 64 KiB folio.
+            let cache = PageCache::builder().mmap_mode(mode).memory_limit(256 * 1024).build();
+            let file = cache.open(&path).unwrap();
+            let map = file.mmap_raw(0, 256 * 1024).unwrap();
+            let mut junk = vec![0u8; 128 * 1024];
+            map.read(0, &mut junk);
+            for round in 0..50u8 {
+                let data = vec![round; 8000];
+                map.write(65494, &data);
+                let mut back = vec![0u8; 8000];
+                file.read_at(&mut back, 65494).unwrap();
+                assert!(back == data, "{mode:?} round {round}");
+            }
+            drop(map);
+            file.close().unwrap();
+        }
+    });
+}
+
 #[test]
 fn child_entry() {
     let Ok(case) = std::env::var("UPCACHE_CHILD") else {
