@@ -185,6 +185,11 @@ impl AddressSpace {
     /// Only failures to map the page store; read errors are left on the
     /// folios and reported by whoever needs them.
     pub(crate) fn page_cache_sync_readahead(&self, index: PgOff, req_pages: u64) -> Result<Option<Range<u64>>> {
+        // A large read is read ahead one bounded chunk at a time (the
+        // caller copies it out, then misses again): reading all of a read
+        // larger than the memory limit at once would evict its own head
+        // before the copy reached it, again and again.
+        let req_pages = req_pages.min(self.ra_chunk_pages());
         let init = self.ra.window_pages;
         let max = self.ra.max_pages.max(init);
         let (sync, next) = {
@@ -251,9 +256,20 @@ impl AddressSpace {
         // (up to `max_folio_order`), so a 1-page read gets an order-0 folio
         // and a sequential stream's big windows get big folios.
         let max_order = self.ra.max_order.min((end - index.0).ilog2() as u8);
+        // Submit in chunks of at most the largest readahead window (and a
+        // quarter of the memory limit): a huge read or WillNeed must not
+        // lock more new folios at once than reclaim could ever make room
+        // for (they are unevictable until read; a read_at of twice the
+        // limit used to leave reclaim scanning in vain).
+        let chunk = self.ra_chunk_pages();
         let mut batch = Vec::new();
+        let mut batch_pages = 0;
         let mut i = index.0;
         'next: while i < end {
+            if batch_pages >= chunk {
+                self.submit_readahead(std::mem::take(&mut batch));
+                batch_pages = 0;
+            }
             if let Some(f) = self.filemap_get_folio(PgOff(i)) {
                 i = f.index().0 + f.nr_pages();
                 continue;
@@ -265,6 +281,7 @@ impl AddressSpace {
                     if let Some(g) = self.filemap_add_folio(PgOff(i), order)? {
                         i += n;
                         batch.push(g);
+                        batch_pages += n;
                         continue 'next;
                     }
                 }
@@ -275,8 +292,24 @@ impl AddressSpace {
                 order -= 1;
             }
         }
+        self.submit_readahead(batch);
+        Ok(())
+    }
+
+    /// Most pages one readahead call locks and reads at once: the largest
+    /// window, and at most a quarter of the memory limit.
+    fn ra_chunk_pages(&self) -> u64 {
+        let mut chunk = self.ra.max_pages.max(1);
+        if let Some(r) = &self.reclaim {
+            chunk = chunk.min((r.limit_bytes() >> PAGE_SHIFT) / 4).max(1);
+        }
+        chunk
+    }
+
+    /// Hand a batch of new, locked folios to the engine's `readahead`.
+    fn submit_readahead(&self, batch: Vec<FolioGuard>) {
         if batch.is_empty() {
-            return Ok(());
+            return;
         }
         for _ in &batch {
             self.stats.read_io();
@@ -285,7 +318,6 @@ impl AddressSpace {
         self.ops.readahead(self, &mut rac);
         // Folios the engine did not take are unlocked, not uptodate.
         drop(rac);
-        Ok(())
     }
 
     /// `posix_fadvise`: `Normal`, `Sequential` and `Random` set the file's

@@ -42,7 +42,7 @@ use std::thread::{JoinHandle, Thread};
 
 use crate::address_space::{index_delete_folio, AddressSpace};
 use crate::aops::WritebackControl;
-use crate::folio::FolioGuard;
+use crate::folio::{FolioGuard, FolioRef};
 use crate::fs_writeback::Spaces;
 use crate::stats::CacheStats;
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
@@ -101,6 +101,10 @@ enum Outcome {
     Gone,
     /// Used since last seen: give it another round.
     Used,
+    /// Dirty, seen by background reclaim: keep it, and write it back once
+    /// the `shrinking` mutex is released (never under it: direct
+    /// reclaimers wait on that mutex, and must not wait for I/O).
+    WriteBack(Arc<AddressSpace>, FolioRef),
 }
 
 impl Reclaimer {
@@ -186,7 +190,13 @@ impl Reclaimer {
         while !self.stop.load(Ordering::Acquire) {
             let now = self.cached_pages();
             if now > self.high_pages {
-                self.shrink(now - self.low_pages, false);
+                if self.shrink(now - self.low_pages, false) == 0 {
+                    // Nothing evictable now (locked, in use, dirty and
+                    // being written): sleep until the next charge wakes
+                    // us, rather than rescan the queues in a loop while
+                    // holding the mutex direct reclaimers need.
+                    std::thread::park();
+                }
             } else {
                 std::thread::park();
             }
@@ -210,6 +220,7 @@ impl Reclaimer {
             2 * (q.small.len() + q.main.len()) + 64
         };
         let mut frozen: Vec<(Entry, bool, Arc<AddressSpace>, FolioGuard)> = Vec::new();
+        let mut to_write: Vec<(Arc<AddressSpace>, FolioRef)> = Vec::new();
         let mut frozen_pages = 0;
         while freed + frozen_pages < want && budget > 0 {
             budget -= 1;
@@ -238,10 +249,27 @@ impl Reclaimer {
                 }
                 Outcome::Gone => {}
                 Outcome::Used => self.queues.lock().main.push_back((key, ident)),
-                Outcome::Keep => self.requeue((key, ident), from_small),
+                // Not evictable now (dirty, locked, under writeback, in
+                // use): it goes to the main queue's tail, never back to the
+                // small one. A small queue full of dirty folios would
+                // otherwise be all that reclaim looks at (it prefers the
+                // small queue while that holds 10 % or more), and the clean
+                // folios behind it in main would never be evicted.
+                Outcome::Keep => self.requeue((key, ident), false),
+                Outcome::WriteBack(m, f) => {
+                    self.requeue((key, ident), false);
+                    to_write.push((m, f));
+                }
             }
         }
-        freed + self.evict_batch(frozen)
+        freed += self.evict_batch(frozen);
+        drop(_one);
+        // Background reclaim's writeback, outside the mutex; the folios
+        // are evicted on a later pass once clean.
+        for (m, f) in to_write {
+            m.reclaim_writepage(f);
+        }
+        freed
     }
 
     fn requeue(&self, key: Entry, from_small: bool) {
@@ -339,18 +367,9 @@ impl Reclaimer {
                 }
                 return Outcome::Keep;
             }
-            // Background reclaim writes it back now; it is evicted on a
-            // later pass once clean.
-            if let Some(_wb) = m.wb_lock.try_read() {
-                if let Ok(g) = f.trylock() {
-                    if g.mapping_id() == m.id() && g.is_dirty() && !g.is_writeback() && m.folio_clear_dirty_for_io(&g) {
-                        m.stats.write_io();
-                        let mut wbc = WritebackControl::none(g.nr_pages() as i64);
-                        let _ = m.ops.writepage(&m, g, &mut wbc);
-                    }
-                }
-            }
-            return Outcome::Keep;
+            // Background reclaim writes it back (after dropping the
+            // `shrinking` mutex); it is evicted on a later pass once clean.
+            return Outcome::WriteBack(m, f);
         }
         match m.freeze_for_eviction(f) {
             Some(g) => Outcome::Frozen(m, g),
@@ -360,6 +379,22 @@ impl Reclaimer {
 }
 
 impl AddressSpace {
+    /// Background reclaim's `pageout`: start writeback of one dirty folio
+    /// if that needs no waiting (the writeback lock and the folio lock are
+    /// taken by trylock). Nothing held on entry.
+    fn reclaim_writepage(self: &Arc<Self>, f: FolioRef) {
+        if let Some(_wb) = self.wb_lock.try_read() {
+            if let Ok(g) = f.trylock() {
+                if g.mapping_id() == self.id() && g.is_dirty() && !g.is_writeback() && self.folio_clear_dirty_for_io(&g)
+                {
+                    self.stats.write_io();
+                    let mut wbc = WritebackControl::none(g.nr_pages() as i64);
+                    let _ = self.ops.writepage(self, g, &mut wbc);
+                }
+            }
+        }
+    }
+
     /// `invalidate_mapping_pages`: drop the clean, unused folios of pages
     /// `[first, end)`. Returns pages dropped.
     pub(crate) fn invalidate_clean_range(&self, first: PgOff, end: u64) -> u64 {

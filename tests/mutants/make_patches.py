@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Regenerate tests/mutants/*.patch from the table below.
+
+Each mutant is one planted bug: (name, file, old text, new text, kill
+command). The old text must occur exactly once in the current src/. Run
+from the repository root with a clean src/; it edits src/, records
+`git diff`, and restores the file. Kill commands run in the scratch copy
+`run.sh` makes; a mutant is killed when its command fails.
+"""
+import os
+import subprocess
+import sys
+
+LOOM = ('env RUSTFLAGS="--cfg loom --cfg crossbeam_loom" LOOM_MAX_PREEMPTIONS=2 '
+        'cargo test --release --target-dir "$MUTANT_TARGET/loom" --test')
+
+MUTANTS = [
+    ("01-put-wake-ignores-detached-bit", "src/folio.rs",
+     "} else if old == REF_DETACHED | 2 {", "} else if old == 2 {",
+     f"{LOOM} loom_folio put_vs_removal"),
+    ("02-unlock-skips-waiter-wakeup", "src/folio.rs",
+     "        if old & LOCK_WAITERS != 0 {\n            self.unlock_slow();",
+     "        if false && old & LOCK_WAITERS != 0 {\n            self.unlock_slow();",
+     f"{LOOM} loom_folio folio_lock_excludes"),
+    ("03-writeback-end-relaxed-ordering", "src/folio.rs",
+     "let old = self.flags.fetch_and(!WRITEBACK, Ordering::AcqRel);",
+     "let old = self.flags.fetch_and(!WRITEBACK, Ordering::Relaxed);",
+     f"{LOOM} loom_folio writeback_end_wakes"),
+    ("04-trylock-always-succeeds", "src/folio.rs",
+     "        self.flags.fetch_or(LOCKED, Ordering::Acquire) & LOCKED == 0\n",
+     "        self.flags.fetch_or(LOCKED, Ordering::Acquire);\n        true\n",
+     f"{LOOM} loom_folio trylock_never_blocks"),
+    ("05-lockless-lookup-skips-recheck", "src/address_space.rs",
+     "        if xa.load(index) != p {\n            // Removed (and maybe replaced) between load and try_get.",
+     "        if false && xa.load(index) != p {\n            // Removed (and maybe replaced) between load and try_get.",
+     f"{LOOM} loom_lookup"),
+    ("06-freeze-ignores-expected-count", "src/folio.rs",
+     "            .compare_exchange(expected, 0, Ordering::Acquire, Ordering::Relaxed)\n            .is_ok()",
+     "            .swap(0, Ordering::Acquire)\n            .min(expected)\n            < u32::MAX",
+     f"{LOOM} loom_reclaim"),
+    ("07-reclaim-waits-on-its-own-frozen-folio", "src/vmscan.rs",
+     "                crate::address_space::Lookup::Busy => return Outcome::Gone,\n            }\n        };\n        if f.index().0 != index || &*f as *const _ as usize != ident {",
+     "                crate::address_space::Lookup::Busy => match m.filemap_get_folio(PgOff(index)) {\n                    Some(f) => f,\n                    None => return Outcome::Gone,\n                },\n            }\n        };\n        if f.index().0 != index {",
+     "cargo test --test liveness reclaim_with_a_duplicate_queue_entry"),
+    ("08-throttle-without-credit", "src/fault.rs",
+     "if wb.over_dirty_limit() && !replaying_throttled() && !vma.take_throttle_credit() {",
+     "if wb.over_dirty_limit() && !replaying_throttled() {",
+     "cargo test --test liveness throttled_mapped_write"),
+    ("09-write-at-copies-under-folio-lock", "src/mmap.rs",
+     "        if len == 0 || NR_USER_MAPPINGS.load(Ordering::Acquire) == 0 {\n            return false;",
+     "        if len == 0 || NR_USER_MAPPINGS.load(Ordering::Acquire) < usize::MAX {\n            return false;",
+     "cargo test --test liveness write_at_and_read_at_through_a_mapping"),
+    ("10-ranged-writeback-starts-at-range", "src/page_writeback.rs",
+     "        .map_or(start, |f| f.index().0.min(start));",
+     "        .map_or(start, |_| start);",
+     "cargo test --test integrity"),
+    ("11-punch-store-before-writeback", "src/truncate.rs",
+     "        self.write_and_wait_range(off, end - 1).map_err(Error::Writeback)?;\n",
+     "",
+     "cargo test --test integrity"),
+    ("12-sync-range-does-nothing", "src/page_writeback.rs",
+     "fn page_range(wbc: &WritebackControl) -> (u64, u64) {\n    let start = wbc.range_start >> PAGE_SHIFT;",
+     "fn page_range(wbc: &WritebackControl) -> (u64, u64) {\n    let start = if wbc.range_end == u64::MAX { wbc.range_start >> PAGE_SHIFT } else { u64::MAX - 1 };",
+     "cargo test --test crash"),
+    ("13-fault-panic-kills-handler", "src/fault.rs",
+     "let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle_fault(sh, pf)));",
+     "let r: Result<(), ()> = Ok(handle_fault(sh, pf));",
+     "cargo test --test soundness panicking_store"),
+    ("14-last-user-drops-dirty-data", "src/address_space.rs",
+     "        if self.nr_dirty_folios() > 0 {\n            let r = self.write_and_wait_range(0, u64::MAX)",
+     "        if self.nr_dirty_folios() > usize::MAX / 2 {\n            let r = self.write_and_wait_range(0, u64::MAX)",
+     "cargo test --test soundness mapping_outlives"),
+    ("15-poison-gives-up-on-wp-marker", "src/fault.rs",
+     "                // Clears a wp marker on a none PTE (then POISON works).\n                let _ = sh.uffd.writeprotect(page, PAGE_SIZE, false);",
+     "                // Clears a wp marker on a none PTE (then POISON works).\n                break;",
+     "cargo test --test liveness shrinking_truncate"),
+]
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    names = set(sys.argv[1:])
+    for name, path, old, new, cmd in MUTANTS:
+        if names and name not in names:
+            continue
+        src = open(path).read()
+        n = src.count(old)
+        if n != 1:
+            sys.exit(f"{name}: expected the text once in {path}, found {n}")
+        open(path, "w").write(src.replace(old, new))
+        try:
+            diff = subprocess.run(["git", "diff", "--", path], check=True, capture_output=True, text=True).stdout
+        finally:
+            open(path, "w").write(src)
+        with open(os.path.join(here, name + ".patch"), "w") as f:
+            f.write(f"# kill: {cmd}\n{diff}")
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()
