@@ -31,7 +31,11 @@ for p in "${patches[@]}"; do
     total=$((total + 1))
     rm -rf "$WORK/src"
     cp -r "$ROOT/src" "$WORK/src"
-    if ! (cd "$WORK" && git apply "$p"); then
+    # The scratch copy lives inside this repository's target/: stop git
+    # from finding the repository above it, or `git apply` would silently
+    # skip every path outside the current directory.
+    if ! (cd "$WORK" && GIT_CEILING_DIRECTORIES="$(dirname "$WORK")" git apply "$p") ||
+        diff -rq "$ROOT/src" "$WORK/src" >/dev/null; then
         echo "mutant $name: patch does not apply (regenerate with tests/mutants/make_patches.py)"
         survivors+=("$name (does not apply)")
         continue
