@@ -322,15 +322,19 @@ fn scan_upcache(
             iter_each(b, || {
                 drop_kernel_cache(path);
                 let cache = PageCache::builder().mmap_mode(mode).map_ahead(map_ahead).build();
-                let file = if direct {
-                    let store = upcache::DirectFileStore::open(path).unwrap();
-                    cache.open_with_ops("scan", upcache::StoreOps::new(store)).unwrap()
-                } else {
-                    cache.open(path).unwrap()
+                let store = direct.then(|| std::sync::Arc::new(upcache::DirectFileStore::open(path).unwrap()));
+                let file = match &store {
+                    Some(s) => cache.open_with_ops("scan", upcache::StoreOps::new(s.clone())).unwrap(),
+                    None => cache.open(path).unwrap(),
                 };
                 // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
                 let map = unsafe { file.mmap(0, SCAN_SIZE as usize, Share::Shared) }.unwrap();
-                touch_pages(map.as_ptr() as usize, pages, 1)
+                let t = touch_pages(map.as_ptr() as usize, pages, 1);
+                if let Some(s) = &store {
+                    // The direct side must really be O_DIRECT.
+                    assert_eq!(s.direct_fallbacks(), 0, "{id}: buffered I/O on the direct side");
+                }
+                t
             })
         });
     }

@@ -122,15 +122,18 @@ fn kernel_side(path: &Path, iters: u64) -> Duration {
     Duration::from_nanos(ns)
 }
 
-fn upcache_cache(path: &Path, policy: ReplacementPolicy) -> (PageCache, upcache::File) {
+fn upcache_cache(
+    path: &Path,
+    policy: ReplacementPolicy,
+) -> (PageCache, upcache::File, std::sync::Arc<DirectFileStore>) {
     let cache = PageCache::builder()
         .memory_limit(BUDGET)
         .replacement_policy(policy)
         .build();
-    let store = DirectFileStore::open(path).unwrap();
-    let file = cache.open_with_ops("oversub", StoreOps::new(store)).unwrap();
+    let store = std::sync::Arc::new(DirectFileStore::open(path).unwrap());
+    let file = cache.open_with_ops("oversub", StoreOps::new(store.clone())).unwrap();
     file.advise(Advice::Random, 0, 0).unwrap();
-    (cache, file)
+    (cache, file, store)
 }
 
 fn oversubscribed_random(c: &mut Criterion) {
@@ -150,20 +153,26 @@ fn oversubscribed_random(c: &mut Criterion) {
     });
     g.bench_function("upcache", |b| {
         b.iter_custom(|iters| {
-            let (_cache, file) = upcache_cache(&path, ReplacementPolicy::S3Fifo);
+            let (_cache, file, store) = upcache_cache(&path, ReplacementPolicy::S3Fifo);
             // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
             let map = unsafe { file.mmap(0, FILE_SIZE as usize, Share::Shared) }.unwrap();
             run_reads(map.as_ptr() as usize, &offsets(1, ACCESSES));
-            (0..iters)
+            let t = (0..iters)
                 .map(|i| run_reads(map.as_ptr() as usize, &offsets(100 + i, ACCESSES)))
-                .sum()
+                .sum();
+            assert_eq!(
+                store.direct_fallbacks(),
+                0,
+                "oversubscribed_random/upcache: buffered I/O"
+            );
+            t
         })
     });
     g.finish();
     let _ = std::fs::remove_dir(CGROUP);
 
     for policy in [ReplacementPolicy::S3Fifo, ReplacementPolicy::Clock] {
-        let (cache, file) = upcache_cache(&path, policy);
+        let (cache, file, store) = upcache_cache(&path, policy);
         // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
         let map = unsafe { file.mmap(0, FILE_SIZE as usize, Share::Shared) }.unwrap();
         run_reads(map.as_ptr() as usize, &offsets(1, ACCESSES));
@@ -171,6 +180,12 @@ fn oversubscribed_random(c: &mut Criterion) {
         run_reads(map.as_ptr() as usize, &offsets(2, ACCESSES));
         let after = cache.stats();
         let misses = after.faults_slow - before.faults_slow;
+        // upcache's side must be the only cache: no buffered I/O.
+        assert_eq!(
+            store.direct_fallbacks(),
+            0,
+            "oversubscribed_random: buffered I/O on upcache's side"
+        );
         println!(
             "oversubscribed_random hit ratio, {policy:?}: {:.1} % ({misses} misses in {ACCESSES} reads)",
             100.0 * (1.0 - misses as f64 / ACCESSES as f64)
