@@ -33,6 +33,7 @@ use std::io;
 use crate::address_space::AddressSpace;
 use crate::folio::{Folio, FolioGuard};
 use crate::page_writeback::write_cache_pages;
+use crate::sync::Arc;
 
 /// Integrity or cleansing writeback (`enum writeback_sync_modes`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,3 +286,82 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
         false
     }
 }
+
+/// An engine keeps its operations behind an `Arc` (to reach its own store,
+/// steer it) and gives the cache a clone, or hands over a `Box`. Every
+/// method delegates, defaults included, so nothing the inner operations
+/// override (batched `readahead`, `release_folio`, ...) is lost.
+macro_rules! delegate_address_space_ops {
+    ($ptr:ident) => {
+        impl<T: AddressSpaceOps + ?Sized> AddressSpaceOps for $ptr<T> {
+            fn read_folio(&self, mapping: &AddressSpace, folio: FolioGuard) -> io::Result<()> {
+                (**self).read_folio(mapping, folio)
+            }
+            fn readahead(&self, mapping: &AddressSpace, rac: &mut ReadaheadControl) {
+                (**self).readahead(mapping, rac)
+            }
+            fn writepage(
+                &self,
+                mapping: &AddressSpace,
+                folio: FolioGuard,
+                wbc: &mut WritebackControl,
+            ) -> io::Result<()> {
+                (**self).writepage(mapping, folio, wbc)
+            }
+            fn writepages(&self, mapping: &AddressSpace, wbc: &mut WritebackControl) -> io::Result<()> {
+                (**self).writepages(mapping, wbc)
+            }
+            fn dirty_folio(&self, mapping: &AddressSpace, folio: &Folio) {
+                (**self).dirty_folio(mapping, folio)
+            }
+            fn write_begin(&self, mapping: &AddressSpace, pos: u64, len: usize) -> io::Result<FolioGuard> {
+                (**self).write_begin(mapping, pos, len)
+            }
+            fn write_end(&self, mapping: &AddressSpace, pos: u64, copied: usize, folio: FolioGuard) -> usize {
+                (**self).write_end(mapping, pos, copied, folio)
+            }
+            fn invalidate_folio(&self, mapping: &AddressSpace, folio: &FolioGuard, offset: usize, len: usize) {
+                (**self).invalidate_folio(mapping, folio, offset, len)
+            }
+            fn release_folio(&self, mapping: &AddressSpace, folio: &FolioGuard) -> bool {
+                (**self).release_folio(mapping, folio)
+            }
+            fn free_folio(&self, mapping: &AddressSpace, folio: &Folio) {
+                (**self).free_folio(mapping, folio)
+            }
+            fn launder_folio(&self, mapping: &AddressSpace, folio: &mut FolioGuard) -> io::Result<()> {
+                (**self).launder_folio(mapping, folio)
+            }
+            fn is_partially_uptodate(
+                &self,
+                mapping: &AddressSpace,
+                folio: &FolioGuard,
+                from: usize,
+                count: usize,
+            ) -> bool {
+                (**self).is_partially_uptodate(mapping, folio, from, count)
+            }
+            fn error_remove_folio(&self, mapping: &AddressSpace, folio: &FolioGuard) -> io::Result<()> {
+                (**self).error_remove_folio(mapping, folio)
+            }
+            fn initial_size(&self) -> io::Result<u64> {
+                (**self).initial_size()
+            }
+            fn set_size(&self, size: u64) -> io::Result<()> {
+                (**self).set_size(size)
+            }
+            fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+                (**self).punch_hole(off, len)
+            }
+            fn fsync(&self) -> io::Result<()> {
+                (**self).fsync()
+            }
+            fn stable_writes(&self) -> bool {
+                (**self).stable_writes()
+            }
+        }
+    };
+}
+
+delegate_address_space_ops!(Arc);
+delegate_address_space_ops!(Box);

@@ -487,6 +487,41 @@ impl MmapMut {
     pub fn flush_range(&self, off: usize, len: usize) -> Result<()> {
         flush_vma_range(&self.vma, off, len)
     }
+
+    /// `msync(MS_ASYNC)` of the whole mapping: start writeback of its dirty
+    /// folios and return without waiting for writeback already in flight
+    /// or syncing the store. Nothing is durable until a `flush` or `fsync`.
+    ///
+    /// # Errors
+    /// A write error of the writeback it started.
+    pub fn flush_async(&self) -> Result<()> {
+        flush_vma_range_async(&self.vma, 0, self.vma.len)
+    }
+
+    /// [`flush_async`](Self::flush_async) of `len` bytes at `off`.
+    ///
+    /// # Errors
+    /// `EINVAL` for a range outside the mapping; a write error.
+    pub fn flush_async_range(&self, off: usize, len: usize) -> Result<()> {
+        flush_vma_range_async(&self.vma, off, len)
+    }
+}
+
+/// `msync(MS_ASYNC)` of `len` bytes at `off`: cleansing writeback of every
+/// folio overlapping the range, no wait, no store sync.
+fn flush_vma_range_async(vma: &VmArea, off: usize, len: usize) -> Result<()> {
+    if off.checked_add(len).is_none_or(|e| e > vma.len) {
+        return Err(Error::InvalidArgument {
+            what: "flush range outside the mapping",
+        });
+    }
+    if !vma.shared || len == 0 {
+        return Ok(());
+    }
+    let start = (vma.pgoff << PAGE_SHIFT) + off as u64;
+    let mut wbc = crate::aops::WritebackControl::all(start, start + len as u64 - 1);
+    wbc.sync_mode = crate::aops::SyncMode::None;
+    vma.mapping().writepages(&mut wbc).map_err(Error::Writeback)
 }
 
 fn flush_vma(vma: &VmArea) -> Result<()> {
@@ -651,6 +686,23 @@ impl MmapRaw {
     /// `EINVAL` for a range outside the mapping; the write or sync error.
     pub fn flush_range(&self, off: usize, len: usize) -> Result<()> {
         flush_vma_range(&self.vma, off, len)
+    }
+
+    /// `msync(MS_ASYNC)`: start writeback of the mapping's dirty folios,
+    /// without waiting or syncing the store (see [`MmapMut::flush_async`]).
+    ///
+    /// # Errors
+    /// A write error of the writeback it started.
+    pub fn flush_async(&self) -> Result<()> {
+        flush_vma_range_async(&self.vma, 0, self.vma.len)
+    }
+
+    /// [`flush_async`](Self::flush_async) of `len` bytes at `off`.
+    ///
+    /// # Errors
+    /// `EINVAL` for a range outside the mapping; a write error.
+    pub fn flush_async_range(&self, off: usize, len: usize) -> Result<()> {
+        flush_vma_range_async(&self.vma, off, len)
     }
 }
 
