@@ -510,18 +510,31 @@ impl MmapMut {
 /// `msync(MS_ASYNC)` of `len` bytes at `off`: cleansing writeback of every
 /// folio overlapping the range, no wait, no store sync.
 fn flush_vma_range_async(vma: &VmArea, off: usize, len: usize) -> Result<()> {
+    let Some((start, end)) = flush_file_range(vma, off, len)? else {
+        return Ok(());
+    };
+    let mut wbc = crate::aops::WritebackControl::all(start, end);
+    wbc.sync_mode = crate::aops::SyncMode::None;
+    vma.mapping().writepages(&mut wbc).map_err(Error::Writeback)
+}
+
+/// The file bytes (first, last inclusive) that flushing `len` bytes at
+/// `off` of the mapping covers; `None` if there is nothing to write (a
+/// private mapping, an empty range).
+///
+/// # Errors
+/// `EINVAL` for a range outside the mapping.
+fn flush_file_range(vma: &VmArea, off: usize, len: usize) -> Result<Option<(u64, u64)>> {
     if off.checked_add(len).is_none_or(|e| e > vma.len) {
         return Err(Error::InvalidArgument {
             what: "flush range outside the mapping",
         });
     }
     if !vma.shared || len == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let start = (vma.pgoff << PAGE_SHIFT) + off as u64;
-    let mut wbc = crate::aops::WritebackControl::all(start, start + len as u64 - 1);
-    wbc.sync_mode = crate::aops::SyncMode::None;
-    vma.mapping().writepages(&mut wbc).map_err(Error::Writeback)
+    Ok(Some((start, start + len as u64 - 1)))
 }
 
 fn flush_vma(vma: &VmArea) -> Result<()> {
@@ -530,18 +543,11 @@ fn flush_vma(vma: &VmArea) -> Result<()> {
 
 /// `msync(MS_SYNC)` of `len` bytes at `off` into the mapping.
 fn flush_vma_range(vma: &VmArea, off: usize, len: usize) -> Result<()> {
-    if off.checked_add(len).is_none_or(|e| e > vma.len) {
-        return Err(Error::InvalidArgument {
-            what: "flush range outside the mapping",
-        });
-    }
-    if !vma.shared || len == 0 {
+    let Some((start, end)) = flush_file_range(vma, off, len)? else {
         return Ok(());
-    }
-    let start = (vma.pgoff << PAGE_SHIFT) + off as u64;
+    };
     let m = vma.mapping();
-    m.write_and_wait_range(start, start + len as u64 - 1)
-        .map_err(Error::Writeback)?;
+    m.write_and_wait_range(start, end).map_err(Error::Writeback)?;
     m.ops.fsync().map_err(Error::Io)
 }
 

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{tempdir, watchdog};
-use upcache::{BackingStore, FileStore, PageCache, Share, StoreOps, PAGE_SIZE};
+use common::{tempdir, watchdog, HookStore, StoreOp};
+use upcache::{PageCache, Share, StoreOps, PAGE_SIZE};
 
 /// `read_at(1 byte at 0)` makes a large folio at 0; a write inside it at
 /// 32768 and `sync_range(32768, 32777)` must put the bytes on disk (the
@@ -75,49 +75,23 @@ fn punch_keeps_the_file_size_on_disk() {
     assert!(disk[8192..].iter().all(|&x| x == 0));
 }
 
-/// A store whose `set_len` / `punch_hole` fail on demand.
-struct Refusing {
-    inner: FileStore,
-    refuse_set_len: AtomicBool,
-    refuse_punch: AtomicBool,
+/// Switches that make the store's `set_len` / `punch_hole` fail.
+#[derive(Default)]
+struct Refuse {
+    set_len: AtomicBool,
+    punch: AtomicBool,
 }
 
-/// The store handle the cache owns (the test keeps another).
-struct Handle(Arc<Refusing>);
-
-impl BackingStore for Handle {
-    fn read_at(&self, b: &mut [u8], o: u64) -> io::Result<usize> {
-        self.0.inner.read_at(b, o)
-    }
-    fn write_all_at(&self, b: &[u8], o: u64) -> io::Result<()> {
-        self.0.inner.write_all_at(b, o)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.0.inner.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.0.inner.len()
-    }
-    fn set_len(&self, s: u64) -> io::Result<()> {
-        if self.0.refuse_set_len.load(Ordering::Relaxed) {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.0.inner.set_len(s)
-    }
-    fn punch_hole(&self, o: u64, l: u64) -> io::Result<()> {
-        if self.0.refuse_punch.load(Ordering::Relaxed) {
-            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
-        }
-        self.0.inner.punch_hole(o, l)
-    }
-}
-
-fn refusing(path: &std::path::Path) -> Arc<Refusing> {
-    Arc::new(Refusing {
-        inner: FileStore::open(path).unwrap(),
-        refuse_set_len: AtomicBool::new(false),
-        refuse_punch: AtomicBool::new(false),
-    })
+/// A store refusing what `refuse` says, and the switches.
+fn refusing(path: &std::path::Path) -> (HookStore, Arc<Refuse>) {
+    let refuse = Arc::new(Refuse::default());
+    let r = refuse.clone();
+    let store = HookStore::new(path, move |op, _, _| match op {
+        StoreOp::SetLen if r.set_len.load(Ordering::Relaxed) => Err(io::Error::from_raw_os_error(libc::EIO)),
+        StoreOp::Punch if r.punch.load(Ordering::Relaxed) => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        _ => Ok(()),
+    });
+    (store, refuse)
 }
 
 /// A truncate the store refuses changes nothing: size, cached bytes and
@@ -127,14 +101,12 @@ fn refused_truncate_changes_nothing() {
     let dir = tempdir();
     let path = dir.path().join("f");
     std::fs::write(&path, vec![3u8; 256 * 1024]).unwrap();
-    let store = refusing(&path);
+    let (store, refuse) = refusing(&path);
     let cache = PageCache::new();
-    let file = cache
-        .open_with_ops("refusing", StoreOps::new(Handle(store.clone())))
-        .unwrap();
+    let file = cache.open_with_ops("refusing", StoreOps::new(store)).unwrap();
     let mut buf = vec![0u8; 256 * 1024];
     file.read_at(&mut buf, 0).unwrap();
-    store.refuse_set_len.store(true, Ordering::Relaxed);
+    refuse.set_len.store(true, Ordering::Relaxed);
     assert!(file.truncate(100 * 1024).is_err());
     assert_eq!(file.len().unwrap(), 256 * 1024, "size changed by a refused truncate");
     assert!(file.truncate(300 * 1024).is_err());
@@ -176,13 +148,11 @@ fn failed_punch_keeps_unsynced_writes() {
     let dir = tempdir();
     let path = dir.path().join("f");
     std::fs::write(&path, vec![1u8; 64 * 1024]).unwrap();
-    let store = refusing(&path);
+    let (store, refuse) = refusing(&path);
     let cache = PageCache::new();
-    let file = cache
-        .open_with_ops("refusing", StoreOps::new(Handle(store.clone())))
-        .unwrap();
+    let file = cache.open_with_ops("refusing", StoreOps::new(store)).unwrap();
     file.write_at(&vec![9u8; 16 * 1024], 8192).unwrap();
-    store.refuse_punch.store(true, Ordering::Relaxed);
+    refuse.punch.store(true, Ordering::Relaxed);
     assert!(file.punch_hole(8192, 16 * 1024).is_err());
     let mut buf = vec![0u8; 16 * 1024];
     file.read_at(&mut buf, 8192).unwrap();

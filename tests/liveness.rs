@@ -6,11 +6,8 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 
-use std::io;
-use std::sync::{Arc, Condvar, Mutex};
-
-use common::{run_child_per_mode, tempdir, watchdog};
-use upcache::{Advice, BackingStore, FileStore, PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
+use common::{run_child_per_mode, tempdir, watchdog, Gate, HookStore, StoreOp};
+use upcache::{Advice, PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 const SIGBUS: i32 = 7;
 
@@ -154,35 +151,6 @@ fn throttled_mapped_write_across_two_folios_completes() {
     });
 }
 
-/// A store whose writes block until the gate opens.
-struct BlockingWrites {
-    inner: FileStore,
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-impl BackingStore for BlockingWrites {
-    fn read_at(&self, b: &mut [u8], o: u64) -> io::Result<usize> {
-        self.inner.read_at(b, o)
-    }
-    fn write_all_at(&self, b: &[u8], o: u64) -> io::Result<()> {
-        let mut open = self.open.lock().unwrap();
-        while !*open {
-            open = self.cv.wait(open).unwrap();
-        }
-        drop(open);
-        self.inner.write_all_at(b, o)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.inner.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, s: u64) -> io::Result<()> {
-        self.inner.set_len(s)
-    }
-}
-
 /// Item 5 of the issue: direct reclaim never writes back, and neither
 /// `read_at` nor mapped reads (`map_pages`) wait for a writeback. Half the
 /// memory limit is dirty in a store whose writes block; reading 4x the
@@ -200,10 +168,14 @@ fn direct_reclaim_and_map_pages_never_wait_for_writeback() {
         let size = 5 * LIMIT as usize;
         std::fs::write(&path, (0..size).map(byte).collect::<Vec<u8>>()).unwrap();
         for mode in [UffdMode::Missing, UffdMode::Minor] {
-            let store = Arc::new(BlockingWrites {
-                inner: FileStore::open(&path).unwrap(),
-                open: Mutex::new(false),
-                cv: Condvar::new(),
+            // Every store write blocks until the gate opens.
+            let gate = Gate::new(false);
+            let g = gate.clone();
+            let store = HookStore::new(&path, move |op, _, _| {
+                if op == StoreOp::Write {
+                    g.pass();
+                }
+                Ok(())
             });
             let cache = PageCache::builder()
                 .mmap_mode(mode)
@@ -211,7 +183,7 @@ fn direct_reclaim_and_map_pages_never_wait_for_writeback() {
                 .dirty_limit_bytes(LIMIT)
                 .dirty_background_bytes(LIMIT / 4)
                 .build();
-            let file = cache.open_with_ops("blocked", StoreOps::new(store.clone())).unwrap();
+            let file = cache.open_with_ops("blocked", StoreOps::new(store)).unwrap();
             let dirty = vec![0xAAu8; LIMIT as usize / 2];
             file.write_at(&dirty, 0).unwrap();
             let map = file.mmap_raw(0, size).unwrap();
@@ -235,8 +207,7 @@ fn direct_reclaim_and_map_pages_never_wait_for_writeback() {
                 "{mode:?}: reclaim kept the limit: {st:?}"
             );
             // Open the gate; the dirty data must still reach the file.
-            *store.open.lock().unwrap() = true;
-            store.cv.notify_all();
+            gate.open();
             drop(map);
             file.fsync().unwrap();
             assert!(std::fs::read(&path).unwrap()[..dirty.len()] == dirty[..], "{mode:?}");

@@ -10,8 +10,8 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
-use common::{tempdir, Rng};
-use upcache::{BackingStore, FileStore, PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
+use common::{tempdir, HookStore, Rng, StoreOp};
+use upcache::{PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 const MIB: u64 = 1 << 20;
 
@@ -108,32 +108,6 @@ fn working_set_four_times_the_limit_stays_within_it() {
     }
 }
 
-struct FailingWrites {
-    inner: FileStore,
-    fail: Arc<AtomicBool>,
-}
-
-impl BackingStore for FailingWrites {
-    fn read_at(&self, b: &mut [u8], o: u64) -> io::Result<usize> {
-        self.inner.read_at(b, o)
-    }
-    fn write_all_at(&self, b: &[u8], o: u64) -> io::Result<()> {
-        if self.fail.load(Relaxed) {
-            return Err(io::Error::from_raw_os_error(28));
-        }
-        self.inner.write_all_at(b, o)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.inner.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, s: u64) -> io::Result<()> {
-        self.inner.set_len(s)
-    }
-}
-
 #[test]
 fn failing_writes_under_pressure_keep_dirty_data() {
     let dir = tempdir();
@@ -141,10 +115,11 @@ fn failing_writes_under_pressure_keep_dirty_data() {
     std::fs::write(&path, vec![0u8; 8 * MIB as usize]).unwrap();
     let fail = Arc::new(AtomicBool::new(true));
     let cache = limited(MIB, UffdMode::Missing);
-    let store = FailingWrites {
-        inner: FileStore::open(&path).unwrap(),
-        fail: fail.clone(),
-    };
+    let f = fail.clone();
+    let store = HookStore::new(&path, move |op, _, _| match op {
+        StoreOp::Write if f.load(Relaxed) => Err(io::Error::from_raw_os_error(28)),
+        _ => Ok(()),
+    });
     let file = cache.open_with_ops("failing", StoreOps::new(store)).unwrap();
     let mut expect = vec![0u8; 8 * MIB as usize];
     let mut rng = Rng::new(3);

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{tempdir, Rng};
-use upcache::{BackingStore, FileStore, PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
+use common::{tempdir, HookStore, Rng, StoreOp};
+use upcache::{PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 const SIGBUS: i32 = 7;
 
@@ -42,25 +42,6 @@ fn assert_sigbus(case: &str) {
 
 fn byte(o: usize) -> u8 {
     (o % 253) as u8 + 1
-}
-
-struct FailingReads(FileStore);
-impl BackingStore for FailingReads {
-    fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<usize> {
-        Err(io::Error::from_raw_os_error(5))
-    }
-    fn write_all_at(&self, b: &[u8], o: u64) -> io::Result<()> {
-        self.0.write_all_at(b, o)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, s: u64) -> io::Result<()> {
-        self.0.set_len(s)
-    }
 }
 
 /// The child's side. A no-op unless `UPCACHE_CHILD` is set.
@@ -117,7 +98,10 @@ fn child_entry() {
         }
         "read_error" => {
             std::fs::write(&path, vec![9u8; 8 * PAGE_SIZE]).unwrap();
-            let store = FailingReads(FileStore::open(&path).unwrap());
+            let store = HookStore::new(&path, |op, _, _| match op {
+                StoreOp::Read => Err(io::Error::from_raw_os_error(5)),
+                _ => Ok(()),
+            });
             let file = cache.open_with_ops("failing", StoreOps::new(store)).unwrap();
             // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
             let map = unsafe { file.mmap(0, 8 * PAGE_SIZE, Share::Shared) }.unwrap();

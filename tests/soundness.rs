@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{run_child_per_mode, tempdir, watchdog};
-use upcache::{BackingStore, FileStore, PageCache, PgOff, Share, StoreOps, UffdMode, PAGE_SIZE};
+use common::{run_child_per_mode, tempdir, watchdog, Gate, HookStore, StoreOp};
+use upcache::{PageCache, PgOff, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 const SIGBUS: i32 = 7;
 
@@ -129,28 +128,6 @@ fn fork_does_not_corrupt_the_parent() {
     }
 }
 
-struct PanickingStore(FileStore, AtomicBool);
-impl BackingStore for PanickingStore {
-    fn read_at(&self, b: &mut [u8], o: u64) -> io::Result<usize> {
-        if self.1.load(Ordering::Relaxed) {
-            panic!("store panics on purpose");
-        }
-        self.0.read_at(b, o)
-    }
-    fn write_all_at(&self, b: &[u8], o: u64) -> io::Result<()> {
-        self.0.write_all_at(b, o)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, s: u64) -> io::Result<()> {
-        self.0.set_len(s)
-    }
-}
-
 /// The children's side. A no-op unless `UPCACHE_CHILD` is set.
 #[test]
 fn child_entry() {
@@ -167,32 +144,19 @@ fn child_entry() {
     match case.as_str() {
         "panicking_store" => {
             std::fs::write(&path, content(8 * PAGE_SIZE)).unwrap();
-            let store = Arc::new(PanickingStore(FileStore::open(&path).unwrap(), AtomicBool::new(false)));
-            struct Shared(Arc<PanickingStore>);
-            impl BackingStore for Shared {
-                fn read_at(&self, b: &mut [u8], o: u64) -> io::Result<usize> {
-                    self.0.read_at(b, o)
+            let panic_now = Arc::new(AtomicBool::new(false));
+            let flag = panic_now.clone();
+            let store = HookStore::new(&path, move |op, _, _| {
+                if op == StoreOp::Read && flag.load(Ordering::Relaxed) {
+                    panic!("store panics on purpose");
                 }
-                fn write_all_at(&self, b: &[u8], o: u64) -> io::Result<()> {
-                    self.0.write_all_at(b, o)
-                }
-                fn sync_data(&self) -> io::Result<()> {
-                    self.0.sync_data()
-                }
-                fn len(&self) -> io::Result<u64> {
-                    self.0.len()
-                }
-                fn set_len(&self, s: u64) -> io::Result<()> {
-                    self.0.set_len(s)
-                }
-            }
-            let file = cache
-                .open_with_ops("panicky", StoreOps::new(Shared(store.clone())))
-                .unwrap();
+                Ok(())
+            });
+            let file = cache.open_with_ops("panicky", StoreOps::new(store)).unwrap();
             // SAFETY: only this thread touches the mapping.
             let map = unsafe { file.mmap(0, 8 * PAGE_SIZE, Share::Shared) }.unwrap();
             assert_eq!(map[1], byte(1), "a healthy fault first");
-            store.1.store(true, Ordering::Relaxed);
+            panic_now.store(true, Ordering::Relaxed);
             let _ = std::hint::black_box(map[5 * PAGE_SIZE]);
         }
         "drop_during_fault" => drop_during_fault(mode, &path),
@@ -307,51 +271,8 @@ fn two_raw_mappings_of_one_page_are_coherent() {
     });
 }
 
-/// A store whose reads of the page at `GATE_AT` wait at a gate (and say
-/// that they arrived), so a fault can be held inside the store.
-struct GatedStore {
-    inner: FileStore,
-    state: std::sync::Mutex<(bool, bool)>, // (entered, open)
-    cv: std::sync::Condvar,
-}
+/// The page whose store read waits at the gate in `drop_during_fault`.
 const GATE_AT: u64 = 9 * PAGE_SIZE as u64;
-impl GatedStore {
-    fn wait_entered(&self) {
-        let mut s = self.state.lock().unwrap();
-        while !s.0 {
-            s = self.cv.wait(s).unwrap();
-        }
-    }
-    fn open(&self) {
-        self.state.lock().unwrap().1 = true;
-        self.cv.notify_all();
-    }
-}
-impl BackingStore for GatedStore {
-    fn read_at(&self, b: &mut [u8], o: u64) -> io::Result<usize> {
-        if (o..o + b.len() as u64).contains(&GATE_AT) {
-            let mut s = self.state.lock().unwrap();
-            s.0 = true;
-            self.cv.notify_all();
-            while !s.1 {
-                s = self.cv.wait(s).unwrap();
-            }
-        }
-        self.inner.read_at(b, o)
-    }
-    fn write_all_at(&self, b: &[u8], o: u64) -> io::Result<()> {
-        self.inner.write_all_at(b, o)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.inner.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, s: u64) -> io::Result<()> {
-        self.inner.set_len(s)
-    }
-}
 
 /// Where a thread sleeps in the kernel (`/proc/.../wchan`).
 fn wchan(tid: i32) -> String {
@@ -415,17 +336,20 @@ fn drop_during_fault(mode: UffdMode, path: &std::path::Path) {
 fn drop_during_fault_once(mode: UffdMode, path: &std::path::Path) {
     let want = content(16 * PAGE_SIZE);
     std::fs::write(path, &want).unwrap();
-    let store = Arc::new(GatedStore {
-        inner: FileStore::open(path).unwrap(),
-        state: Default::default(),
-        cv: Default::default(),
+    let gate = Gate::new(false);
+    let g = gate.clone();
+    let store = HookStore::new(path, move |op, o, l| {
+        if op == StoreOp::Read && (o..o + l).contains(&GATE_AT) {
+            g.pass();
+        }
+        Ok(())
     });
     let cache = PageCache::builder()
         .mmap_mode(mode)
         .fault_threads(1)
         .readahead_bytes(4096)
         .build();
-    let file = cache.open_with_ops("gated", StoreOps::new(store.clone())).unwrap();
+    let file = cache.open_with_ops("gated", StoreOps::new(store)).unwrap();
     let map = file.mmap_raw(0, 16 * PAGE_SIZE).unwrap();
     let base = map.as_ptr() as usize;
     let spawn_reader = |page: usize| {
@@ -440,7 +364,7 @@ fn drop_during_fault_once(mode: UffdMode, path: &std::path::Path) {
         (h, rx.recv().unwrap())
     };
     let (b, _) = spawn_reader(GATE_AT as usize / PAGE_SIZE);
-    store.wait_entered();
+    gate.wait_arrived();
     let (a, a_tid) = spawn_reader(3);
     while wchan(a_tid) != "handle_userfault" {
         std::thread::yield_now();
@@ -450,7 +374,7 @@ fn drop_during_fault_once(mode: UffdMode, path: &std::path::Path) {
     while space.nr_mappings() != 0 {
         std::thread::yield_now();
     }
-    store.open();
+    gate.open();
     dropper.join().unwrap();
     for (h, page) in [(a, 3), (b, GATE_AT as usize / PAGE_SIZE)] {
         let got = h.join().unwrap();

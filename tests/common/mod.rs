@@ -136,3 +136,93 @@ pub fn run_child_per_mode(case: &str) -> Vec<(&'static str, std::process::ExitSt
         })
         .collect()
 }
+
+/// What a [`HookStore`] is about to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    Read,
+    Write,
+    SetLen,
+    Punch,
+}
+
+type Hook = Box<dyn Fn(StoreOp, u64, u64) -> io::Result<()> + Send + Sync>;
+
+/// A real file store whose every read, write, resize and punch first runs
+/// a test's hook with `(op, offset, length)`: the hook may fail the call
+/// (return `Err`), block it (a [`Gate`]) or panic. One type for the
+/// fault-injecting stores of the tests, instead of a delegating
+/// `BackingStore` impl per test.
+pub struct HookStore {
+    inner: upcache::FileStore,
+    hook: Hook,
+}
+
+impl HookStore {
+    pub fn new(path: &Path, hook: impl Fn(StoreOp, u64, u64) -> io::Result<()> + Send + Sync + 'static) -> HookStore {
+        HookStore {
+            inner: upcache::FileStore::open(path).unwrap(),
+            hook: Box::new(hook),
+        }
+    }
+}
+
+impl upcache::BackingStore for HookStore {
+    fn read_at(&self, b: &mut [u8], o: u64) -> io::Result<usize> {
+        (self.hook)(StoreOp::Read, o, b.len() as u64)?;
+        self.inner.read_at(b, o)
+    }
+    fn write_all_at(&self, b: &[u8], o: u64) -> io::Result<()> {
+        (self.hook)(StoreOp::Write, o, b.len() as u64)?;
+        self.inner.write_all_at(b, o)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, s: u64) -> io::Result<()> {
+        (self.hook)(StoreOp::SetLen, s, 0)?;
+        self.inner.set_len(s)
+    }
+    fn punch_hole(&self, o: u64, l: u64) -> io::Result<()> {
+        (self.hook)(StoreOp::Punch, o, l)?;
+        self.inner.punch_hole(o, l)
+    }
+}
+
+/// A gate a store operation waits at: `pass` records the arrival and
+/// blocks until `open`; the test waits for the arrival with `wait_arrived`.
+#[derive(Default)]
+pub struct Gate {
+    state: std::sync::Mutex<(bool, bool)>, // (arrived, open)
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    pub fn new(open: bool) -> std::sync::Arc<Gate> {
+        std::sync::Arc::new(Gate {
+            state: std::sync::Mutex::new((false, open)),
+            cv: std::sync::Condvar::new(),
+        })
+    }
+    pub fn pass(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.0 = true;
+        self.cv.notify_all();
+        while !s.1 {
+            s = self.cv.wait(s).unwrap();
+        }
+    }
+    pub fn wait_arrived(&self) {
+        let mut s = self.state.lock().unwrap();
+        while !s.0 {
+            s = self.cv.wait(s).unwrap();
+        }
+    }
+    pub fn open(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.cv.notify_all();
+    }
+}
