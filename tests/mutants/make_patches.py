@@ -87,6 +87,12 @@ MUTANTS = [
 
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
+    # A patch is `git diff` against the index: uncommitted edits in src/
+    # would end up in every patch, which then no longer applies.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], check=True,
+                           capture_output=True, text=True).stdout
+    if dirty:
+        sys.exit("src/ has uncommitted changes; commit them first:\n" + dirty)
     names = set(sys.argv[1:])
     for name, path, old, new, cmd in MUTANTS:
         if names and name not in names:
