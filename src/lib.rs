@@ -160,6 +160,147 @@ pub mod loom_support {
     pub fn test_clear_dirty(f: &Folio) -> bool {
         f.test_clear_dirty()
     }
+
+    // ---- A real address space: the models below drive the crate's own
+    // fault, map_pages, page_mkwrite, read, truncate and writeback code;
+    // only the user page table is modelled (by the callbacks). ----
+
+    use std::cell::Cell;
+    use std::io;
+    use std::ops::Range;
+
+    use crate::address_space::{AddressSpace, RaConfig};
+    use crate::backing::{BackingStore, StoreOps};
+    use crate::stats::CacheStats;
+    use crate::sync::Arc;
+    use crate::vm_ops::VmFaultResult;
+
+    /// A file in memory: the backing store of the models' address spaces.
+    pub struct MemStore(crate::sync::Mutex<Vec<u8>>);
+
+    impl MemStore {
+        /// A store of `len` bytes of `byte`.
+        pub fn filled(len: usize, byte: u8) -> MemStore {
+            MemStore(crate::sync::Mutex::new(vec![byte; len]))
+        }
+        /// A copy of the bytes.
+        pub fn contents(&self) -> Vec<u8> {
+            self.0.lock().clone()
+        }
+    }
+
+    impl BackingStore for MemStore {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            let d = self.0.lock();
+            let off = (off as usize).min(d.len());
+            let n = buf.len().min(d.len() - off);
+            buf[..n].copy_from_slice(&d[off..off + n]);
+            Ok(n)
+        }
+        fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            let mut d = self.0.lock();
+            let end = off as usize + buf.len();
+            if d.len() < end {
+                d.resize(end, 0);
+            }
+            d[off as usize..end].copy_from_slice(buf);
+            Ok(())
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn len(&self) -> io::Result<u64> {
+            Ok(self.0.lock().len() as u64)
+        }
+        fn set_len(&self, size: u64) -> io::Result<()> {
+            self.0.lock().resize(size as usize, 0);
+            Ok(())
+        }
+    }
+
+    /// A real `AddressSpace` (id 1, no reclaim, no flusher, 1-page
+    /// readahead, order-0 folios) over `store`, its folios in a real memfd.
+    pub fn address_space(store: std::sync::Arc<MemStore>) -> Arc<AddressSpace> {
+        let ra = RaConfig {
+            window_pages: 1,
+            max_pages: 1,
+            max_order: 0,
+        };
+        let ops = Box::new(StoreOps::new(store));
+        Arc::new(
+            AddressSpace::new(1, "loom".into(), ops, Arc::new(CacheStats::default()), ra, None, None)
+                .expect("memfd for the loom address space"),
+        )
+    }
+
+    /// Tell `f(pos, len)` of every punch of `m`'s page store (which, for
+    /// real, zaps the range from every user mapping).
+    pub fn on_punch(m: &AddressSpace, f: impl Fn(u64, u64) + Send + Sync + 'static) {
+        assert!(m.store.on_punch.set(std::sync::Arc::new(f)).is_ok(), "one punch hook");
+    }
+
+    /// Outcome of [`filemap_fault`] in a model.
+    pub enum Fault {
+        /// `Locked`: the folio, still locked, for the model to "map".
+        Locked(FolioGuard),
+        /// `Retry`.
+        Retry,
+        /// `SigBus`.
+        SigBus,
+    }
+
+    fn fault_of(r: VmFaultResult) -> Fault {
+        match r {
+            VmFaultResult::Locked(g) => Fault::Locked(g),
+            VmFaultResult::Retry => Fault::Retry,
+            VmFaultResult::SigBus => Fault::SigBus,
+        }
+    }
+
+    /// The crate's `filemap_fault` for file page `index`.
+    pub fn filemap_fault(m: &AddressSpace, index: u64) -> Fault {
+        fault_of(m.filemap_fault_folio(PgOff(index), &Cell::new(None)))
+    }
+
+    /// The crate's `filemap_page_mkwrite` for file page `index`.
+    pub fn filemap_page_mkwrite(m: &AddressSpace, index: u64) -> Fault {
+        fault_of(m.filemap_page_mkwrite_folio(PgOff(index)))
+    }
+
+    /// The crate's `filemap_map_pages` over file pages `range`: `map(run,
+    /// wp, folios)` is called for each run with its folios locked.
+    pub fn filemap_map_pages(
+        m: &AddressSpace,
+        range: Range<u64>,
+        tracks_writes: bool,
+        map: &mut dyn FnMut(Range<u64>, bool, &[FolioGuard]),
+    ) {
+        m.map_pages_range(range, tracks_writes, map)
+    }
+
+    /// Tell `f(pos, len)` of every `page_mkclean` of `m` (which, for real,
+    /// write-protects the folio in every shared-writable mapping).
+    pub fn on_mkclean(m: &AddressSpace, f: impl Fn(u64, u64) + Send + Sync + 'static) {
+        assert!(
+            m.store.on_mkclean.set(std::sync::Arc::new(f)).is_ok(),
+            "one mkclean hook"
+        );
+    }
+
+    /// A user store of `byte` at file offset `pos` through a writable PTE:
+    /// writes the folio memory (the memfd page) directly.
+    pub fn user_store(m: &AddressSpace, pos: u64, byte: u8) {
+        let p = m.store.view_ptr(pos).expect("page store view");
+        // SAFETY: `pos` is below the memfd's size, so `p` points into the
+        // live engine view; a volatile byte store, as a CPU store through a
+        // user mapping of the same page would be.
+        unsafe { p.write_volatile(byte) };
+    }
+
+    /// The real address-space lookup (`filemap_get_folio`).
+    pub fn get_folio(m: &AddressSpace, index: u64) -> Option<FolioRef> {
+        m.filemap_get_folio(PgOff(index))
+    }
 }
 
 /// The README's examples, compiled by `cargo test --doc`.

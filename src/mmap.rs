@@ -741,6 +741,8 @@ impl AddressSpace {
     /// mapping, so the next write faults into page_mkwrite and re-dirties
     /// it. Folio locked (called from `folio_clear_dirty_for_io`).
     pub(crate) fn page_mkclean(&self, folio: &Folio) {
+        #[cfg(loom)]
+        crate::page_store::call_pte_hook(&self.store.on_mkclean, folio.pos(), folio.size() as u64);
         let vmas = self.i_mmap.lock();
         for v in vmas.iter().filter(|v| v.tracks_writes()) {
             v.mkclean(folio);

@@ -31,6 +31,26 @@ pub(crate) struct PageStore {
     /// chunk number → base address of its view. Touched only when a folio
     /// is created; folios cache their data pointer.
     chunks: Mutex<HashMap<u64, usize>>,
+    /// Loom models' page table: told of every punch (which zaps the range
+    /// from every user mapping), after the memory is freed.
+    #[cfg(loom)]
+    pub(crate) on_punch: std::sync::OnceLock<PteHook>,
+    /// Loom models' page table: told of every `page_mkclean` (which, for
+    /// real, write-protects the folio in every shared-writable mapping).
+    #[cfg(loom)]
+    pub(crate) on_mkclean: std::sync::OnceLock<PteHook>,
+}
+
+/// A loom model's page-table hook: `(pos, len)` of the file range.
+#[cfg(loom)]
+pub(crate) type PteHook = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// Call a loom model's hook, if it set one (once, before its threads).
+#[cfg(loom)]
+pub(crate) fn call_pte_hook(hook: &std::sync::OnceLock<PteHook>, pos: u64, len: u64) {
+    if let Some(hook) = hook.get() {
+        hook(pos, len);
+    }
 }
 
 impl PageStore {
@@ -41,6 +61,10 @@ impl PageStore {
         Ok(PageStore {
             memfd,
             chunks: Mutex::new(HashMap::new()),
+            #[cfg(loom)]
+            on_punch: std::sync::OnceLock::new(),
+            #[cfg(loom)]
+            on_mkclean: std::sync::OnceLock::new(),
         })
     }
 
@@ -112,6 +136,8 @@ impl PageStore {
             pos,
             len,
         )?;
+        #[cfg(loom)]
+        call_pte_hook(&self.on_punch, pos, len);
         Ok(())
     }
 

@@ -119,63 +119,77 @@ impl VmOps for FilemapVmOps {}
 /// `invalidate_lock` shared; a read error → SigBus. Locked, then re-checked:
 /// truncated meanwhile → look again; beyond the (new) EOF → SigBus.
 pub fn filemap_fault(vmf: &VmFault<'_>) -> VmFaultResult {
-    let m = vmf.vma.mapping();
-    let index = vmf.pgoff;
-    for _ in 0..64 {
-        if index.byte() >= m.size() {
-            return VmFaultResult::SigBus;
-        }
-        let Some(f) = m.filemap_get_folio(index) else {
-            m.stats.miss();
-            match m.page_cache_sync_readahead(index, 1) {
-                Ok(next) => {
-                    if next.is_some() {
-                        // Read by the engine once the faulting thread runs.
-                        vmf.async_ra.set(next);
-                    }
-                }
-                Err(_) => return VmFaultResult::SigBus,
-            }
-            continue;
-        };
-        if !f.is_uptodate() {
-            drop(f);
-            if m.filemap_update_folio(index).is_err() {
+    vmf.vma.mapping().filemap_fault_folio(vmf.pgoff, &vmf.async_ra)
+}
+
+impl crate::address_space::AddressSpace {
+    /// The body of [`filemap_fault`] for file page `index`: everything but
+    /// the user mapping, so that the loom models run this very code. A
+    /// sequential miss leaves the window to read next in `async_ra`.
+    pub(crate) fn filemap_fault_folio(&self, index: PgOff, async_ra: &Cell<Option<Range<u64>>>) -> VmFaultResult {
+        let m = self;
+        for _ in 0..64 {
+            if index.byte() >= m.size() {
                 return VmFaultResult::SigBus;
             }
-            continue;
+            let Some(f) = m.filemap_get_folio(index) else {
+                m.stats.miss();
+                match m.page_cache_sync_readahead(index, 1) {
+                    Ok(next) => {
+                        if next.is_some() {
+                            // Read by the engine once the faulting thread runs.
+                            async_ra.set(next);
+                        }
+                    }
+                    Err(_) => return VmFaultResult::SigBus,
+                }
+                continue;
+            };
+            if !f.is_uptodate() {
+                drop(f);
+                if m.filemap_update_folio(index).is_err() {
+                    return VmFaultResult::SigBus;
+                }
+                continue;
+            }
+            let g = f.lock();
+            // Re-check under the lock: truncate removes folios locked.
+            if g.mapping_id() != m.id() || !g.is_uptodate() {
+                continue;
+            }
+            if index.byte() >= m.size() {
+                return VmFaultResult::SigBus;
+            }
+            g.mark_accessed();
+            return VmFaultResult::Locked(g);
         }
-        let g = f.lock();
-        if g.mapping_id() != m.id() || !g.is_uptodate() {
-            continue;
-        }
-        if index.byte() >= m.size() {
-            return VmFaultResult::SigBus;
-        }
-        g.mark_accessed();
-        return VmFaultResult::Locked(g);
+        // Pathological churn (truncated under us 64 times): let the thread
+        // retry the access rather than spin here.
+        VmFaultResult::Retry
     }
-    // Pathological churn (truncated under us 64 times): let the thread
-    // retry the access rather than spin here.
-    VmFaultResult::Retry
+
+    /// The body of [`filemap_page_mkwrite`] for file page `index`.
+    pub(crate) fn filemap_page_mkwrite_folio(&self, index: PgOff) -> VmFaultResult {
+        let m = self;
+        let Some(g) = m.filemap_lock_folio(index) else {
+            return VmFaultResult::Retry;
+        };
+        if index.byte() >= m.size() {
+            return VmFaultResult::Retry;
+        }
+        // Stable pages, always: the store may be reading the folio's bytes
+        // (`Writeback::data`); the write waits until it is done.
+        g.wait_writeback();
+        m.folio_mark_dirty(&g);
+        VmFaultResult::Locked(g)
+    }
 }
 
 /// `filemap_page_mkwrite`: lock the folio, re-check it is still in the
 /// file and below EOF, wait for writeback if the store wants stable pages,
 /// mark it dirty.
 pub fn filemap_page_mkwrite(vmf: &VmFault<'_>) -> VmFaultResult {
-    let m = vmf.vma.mapping();
-    let Some(g) = m.filemap_lock_folio(vmf.pgoff) else {
-        return VmFaultResult::Retry;
-    };
-    if vmf.pgoff.byte() >= m.size() {
-        return VmFaultResult::Retry;
-    }
-    // Stable pages, always: the store may be reading the folio's bytes
-    // (`Writeback::data`); the write waits until it is done.
-    g.wait_writeback();
-    m.folio_mark_dirty(&g);
-    VmFaultResult::Locked(g)
+    vmf.vma.mapping().filemap_page_mkwrite_folio(vmf.pgoff)
 }
 
 /// `filemap_map_pages`: the fast path. Under one epoch guard, walk the
@@ -186,52 +200,81 @@ pub fn filemap_page_mkwrite(vmf: &VmFault<'_>) -> VmFaultResult {
 /// a shared-writable mapping. Never sleeps, never does I/O.
 pub fn filemap_map_pages(vmf: &VmFault<'_>, range: Range<PgOff>) -> MapPages {
     let vma = vmf.vma;
-    let m = vma.mapping();
-    let eof = m.size().div_ceil(PAGE_SIZE as u64);
     let vend = vma.pgoff().0 + (vma.len() >> PAGE_SHIFT) as u64;
-    let end = range.end.0.min(eof).min(vend);
-    let mut i = range.start.0.max(vma.pgoff().0);
+    let start = range.start.0.max(vma.pgoff().0);
+    let end = range.end.0.min(vend);
     let mut res = MapPages::default();
-    let mut run = Run::default();
-    let guard = epoch::pin();
-    while i < end {
-        let mut next = i + 1;
-        // Never spin on a frozen folio: skip it (the slow path handles
-        // that page).
-        let found = match m.try_get_folio_pinned(PgOff(i), &guard) {
-            crate::address_space::Lookup::Found(f) => Some(f),
-            _ => None,
-        };
-        let ready = found.and_then(|f| {
-            next = f.index().0 + f.nr_pages();
-            if !f.is_uptodate() || f.is_readahead() || f.is_locked() {
-                return None;
+    vma.mapping()
+        .map_pages_range(start..end, vma.tracks_writes(), &mut |pages, wp, _folios| {
+            if let Some(r) = vma.user_range(PgOff(pages.start), PgOff(pages.end)) {
+                let out = continue_range(vma, r.clone(), wp);
+                res.mapped += r.len() >> PAGE_SHIFT;
+                res.needs_wake |= out != Continued::Clean;
+                if r.contains(&vmf.address) && out != Continued::Failed {
+                    res.fault_mapped = true;
+                }
             }
-            let g = f.trylock().ok()?;
-            (g.mapping_id() == m.id() && g.is_uptodate()).then_some(g)
         });
-        match ready {
-            Some(g) => {
-                let wp = vma.tracks_writes() && !g.is_dirty();
-                let b = next.min(end);
-                if !run.folios.is_empty() && (wp != run.wp || i != run.end) {
-                    run.flush(vmf, &mut res);
-                }
-                if run.folios.is_empty() {
-                    run.start = i;
-                    run.wp = wp;
-                }
-                run.end = b;
-                g.mark_accessed();
-                run.folios.push(g);
-            }
-            None => run.flush(vmf, &mut res),
-        }
-        i = next;
-    }
-    run.flush(vmf, &mut res);
-    drop(guard);
     res
+}
+
+/// Maps one run of consecutive file pages, write-protected or not, whose
+/// folios the caller holds locked (the slice): the user-mapping half of
+/// `map_pages` (`UFFDIO_CONTINUE` in the fault engine, a recording page
+/// table in the loom models).
+pub(crate) type MapRun<'a> = dyn FnMut(Range<u64>, bool, &[FolioGuard]) + 'a;
+
+impl crate::address_space::AddressSpace {
+    /// The body of [`filemap_map_pages`] over file pages `range`, clamped
+    /// to EOF: under one epoch guard, skip what is not ready, trylock the
+    /// rest, hand each run of consecutive locked folios to `map` (with
+    /// `wp` set unless the folio is dirty or `tracks_writes` is false),
+    /// unlock after `map` returned. Never sleeps, never spins on a folio.
+    pub(crate) fn map_pages_range(&self, range: Range<u64>, tracks_writes: bool, map: &mut MapRun<'_>) {
+        let m = self;
+        let eof = m.size().div_ceil(PAGE_SIZE as u64);
+        let end = range.end.min(eof);
+        let mut i = range.start;
+        let mut run = Run::default();
+        let guard = epoch::pin();
+        while i < end {
+            let mut next = i + 1;
+            // Never spin on a frozen folio: skip it (the slow path handles
+            // that page).
+            let found = match m.try_get_folio_pinned(PgOff(i), &guard) {
+                crate::address_space::Lookup::Found(f) => Some(f),
+                _ => None,
+            };
+            let ready = found.and_then(|f| {
+                next = f.index().0 + f.nr_pages();
+                if !f.is_uptodate() || f.is_readahead() || f.is_locked() {
+                    return None;
+                }
+                let g = f.trylock().ok()?;
+                (g.mapping_id() == m.id() && g.is_uptodate()).then_some(g)
+            });
+            match ready {
+                Some(g) => {
+                    let wp = tracks_writes && !g.is_dirty();
+                    let b = next.min(end);
+                    if !run.folios.is_empty() && (wp != run.wp || i != run.end) {
+                        run.flush(map);
+                    }
+                    if run.folios.is_empty() {
+                        run.start = i;
+                        run.wp = wp;
+                    }
+                    run.end = b;
+                    g.mark_accessed();
+                    run.folios.push(g);
+                }
+                None => run.flush(map),
+            }
+            i = next;
+        }
+        run.flush(map);
+        drop(guard);
+    }
 }
 
 #[derive(Default)]
@@ -243,19 +286,11 @@ struct Run {
 }
 
 impl Run {
-    fn flush(&mut self, vmf: &VmFault<'_>, res: &mut MapPages) {
+    fn flush(&mut self, map: &mut MapRun<'_>) {
         if self.folios.is_empty() {
             return;
         }
-        let vma = vmf.vma;
-        if let Some(r) = vma.user_range(PgOff(self.start), PgOff(self.end)) {
-            let out = continue_range(vma, r.clone(), self.wp);
-            res.mapped += r.len() >> PAGE_SHIFT;
-            res.needs_wake |= out != Continued::Clean;
-            if r.contains(&vmf.address) && out != Continued::Failed {
-                res.fault_mapped = true;
-            }
-        }
+        map(self.start..self.end, self.wp, &self.folios);
         // Unlock only after the pages are mapped: truncate, which takes the
         // folio lock before removing it, then zaps them with its punch.
         self.folios.clear();

@@ -1,0 +1,231 @@
+//! Loom models that run the crate's real filemap code on a real
+//! `AddressSpace` (real index, folio lock, refcount, `invalidate_lock`,
+//! `i_rwsem`, folio memory in a real memfd, a real `StoreOps` over an
+//! in-memory store). Only the user page table is modelled: the models'
+//! "PTE" is set by the map callback while the folio is locked, and cleared
+//! by the page store's punch (which, for real, zaps every mapping of the
+//! range).
+//!
+//! - `filemap_fault` vs `truncate` and vs `punch_hole`: a fault returns
+//!   only a folio still in the file, and no page stays mapped after
+//!   truncate or punch returns;
+//! - `read_at` vs `truncate`: a reader holding a folio reference never
+//!   copies punched memory (truncate waits for references to drain);
+//! - `filemap_page_mkwrite` vs writeback (`write_and_wait_range`, with its
+//!   `folio_clear_dirty_for_io` → `page_mkclean`): a write through a
+//!   mapping is never lost — after both, one more writeback puts it in the
+//!   store;
+//! - `filemap_map_pages` vs a folio lock holder that waits for the mapper:
+//!   map_pages never blocks on a folio lock, and maps only locked, attached,
+//!   uptodate folios.
+//!
+//! Planted bugs these models kill (patches in `tests/mutants/`):
+//! `filemap_fault` without its re-check of the folio's mapping, truncate
+//! without `wait_refs_drained`, `map_pages` taking a blocking folio lock,
+//! `folio_clear_dirty_for_io` without `page_mkclean`.
+#![cfg(loom)]
+
+use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::sync::{Arc, Mutex, Notify};
+use loom::thread;
+use upcache::loom_support::{
+    address_space, filemap_fault, filemap_map_pages, filemap_page_mkwrite, get_folio, mapping_id, on_mkclean, on_punch,
+    user_store, Fault, MemStore,
+};
+use upcache::PAGE_SIZE;
+
+const BYTE: u8 = 0xab;
+
+/// The model PTE of page 0: the address of the folio it maps, 0 if none.
+type Pte = Arc<AtomicUsize>;
+
+fn folio_addr(f: &upcache::Folio) -> usize {
+    f as *const upcache::Folio as usize
+}
+
+/// A file of `pages` pages of `BYTE`, page 0 cached and uptodate, and the
+/// model PTE of page 0, cleared by every punch that covers it.
+fn cached_page0(pages: usize) -> (std::sync::Arc<upcache::AddressSpace>, Pte) {
+    let store = std::sync::Arc::new(MemStore::filled(pages * PAGE_SIZE, BYTE));
+    let m = address_space(store);
+    let pte = Arc::new(AtomicUsize::new(0));
+    {
+        let pte = pte.clone();
+        on_punch(&m, move |pos, _len| {
+            if pos == 0 {
+                pte.store(0, Ordering::Release);
+            }
+        });
+    }
+    // Populate the cache before the model's threads start.
+    match filemap_fault(&m, 0) {
+        Fault::Locked(g) => assert!(g.is_uptodate()),
+        _ => panic!("populating fault failed"),
+    }
+    (m, pte)
+}
+
+#[test]
+fn real_fault_vs_truncate() {
+    loom::model(|| {
+        let (m, pte) = cached_page0(1);
+        let fault = {
+            let (m, pte) = (m.clone(), pte.clone());
+            thread::spawn(move || {
+                if let Fault::Locked(g) = filemap_fault(&m, 0) {
+                    // The caller maps what filemap_fault returns, under
+                    // the folio lock: it must still be this file's.
+                    assert_eq!(mapping_id(&g), m.id(), "filemap_fault returned a truncated folio");
+                    assert!(g.is_uptodate());
+                    pte.store(folio_addr(&g), Ordering::Release);
+                    drop(g);
+                }
+            })
+        };
+        m.truncate(0).unwrap();
+        fault.join().unwrap();
+        assert_eq!(pte.load(Ordering::Acquire), 0, "page mapped after truncate returned");
+        assert!(get_folio(&m, 0).is_none());
+    });
+}
+
+#[test]
+fn real_fault_vs_punch_hole() {
+    loom::model(|| {
+        let (m, pte) = cached_page0(2);
+        let fault = {
+            let (m, pte) = (m.clone(), pte.clone());
+            thread::spawn(move || {
+                if let Fault::Locked(g) = filemap_fault(&m, 0) {
+                    // The caller maps what filemap_fault returns, under
+                    // the folio lock: it must still be this file's.
+                    assert_eq!(mapping_id(&g), m.id(), "filemap_fault returned a truncated folio");
+                    assert!(g.is_uptodate());
+                    pte.store(folio_addr(&g), Ordering::Release);
+                    drop(g);
+                }
+            })
+        };
+        // Page 0 leaves the cache; i_size does not change, so only the
+        // fault's re-check of the folio's mapping can notice.
+        m.punch_hole(0, PAGE_SIZE as u64).unwrap();
+        fault.join().unwrap();
+        // A fault that ran after the punch maps a fresh folio; one that
+        // raced with it must not have left the removed one mapped.
+        let mapped = pte.load(Ordering::Acquire);
+        if mapped != 0 {
+            let now = get_folio(&m, 0).map(|f| folio_addr(&f));
+            assert_eq!(
+                Some(mapped),
+                now,
+                "a removed folio is still mapped after punch_hole returned"
+            );
+        }
+    });
+}
+
+#[test]
+fn real_read_vs_truncate_never_copies_punched_memory() {
+    loom::model(|| {
+        let (m, _pte) = cached_page0(1);
+        let reader = {
+            let m = m.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 8];
+                let n = m.read_at(&mut buf, 0).unwrap();
+                // All of it or nothing (EOF): never the zeros of a punched
+                // page under a reader's reference.
+                assert!(n == 0 || n == 8, "short read {n}");
+                assert!(buf[..n].iter().all(|&b| b == BYTE), "read punched memory: {buf:?}");
+            })
+        };
+        m.truncate(0).unwrap();
+        reader.join().unwrap();
+    });
+}
+
+#[test]
+fn real_map_pages_never_blocks_on_a_folio_lock() {
+    loom::model(|| {
+        let (m, pte) = cached_page0(1);
+        // A folio lock holder that waits for the mapper to finish (as a
+        // read_folio may wait for the handler thread that is mapping): if
+        // map_pages ever sleeps on the lock, neither can go on.
+        let mapped_done = Arc::new(Notify::new());
+        let holder = {
+            let (m, done) = (m.clone(), mapped_done.clone());
+            thread::spawn(move || {
+                if let Some(f) = get_folio(&m, 0) {
+                    let g = f.lock();
+                    done.wait();
+                    drop(g);
+                }
+            })
+        };
+        let id = m.id();
+        filemap_map_pages(&m, 0..1, true, &mut |run, wp, folios| {
+            assert_eq!(run, 0..1);
+            assert!(
+                wp,
+                "a clean folio of a shared-writable mapping is mapped write-protected"
+            );
+            for g in folios {
+                assert!(g.is_locked() && g.is_uptodate() && mapping_id(g) == id);
+            }
+            pte.store(folio_addr(&folios[0]), Ordering::Release);
+        });
+        mapped_done.notify();
+        holder.join().unwrap();
+    });
+}
+
+#[test]
+fn real_page_mkwrite_vs_writeback_never_loses_a_write() {
+    loom::model(|| {
+        // The store holds version 0; the cached folio is clean.
+        let store = std::sync::Arc::new(MemStore::filled(PAGE_SIZE, 0));
+        let m = address_space(store.clone());
+        match filemap_fault(&m, 0) {
+            Fault::Locked(g) => assert!(g.is_uptodate()),
+            _ => panic!("populating fault failed"),
+        }
+        // The model MMU: the PTE's writable bit, behind a lock that a user
+        // store holds across its permission check and its store, and that
+        // page_mkclean takes to clear the bit (the TLB shootdown: once it
+        // returns, no store through the old permission is in flight).
+        let writable = Arc::new(Mutex::new(false));
+        {
+            let writable = writable.clone();
+            on_mkclean(&m, move |_, _| *writable.lock().unwrap() = false);
+        }
+        // A user store of `v`: through the PTE if writable, else a WP
+        // fault (the real page_mkwrite), which makes it writable.
+        let store_byte = {
+            let (m, writable) = (m.clone(), writable.clone());
+            move |v: u8| loop {
+                {
+                    let w = writable.lock().unwrap();
+                    if *w {
+                        user_store(&m, 0, v);
+                        return;
+                    }
+                }
+                if let Fault::Locked(g) = filemap_page_mkwrite(&m, 0) {
+                    assert!(g.is_dirty());
+                    *writable.lock().unwrap() = true;
+                    drop(g);
+                }
+            }
+        };
+        // Version 1 is written before the race (dirty, PTE writable).
+        store_byte(1);
+
+        let writer = thread::spawn(move || store_byte(2));
+        m.write_and_wait_range(0, u64::MAX).unwrap();
+        writer.join().unwrap();
+        // Whatever the interleaving, the write is either in the store or
+        // the folio is dirty: one more writeback must persist it.
+        m.write_and_wait_range(0, u64::MAX).unwrap();
+        assert_eq!(store.contents()[0], 2, "a write through the mapping was lost");
+    });
+}
