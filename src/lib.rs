@@ -267,14 +267,13 @@ pub mod loom_support {
         fault_of(m.filemap_page_mkwrite_folio(PgOff(index)))
     }
 
+    /// The model's page-table side of `map_pages`: maps one run of pages,
+    /// write-protected or not, its folios held locked.
+    pub type MapRun<'a> = dyn FnMut(Range<u64>, bool, &[FolioGuard]) + 'a;
+
     /// The crate's `filemap_map_pages` over file pages `range`: `map(run,
     /// wp, folios)` is called for each run with its folios locked.
-    pub fn filemap_map_pages(
-        m: &AddressSpace,
-        range: Range<u64>,
-        tracks_writes: bool,
-        map: &mut dyn FnMut(Range<u64>, bool, &[FolioGuard]),
-    ) {
+    pub fn filemap_map_pages(m: &AddressSpace, range: Range<u64>, tracks_writes: bool, map: &mut MapRun<'_>) {
         m.map_pages_range(range, tracks_writes, map)
     }
 

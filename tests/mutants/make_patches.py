@@ -82,6 +82,22 @@ MUTANTS = [
      "        let mut b = AlignedBuf::new(buf.len(), self.align);\n        let got = pread_retry(&self.direct, b.as_mut_slice(), off)?.min(buf.len());\n        buf[..got].copy_from_slice(&b.as_mut_slice()[..got]);\n        Ok(got)",
      "        pread_retry(&self.buffered, buf, off)",
      "cargo test --test direct_io"),
+    ("18-fault-skips-mapping-recheck", "src/vm_ops.rs",
+     "            if g.mapping_id() != m.id() || !g.is_uptodate() {",
+     "            if !g.is_uptodate() {",
+     f"{LOOM} loom_filemap real_fault_vs_punch_hole"),
+    ("19-truncate-punches-under-references", "src/truncate.rs",
+     "        for f in &removed {\n            f.wait_refs_drained();\n        }",
+     "        for f in &removed {\n            let _ = f;\n        }",
+     f"{LOOM} loom_filemap real_read_vs_truncate"),
+    ("20-map-pages-blocking-folio-lock", "src/vm_ops.rs",
+     "                let g = f.trylock().ok()?;",
+     "                let g = f.lock();",
+     f"{LOOM} loom_filemap real_map_pages_never_blocks"),
+    ("21-clear-dirty-for-io-skips-mkclean", "src/address_space.rs",
+     "            self.page_mkclean(folio);\n            true",
+     "            let _ = folio;\n            true",
+     f"{LOOM} loom_filemap real_page_mkwrite_vs_writeback"),
 ]
 
 
