@@ -15,6 +15,9 @@
 //!   `folio_clear_dirty_for_io` → `page_mkclean`): a write through a
 //!   mapping is never lost — after both, one more writeback puts it in the
 //!   store;
+//! - reclaim's eviction (`evict_folio`: trylock, freeze the count, punch,
+//!   unindex) vs `read_at` and vs `map_pages`: a reader never copies
+//!   punched memory, and no evicted folio stays mapped;
 //! - `filemap_map_pages` vs a folio lock holder that waits for the mapper:
 //!   map_pages never blocks on a folio lock, and maps only locked, attached,
 //!   uptodate folios.
@@ -22,15 +25,16 @@
 //! Planted bugs these models kill (patches in `tests/mutants/`):
 //! `filemap_fault` without its re-check of the folio's mapping, truncate
 //! without `wait_refs_drained`, `map_pages` taking a blocking folio lock,
-//! `folio_clear_dirty_for_io` without `page_mkclean`.
+//! `folio_clear_dirty_for_io` without `page_mkclean`, eviction freezing
+//! whatever count it finds.
 #![cfg(loom)]
 
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::{Arc, Mutex, Notify};
 use loom::thread;
 use upcache::loom_support::{
-    address_space, filemap_fault, filemap_map_pages, filemap_page_mkwrite, get_folio, mapping_id, on_mkclean, on_punch,
-    user_store, Fault, MemStore,
+    address_space, evict_folio, filemap_fault, filemap_map_pages, filemap_page_mkwrite, get_folio, mapping_id,
+    on_mkclean, on_punch, user_store, Fault, MemStore,
 };
 use upcache::PAGE_SIZE;
 
@@ -227,5 +231,46 @@ fn real_page_mkwrite_vs_writeback_never_loses_a_write() {
         // the folio is dirty: one more writeback must persist it.
         m.write_and_wait_range(0, u64::MAX).unwrap();
         assert_eq!(store.contents()[0], 2, "a write through the mapping was lost");
+    });
+}
+
+#[test]
+fn real_evict_vs_read_never_copies_punched_memory() {
+    loom::model(|| {
+        let (m, _pte) = cached_page0(1);
+        let reader = {
+            let m = m.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 8];
+                // Evicted first: the read misses and reads the store again.
+                assert_eq!(m.read_at(&mut buf, 0).unwrap(), 8);
+                assert!(buf.iter().all(|&b| b == BYTE), "read evicted memory: {buf:?}");
+            })
+        };
+        evict_folio(&m, 0);
+        reader.join().unwrap();
+    });
+}
+
+#[test]
+fn real_evict_vs_map_pages_leaves_nothing_mapped() {
+    loom::model(|| {
+        let (m, pte) = cached_page0(1);
+        let mapper = {
+            let (m, pte) = (m.clone(), pte.clone());
+            thread::spawn(move || {
+                filemap_map_pages(&m, 0..1, false, &mut |_, _, folios| {
+                    pte.store(folio_addr(&folios[0]), Ordering::Release);
+                });
+            })
+        };
+        let evicted = evict_folio(&m, 0);
+        mapper.join().unwrap();
+        let mapped = pte.load(Ordering::Acquire);
+        if evicted {
+            assert_eq!(mapped, 0, "an evicted folio is still mapped");
+        } else if mapped != 0 {
+            assert_eq!(Some(mapped), get_folio(&m, 0).map(|f| folio_addr(&f)));
+        }
     });
 }

@@ -296,6 +296,16 @@ pub mod loom_support {
         unsafe { p.write_volatile(byte) };
     }
 
+    /// Reclaim's eviction of the folio at `index` (trylock, clean and idle
+    /// check, refcount freeze, punch while indexed, unindex, free), the
+    /// same code `shrink` and `DontNeed` run. True if it was evicted.
+    pub fn evict_folio(m: &AddressSpace, index: u64) -> bool {
+        match m.filemap_get_folio(PgOff(index)) {
+            Some(f) => matches!(m.evict_folio(f), Ok(Some(_))),
+            None => false,
+        }
+    }
+
     /// The real address-space lookup (`filemap_get_folio`).
     pub fn get_folio(m: &AddressSpace, index: u64) -> Option<FolioRef> {
         m.filemap_get_folio(PgOff(index))

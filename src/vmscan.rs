@@ -440,7 +440,7 @@ impl AddressSpace {
 
     /// Evict one clean folio (see the module docs). `Ok(None)` if it is in
     /// use, locked, dirty, under writeback or its private state stays.
-    fn evict_folio(&self, f: crate::folio::FolioRef) -> io::Result<Option<u64>> {
+    pub(crate) fn evict_folio(&self, f: crate::folio::FolioRef) -> io::Result<Option<u64>> {
         let Some(g) = self.freeze_for_eviction(f) else {
             return Ok(None);
         };

@@ -77,7 +77,7 @@ MUTANTS = [
     ("16-reclaim-skips-refcount-check", "src/vmscan.rs",
      "        g.freeze_refs(2).then_some(g)",
      "        g.freeze_refs(g.ref_count()).then_some(g)",
-     "cargo test --test stress"),
+     f"{LOOM} loom_filemap real_evict_vs_read"),
     ("17-direct-store-silent-buffered-fallback", "src/backing.rs",
      "        let mut b = AlignedBuf::new(buf.len(), self.align);\n        let got = pread_retry(&self.direct, b.as_mut_slice(), off)?.min(buf.len());\n        buf[..got].copy_from_slice(&b.as_mut_slice()[..got]);\n        Ok(got)",
      "        pread_retry(&self.buffered, buf, off)",
