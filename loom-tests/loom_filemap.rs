@@ -18,6 +18,10 @@
 //! - reclaim's eviction (`evict_folio`: trylock, freeze the count, punch,
 //!   unindex) vs `read_at` and vs `map_pages`: a reader never copies
 //!   punched memory, and no evicted folio stays mapped;
+//! - writeback (`write_and_wait_range`) vs a shrinking `truncate`: the
+//!   `wb_lock` rule — no writeback runs between the store's shrink and the
+//!   new `i_size`, so the store ends at the new size, never grown back by
+//!   a write of a folio past it;
 //! - `filemap_map_pages` vs a folio lock holder that waits for the mapper:
 //!   map_pages never blocks on a folio lock, and maps only locked, attached,
 //!   uptodate folios.
@@ -26,7 +30,7 @@
 //! `filemap_fault` without its re-check of the folio's mapping, truncate
 //! without `wait_refs_drained`, `map_pages` taking a blocking folio lock,
 //! `folio_clear_dirty_for_io` without `page_mkclean`, eviction freezing
-//! whatever count it finds.
+//! whatever count it finds, writeback without `wb_lock`.
 #![cfg(loom)]
 
 use loom::sync::atomic::{AtomicUsize, Ordering};
@@ -272,5 +276,28 @@ fn real_evict_vs_map_pages_leaves_nothing_mapped() {
         } else if mapped != 0 {
             assert_eq!(Some(mapped), get_folio(&m, 0).map(|f| folio_addr(&f)));
         }
+    });
+}
+
+#[test]
+fn real_writeback_vs_truncate_never_grows_the_store_back() {
+    loom::model(|| {
+        let store = std::sync::Arc::new(MemStore::filled(2 * PAGE_SIZE, 0));
+        let m = address_space(store.clone());
+        // Page 1 is dirty in the cache.
+        assert_eq!(m.write_at(&[7], PAGE_SIZE as u64).unwrap(), 1);
+        let flusher = {
+            let m = m.clone();
+            thread::spawn(move || {
+                let _ = m.write_and_wait_range(0, u64::MAX);
+            })
+        };
+        m.truncate(PAGE_SIZE as u64).unwrap();
+        flusher.join().unwrap();
+        assert_eq!(
+            store.contents().len(),
+            PAGE_SIZE,
+            "writeback of a folio past the new end grew the store back"
+        );
     });
 }

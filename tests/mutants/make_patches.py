@@ -98,6 +98,10 @@ MUTANTS = [
      "            self.page_mkclean(folio);\n            true",
      "            let _ = folio;\n            true",
      f"{LOOM} loom_filemap real_page_mkwrite_vs_writeback"),
+    ("22-writeback-without-wb-lock", "src/page_writeback.rs",
+     "        let r = {\n            let _wb = self.wb_lock.read();\n            self.ops.writepages(self, &mut wbc)",
+     "        let r = {\n            self.ops.writepages(self, &mut wbc)",
+     f"{LOOM} loom_filemap real_writeback_vs_truncate"),
 ]
 
 
