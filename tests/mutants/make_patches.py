@@ -102,6 +102,10 @@ MUTANTS = [
      "        let r = {\n            let _wb = self.wb_lock.read();\n            self.ops.writepages(self, &mut wbc)",
      "        let r = {\n            self.ops.writepages(self, &mut wbc)",
      f"{LOOM} loom_filemap real_writeback_vs_truncate"),
+    ("23-truncate-punches-tail-of-kept-folio", "src/truncate.rs",
+     "                // A folio with whole pages past the new end: remove it whole.\n                if let Some(g) = self.write_back_locked(g) {",
+     "                // A folio with whole pages past the new end: remove it whole.\n                let tail = crate::types::page_align_up(start);\n                g.zero_raw((start - fstart) as usize, (tail - start) as usize);\n                let _ = self.punch_memory(tail, fend - tail);\n                if let Some(g) = None::<FolioGuard> {",
+     "cargo test --test liveness mapped_access_after_truncate_down_and_up"),
 ]
 
 
