@@ -1,13 +1,16 @@
 //! Fault-engine benchmarks. Every group measures its references in the same
 //! run on the same data:
 //!
-//! - `fault_random_4k/{kernel_mmap, upcache_minor, upcache_missing, uffd_copy_peer}`:
+//! - `fault_random_4k/{kernel_mmap, upcache_minor, upcache_missing, upcache_no_readahead, uffd_copy_peer, uffd_copy_peer_64k}`:
 //!   first touch of every page of a 256 MiB file in random order by 2
 //!   threads; the file is in the kernel's page cache, upcache's cache starts
 //!   empty (a new `PageCache` per iteration, so upcache reads every window
-//!   from the store). `uffd_copy_peer` is a UMap-style engine: anonymous
-//!   region, MISSING only, one handler thread, `pread` + `UFFDIO_COPY` of
-//!   4 KiB per fault.
+//!   from the store). `upcache_no_readahead` is the default mode with a
+//!   4 KiB readahead window and `Advice::Random`. The peers are UMap-style
+//!   engines (anonymous region, MISSING only, `pread` + `UFFDIO_COPY`):
+//!   `uffd_copy_peer` copies 4 KiB per fault with one sleeping handler
+//!   thread; `uffd_copy_peer_64k` is the peer at its best configuration,
+//!   64 KiB per fault and 2 polling filler threads, like UMap's best run.
 //! - `mapped_hit_random/{kernel_mmap, kernel_mmap_memfd, upcache, upcache_minor, upcache_missing}`: a new
 //!   mapping of a file upcache holds entirely, touched at random (one
 //!   thread). `upcache` is the default mode; `kernel_mmap_memfd` maps the
@@ -19,6 +22,12 @@
 //!   64 MiB file on the disk filesystem; every page read first (untimed),
 //!   then each page written once (timed).
 //!
+//! After each side of `fault_random_4k`, `mapped_hit_random` and
+//! `scan_seq_cold` a `residency ID: ...` line reports what it held at the
+//! end of its last iteration (the file's bytes in the kernel page cache,
+//! upcache's memfd bytes) and marks it INVALID where an O_DIRECT side used
+//! the kernel's page cache.
+//!
 //! `cargo bench --bench fault` (`UPCACHE_BENCH_DIR` places the files; it
 //! must be on a disk filesystem, not tmpfs).
 
@@ -27,6 +36,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_main, Criterion};
+
+mod common;
+use common::{file_cached_bytes, Residency};
 use upcache::uffd::{mode, Uffd};
 use upcache::{PageCache, Share, UffdMode, PAGE_SIZE};
 
@@ -135,9 +147,13 @@ impl KernelMap {
 
 const RANDOM_SIZE: u64 = 256 << 20;
 
-/// The UMap-style peer: anonymous region, MISSING only, one handler,
-/// pread + UFFDIO_COPY per fault.
-fn uffd_copy_peer(path: &Path, pages: &[usize]) -> Duration {
+/// The UMap-style peer: anonymous region, MISSING only, `fillers`
+/// handler threads, `pread` + `UFFDIO_COPY` of `page` bytes per fault (the
+/// aligned block around the faulting address). `poll_spin`: handlers spin
+/// on the non-blocking fd, as upcache's do, instead of sleeping in poll.
+/// Returns the touch time and the anonymous memory it filled (RSS of the
+/// region, from mincore).
+fn uffd_copy_peer(path: &Path, pages: &[usize], page: usize, fillers: usize, poll_spin: bool) -> (Duration, u64) {
     use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
     let len = RANDOM_SIZE as usize;
     // SAFETY: a fresh private anonymous mapping; unmapped below.
@@ -155,39 +171,54 @@ fn uffd_copy_peer(path: &Path, pages: &[usize]) -> Duration {
     let file = std::fs::File::open(path).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let t = std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut msgs = [upcache::uffd::RawMsg::default(); 16];
-            let mut buf = vec![0u8; PAGE_SIZE];
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let n = uffd.read_msgs(&mut msgs).unwrap();
-                if n == 0 {
-                    // SAFETY: the fd is owned by `uffd`, alive here.
-                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(uffd.raw_fd()) };
-                    let mut pfd = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
-                    let timeout = rustix::event::Timespec {
-                        tv_sec: 0,
-                        tv_nsec: 10_000_000,
-                    };
-                    let _ = rustix::event::poll(&mut pfd, Some(&timeout));
-                    continue;
-                }
-                for m in &msgs[..n] {
-                    if let Some(pf) = m.page_fault() {
-                        let page = pf.address & !(PAGE_SIZE - 1);
-                        file.read_exact_at(&mut buf, (page - base) as u64).unwrap();
-                        // SAFETY: `buf` is a readable 4 KiB buffer.
-                        let _ = unsafe { uffd.copy(page, buf.as_ptr(), PAGE_SIZE) };
+        for _ in 0..fillers {
+            s.spawn(|| {
+                let mut msgs = [upcache::uffd::RawMsg::default(); 16];
+                let mut buf = vec![0u8; page];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = uffd.read_msgs(&mut msgs).unwrap();
+                    if n == 0 {
+                        if poll_spin {
+                            std::hint::spin_loop();
+                            continue;
+                        }
+                        // SAFETY: the fd is owned by `uffd`, alive here.
+                        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(uffd.raw_fd()) };
+                        let mut pfd = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+                        let timeout = rustix::event::Timespec {
+                            tv_sec: 0,
+                            tv_nsec: 10_000_000,
+                        };
+                        let _ = rustix::event::poll(&mut pfd, Some(&timeout));
+                        continue;
+                    }
+                    for m in &msgs[..n] {
+                        if let Some(pf) = m.page_fault() {
+                            let block = (pf.address - base) & !(page - 1);
+                            file.read_exact_at(&mut buf, block as u64).unwrap();
+                            // SAFETY: `buf` is a readable buffer of `page` bytes.
+                            if unsafe { uffd.copy(base + block, buf.as_ptr(), page) }.is_err() {
+                                // Filled by the other handler meanwhile
+                                // (EEXIST): the faulting thread still
+                                // waits for a wake-up.
+                                let _ = uffd.wake(base + block, page);
+                            }
+                        }
                     }
                 }
-            }
-        });
+            });
+        }
         let t = touch_pages(base, pages, 2);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         t
     });
+    let mut vec = vec![0u8; len / PAGE_SIZE];
+    // SAFETY: `base` maps `len` bytes; one byte per page in `vec`.
+    unsafe { libc::mincore(base as *mut _, len, vec.as_mut_ptr()) };
+    let filled = vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE_SIZE as u64;
     // SAFETY: our own mapping, no longer touched.
     unsafe { rustix::mm::munmap(base as *mut _, len).unwrap() };
-    t
+    (t, filled)
 }
 
 fn fault_random_4k(c: &mut Criterion) {
@@ -203,21 +234,65 @@ fn fault_random_4k(c: &mut Criterion) {
             touch_pages(m.ptr, &pages, 2)
         })
     });
-    for (id, mode) in [
-        ("upcache_minor", UffdMode::Minor),
-        ("upcache_missing", UffdMode::Missing),
+    Residency {
+        file_cached: file_cached_bytes(&path),
+        ..Default::default()
+    }
+    .print("fault_random_4k/kernel_mmap");
+    for (id, mode, ra) in [
+        ("upcache_minor", UffdMode::Minor, None),
+        ("upcache_missing", UffdMode::Missing, None),
+        // One page per miss: the same work per fault as the 4 KiB peer.
+        (
+            "upcache_no_readahead",
+            upcache::PageCacheBuilder::DEFAULT_MMAP_MODE,
+            Some(PAGE_SIZE as u64),
+        ),
     ] {
+        let mut last = Residency::default();
         g.bench_function(id, |b| {
             iter_each(b, || {
-                let cache = PageCache::builder().mmap_mode(mode).build();
+                let mut builder = PageCache::builder().mmap_mode(mode);
+                if let Some(ra) = ra {
+                    builder = builder.readahead_bytes(ra).readahead_max_bytes(ra);
+                }
+                let cache = builder.build();
                 let file = cache.open(&path).unwrap();
+                if ra.is_some() {
+                    file.advise(upcache::Advice::Random, 0, 0).unwrap();
+                }
                 // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
                 let map = unsafe { file.mmap(0, RANDOM_SIZE as usize, Share::Shared) }.unwrap();
-                touch_pages(map.as_ptr() as usize, &pages, 2)
+                let t = touch_pages(map.as_ptr() as usize, &pages, 2);
+                last = Residency {
+                    file_cached: file_cached_bytes(&path),
+                    memfd: Some(file.memory_bytes()),
+                    ..Default::default()
+                };
+                t
             })
         });
+        last.print(&format!("fault_random_4k/{id}"));
     }
-    g.bench_function("uffd_copy_peer", |b| iter_each(b, || uffd_copy_peer(&path, &pages)));
+    for (id, page, fillers, spin) in [
+        ("uffd_copy_peer", PAGE_SIZE, 1, false),
+        // UMap at its best here: 64 KiB pages, 2 fillers, polling.
+        ("uffd_copy_peer_64k", 64 << 10, 2, true),
+    ] {
+        let mut filled = 0;
+        g.bench_function(id, |b| {
+            iter_each(b, || {
+                let (t, f) = uffd_copy_peer(&path, &pages, page, fillers, spin);
+                filled = f;
+                t
+            })
+        });
+        println!(
+            "residency fault_random_4k/{id}: file in kernel page cache {:.1} MiB, peer's anonymous memory {:.1} MiB",
+            file_cached_bytes(&path) as f64 / (1 << 20) as f64,
+            filled as f64 / (1 << 20) as f64
+        );
+    }
     g.finish();
 }
 
@@ -247,6 +322,11 @@ fn mapped_hit_random(c: &mut Criterion) {
             memfd.write_all_at(&buf, off).unwrap();
         }
     }
+    Residency {
+        file_cached: file_cached_bytes(&path),
+        ..Default::default()
+    }
+    .print("mapped_hit_random/kernel_mmap");
     g.bench_function("kernel_mmap_memfd", |b| {
         iter_each(b, || {
             let map = memmap2::MmapOptions::new()
@@ -275,6 +355,12 @@ fn mapped_hit_random(c: &mut Criterion) {
                 touch_pages(map.as_ptr() as usize, &pages, 1)
             })
         });
+        Residency {
+            file_cached: file_cached_bytes(&path),
+            memfd: Some(file.memory_bytes()),
+            ..Default::default()
+        }
+        .print(&format!("mapped_hit_random/{id}"));
     }
     g.finish();
 }
@@ -294,6 +380,11 @@ fn scan_seq_cold(c: &mut Criterion) {
             touch_pages(m.ptr, &pages, 1)
         })
     });
+    Residency {
+        file_cached: file_cached_bytes(&path),
+        ..Default::default()
+    }
+    .print("scan_seq_cold/kernel_mmap");
     let default_mode = upcache::PageCacheBuilder::DEFAULT_MMAP_MODE;
     for (id, mode, map_ahead) in [
         ("upcache", default_mode, true),
@@ -317,6 +408,7 @@ fn scan_upcache(
     map_ahead: bool,
     direct: bool,
 ) {
+    let mut last = Residency::default();
     {
         g.bench_function(id, |b| {
             iter_each(b, || {
@@ -334,10 +426,17 @@ fn scan_upcache(
                     // The direct side must really be O_DIRECT.
                     assert_eq!(s.direct_fallbacks(), 0, "{id}: buffered I/O on the direct side");
                 }
+                last = Residency {
+                    file_cached: file_cached_bytes(path),
+                    memfd: Some(file.memory_bytes()),
+                    direct,
+                    ..Default::default()
+                };
                 t
             })
         });
     }
+    last.print(&format!("scan_seq_cold/{id}"));
 }
 
 const WRITE_SIZE: u64 = 64 << 20;

@@ -1,4 +1,4 @@
-//! `oversubscribed_random/{kernel_mmap_cgroup, upcache}`: random 4 KiB reads
+//! `oversubscribed_random/{kernel_mmap_cgroup, upcache, upcache_minor}`: random 4 KiB reads
 //! through a mapping of a file twice the memory budget, 2 threads.
 //!
 //! - `upcache`: a `PageCache` with `memory_limit(BUDGET)`, an O_DIRECT
@@ -9,9 +9,16 @@
 //!   first. The group is created under `/sys/fs/cgroup/memory` and removed
 //!   afterwards.
 //!
+//! - `upcache_minor`: the same in `UffdMode::Minor`.
+//!
 //! Both sides warm up with the same number of accesses, then time the same
 //! access sequence. After the group, the hit ratio of upcache's S3-FIFO and
 //! of the CLOCK baseline on this workload is printed.
+//!
+//! Each side prints a `residency ID:` line: the file's bytes in the kernel
+//! page cache at the end, upcache's memfd bytes, the group's
+//! `memory.usage_in_bytes` and its page-cache part; a side over its budget
+//! or an O_DIRECT side that used the kernel's page cache is INVALID.
 //!
 //! `cargo bench --bench oversubscribed` (root, cgroup v1 memory controller
 //! mounted; `UPCACHE_BENCH_DIR` on a disk filesystem).
@@ -21,7 +28,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use upcache::{Advice, DirectFileStore, PageCache, ReplacementPolicy, Share, StoreOps, PAGE_SIZE};
+use upcache::{Advice, DirectFileStore, PageCache, ReplacementPolicy, Share, StoreOps, UffdMode, PAGE_SIZE};
+
+mod common;
+use common::{cgroup_usage, file_cached_bytes, Residency};
 
 const BUDGET: u64 = 256 << 20;
 const FILE_SIZE: u64 = 2 * BUDGET;
@@ -122,13 +132,23 @@ fn kernel_side(path: &Path, iters: u64) -> Duration {
     Duration::from_nanos(ns)
 }
 
+fn drop_kernel_cache(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+}
+
 fn upcache_cache(
     path: &Path,
     policy: ReplacementPolicy,
+    mode: UffdMode,
 ) -> (PageCache, upcache::File, std::sync::Arc<DirectFileStore>) {
+    // upcache must be the only cache: start with the file out of the
+    // kernel's page cache (the kernel side's child left some there).
+    drop_kernel_cache(path);
     let cache = PageCache::builder()
         .memory_limit(BUDGET)
         .replacement_policy(policy)
+        .mmap_mode(mode)
         .build();
     let store = std::sync::Arc::new(DirectFileStore::open(path).unwrap());
     let file = cache.open_with_ops("oversub", StoreOps::new(store.clone())).unwrap();
@@ -151,28 +171,45 @@ fn oversubscribed_random(c: &mut Criterion) {
     g.bench_function("kernel_mmap_cgroup", |b| {
         b.iter_custom(|iters| kernel_side(&path, iters))
     });
-    g.bench_function("upcache", |b| {
-        b.iter_custom(|iters| {
-            let (_cache, file, store) = upcache_cache(&path, ReplacementPolicy::S3Fifo);
-            // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
-            let map = unsafe { file.mmap(0, FILE_SIZE as usize, Share::Shared) }.unwrap();
-            run_reads(map.as_ptr() as usize, &offsets(1, ACCESSES));
-            let t = (0..iters)
-                .map(|i| run_reads(map.as_ptr() as usize, &offsets(100 + i, ACCESSES)))
-                .sum();
-            assert_eq!(
-                store.direct_fallbacks(),
-                0,
-                "oversubscribed_random/upcache: buffered I/O"
-            );
-            t
-        })
-    });
+    Residency {
+        file_cached: file_cached_bytes(&path),
+        cgroup: Some(cgroup_usage(CGROUP)),
+        budget: Some(BUDGET),
+        ..Default::default()
+    }
+    .print("oversubscribed_random/kernel_mmap_cgroup");
+    for (id, mode) in [
+        ("upcache", upcache::PageCacheBuilder::DEFAULT_MMAP_MODE),
+        ("upcache_minor", UffdMode::Minor),
+    ] {
+        let mut last = Residency::default();
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let (_cache, file, store) = upcache_cache(&path, ReplacementPolicy::S3Fifo, mode);
+                // SAFETY: the mapping is only read, through short-lived borrows.
+                let map = unsafe { file.mmap(0, FILE_SIZE as usize, Share::Shared) }.unwrap();
+                run_reads(map.as_ptr() as usize, &offsets(1, ACCESSES));
+                let t = (0..iters)
+                    .map(|i| run_reads(map.as_ptr() as usize, &offsets(100 + i, ACCESSES)))
+                    .sum();
+                assert_eq!(store.direct_fallbacks(), 0, "oversubscribed_random/{id}: buffered I/O");
+                last = Residency {
+                    file_cached: file_cached_bytes(&path),
+                    memfd: Some(file.memory_bytes()),
+                    budget: Some(BUDGET),
+                    direct: true,
+                    ..Default::default()
+                };
+                t
+            })
+        });
+        last.print(&format!("oversubscribed_random/{id}"));
+    }
     g.finish();
     let _ = std::fs::remove_dir(CGROUP);
 
     for policy in [ReplacementPolicy::S3Fifo, ReplacementPolicy::Clock] {
-        let (cache, file, store) = upcache_cache(&path, policy);
+        let (cache, file, store) = upcache_cache(&path, policy, upcache::PageCacheBuilder::DEFAULT_MMAP_MODE);
         // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
         let map = unsafe { file.mmap(0, FILE_SIZE as usize, Share::Shared) }.unwrap();
         run_reads(map.as_ptr() as usize, &offsets(1, ACCESSES));

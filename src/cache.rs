@@ -561,6 +561,12 @@ impl File {
         Ok(self.mapping()?.size())
     }
 
+    /// Bytes of memory this file's cached folios hold in the page store
+    /// (the memfd's allocated blocks; 0 after close).
+    pub fn memory_bytes(&self) -> u64 {
+        self.mapping().map_or(0, AddressSpace::memory_bytes)
+    }
+
     /// Is the file empty?
     ///
     /// # Errors

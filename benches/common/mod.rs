@@ -1,0 +1,112 @@
+//! What each side of a memory benchmark really held, printed next to its
+//! time (issue: "a ratio whose two sides do different work is not a
+//! result"): the backing file's bytes in the kernel page cache (`mincore`
+//! on a fresh mapping), upcache's memfd bytes, and for a cgroup-limited
+//! kernel side the group's `memory.usage_in_bytes` and its page-cache part.
+//! A side that held more than its budget, or an upcache side that also
+//! used the kernel's page cache when it should not, is marked INVALID.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+
+/// Bytes of `path` resident in the kernel page cache, from `mincore(2)` on
+/// a fresh read-only mapping (which maps nothing itself).
+pub fn file_cached_bytes(path: &Path) -> u64 {
+    let f = std::fs::File::open(path).expect("open for mincore");
+    let len = f.metadata().unwrap().len() as usize;
+    if len == 0 {
+        return 0;
+    }
+    // SAFETY: a private read-only mapping only inspected with mincore,
+    // never read; the file is not truncated meanwhile.
+    let map = unsafe { memmap2::Mmap::map(&f) }.expect("mmap for mincore");
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `map` covers `len` bytes; `vec` has one byte per page.
+    let r = unsafe { libc::mincore(map.as_ptr() as *mut _, len, vec.as_mut_ptr()) };
+    assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * 4096
+}
+
+/// A cgroup v1 memory group's usage and the page-cache part of it.
+pub fn cgroup_usage(group: &str) -> (u64, u64) {
+    let usage = std::fs::read_to_string(format!("{group}/memory.usage_in_bytes"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let cache = std::fs::read_to_string(format!("{group}/memory.stat"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("cache ").and_then(|v| v.trim().parse().ok()))
+        })
+        .unwrap_or(0);
+    (usage, cache)
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+/// What one benchmark side held at the end of its last iteration.
+#[derive(Clone, Debug, Default)]
+pub struct Residency {
+    /// Backing file bytes in the kernel page cache.
+    pub file_cached: u64,
+    /// upcache's memfd bytes (None for a kernel side).
+    pub memfd: Option<u64>,
+    /// cgroup usage and its page-cache part (kernel side in a group).
+    pub cgroup: Option<(u64, u64)>,
+    /// The side's memory budget, if it has one.
+    pub budget: Option<u64>,
+    /// The side must not use the kernel's page cache (O_DIRECT).
+    pub direct: bool,
+}
+
+impl Residency {
+    /// Why the result does not measure what it says, if it does not.
+    pub fn invalid(&self) -> Option<String> {
+        let mut why = Vec::new();
+        if let (Some(b), Some(m)) = (self.budget, self.memfd) {
+            if m > b {
+                why.push(format!("memfd {:.1} MiB > budget {:.1} MiB", mib(m), mib(b)));
+            }
+        }
+        if let (Some(b), Some((u, _))) = (self.budget, self.cgroup) {
+            if u > b {
+                why.push(format!("cgroup {:.1} MiB > budget {:.1} MiB", mib(u), mib(b)));
+            }
+        }
+        // O_DIRECT side: the kernel's page cache of the file must stay
+        // (almost) empty; 1 MiB of slack for unaligned tails and metadata.
+        if self.direct && self.file_cached > 1 << 20 {
+            why.push(format!(
+                "O_DIRECT side left {:.1} MiB of the file in the kernel page cache",
+                mib(self.file_cached)
+            ));
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+
+    /// Print one line for `id` (the criterion ID).
+    pub fn print(&self, id: &str) {
+        let mut s = format!(
+            "residency {id}: file in kernel page cache {:.1} MiB",
+            mib(self.file_cached)
+        );
+        if let Some(m) = self.memfd {
+            s += &format!(", upcache memfd {:.1} MiB", mib(m));
+        }
+        if let Some((u, c)) = self.cgroup {
+            s += &format!(", cgroup usage {:.1} MiB (page cache {:.1} MiB)", mib(u), mib(c));
+        }
+        if let Some(b) = self.budget {
+            s += &format!(", budget {:.1} MiB", mib(b));
+        }
+        match self.invalid() {
+            Some(why) => println!("{s}  INVALID: {why}"),
+            None => println!("{s}  valid"),
+        }
+    }
+}
