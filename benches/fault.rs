@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_main, Criterion};
 
 mod common;
-use common::{file_cached_bytes, Residency};
+use common::{file_cached_bytes, report, Residency};
 use upcache::uffd::{mode, Uffd};
 use upcache::{PageCache, Share, UffdMode, PAGE_SIZE};
 
@@ -228,17 +228,19 @@ fn fault_random_4k(c: &mut Criterion) {
     warm_kernel_cache(&path);
     let pages = shuffled_pages((RANDOM_SIZE / PAGE_SIZE as u64) as usize, 7);
     let mut g = slow_group(c, "fault_random_4k", 20);
+    let mut last = None;
     g.bench_function("kernel_mmap", |b| {
         iter_each(b, || {
             let (m, _f) = KernelMap::new(&path, RANDOM_SIZE as usize, false);
-            touch_pages(m.ptr, &pages, 2)
+            let t = touch_pages(m.ptr, &pages, 2);
+            last = Some(Residency {
+                file_cached: file_cached_bytes(&path),
+                ..Default::default()
+            });
+            t
         })
     });
-    Residency {
-        file_cached: file_cached_bytes(&path),
-        ..Default::default()
-    }
-    .print("fault_random_4k/kernel_mmap");
+    report("fault_random_4k/kernel_mmap", &last);
     for (id, mode, ra) in [
         ("upcache_minor", UffdMode::Minor, None),
         ("upcache_missing", UffdMode::Missing, None),
@@ -249,7 +251,7 @@ fn fault_random_4k(c: &mut Criterion) {
             Some(PAGE_SIZE as u64),
         ),
     ] {
-        let mut last = Residency::default();
+        let mut last = None;
         g.bench_function(id, |b| {
             iter_each(b, || {
                 let mut builder = PageCache::builder().mmap_mode(mode);
@@ -264,34 +266,36 @@ fn fault_random_4k(c: &mut Criterion) {
                 // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
                 let map = unsafe { file.mmap(0, RANDOM_SIZE as usize, Share::Shared) }.unwrap();
                 let t = touch_pages(map.as_ptr() as usize, &pages, 2);
-                last = Residency {
+                last = Some(Residency {
                     file_cached: file_cached_bytes(&path),
                     memfd: Some(file.memory_bytes()),
                     ..Default::default()
-                };
+                });
                 t
             })
         });
-        last.print(&format!("fault_random_4k/{id}"));
+        report(&format!("fault_random_4k/{id}"), &last);
     }
     for (id, page, fillers, spin) in [
         ("uffd_copy_peer", PAGE_SIZE, 1, false),
         // UMap at its best here: 64 KiB pages, 2 fillers, polling.
         ("uffd_copy_peer_64k", 64 << 10, 2, true),
     ] {
-        let mut filled = 0;
+        let mut filled = None;
         g.bench_function(id, |b| {
             iter_each(b, || {
                 let (t, f) = uffd_copy_peer(&path, &pages, page, fillers, spin);
-                filled = f;
+                filled = Some(f);
                 t
             })
         });
-        println!(
-            "residency fault_random_4k/{id}: file in kernel page cache {:.1} MiB, peer's anonymous memory {:.1} MiB",
-            file_cached_bytes(&path) as f64 / (1 << 20) as f64,
-            filled as f64 / (1 << 20) as f64
-        );
+        if let Some(filled) = filled {
+            println!(
+                "residency fault_random_4k/{id}: file in kernel page cache {:.1} MiB, peer's anonymous memory {:.1} MiB",
+                file_cached_bytes(&path) as f64 / (1 << 20) as f64,
+                filled as f64 / (1 << 20) as f64
+            );
+        }
     }
     g.finish();
 }
@@ -303,12 +307,19 @@ fn mapped_hit_random(c: &mut Criterion) {
     warm_kernel_cache(&path);
     let pages = shuffled_pages((RANDOM_SIZE / PAGE_SIZE as u64) as usize, 9);
     let mut g = slow_group(c, "mapped_hit_random", 10);
+    let mut last = None;
     g.bench_function("kernel_mmap", |b| {
         iter_each(b, || {
             let (m, _f) = KernelMap::new(&path, RANDOM_SIZE as usize, false);
-            touch_pages(m.ptr, &pages, 1)
+            let t = touch_pages(m.ptr, &pages, 1);
+            last = Some(Residency {
+                file_cached: file_cached_bytes(&path),
+                ..Default::default()
+            });
+            t
         })
     });
+    report("mapped_hit_random/kernel_mmap", &last);
     // The same pages in a memfd (4 KiB shmem pages, as upcache's), mapped
     // by the kernel: what the page-table work costs without ext4's large
     // folios.
@@ -322,11 +333,6 @@ fn mapped_hit_random(c: &mut Criterion) {
             memfd.write_all_at(&buf, off).unwrap();
         }
     }
-    Residency {
-        file_cached: file_cached_bytes(&path),
-        ..Default::default()
-    }
-    .print("mapped_hit_random/kernel_mmap");
     g.bench_function("kernel_mmap_memfd", |b| {
         iter_each(b, || {
             let map = memmap2::MmapOptions::new()
@@ -348,19 +354,21 @@ fn mapped_hit_random(c: &mut Criterion) {
         for off in (0..RANDOM_SIZE).step_by(buf.len()) {
             file.read_exact_at(&mut buf, off).unwrap();
         }
+        let mut last = None;
         g.bench_function(id, |b| {
             iter_each(b, || {
                 // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
                 let map = unsafe { file.mmap(0, RANDOM_SIZE as usize, Share::Shared) }.unwrap();
-                touch_pages(map.as_ptr() as usize, &pages, 1)
+                let t = touch_pages(map.as_ptr() as usize, &pages, 1);
+                last = Some(Residency {
+                    file_cached: file_cached_bytes(&path),
+                    memfd: Some(file.memory_bytes()),
+                    ..Default::default()
+                });
+                t
             })
         });
-        Residency {
-            file_cached: file_cached_bytes(&path),
-            memfd: Some(file.memory_bytes()),
-            ..Default::default()
-        }
-        .print(&format!("mapped_hit_random/{id}"));
+        report(&format!("mapped_hit_random/{id}"), &last);
     }
     g.finish();
 }
@@ -373,18 +381,20 @@ fn scan_seq_cold(c: &mut Criterion) {
     make_file(&path, SCAN_SIZE);
     let pages: Vec<usize> = (0..(SCAN_SIZE / PAGE_SIZE as u64) as usize).collect();
     let mut g = slow_group(c, "scan_seq_cold", 30);
+    let mut last = None;
     g.bench_function("kernel_mmap", |b| {
         iter_each(b, || {
             drop_kernel_cache(&path);
             let (m, _f) = KernelMap::new(&path, SCAN_SIZE as usize, false);
-            touch_pages(m.ptr, &pages, 1)
+            let t = touch_pages(m.ptr, &pages, 1);
+            last = Some(Residency {
+                file_cached: file_cached_bytes(&path),
+                ..Default::default()
+            });
+            t
         })
     });
-    Residency {
-        file_cached: file_cached_bytes(&path),
-        ..Default::default()
-    }
-    .print("scan_seq_cold/kernel_mmap");
+    report("scan_seq_cold/kernel_mmap", &last);
     let default_mode = upcache::PageCacheBuilder::DEFAULT_MMAP_MODE;
     for (id, mode, map_ahead) in [
         ("upcache", default_mode, true),
@@ -408,7 +418,7 @@ fn scan_upcache(
     map_ahead: bool,
     direct: bool,
 ) {
-    let mut last = Residency::default();
+    let mut last = None;
     {
         g.bench_function(id, |b| {
             iter_each(b, || {
@@ -426,17 +436,17 @@ fn scan_upcache(
                     // The direct side must really be O_DIRECT.
                     assert_eq!(s.direct_fallbacks(), 0, "{id}: buffered I/O on the direct side");
                 }
-                last = Residency {
+                last = Some(Residency {
                     file_cached: file_cached_bytes(path),
                     memfd: Some(file.memory_bytes()),
                     direct,
                     ..Default::default()
-                };
+                });
                 t
             })
         });
     }
-    last.print(&format!("scan_seq_cold/{id}"));
+    report(&format!("scan_seq_cold/{id}"), &last);
 }
 
 const WRITE_SIZE: u64 = 64 << 20;

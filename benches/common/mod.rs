@@ -110,3 +110,10 @@ impl Residency {
         }
     }
 }
+
+/// Print `r` for `id` if the side ran (criterion's filter may skip it).
+pub fn report(id: &str, r: &Option<Residency>) {
+    if let Some(r) = r {
+        r.print(id);
+    }
+}
