@@ -5,6 +5,13 @@
 //! reference, `memcpy_floor`: the bare 4 KiB copy from a random page of a
 //! 256 MiB in-memory buffer, which no cache can beat.
 //!
+//! `page_get_hit/{upcache_pin, upcache_read_at, kernel_mmap}`: what an
+//! engine's page lookup costs on a hit, on the same file and offsets: get
+//! a random cached page and read one `u64` from it. `upcache_pin` pins it
+//! in place (`File::get_page`, no system call, no copy), `upcache_read_at`
+//! copies the 4 KiB page out (`File::read_at`), `kernel_mmap` loads from a
+//! kernel mapping of the file, every page already mapped (populated).
+//!
 //! `cargo bench --bench read` (set `UPCACHE_BENCH_DIR` to place the file).
 
 use std::os::unix::fs::FileExt;
@@ -92,9 +99,65 @@ fn read_4k_random(c: &mut Criterion) {
     assert_eq!(cache.stats().misses, warm.misses, "upcache missed during the benchmark");
 }
 
+fn page_get_hit(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
+    let path = dir.path().join("page-get-bench");
+    {
+        let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+        let f = std::fs::File::create(&path).unwrap();
+        for i in 0..FILE_SIZE / chunk.len() as u64 {
+            f.write_all_at(&chunk, i * chunk.len() as u64).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let std_file = std::fs::File::open(&path).unwrap();
+    // SAFETY: a private read-only view of a file nobody writes meanwhile.
+    let kmap = unsafe { memmap2::MmapOptions::new().populate().map(&std_file) }.unwrap();
+    let cache = PageCache::new();
+    let file = cache.open(&path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for off in (0..FILE_SIZE).step_by(buf.len()) {
+        file.read_exact_at(&mut buf, off).unwrap();
+    }
+    let warm = cache.stats();
+    let offs = offsets(1 << 16);
+    let word = |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().unwrap());
+
+    let mut g = c.benchmark_group("page_get_hit");
+    g.sample_size(50);
+    let mut i = 0usize;
+    g.bench_function("upcache_pin", |b| {
+        b.iter(|| {
+            i = (i + 1) & (offs.len() - 1);
+            // SAFETY: nothing maps the file.
+            let page = unsafe { file.get_page(offs[i] / READ as u64) }.unwrap();
+            word(&page, i & 0xff8)
+        })
+    });
+    let mut page = vec![0u8; READ];
+    let mut j = 0usize;
+    g.bench_function("upcache_read_at", |b| {
+        b.iter(|| {
+            j = (j + 1) & (offs.len() - 1);
+            file.read_exact_at(&mut page, offs[j]).unwrap();
+            word(&page, j & 0xff8)
+        })
+    });
+    let mut k = 0usize;
+    g.bench_function("kernel_mmap", |b| {
+        b.iter(|| {
+            k = (k + 1) & (offs.len() - 1);
+            let off = offs[k] as usize;
+            word(&kmap[off..off + READ], k & 0xff8)
+        })
+    });
+    g.finish();
+    assert_eq!(cache.stats().misses, warm.misses, "upcache missed during page_get_hit");
+}
+
 #[allow(missing_docs)]
 mod group {
-    criterion::criterion_group!(benches, super::read_4k_random);
+    criterion::criterion_group!(benches, super::read_4k_random, super::page_get_hit);
 }
 use group::benches;
 criterion_main!(benches);

@@ -22,6 +22,9 @@
 //!   `wb_lock` rule — no writeback runs between the store's shrink and the
 //!   new `i_size`, so the store ends at the new size, never grown back by
 //!   a write of a folio past it;
+//! - a `PageRef` vs `write_at`: pinned bytes never change and the writer
+//!   is woken when the pin goes; two `PageMut`s of one page exclude each
+//!   other and neither update is lost;
 //! - `filemap_map_pages` vs a folio lock holder that waits for the mapper:
 //!   map_pages never blocks on a folio lock, and maps only locked, attached,
 //!   uptodate folios.
@@ -30,7 +33,8 @@
 //! `filemap_fault` without its re-check of the folio's mapping, truncate
 //! without `wait_refs_drained`, `map_pages` taking a blocking folio lock,
 //! `folio_clear_dirty_for_io` without `page_mkclean`, eviction freezing
-//! whatever count it finds, writeback without `wb_lock`.
+//! whatever count it finds, writeback without `wb_lock`, `copy_in_raw`
+//! without `wait_pins_drained`.
 #![cfg(loom)]
 
 use loom::sync::atomic::{AtomicUsize, Ordering};
@@ -299,5 +303,59 @@ fn real_writeback_vs_truncate_never_grows_the_store_back() {
             PAGE_SIZE,
             "writeback of a folio past the new end grew the store back"
         );
+    });
+}
+
+/// A `PageRef` (pinned page, `&[u8]` to folio memory) vs `write_at` of the
+/// same bytes: the writer waits for the pin (`copy_in_raw` →
+/// `wait_pins_drained`), so the pinned bytes never change under the
+/// reader, the last `unpin` wakes the writer (no lost wake-up: loom
+/// reports a deadlock otherwise), and the write lands afterwards.
+#[test]
+fn real_page_ref_vs_write_at_never_changes_pinned_bytes() {
+    loom::model(|| {
+        let (m, _pte) = cached_page0(1);
+        let reader = {
+            let m = m.clone();
+            thread::spawn(move || {
+                // SAFETY: nothing maps the file.
+                let page = unsafe { m.read_cache_page(0) }.unwrap();
+                let first = page[0];
+                thread::yield_now();
+                assert_eq!(page[0], first, "pinned bytes changed under a PageRef");
+                assert!(first == BYTE || first == 0xcd, "PageRef read {first:#x}");
+            })
+        };
+        m.write_at(&[0xcd], 0).unwrap();
+        reader.join().unwrap();
+        let mut b = [0u8; 1];
+        m.read_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], 0xcd, "the write was lost");
+    });
+}
+
+/// Two `PageMut`s of one page: read-modify-write under the guard is
+/// exclusive (the folio lock), and both updates survive.
+#[test]
+fn real_page_mut_excludes_page_mut() {
+    loom::model(|| {
+        let (m, _pte) = cached_page0(1);
+        let inc = |m: &upcache::AddressSpace| {
+            // SAFETY: nothing maps the file.
+            let mut page = unsafe { m.read_cache_page_mut(0) }.unwrap();
+            let v = page[0];
+            thread::yield_now();
+            page[0] = v.wrapping_add(1);
+        };
+        let t = {
+            let m = m.clone();
+            thread::spawn(move || inc(&m))
+        };
+        inc(&m);
+        t.join().unwrap();
+        let mut b = [0u8; 1];
+        m.read_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], BYTE.wrapping_add(2), "a PageMut update was lost");
+        assert!(m.nr_dirty_folios() == 1, "a written PageMut left the folio clean");
     });
 }

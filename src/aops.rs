@@ -158,6 +158,28 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
     /// keeps the data dirty and reports the error at the next fsync.
     fn writepage(&self, mapping: &AddressSpace, folio: FolioGuard, wbc: &mut WritebackControl) -> io::Result<()>;
 
+    /// May the folio be written to the store now? Called before every
+    /// write-back of a dirty folio (`write_cache_pages`, truncate's write of
+    /// a straddling folio, background reclaim), before its DIRTY bit is
+    /// cleared, with [`Folio::private`] (e.g. the LSN of its newest change,
+    /// see [`FolioGuard::set_private_max`]). A WAL engine makes its log
+    /// durable up to that value here and returns `Ok(true)`, or returns
+    /// `Ok(false)` to skip the folio for now (it stays dirty).
+    ///
+    /// With [`SyncMode::All`] (fsync, sync_range, truncate) the folio must
+    /// be written: `Ok(false)` then fails the sync with `EAGAIN`, as an
+    /// error does with its own errno; the data stays dirty either way.
+    ///
+    /// # Locking
+    /// Folio locked. May block (a log fsync).
+    ///
+    /// # Errors
+    /// The engine's error (its log could not be made durable): the folio
+    /// stays dirty and the writeback reports the error.
+    fn write_barrier(&self, _mapping: &AddressSpace, _folio: &FolioGuard, _mode: SyncMode) -> io::Result<bool> {
+        Ok(true)
+    }
+
     /// Write dirty folios of the file as `wbc` asks.
     ///
     /// # Locking
@@ -296,6 +318,9 @@ macro_rules! delegate_address_space_ops {
         impl<T: AddressSpaceOps + ?Sized> AddressSpaceOps for $ptr<T> {
             fn read_folio(&self, mapping: &AddressSpace, folio: FolioGuard) -> io::Result<()> {
                 (**self).read_folio(mapping, folio)
+            }
+            fn write_barrier(&self, mapping: &AddressSpace, folio: &FolioGuard, mode: SyncMode) -> io::Result<bool> {
+                (**self).write_barrier(mapping, folio, mode)
             }
             fn readahead(&self, mapping: &AddressSpace, rac: &mut ReadaheadControl) {
                 (**self).readahead(mapping, rac)

@@ -57,6 +57,19 @@ pub trait BackingStore: Send + Sync + 'static {
     /// Any I/O error.
     fn sync_data(&self) -> io::Result<()>;
 
+    /// Called before a dirty folio is written to this store, with the
+    /// folio's private word (`PageMut::set_lsn`; 0 if never set): a WAL
+    /// engine makes its log durable up to that LSN and returns `Ok(true)`,
+    /// or returns `Ok(false)` to keep the folio dirty for now (refused in
+    /// an integrity sync, which then fails with `EAGAIN`). See
+    /// [`AddressSpaceOps::write_barrier`](crate::AddressSpaceOps::write_barrier).
+    ///
+    /// # Errors
+    /// The engine's error; the folio stays dirty.
+    fn write_barrier(&self, _private: u64, _mode: crate::aops::SyncMode) -> io::Result<bool> {
+        Ok(true)
+    }
+
     /// Current size in bytes.
     ///
     /// # Errors
@@ -133,6 +146,9 @@ impl<T: BackingStore + ?Sized> BackingStore for std::sync::Arc<T> {
     }
     fn batch_readahead(&self) -> bool {
         (**self).batch_readahead()
+    }
+    fn write_barrier(&self, private: u64, mode: crate::aops::SyncMode) -> io::Result<bool> {
+        (**self).write_barrier(private, mode)
     }
 }
 
@@ -551,6 +567,15 @@ impl<S: BackingStore> StoreOps<S> {
 }
 
 impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
+    fn write_barrier(
+        &self,
+        _mapping: &AddressSpace,
+        folio: &FolioGuard,
+        mode: crate::aops::SyncMode,
+    ) -> io::Result<bool> {
+        self.store.write_barrier(folio.private(), mode)
+    }
+
     fn read_folio(&self, mapping: &AddressSpace, mut folio: FolioGuard) -> io::Result<()> {
         let pos = folio.pos();
         // Bytes past i_size read as zeros (the EOF invariant: the tail of

@@ -16,6 +16,7 @@ use crate::fault::{FaultConfig, FaultEngine};
 use crate::filemap::Advice;
 use crate::fs_writeback::{DirtyConfig, Spaces, Writeback as CacheWriteback};
 use crate::mmap::{do_mmap, Mmap, MmapMut, MmapRaw, Share, UffdMode};
+use crate::page_ref::{PageMut, PageRef};
 use crate::stats::{CacheStats, Stats};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, Weak};
 use crate::types::{MAX_ORDER, PAGE_SIZE};
@@ -455,7 +456,7 @@ impl File {
     ///
     /// As with `memmap2::Mmap`, the returned handle derefs to a slice of
     /// memory that others may change: `write_at`, `truncate`, `punch_hole`,
-    /// other mappings of the file (in this or any thread), and other
+    /// a [`PageMut`] of the same page, other mappings of the file (in this or any thread), and other
     /// processes writing the file through upcache. The caller must ensure
     /// that no such change happens to the bytes of a slice obtained from
     /// the mapping while that slice is alive, and that no slice is used
@@ -477,9 +478,10 @@ impl File {
     /// # Safety
     ///
     /// As [`mmap`](Self::mmap); in addition `&mut [u8]` from this handle
-    /// must not alias bytes that another mapping, `write_at` or another
-    /// thread reads or writes while it is alive (two `MmapMut`s of one
-    /// page are two `&mut` to the same memory).
+    /// must not alias bytes that another mapping, `write_at`, a
+    /// [`PageRef`]/[`PageMut`] or another thread reads or writes while it
+    /// is alive (two `MmapMut`s of one page are two `&mut` to the same
+    /// memory; a write through the mapping is not held back by pins).
     pub unsafe fn mmap_mut(&self, offset: u64, len: usize, share: Share) -> Result<MmapMut> {
         // SAFETY: the caller upholds this function's contract, which is
         // the same.
@@ -573,6 +575,36 @@ impl File {
     /// `Closed` after close.
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
+    }
+
+    /// Page `index` (of `PAGE_SIZE` bytes), read in if needed and pinned:
+    /// zero-copy read access ([`AddressSpace::read_cache_page`]).
+    ///
+    /// # Errors
+    /// `Closed`; [`Error::BeyondEof`](crate::Error::BeyondEof); the store's
+    /// read error.
+    ///
+    /// # Safety
+    /// As [`AddressSpace::read_cache_page`]: no mapping of the file writes
+    /// the page while the guard lives.
+    pub unsafe fn get_page(&self, index: u64) -> Result<PageRef<'_>> {
+        // SAFETY: the caller upholds the same contract.
+        unsafe { self.mapping()?.read_cache_page(index) }
+    }
+
+    /// Page `index`, read in if needed and locked for writing in place
+    /// ([`AddressSpace::read_cache_page_mut`]); dirty when dropped after a
+    /// write.
+    ///
+    /// # Errors
+    /// As [`get_page`](Self::get_page).
+    ///
+    /// # Safety
+    /// As [`AddressSpace::read_cache_page_mut`]: no mapping of the file
+    /// reads or writes the page while the guard lives.
+    pub unsafe fn get_page_mut(&self, index: u64) -> Result<PageMut<'_>> {
+        // SAFETY: the caller upholds the same contract.
+        unsafe { self.mapping()?.read_cache_page_mut(index) }
     }
 
     /// Read at `pos` ([`AddressSpace::read_at`]).

@@ -37,6 +37,24 @@ pub enum Error {
         /// What `open(2)` (or the store) said.
         source: io::Error,
     },
+    /// A page at or past end of file was asked for (`EINVAL`).
+    #[error("page at offset {offset} is at or past end of file (size {size}) (EINVAL)")]
+    BeyondEof {
+        /// Byte offset of the page.
+        offset: u64,
+        /// File size.
+        size: u64,
+    },
+    /// This thread holds a page guard ([`crate::PageRef`] /
+    /// [`crate::PageMut`]) of a folio the operation would remove or change:
+    /// it would wait for itself (`EDEADLK`). Nothing was changed.
+    #[error("this thread holds a page guard of bytes {offset}..+{len} that the operation would wait for (EDEADLK)")]
+    PageHeld {
+        /// First byte of the held folio.
+        offset: u64,
+        /// Its size.
+        len: u64,
+    },
     /// The file handle was closed (`EBADF`).
     #[error("file is closed (EBADF)")]
     Closed,
@@ -57,7 +75,8 @@ impl Error {
         match self {
             Error::Io(e) | Error::Writeback(e) | Error::Open { source: e, .. } => errno_of(e),
             Error::FileTooLarge { .. } => Errno::FBIG.raw_os_error(),
-            Error::InvalidArgument { .. } => Errno::INVAL.raw_os_error(),
+            Error::InvalidArgument { .. } | Error::BeyondEof { .. } => Errno::INVAL.raw_os_error(),
+            Error::PageHeld { .. } => Errno::DEADLK.raw_os_error(),
             Error::Closed => Errno::BADF.raw_os_error(),
             Error::Userfaultfd(crate::uffd::OpenError::NotPermitted { .. }) => Errno::PERM.raw_os_error(),
             Error::Userfaultfd(_) => Errno::NOSYS.raw_os_error(),

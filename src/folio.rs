@@ -40,6 +40,30 @@
 //! the last reference and free the folio (the wake uses only the address as
 //! a key, like the kernel's `folio_put` + `wake_up_var`).
 //!
+//! # Page pins
+//!
+//! A [`PageRef`](crate::PageRef) hands out `&[u8]` to an uptodate folio's
+//! bytes, so nobody may change them while it lives. `pins` counts live
+//! `PageRef`s; every write to an uptodate folio's bytes goes through
+//! `copy_in_raw` or `zero_raw`, under the folio lock, and those first wait
+//! until the count is zero (`wait_pins_drained`). The protocol:
+//!
+//! | step | who | holds | operation |
+//! |---|---|---|---|
+//! | pin | reader | folio lock | `pins += 1` (Relaxed: the lock's Release/Acquire orders it before any later lock holder's check) |
+//! | unpin | reader | a reference | `pins -= 1` (Release); old value `PIN_WAITERS \| 1` wakes the waiter |
+//! | drain | writer | folio lock | load `pins` (Acquire); non-zero: set `PIN_WAITERS` by CAS and sleep until the count is zero |
+//!
+//! New pins need the folio lock, so while a writer holds it the count only
+//! falls: the writer waits for the pins that existed when it took the lock
+//! and no others. Count and waiter bit share one word, so `unpin` learns
+//! "wake" from the value its own decrement returned (no Dekker pairing).
+//! Other writers of folio memory never meet a pin: fills write only folios
+//! that are not uptodate (a `PageRef` needs an uptodate one), and memory is
+//! punched only after the references drained (truncate) or were frozen
+//! (reclaim), which a `PageRef`'s reference prevents. Writes through user
+//! mappings are the `unsafe` mapping constructors' contract.
+//!
 //! # Field protection
 //!
 //! | field | protection |
@@ -47,6 +71,7 @@
 //! | `index`, `order`, `data` | immutable after creation |
 //! | `flags` | atomic RMW, see the table above |
 //! | `refcount` | atomic; low 31 bits the count, 0 means being freed and is never raised again; `REF_DETACHED` set once by `detach`, never cleared |
+//! | `pins` | atomic; raised only under the folio lock, see "Page pins" |
 //! | `mapping` | written under the index lock (attach, detach); read by lockless lookups and re-checked under the folio lock |
 
 use std::fmt;
@@ -85,6 +110,13 @@ use flags::*;
 const WQ_LOCK: usize = 0;
 const WQ_WRITEBACK: usize = 1;
 const WQ_REFS: usize = 2;
+const WQ_PINS: usize = 3;
+
+/// `pins` bit set by a writer (folio locked) sleeping in
+/// `wait_pins_drained`: the last `unpin` must wake it.
+const PIN_WAITERS: u32 = 1 << 31;
+/// The count part of `pins`.
+const PIN_COUNT: u32 = !PIN_WAITERS;
 
 /// `refcount` bit set by `detach`: the folio left its mapping, and a
 /// remover may sleep in `wait_refs_drained` until the count falls to 1.
@@ -104,6 +136,13 @@ pub struct Folio {
     mapping: AtomicU64,
     index: PgOff,
     order: u8,
+    /// Live page pins ([`crate::PageRef`]) in the low 31 bits, `PIN_WAITERS`
+    /// in bit 31 (see "Page pins" in the module docs).
+    pins: AtomicU32,
+    /// The engine's word (`folio->private`): the largest value set since
+    /// the folio entered the cache, e.g. the LSN of its newest change,
+    /// handed to `AddressSpaceOps::write_barrier` before every write-back.
+    private: AtomicU64,
     /// First byte of the folio in the page store's engine view.
     data: *mut u8,
     /// Keeps the page store (and so the view `data` points into) mapped
@@ -154,6 +193,8 @@ impl Folio {
             mapping: AtomicU64::new(mapping),
             index,
             order,
+            pins: AtomicU32::new(0),
+            private: AtomicU64::new(0),
             data,
             _store: store,
             wq: WaitQueue::new(),
@@ -403,6 +444,17 @@ impl Folio {
         // Acquire: pairs with the AcqRel decrements in `put`, so the holders'
         // accesses happen before whatever the caller does next (punch).
         let busy = || self.refcount.load(Ordering::Acquire) & REF_COUNT > 1;
+        if busy() && crate::page_ref::held_by_this_thread(self) {
+            // Unreachable through the API (truncate and punch return
+            // EDEADLK first). Unwinding from here would leave a detached
+            // folio whose memory the guard still reads while a new folio
+            // reuses it, so do not unwind.
+            eprintln!(
+                "upcache: this thread holds a page guard of the folio at page index {} that its own truncate is removing; aborting",
+                self.index.0
+            );
+            std::process::abort();
+        }
         while busy() {
             // `validate` runs under the queue lock and `put` wakes under it
             // after its decrement: no lost wake-up.
@@ -415,6 +467,80 @@ impl Folio {
         // Keys are the folio's address plus a tag < 8; a Folio is larger
         // than 8 bytes so keys of different folios never collide.
         self as *const Folio as usize
+    }
+
+    // ----- page pins ------------------------------------------------------
+
+    /// Take a page pin. Folio locked and uptodate.
+    pub(crate) fn pin_locked(&self) {
+        debug_assert!(self.is_locked());
+        debug_assert!(self.is_uptodate());
+        // Relaxed: the folio lock orders this increment before the check
+        // of any later lock holder (Release in `unlock_raw`, Acquire in
+        // `trylock_raw`).
+        self.pins.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drop a page pin, waking the writer that waits for the last one.
+    /// The caller holds a reference, so the folio is alive.
+    pub(crate) fn unpin(&self) {
+        // Release: pairs with the Acquire in `wait_pins_drained`, so the
+        // pinned reader's loads happen before the writer's stores.
+        let old = self.pins.fetch_sub(1, Ordering::Release);
+        debug_assert!(old & PIN_COUNT > 0, "unpin without a pin");
+        if old == PIN_WAITERS | 1 {
+            self.wq.unpark_filter(
+                self.key(),
+                WQ_PINS,
+                |_| UnparkOp::Unpark,
+                |have_more| {
+                    if !have_more {
+                        self.pins.fetch_and(!PIN_WAITERS, Ordering::Relaxed);
+                    }
+                },
+            );
+        }
+    }
+
+    /// The engine's private word (see [`FolioGuard::set_private_max`]); 0
+    /// until set.
+    pub fn private(&self) -> u64 {
+        // Relaxed: set and read under the folio lock, which orders them.
+        self.private.load(Ordering::Relaxed)
+    }
+
+    /// Number of live page pins.
+    pub fn pin_count(&self) -> u32 {
+        self.pins.load(Ordering::Relaxed) & PIN_COUNT
+    }
+
+    /// Sleep until no page pin is left. Folio locked (so no new pin can be
+    /// taken): one load when there is none.
+    pub(crate) fn wait_pins_drained(&self) {
+        debug_assert!(self.is_locked());
+        loop {
+            // Acquire: pairs with the Release in `unpin`.
+            let p = self.pins.load(Ordering::Acquire);
+            if p & PIN_COUNT == 0 {
+                return;
+            }
+            crate::page_ref::assert_not_pinned_here(self, "change its bytes");
+            if p & PIN_WAITERS == 0
+                && self
+                    .pins
+                    .compare_exchange_weak(p, p | PIN_WAITERS, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+            {
+                continue;
+            }
+            // Sleep only while pins are left and the waiter bit is set
+            // (checked under the queue lock, where the last `unpin`'s
+            // callback clears it): no lost wake-up.
+            self.wq.park(self.key(), WQ_PINS, 0, || {
+                let p = self.pins.load(Ordering::Relaxed);
+                p & PIN_COUNT != 0 && p & PIN_WAITERS != 0
+            });
+        }
     }
 
     // ----- lock -----------------------------------------------------------
@@ -444,6 +570,7 @@ impl Folio {
 
     #[cold]
     fn lock_slow(&self, take: bool) {
+        crate::page_ref::assert_not_locked_here(self);
         let token = if take { TOKEN_EXCLUSIVE } else { TOKEN_WAIT_ONLY };
         let mut spins = 0u32;
         loop {
@@ -605,6 +732,8 @@ impl Folio {
     pub(crate) fn copy_in_raw(&self, off: usize, src: &[u8]) {
         assert!(off + src.len() <= self.size());
         debug_assert!(self.is_locked());
+        // A `PageRef` may be reading these bytes as `&[u8]`.
+        self.wait_pins_drained();
         // SAFETY: in bounds (checked), inside the store view kept mapped
         // by `_store`; `src` is a distinct allocation. Other readers copy
         // without the lock as the kernel's filemap_read does.
@@ -615,6 +744,8 @@ impl Folio {
     pub(crate) fn zero_raw(&self, off: usize, len: usize) {
         assert!(off + len <= self.size());
         debug_assert!(self.is_locked());
+        // A `PageRef` may be reading these bytes as `&[u8]`.
+        self.wait_pins_drained();
         // SAFETY: as in `copy_in_raw`.
         unsafe { std::ptr::write_bytes(self.data.add(off), 0, len) }
     }
@@ -721,6 +852,14 @@ impl FolioGuard {
     pub fn mark_uptodate(&self) {
         self.folio.flags.fetch_or(UPTODATE, Ordering::Release);
         self.folio.flags.fetch_and(!ERROR, Ordering::Relaxed);
+    }
+
+    /// Raise the folio's private word to at least `v` (e.g. the LSN of the
+    /// change just made to it): the value passed to
+    /// [`AddressSpaceOps::write_barrier`](crate::AddressSpaceOps::write_barrier)
+    /// before the folio is written back. Never lowered while cached.
+    pub fn set_private_max(&self, v: u64) {
+        self.folio.private.fetch_max(v, Ordering::Relaxed);
     }
 
     /// `folio_set_error`: the fill failed; the folio stays not uptodate.

@@ -99,6 +99,14 @@ pub fn write_cache_pages(
                 }
                 g.wait_writeback();
             }
+            match mapping.write_barrier(&g, wbc.sync_mode) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                    continue;
+                }
+            }
             if !mapping.folio_clear_dirty_for_io(&g) {
                 continue;
             }
@@ -118,6 +126,27 @@ pub fn write_cache_pages(
 }
 
 impl AddressSpace {
+    /// Ask the engine whether a locked dirty folio may be written now
+    /// ([`AddressSpaceOps::write_barrier`](crate::AddressSpaceOps::write_barrier)).
+    /// `Ok(false)` means "skip it, it stays dirty"; in an integrity sync a
+    /// refusal is the error `EAGAIN`.
+    ///
+    /// # Locking
+    /// Folio locked.
+    pub(crate) fn write_barrier(&self, g: &FolioGuard, mode: SyncMode) -> io::Result<bool> {
+        match self.ops.write_barrier(self, g, mode) {
+            Ok(false) if mode == SyncMode::All => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{}: write_barrier refused an integrity writeback of the folio at byte {} (EAGAIN)",
+                    self.name(),
+                    g.pos()
+                ),
+            )),
+            r => r,
+        }
+    }
+
     /// `filemap_fdatawait_range`: wait for writeback of every folio in
     /// `[start, end]` (bytes, inclusive) that is under writeback now.
     ///

@@ -18,6 +18,7 @@ pub use crossbeam_epoch as epoch;
 mod imp {
     pub use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
     pub use std::sync::{Arc, Weak};
+    pub use std::thread_local;
 
     use super::UnparkOp;
 
@@ -128,6 +129,8 @@ mod imp {
 #[cfg(loom)]
 mod imp {
     pub use loom::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+    // Per loom thread, not per OS thread (loom runs its threads on one).
+    pub use loom::thread_local;
     // Reference counting is not part of any protocol loom checks here;
     // std's Arc (with Weak, which loom lacks) serves both builds.
     pub use std::sync::{Arc, Weak};

@@ -21,6 +21,11 @@ impl AddressSpace {
             return Some(g);
         }
         let index = g.index();
+        if !matches!(self.write_barrier(&g, crate::aops::SyncMode::All), Ok(true)) {
+            // The engine could not allow it: the folio stays dirty, which
+            // the caller treats as a failed write.
+            return Some(g);
+        }
         if self.folio_clear_dirty_for_io(&g) {
             self.stats.write_io();
             let mut wbc = WritebackControl::all(g.pos(), g.pos() + g.size() as u64 - 1);
@@ -46,6 +51,7 @@ impl AddressSpace {
     /// `EFBIG` past the largest file; the store's error from resizing.
     pub fn truncate(&self, new_size: u64) -> Result<()> {
         check_range_max(new_size, 0)?;
+        crate::page_ref::check_range_unheld(self.id(), new_size, u64::MAX)?;
         let _sb = self.start_write();
         let _i = self.inode_lock();
         let _inv = self.invalidate_lock_exclusive();
@@ -96,6 +102,7 @@ impl AddressSpace {
             });
         }
         let end = check_range_max(off, len)?;
+        crate::page_ref::check_range_unheld(self.id(), off, end)?;
         let _sb = self.start_write();
         let _i = self.inode_lock();
         let _inv = self.invalidate_lock_exclusive();

@@ -385,7 +385,11 @@ impl AddressSpace {
     fn reclaim_writepage(self: &Arc<Self>, f: FolioRef) {
         if let Some(_wb) = self.wb_lock.try_read() {
             if let Ok(g) = f.trylock() {
-                if g.mapping_id() == self.id() && g.is_dirty() && !g.is_writeback() && self.folio_clear_dirty_for_io(&g)
+                if g.mapping_id() == self.id()
+                    && g.is_dirty()
+                    && !g.is_writeback()
+                    && matches!(self.write_barrier(&g, crate::aops::SyncMode::None), Ok(true))
+                    && self.folio_clear_dirty_for_io(&g)
                 {
                     self.stats.write_io();
                     let mut wbc = WritebackControl::none(g.nr_pages() as i64);

@@ -106,6 +106,18 @@ MUTANTS = [
      "                // A folio with whole pages past the new end: remove it whole.\n                if let Some(g) = self.write_back_locked(g) {",
      "                // A folio with whole pages past the new end: remove it whole.\n                let tail = crate::types::page_align_up(start);\n                g.zero_raw((start - fstart) as usize, (tail - start) as usize);\n                let _ = self.punch_memory(tail, fend - tail);\n                if let Some(g) = None::<FolioGuard> {",
      "cargo test --test liveness mapped_access_after_truncate_down_and_up"),
+    ("24-copy-in-ignores-page-pins", "src/folio.rs",
+     "        debug_assert!(self.is_locked());\n        // A `PageRef` may be reading these bytes as `&[u8]`.\n        self.wait_pins_drained();\n        // SAFETY: in bounds (checked), inside the store view",
+     "        debug_assert!(self.is_locked());\n        // SAFETY: in bounds (checked), inside the store view",
+     f"{LOOM} loom_filemap real_page_ref_vs_write_at"),
+    ("25-unpin-skips-writer-wakeup", "src/folio.rs",
+     "        if old == PIN_WAITERS | 1 {",
+     "        if old == 1 {",
+     f"{LOOM} loom_filemap real_page_ref_vs_write_at"),
+    ("26-writeback-skips-write-barrier", "src/page_writeback.rs",
+     "            match mapping.write_barrier(&g, wbc.sync_mode) {",
+     "            match Ok::<bool, io::Error>(true) {",
+     "cargo test --test page_ref writeback_waits_for_the_log"),
 ]
 
 

@@ -1,0 +1,387 @@
+//! Pinned, zero-copy page access (`File::get_page` / `get_page_mut`): the
+//! bytes are the file's, in place; pins keep pages from reclaim and from
+//! writers; `PageMut` is exclusive and dirties the page; a thread never
+//! waits for its own guard (error or panic with a message, never a hang).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{tempdir, watchdog, Gate};
+use upcache::{Advice, Error, PageCache, Share, UffdMode, PAGE_SIZE};
+
+fn byte(o: usize) -> u8 {
+    (o % 251) as u8 + 1
+}
+
+/// `get_page` for these tests. No mapping of the file touches a page
+/// while a guard of it lives (the one test that maps a file uses the
+/// mapping only when no guard is alive).
+fn pin(file: &upcache::File, index: u64) -> upcache::Result<upcache::PageRef<'_>> {
+    // SAFETY: see above.
+    unsafe { file.get_page(index) }
+}
+
+/// `get_page_mut` for these tests (same reasoning as `pin`).
+fn pin_mut(file: &upcache::File, index: u64) -> upcache::Result<upcache::PageMut<'_>> {
+    // SAFETY: see `pin`.
+    unsafe { file.get_page_mut(index) }
+}
+
+fn file_of(len: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, (0..len).map(byte).collect::<Vec<_>>()).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn get_page_returns_the_file_bytes_in_place() {
+    let (_d, path) = file_of(64 * 1024 + 100);
+    let cache = PageCache::new();
+    let file = cache.open(&path).unwrap();
+    for index in [0u64, 3, 16] {
+        let page = pin(&file, index).unwrap();
+        assert_eq!(page.len(), PAGE_SIZE);
+        let base = index as usize * PAGE_SIZE;
+        let want: Vec<u8> = (base..base + PAGE_SIZE)
+            .map(|o| if o < 64 * 1024 + 100 { byte(o) } else { 0 })
+            .collect();
+        assert!(page[..] == want[..], "page {index} differs from the file");
+    }
+    // Zero-copy: two pins of one page see the same memory.
+    let a = pin(&file, 2).unwrap();
+    let b = pin(&file, 2).unwrap();
+    assert_eq!(a.as_ptr(), b.as_ptr(), "get_page copied the page");
+    let s = cache.stats();
+    assert!(s.hits >= 2 && s.misses >= 1, "hits and misses not counted: {s:?}");
+}
+
+#[test]
+fn get_page_past_end_of_file_is_an_error() {
+    let (_d, path) = file_of(8192);
+    let cache = PageCache::new();
+    let file = cache.open(&path).unwrap();
+    match pin(&file, 2) {
+        Err(e @ Error::BeyondEof { .. }) => assert_eq!(e.raw_os_error(), libc::EINVAL),
+        other => panic!("expected BeyondEof, got {other:?}"),
+    }
+    assert!(matches!(pin_mut(&file, u64::MAX), Err(Error::BeyondEof { .. })));
+}
+
+#[test]
+fn get_page_reports_a_store_read_error() {
+    use common::{HookStore, StoreOp};
+    let (_d, path) = file_of(8192);
+    let store = HookStore::new(&path, |op, _, _| match op {
+        StoreOp::Read => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+        _ => Ok(()),
+    });
+    let cache = PageCache::new();
+    let file = cache
+        .open_with_ops("f", upcache::StoreOps::new(Arc::new(store)))
+        .unwrap();
+    let e = pin(&file, 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), libc::EIO, "{e}");
+}
+
+#[test]
+fn page_mut_writes_reach_the_file_and_mappings() {
+    for mode in [UffdMode::Missing, UffdMode::Minor] {
+        let (_d, path) = file_of(16384);
+        let cache = PageCache::builder().mmap_mode(mode).build();
+        let file = cache.open(&path).unwrap();
+        // SAFETY: only this thread touches the mapping, and not while a
+        // page guard of the same page is alive.
+        let map = unsafe { file.mmap(0, 16384, Share::Shared) }.unwrap();
+        assert_eq!(map[4096 + 7], byte(4096 + 7));
+        {
+            let mut p = pin_mut(&file, 1).unwrap();
+            p[7] = 0xee;
+        }
+        assert_eq!(map[4096 + 7], 0xee, "{mode:?}: mapping does not see the PageMut write");
+        let mut b = [0u8; 1];
+        file.read_at(&mut b, 4096 + 7).unwrap();
+        assert_eq!(b[0], 0xee);
+        // A guard that was only read does not dirty the page.
+        let dirty = cache.stats().dirty_bytes;
+        let v = pin_mut(&file, 2).unwrap()[0];
+        assert_eq!(v, byte(2 * 4096));
+        assert_eq!(cache.stats().dirty_bytes, dirty, "a read-only PageMut dirtied its page");
+        file.fsync().unwrap();
+        let disk = std::fs::read(&path).unwrap();
+        assert_eq!(disk[4096 + 7], 0xee, "{mode:?}: fsync lost the PageMut write");
+        assert_eq!(disk[4096 + 8], byte(4096 + 8));
+    }
+}
+
+#[test]
+fn page_mut_past_end_of_file_bytes_read_as_zeros_after_growth() {
+    let (_d, path) = file_of(100);
+    let cache = PageCache::new();
+    let file = cache.open(&path).unwrap();
+    {
+        let mut p = pin_mut(&file, 0).unwrap();
+        p.fill(0xff);
+    }
+    file.truncate(8192).unwrap();
+    let mut b = vec![0u8; 8192];
+    file.read_exact_at(&mut b, 0).unwrap();
+    assert!(b[..100].iter().all(|&x| x == 0xff));
+    assert!(
+        b[100..].iter().all(|&x| x == 0),
+        "bytes written past EOF became file data"
+    );
+}
+
+#[test]
+fn page_mut_is_exclusive() {
+    watchdog("PageMut exclusion", 60, || {
+        let (_d, path) = file_of(4096);
+        let cache = PageCache::new();
+        let file = Arc::new(cache.open(&path).unwrap());
+        let n = 2000u32;
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let file = file.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..n {
+                        let mut p = pin_mut(&file, 0).unwrap();
+                        let v = u32::from_ne_bytes(p[..4].try_into().unwrap());
+                        p[..4].copy_from_slice(&(v + 1).to_ne_bytes());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let p = pin(&file, 0).unwrap();
+        let start = u32::from_ne_bytes([byte(0), byte(1), byte(2), byte(3)]);
+        assert_eq!(
+            u32::from_ne_bytes(p[..4].try_into().unwrap()),
+            start + 2 * n,
+            "lost updates"
+        );
+    });
+}
+
+#[test]
+fn a_pinned_page_survives_reclaim_and_dont_need() {
+    watchdog("pinned page vs reclaim", 120, || {
+        let (_d, path) = file_of(8 << 20);
+        let cache = PageCache::builder().memory_limit(512 * 1024).build();
+        let file = cache.open(&path).unwrap();
+        let page = pin(&file, 5).unwrap();
+        let ptr = page.as_ptr();
+        file.advise(Advice::DontNeed, 0, 8 << 20).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        for off in (0..8 << 20).step_by(buf.len()) {
+            file.read_exact_at(&mut buf, off as u64).unwrap();
+        }
+        assert!(cache.stats().evicted_bytes > 0, "reclaim did not run");
+        let want: Vec<u8> = (5 * PAGE_SIZE..6 * PAGE_SIZE).map(byte).collect();
+        assert!(page[..] == want[..], "a pinned page changed under reclaim");
+        drop(page);
+        // The same folio is still cached: pinning kept it.
+        let again = pin(&file, 5).unwrap();
+        assert_eq!(again.as_ptr(), ptr);
+    });
+}
+
+#[test]
+fn write_at_waits_for_a_pin_of_another_thread() {
+    watchdog("write_at vs pin", 60, || {
+        let (_d, path) = file_of(8192);
+        let cache = PageCache::new();
+        let file = Arc::new(cache.open(&path).unwrap());
+        let page = pin(&file, 0).unwrap();
+        let gate = Gate::new(true);
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (file, gate, done) = (file.clone(), gate.clone(), done.clone());
+            std::thread::spawn(move || {
+                gate.pass();
+                file.write_at(&[0x11; 16], 0).unwrap();
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        gate.wait_arrived();
+        // Not synchronization: a window in which the write must not land.
+        let until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < until {
+            assert_eq!(page[0], byte(0), "write_at changed pinned bytes");
+            assert!(!done.load(Ordering::SeqCst), "write_at finished under a pin");
+            std::hint::spin_loop();
+        }
+        drop(page);
+        writer.join().unwrap();
+        assert_eq!(pin(&file, 0).unwrap()[0], 0x11, "the write did not land");
+    });
+}
+
+#[test]
+fn truncate_waits_for_a_pin_of_another_thread_and_never_frees_it_early() {
+    watchdog("truncate vs pin", 60, || {
+        let (_d, path) = file_of(8192);
+        let cache = PageCache::new();
+        let file = Arc::new(cache.open(&path).unwrap());
+        let page = pin(&file, 1).unwrap();
+        let gate = Gate::new(true);
+        let t = {
+            let (file, gate) = (file.clone(), gate.clone());
+            std::thread::spawn(move || {
+                gate.pass();
+                file.truncate(0).unwrap();
+            })
+        };
+        gate.wait_arrived();
+        let until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < until {
+            assert_eq!(page[0], byte(4096), "truncate freed or zeroed a pinned page");
+            std::hint::spin_loop();
+        }
+        drop(page);
+        t.join().unwrap();
+        assert!(matches!(pin(&file, 1), Err(Error::BeyondEof { .. })));
+    });
+}
+
+#[test]
+fn own_guard_gives_an_error_or_a_panic_never_a_hang() {
+    watchdog("self-deadlock detection", 60, || {
+        let (_d, path) = file_of(3 * 4096);
+        // Single-page folios: the checks below are per folio.
+        let cache = PageCache::builder().max_folio_order(0).build();
+        let file = cache.open(&path).unwrap();
+        let page = pin(&file, 1).unwrap();
+        // truncate / punch over a page this thread pins: EDEADLK, nothing
+        // changed.
+        let e = file.truncate(4096).unwrap_err();
+        assert!(matches!(e, Error::PageHeld { .. }), "{e}");
+        assert_eq!(e.raw_os_error(), libc::EDEADLK);
+        assert_eq!(file.len().unwrap(), 3 * 4096, "a refused truncate changed the size");
+        assert!(matches!(file.punch_hole(4096, 10), Err(Error::PageHeld { .. })));
+        // Beyond the pinned folio both work.
+        file.truncate(2 * 4096 + 10).unwrap();
+        file.punch_hole(2 * 4096, 10).unwrap();
+        // write_at into the pinned page from the same thread: a panic
+        // with a message, not a hang.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| file.write_at(&[1], 4096)));
+        let msg = r.expect_err("write_at over an own pin returned");
+        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("would wait for itself"), "{msg}");
+        assert_eq!(page[0], byte(4096));
+        drop(page);
+        // A PageMut, then a second PageMut or a pin of the same page.
+        let m = pin_mut(&file, 0).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(pin(&file, 0))));
+        assert!(r.is_err(), "pinning a page this thread holds as PageMut returned");
+        drop(m);
+        // Everything still works afterwards.
+        file.write_at(&[7], 4096).unwrap();
+        assert_eq!(pin(&file, 1).unwrap()[0], 7);
+    });
+}
+
+/// A WAL engine's store: `write_barrier` "syncs the log" up to the folio's
+/// LSN; every page write checks that the log is durable up to the LSN of
+/// the change it carries.
+struct WalStore {
+    file: upcache::FileStore,
+    durable: std::sync::atomic::AtomicU64,
+    log_syncs: std::sync::atomic::AtomicU64,
+    page_lsn: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    violations: std::sync::atomic::AtomicU64,
+    written: std::sync::atomic::AtomicU64,
+    /// 0: allow; 1: refuse cleansing writeback; 2: refuse everything.
+    refuse: std::sync::atomic::AtomicU8,
+}
+
+impl upcache::BackingStore for WalStore {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+        self.file.read_at(buf, off)
+    }
+    fn write_all_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        let durable = self.durable.load(Ordering::SeqCst);
+        let lsns = self.page_lsn.lock().unwrap();
+        for p in off / 4096..(off + buf.len() as u64).div_ceil(4096) {
+            if lsns.get(&p).copied().unwrap_or(0) > durable {
+                self.violations.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.written.fetch_add(1, Ordering::SeqCst);
+        self.file.write_all_at(buf, off)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn set_len(&self, size: u64) -> std::io::Result<()> {
+        self.file.set_len(size)
+    }
+    fn write_barrier(&self, private: u64, mode: upcache::SyncMode) -> std::io::Result<bool> {
+        match self.refuse.load(Ordering::SeqCst) {
+            1 if mode == upcache::SyncMode::None => return Ok(false),
+            2 => return Ok(false),
+            _ => {}
+        }
+        if private > self.durable.load(Ordering::SeqCst) {
+            self.log_syncs.fetch_add(1, Ordering::SeqCst);
+            self.durable.fetch_max(private, Ordering::SeqCst);
+        }
+        Ok(true)
+    }
+}
+
+#[test]
+fn writeback_waits_for_the_log_up_to_each_page_lsn() {
+    let (_d, path) = file_of(16 * 4096);
+    let store = Arc::new(WalStore {
+        file: upcache::FileStore::open(&path).unwrap(),
+        durable: 0.into(),
+        log_syncs: 0.into(),
+        page_lsn: Default::default(),
+        violations: 0.into(),
+        written: 0.into(),
+        refuse: 1.into(),
+    });
+    let cache = PageCache::new();
+    let file = cache
+        .open_with_ops("wal", upcache::StoreOps::new(store.clone()))
+        .unwrap();
+    for i in 0..16u64 {
+        let mut p = pin_mut(&file, i).unwrap();
+        p[0] = 0xa0 + i as u8;
+        p.set_lsn(100 + i);
+        store.page_lsn.lock().unwrap().insert(i, 100 + i);
+    }
+    // Cleansing writeback the engine refuses: nothing written, all dirty.
+    file.writeback(1 << 20).unwrap();
+    assert_eq!(store.written.load(Ordering::SeqCst), 0, "a refused folio was written");
+    assert_eq!(cache.stats().dirty_bytes, 16 * 4096);
+    // Integrity refused outright: the sync fails, the data stays dirty.
+    store.refuse.store(2, Ordering::SeqCst);
+    assert!(file.fsync().is_err(), "fsync succeeded though the barrier refused it");
+    assert_eq!(store.written.load(Ordering::SeqCst), 0);
+    assert_eq!(cache.stats().dirty_bytes, 16 * 4096, "refused data was dropped");
+    // Allowed: every page written after its LSN was made durable.
+    store.refuse.store(0, Ordering::SeqCst);
+    file.fsync().unwrap();
+    assert!(store.written.load(Ordering::SeqCst) > 0);
+    assert_eq!(
+        store.violations.load(Ordering::SeqCst),
+        0,
+        "a page reached the store before its log"
+    );
+    assert!(store.durable.load(Ordering::SeqCst) >= 115);
+    assert!(store.log_syncs.load(Ordering::SeqCst) >= 1);
+    let disk = std::fs::read(&path).unwrap();
+    for i in 0..16 {
+        assert_eq!(disk[i * 4096], 0xa0 + i as u8);
+    }
+}
