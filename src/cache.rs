@@ -33,6 +33,8 @@ pub struct PageCacheBuilder {
     readahead_bytes: u64,
     readahead_max_bytes: u64,
     max_folio_order: u8,
+    /// `mmap_mode` was called (else the default may follow the system).
+    mode_explicit: bool,
     fault: FaultConfig,
 }
 
@@ -47,6 +49,7 @@ impl Default for PageCacheBuilder {
             readahead_bytes: Self::DEFAULT_READAHEAD,
             readahead_max_bytes: Self::DEFAULT_READAHEAD_MAX,
             max_folio_order: Self::DEFAULT_MAX_FOLIO_ORDER,
+            mode_explicit: false,
             fault: FaultConfig {
                 threads: Self::DEFAULT_FAULT_THREADS,
                 spin: Self::DEFAULT_FAULT_SPIN,
@@ -76,7 +79,9 @@ impl PageCacheBuilder {
     pub const DEFAULT_FAULT_AROUND: u64 = 64 * 1024;
     /// Default registration mode of new mappings: `Missing`, chosen by the
     /// numbers in BENCHMARKS.md (mapped hits 8x cheaper than `Minor`, the
-    /// same miss cost).
+    /// same miss cost). Where the system gives shmem large folios (shmem
+    /// THP on), a cache built without [`mmap_mode`](Self::mmap_mode) uses
+    /// `Minor` instead, and `Missing` mappings are refused (see README).
     pub const DEFAULT_MMAP_MODE: UffdMode = UffdMode::Missing;
 
     /// Keep the bytes cached (over every file) under `bytes` (at least
@@ -144,6 +149,7 @@ impl PageCacheBuilder {
     /// How new mappings are registered ([`UffdMode`]).
     pub fn mmap_mode(mut self, mode: UffdMode) -> Self {
         self.fault.mode = mode;
+        self.mode_explicit = true;
         self
     }
 
@@ -175,7 +181,10 @@ impl PageCacheBuilder {
     }
 
     /// Build the cache.
-    pub fn build(self) -> PageCache {
+    pub fn build(mut self) -> PageCache {
+        if !self.mode_explicit && crate::page_store::shmem_thp_possible() {
+            self.fault.mode = UffdMode::Minor;
+        }
         let stats = Arc::new(CacheStats::default());
         let spaces = Arc::new(Spaces::default());
         let reclaim = self

@@ -272,6 +272,15 @@ pub(crate) fn do_mmap(
     mode: UffdMode,
 ) -> Result<Arc<VmArea>> {
     let plen = check_map_range(offset, len)?;
+    if mode == UffdMode::Missing && crate::page_store::shmem_thp_possible() {
+        // See ARCHITECTURE.md "Known limits": with large shmem folios a
+        // punch may leave zeroed pages present, which the kernel would map
+        // into a Missing-mode mapping without asking us.
+        return Err(Error::InvalidArgument {
+            what: "UffdMode::Missing needs shmem THP off (/sys/kernel/mm/transparent_hugepage/shmem_enabled \
+                   and hugepages-*/shmem_enabled set to never, advise or deny); use UffdMode::Minor",
+        });
+    }
     if mode == UffdMode::Missing {
         // The kernel will map cached pages of this file itself: from now
         // on every fill must be page-atomic.

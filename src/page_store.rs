@@ -53,6 +53,35 @@ pub(crate) fn call_pte_hook(hook: &std::sync::OnceLock<PteHook>, pos: u64, len: 
     }
 }
 
+/// Could the kernel give this memfd large (THP or mTHP) shmem folios? Read
+/// from `/sys/kernel/mm/transparent_hugepage/shmem_enabled` and the
+/// per-size `hugepages-*/shmem_enabled`: `always`, `within_size` and
+/// `force` do (a memfd is sized to the largest file, so every offset is
+/// "within size"); `never`, `advise` (no VMA asks: fills use `pwrite` and
+/// an unadvised view) and `deny` do not. Unreadable files count as off.
+pub(crate) fn shmem_thp_possible() -> bool {
+    let dir = std::path::Path::new("/sys/kernel/mm/transparent_hugepage");
+    let top = std::fs::read_to_string(dir.join("shmem_enabled")).unwrap_or_default();
+    let top_on = thp_setting_enables(&top);
+    if top_on {
+        return true;
+    }
+    let Ok(sizes) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    sizes.flatten().any(|e| {
+        let s = std::fs::read_to_string(e.path().join("shmem_enabled")).unwrap_or_default();
+        thp_setting_enables(&s)
+    })
+}
+
+/// Does a `shmem_enabled` file's selected (bracketed) value give a memfd
+/// large folios without a `MADV_HUGEPAGE` VMA?
+pub(crate) fn thp_setting_enables(s: &str) -> bool {
+    let selected = s.split('[').nth(1).and_then(|r| r.split(']').next()).unwrap_or("");
+    matches!(selected, "always" | "within_size" | "force")
+}
+
 impl PageStore {
     /// Create the memfd, sized to the largest file (sparse, no memory).
     pub(crate) fn new(name: &str) -> io::Result<PageStore> {
@@ -155,5 +184,23 @@ impl Drop for PageStore {
             // into the view) is gone.
             let _ = unsafe { munmap(base as *mut _, CHUNK_SIZE as usize) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thp_setting_enables;
+
+    #[test]
+    fn shmem_thp_settings_that_give_a_memfd_large_folios() {
+        assert!(!thp_setting_enables("always within_size advise [never] deny force\n"));
+        assert!(!thp_setting_enables("always within_size [advise] never deny force\n"));
+        assert!(!thp_setting_enables("always within_size advise never [deny] force\n"));
+        assert!(thp_setting_enables("[always] within_size advise never deny force\n"));
+        assert!(thp_setting_enables("always [within_size] advise never deny force\n"));
+        assert!(thp_setting_enables("always within_size advise never deny [force]\n"));
+        // Per-size files: `inherit` follows the top-level value, read there.
+        assert!(!thp_setting_enables("always [inherit] within_size advise never\n"));
+        assert!(!thp_setting_enables(""));
     }
 }
