@@ -71,7 +71,7 @@ use crate::fs_writeback::Writeback as CacheWriteback;
 use crate::mmap::VmArea;
 use crate::page_store::PageStore;
 use crate::rwsem::{RwSem, RwSemReadGuard, RwSemWriteGuard};
-use crate::stats::CacheStats;
+use crate::stats::{CacheStats, FileStats, Stats};
 use crate::sync::{epoch, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 use crate::types::{PgOff, MAX_ORDER};
 use crate::vmscan::Reclaimer;
@@ -108,10 +108,10 @@ pub struct AddressSpace {
     invalidate_lock: RwSem,
     i_rwsem: RwSem,
     nrpages: AtomicU64,
-    pub(crate) ops: Box<dyn AddressSpaceOps>,
+    pub(crate) ops: Box<dyn crate::aops::OpsAny>,
     pub(crate) store: Arc<PageStore>,
     pub(crate) wb_err: ErrSeq,
-    pub(crate) stats: Arc<CacheStats>,
+    pub(crate) stats: FileStats,
     pub(crate) ra: RaConfig,
     /// The user mappings of this file (`i_mmap`), for page_mkclean and zaps.
     pub(crate) i_mmap: Mutex<Vec<Arc<VmArea>>>,
@@ -149,7 +149,7 @@ impl AddressSpace {
     pub(crate) fn new(
         id: u64,
         name: String,
-        ops: Box<dyn AddressSpaceOps>,
+        ops: Box<dyn crate::aops::OpsAny>,
         stats: Arc<CacheStats>,
         ra: RaConfig,
         reclaim: Option<Arc<Reclaimer>>,
@@ -171,7 +171,7 @@ impl AddressSpace {
             nrpages: AtomicU64::new(0),
             ops,
             wb_err: ErrSeq::new(),
-            stats,
+            stats: FileStats::new(stats),
             ra,
             i_mmap: Mutex::new(Vec::new()),
             ra_state: Mutex::new(RaState::default()),
@@ -214,6 +214,13 @@ impl AddressSpace {
         self.nrpages.fetch_sub(n, Ordering::Relaxed);
     }
 
+    /// This file's counters (hits, misses, faults, I/O, dirty and
+    /// writeback bytes, evictions, throttling); the cache's
+    /// [`PageCache::stats`](crate::PageCache::stats) sums every file.
+    pub fn stats(&self) -> Stats {
+        self.stats.snapshot()
+    }
+
     /// Bytes of memory the folio store holds (memfd blocks).
     pub fn memory_bytes(&self) -> u64 {
         self.store.allocated_bytes()
@@ -226,7 +233,16 @@ impl AddressSpace {
 
     /// The engine's operations.
     pub fn ops(&self) -> &dyn AddressSpaceOps {
-        &*self.ops
+        self.ops.as_ops()
+    }
+
+    /// The operations as the engine's own type `T`, if they are one: the
+    /// way back from a [`File`](crate::File) to the engine's store, e.g.
+    /// `ops_as::<StoreOps<MyStore>>().map(StoreOps::store)`. `T` is the type
+    /// given to `open_with_ops` (an `Arc<X>` stays an `Arc<X>`); files
+    /// opened by path use `StoreOps<FileStore>`.
+    pub fn ops_as<T: AddressSpaceOps>(&self) -> Option<&T> {
+        self.ops.as_any().downcast_ref::<T>()
     }
 
     // ----- locks ----------------------------------------------------------

@@ -390,3 +390,20 @@ macro_rules! delegate_address_space_ops {
 
 delegate_address_space_ops!(Arc);
 delegate_address_space_ops!(Box);
+
+/// The operations as the address space keeps them: the trait object plus
+/// what [`AddressSpace::ops_as`] needs to hand an engine its own type back.
+/// Implemented for every [`AddressSpaceOps`].
+pub(crate) trait OpsAny: AddressSpaceOps {
+    fn as_any(&self) -> &dyn std::any::Any;
+    fn as_ops(&self) -> &dyn AddressSpaceOps;
+}
+
+impl<T: AddressSpaceOps> OpsAny for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_ops(&self) -> &dyn AddressSpaceOps {
+        self
+    }
+}

@@ -230,7 +230,9 @@ enum FileKey {
     Name(String),
 }
 
-type FileTable = HashMap<FileKey, Weak<AddressSpace>>;
+/// Each file's address space, and whether its store can write (a store
+/// opened read-only serves only read-only handles).
+type FileTable = HashMap<FileKey, (Weak<AddressSpace>, bool)>;
 
 struct CacheInner {
     /// Present with a memory limit.
@@ -307,30 +309,79 @@ impl PageCache {
     }
 
     /// Open the existing file at `path` read-write through the cache. Two
-    /// opens of the same file share one address space.
+    /// opens of the same file (by path or by descriptor) share one address
+    /// space. For create, truncate and read-only opens use
+    /// [`options`](Self::options).
     ///
     /// # Errors
-    /// `open(2)`'s error; `EFBIG` if the file is larger than the largest
-    /// cacheable file.
+    /// [`Error::Open`] naming the path (`open(2)`'s error); `EFBIG` if the
+    /// file is larger than the largest cacheable file.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<File> {
-        let path = path.as_ref();
+        self.options().open(path)
+    }
+
+    /// Options for opening a file, like [`std::fs::OpenOptions`]: read-write
+    /// by default; `create`, `truncate` and `read_only` as there.
+    pub fn options(&self) -> OpenOptions<'_> {
+        OpenOptions {
+            cache: self,
+            write: true,
+            create: false,
+            truncate: false,
+        }
+    }
+
+    /// Cache a file the engine already opened. It shares the address space
+    /// of every other open of the same file (same device and inode), by
+    /// path or descriptor. A descriptor open `O_RDWR` gives a read-write
+    /// handle, `O_RDONLY` a read-only one ([`Error::ReadOnly`] on writes).
+    /// When the file is already cached, `file` is closed and the cached
+    /// store serves it.
+    ///
+    /// # Errors
+    /// `EINVAL` for a write-only descriptor (the cache must read); `EACCES`
+    /// for a read-write descriptor of a file cached from a read-only one;
+    /// `fstat`'s error.
+    pub fn open_file(&self, file: std::fs::File) -> Result<File> {
+        let flags = rustix::fs::fcntl_getfl(&file).map_err(|e| Error::Io(e.into()))?;
+        let mode = flags & rustix::fs::OFlags::RWMODE;
+        let writable = if mode == rustix::fs::OFlags::RDWR {
+            true
+        } else if mode == rustix::fs::OFlags::RDONLY {
+            false
+        } else {
+            return Err(Error::InvalidArgument {
+                what: "open_file needs a descriptor open for reading (O_RDONLY or O_RDWR)",
+            });
+        };
+        let name = format!("fd:{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+        self.attach(file, &name, writable, writable)
+    }
+
+    /// Share or create the address space of an open file.
+    fn attach(&self, file: std::fs::File, name: &str, store_writable: bool, handle_writable: bool) -> Result<File> {
         let open_err = |source| Error::Open {
-            path: path.to_path_buf(),
+            path: name.into(),
             source,
         };
-        let store = FileStore::open(path).map_err(open_err)?;
-        let md = store.file().metadata().map_err(open_err)?;
+        let md = file.metadata().map_err(open_err)?;
         let key = FileKey::Inode(md.dev(), md.ino());
         let mut files = self.inner.files.lock();
         // One address space per file while anything (a handle or a
         // mapping) still uses it.
-        if let Some(m) = files.get(&key).and_then(Weak::upgrade) {
-            return Ok(File::new(m, self.inner.clone()));
+        if let Some((m, w)) = files.get(&key).and_then(|(w, sw)| w.upgrade().map(|m| (m, *sw))) {
+            if handle_writable && !w {
+                return Err(open_err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "the file is cached from a read-only open; a read-write handle cannot write it back (EACCES)",
+                )));
+            }
+            return Ok(File::new(m, self.inner.clone(), handle_writable));
         }
-        let m = self.new_mapping(path.display().to_string(), Box::new(StoreOps::new(store)))?;
-        files.retain(|_, w| w.strong_count() > 0);
-        files.insert(key, Arc::downgrade(&m));
-        Ok(File::new(m, self.inner.clone()))
+        let m = self.new_mapping(name.to_string(), Box::new(StoreOps::new(FileStore::from_file(file))))?;
+        files.retain(|_, (w, _)| w.strong_count() > 0);
+        files.insert(key, (Arc::downgrade(&m), store_writable));
+        Ok(File::new(m, self.inner.clone(), handle_writable))
     }
 
     /// Start the fault engine now (it starts on the first mmap otherwise),
@@ -355,16 +406,16 @@ impl PageCache {
     pub fn open_with_ops(&self, name: &str, ops: impl AddressSpaceOps) -> Result<File> {
         let key = FileKey::Name(name.to_string());
         let mut files = self.inner.files.lock();
-        if let Some(m) = files.get(&key).and_then(Weak::upgrade) {
-            return Ok(File::new(m, self.inner.clone()));
+        if let Some(m) = files.get(&key).and_then(|(w, _)| w.upgrade()) {
+            return Ok(File::new(m, self.inner.clone(), true));
         }
         let m = self.new_mapping(name.to_string(), Box::new(ops))?;
-        files.retain(|_, w| w.strong_count() > 0);
-        files.insert(key, Arc::downgrade(&m));
-        Ok(File::new(m, self.inner.clone()))
+        files.retain(|_, (w, _)| w.strong_count() > 0);
+        files.insert(key, (Arc::downgrade(&m), true));
+        Ok(File::new(m, self.inner.clone(), true))
     }
 
-    fn new_mapping(&self, name: String, ops: Box<dyn AddressSpaceOps>) -> Result<Arc<AddressSpace>> {
+    fn new_mapping(&self, name: String, ops: Box<dyn crate::aops::OpsAny>) -> Result<Arc<AddressSpace>> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let m = AddressSpace::new(
             id,
@@ -427,6 +478,8 @@ impl PageCache {
 /// cannot return an error, reports a failure on stderr.
 pub struct File {
     mapping: Arc<AddressSpace>,
+    /// Opened for writing (else the writing methods fail with `EBADF`).
+    writable: bool,
     /// `f_wb_err`: the errseq value this handle last reported.
     wb_err: AtomicU64,
     closed: AtomicBool,
@@ -443,8 +496,9 @@ impl std::fmt::Debug for File {
 }
 
 impl File {
-    fn new(mapping: Arc<AddressSpace>, cache: Arc<CacheInner>) -> File {
+    fn new(mapping: Arc<AddressSpace>, cache: Arc<CacheInner>, writable: bool) -> File {
         File {
+            writable,
             wb_err: AtomicU64::new(mapping.wb_err.sample()),
             mapping,
             closed: AtomicBool::new(false),
@@ -519,7 +573,7 @@ impl File {
     /// # Safety
     /// As [`mmap_mut`](Self::mmap_mut).
     pub unsafe fn mmap_mut_with_mode(&self, offset: u64, len: usize, share: Share, mode: UffdMode) -> Result<MmapMut> {
-        self.mapping()?;
+        self.mapping_w()?;
         let engine = self.cache.engine()?;
         let vma = do_mmap(&engine, &self.mapping, offset, len, true, share, mode)?;
         Ok(MmapMut::new(vma, engine))
@@ -534,7 +588,7 @@ impl File {
     /// # Errors
     /// As [`mmap`](Self::mmap).
     pub fn mmap_raw(&self, offset: u64, len: usize) -> Result<MmapRaw> {
-        self.mapping()?;
+        self.mapping_w()?;
         let engine = self.cache.engine()?;
         let vma = do_mmap(
             &engine,
@@ -556,6 +610,20 @@ impl File {
         }
     }
 
+    /// The address space, for an operation that writes.
+    fn mapping_w(&self) -> Result<&AddressSpace> {
+        let m = self.mapping()?;
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        Ok(m)
+    }
+
+    /// Was the handle opened for writing?
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
     /// The file's address space.
     ///
     /// # Errors
@@ -570,6 +638,12 @@ impl File {
     /// `Closed` after close.
     pub fn len(&self) -> Result<u64> {
         Ok(self.mapping()?.size())
+    }
+
+    /// This file's counters ([`AddressSpace::stats`]): shared by every
+    /// handle of the file; zero after close.
+    pub fn stats(&self) -> Stats {
+        self.mapping().map(AddressSpace::stats).unwrap_or_default()
     }
 
     /// Bytes of memory this file's cached folios hold in the page store
@@ -613,7 +687,7 @@ impl File {
     /// reads or writes the page while the guard lives.
     pub unsafe fn get_page_mut(&self, index: u64) -> Result<PageMut<'_>> {
         // SAFETY: the caller upholds the same contract.
-        unsafe { self.mapping()?.read_cache_page_mut(index) }
+        unsafe { self.mapping_w()?.read_cache_page_mut(index) }
     }
 
     /// Read at `pos` ([`AddressSpace::read_at`]).
@@ -641,7 +715,7 @@ impl File {
     /// # Errors
     /// `Closed`; `EFBIG`; a partial-folio read error.
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize> {
-        self.mapping()?.write_at(buf, pos)
+        self.mapping_w()?.write_at(buf, pos)
     }
 
     /// Set the size ([`AddressSpace::truncate`]).
@@ -649,7 +723,7 @@ impl File {
     /// # Errors
     /// `Closed`; `EFBIG`; the store's error.
     pub fn truncate(&self, size: u64) -> Result<()> {
-        self.mapping()?.truncate(size)
+        self.mapping_w()?.truncate(size)
     }
 
     /// Punch a hole ([`AddressSpace::punch_hole`]).
@@ -657,7 +731,7 @@ impl File {
     /// # Errors
     /// `Closed`; `EINVAL`; `EFBIG`; the store's error.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
-        self.mapping()?.punch_hole(off, len)
+        self.mapping_w()?.punch_hole(off, len)
     }
 
     /// `posix_fadvise` ([`AddressSpace::advise`]).
@@ -743,5 +817,86 @@ impl Drop for File {
                 self.mapping.name()
             );
         }
+    }
+}
+
+/// How to open a file through a [`PageCache`] ([`PageCache::options`]),
+/// like [`std::fs::OpenOptions`].
+#[derive(Debug)]
+pub struct OpenOptions<'c> {
+    cache: &'c PageCache,
+    write: bool,
+    create: bool,
+    truncate: bool,
+}
+
+impl OpenOptions<'_> {
+    /// Open for writing (the default) or read-only. A read-only handle's
+    /// writing methods (`write_at`, `truncate`, `punch_hole`, writable
+    /// mappings, `get_page_mut`) fail with [`Error::ReadOnly`].
+    pub fn write(&mut self, write: bool) -> &mut Self {
+        self.write = write;
+        self
+    }
+
+    /// Create the file if it does not exist (needs `write`).
+    pub fn create(&mut self, create: bool) -> &mut Self {
+        self.create = create;
+        self
+    }
+
+    /// Truncate the file to zero length on open (needs `write`). Done
+    /// through the cache, so other handles and mappings of a cached file
+    /// see it as a `truncate(0)`.
+    pub fn truncate(&mut self, truncate: bool) -> &mut Self {
+        self.truncate = truncate;
+        self
+    }
+
+    /// Open `path` with these options.
+    ///
+    /// # Errors
+    /// `EINVAL` for `create`/`truncate` without `write`; [`Error::Open`]
+    /// naming the path (`open(2)`'s error); `EACCES` for a writable open of
+    /// a file cached from a read-only one; as [`File::truncate`].
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<File> {
+        let path = path.as_ref();
+        if !self.write && (self.create || self.truncate) {
+            return Err(Error::InvalidArgument {
+                what: "create or truncate needs a writable open",
+            });
+        }
+        let open_err = |source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        // The store is opened read-write whenever the file allows it, so
+        // that one address space serves read-only and read-write handles
+        // alike; read-only only when the file is (EACCES, EROFS).
+        let rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(self.create)
+            .open(path);
+        let (file, store_writable) = match rw {
+            Ok(f) => (f, true),
+            Err(e)
+                if !self.write
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)
+                    ) =>
+            {
+                (std::fs::File::open(path).map_err(open_err)?, false)
+            }
+            Err(e) => return Err(open_err(e)),
+        };
+        let f = self
+            .cache
+            .attach(file, &path.display().to_string(), store_writable, self.write)?;
+        if self.truncate {
+            f.truncate(0)?;
+        }
+        Ok(f)
     }
 }

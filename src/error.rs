@@ -55,6 +55,10 @@ pub enum Error {
         /// Its size.
         len: u64,
     },
+    /// The handle was opened read-only and the operation writes (`EBADF`,
+    /// as `write(2)` on an `O_RDONLY` descriptor).
+    #[error("file handle is read-only (EBADF)")]
+    ReadOnly,
     /// The file handle was closed (`EBADF`).
     #[error("file is closed (EBADF)")]
     Closed,
@@ -77,7 +81,7 @@ impl Error {
             Error::FileTooLarge { .. } => Errno::FBIG.raw_os_error(),
             Error::InvalidArgument { .. } | Error::BeyondEof { .. } => Errno::INVAL.raw_os_error(),
             Error::PageHeld { .. } => Errno::DEADLK.raw_os_error(),
-            Error::Closed => Errno::BADF.raw_os_error(),
+            Error::Closed | Error::ReadOnly => Errno::BADF.raw_os_error(),
             Error::Userfaultfd(crate::uffd::OpenError::NotPermitted { .. }) => Errno::PERM.raw_os_error(),
             Error::Userfaultfd(_) => Errno::NOSYS.raw_os_error(),
         }

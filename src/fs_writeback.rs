@@ -184,7 +184,8 @@ impl Writeback {
     /// stays blocked in the kernel, the handler moves on) until the
     /// flusher's next pass, which it starts now.
     pub(crate) fn throttle_fault(&self, f: ParkedFault) {
-        self.stats.throttled();
+        // Counted for the file and the cache.
+        f.vma.mapping().stats.throttled();
         let mut q = self.throttled.lock();
         if self.is_stopped() {
             // No flusher will replay it: serve it now.
@@ -236,7 +237,7 @@ impl Writeback {
             self.kick();
             return;
         }
-        self.stats.throttled();
+        m.stats.throttled();
         let over = (dirty - self.cfg.limit_bytes) / crate::types::PAGE_SIZE as u64;
         let mut wbc = WritebackControl::none((over as i64).max(32));
         let _ = m.writepages(&mut wbc);

@@ -72,7 +72,7 @@ mod xarray;
 pub use address_space::{AddressSpace, LockState, Writeback};
 pub use aops::{AddressSpaceOps, ReadaheadControl, SyncMode, WritebackControl};
 pub use backing::{BackingStore, DirectFileStore, FileStore, StoreOps};
-pub use cache::{File, PageCache, PageCacheBuilder};
+pub use cache::{File, OpenOptions, PageCache, PageCacheBuilder};
 pub use error::{Error, Result};
 pub use filemap::Advice;
 pub use folio::{Folio, FolioGuard, FolioRef};

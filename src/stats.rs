@@ -104,6 +104,77 @@ impl CacheStats {
     }
 }
 
+/// One address space's counters: every event is counted for the file and
+/// for its cache. Per-file counters live in the address space (their own
+/// cache lines), so files do not contend with each other more than the
+/// cache-wide counters already make them.
+#[derive(Debug)]
+pub(crate) struct FileStats {
+    cache: crate::sync::Arc<CacheStats>,
+    own: CacheStats,
+}
+
+macro_rules! both {
+    ($($name:ident),*) => {
+        $(
+            #[inline]
+            pub(crate) fn $name(&self) {
+                self.cache.$name();
+                self.own.$name();
+            }
+        )*
+    };
+}
+
+macro_rules! both_n {
+    ($($name:ident),*) => {
+        $(
+            #[inline]
+            pub(crate) fn $name(&self, n: u64) {
+                self.cache.$name(n);
+                self.own.$name(n);
+            }
+        )*
+    };
+}
+
+impl FileStats {
+    pub(crate) fn new(cache: crate::sync::Arc<CacheStats>) -> FileStats {
+        FileStats {
+            cache,
+            own: CacheStats::default(),
+        }
+    }
+
+    both!(
+        hit,
+        miss,
+        read_io,
+        write_io,
+        write_error,
+        read_error,
+        fault_fast,
+        fault_slow,
+        fault_wp,
+        sigbus,
+        throttled
+    );
+    both_n!(
+        folio_added,
+        folio_removed,
+        evicted,
+        dirty_add,
+        dirty_sub,
+        writeback_add,
+        writeback_sub
+    );
+
+    /// This file's counters.
+    pub(crate) fn snapshot(&self) -> Stats {
+        self.own.snapshot()
+    }
+}
+
 /// A snapshot of a cache's counters ([`PageCache::stats`](crate::PageCache::stats)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -145,7 +216,7 @@ impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {} faults fast {} slow {} wp {} sigbus {} evicted {} KiB",
+            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {} faults fast {} slow {} wp {} sigbus {} evicted {} KiB throttled {}",
             self.hits,
             self.misses,
             self.folios,
@@ -160,7 +231,8 @@ impl std::fmt::Display for Stats {
             self.faults_slow,
             self.faults_wp,
             self.sigbus,
-            self.evicted_bytes / 1024
+            self.evicted_bytes / 1024,
+            self.throttled
         )
     }
 }

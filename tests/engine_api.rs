@@ -102,3 +102,119 @@ fn flush_async_starts_writeback_without_fsync() {
         file.close().unwrap();
     });
 }
+
+#[test]
+fn options_create_truncate_and_read_only() {
+    let dir = tempdir();
+    let path = dir.path().join("new");
+    let cache = PageCache::new();
+    // Missing without create: the error names the path.
+    let e = cache.open(&path).unwrap_err();
+    assert_eq!(e.raw_os_error(), libc::ENOENT);
+    assert!(e.to_string().contains("new"), "{e}");
+    let rw = cache.options().create(true).open(&path).unwrap();
+    rw.write_at(b"hello world", 0).unwrap();
+    // A read-only handle shares the address space: it sees the cached
+    // write before any writeback, and cannot write.
+    let ro = cache.options().write(false).open(&path).unwrap();
+    assert!(!ro.is_writable());
+    let mut b = [0u8; 11];
+    ro.read_exact_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"hello world");
+    for e in [
+        ro.write_at(b"x", 0).unwrap_err(),
+        ro.truncate(0).unwrap_err(),
+        ro.punch_hole(0, 1).unwrap_err(),
+        ro.mmap_raw(0, 4096).unwrap_err(),
+    ] {
+        assert!(matches!(e, upcache::Error::ReadOnly), "{e}");
+        assert_eq!(e.raw_os_error(), libc::EBADF);
+    }
+    assert!(cache.options().write(false).create(true).open(&path).is_err());
+    // truncate(true) goes through the cache: the other handles see it.
+    let t = cache.options().truncate(true).open(&path).unwrap();
+    assert_eq!(t.len().unwrap(), 0);
+    assert_eq!(rw.len().unwrap(), 0, "truncate-on-open bypassed the cache");
+    rw.write_at(b"again", 0).unwrap();
+    rw.fsync().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"again");
+}
+
+#[test]
+fn open_file_shares_the_address_space_of_a_path_open() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![1u8; 8192]).unwrap();
+    let cache = PageCache::new();
+    let by_path = cache.open(&path).unwrap();
+    let fd = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let by_fd = cache.open_file(fd).unwrap();
+    assert!(std::ptr::eq(
+        by_path.address_space().unwrap(),
+        by_fd.address_space().unwrap()
+    ));
+    by_fd.write_at(&[9], 100).unwrap();
+    let mut b = [0u8; 1];
+    by_path.read_exact_at(&mut b, 100).unwrap();
+    assert_eq!(b[0], 9);
+    // A read-only descriptor gives a read-only handle.
+    let ro = cache.open_file(std::fs::File::open(&path).unwrap()).unwrap();
+    assert!(matches!(ro.write_at(&[1], 0), Err(upcache::Error::ReadOnly)));
+    // A write-only descriptor cannot be cached.
+    let wo = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    assert_eq!(cache.open_file(wo).unwrap_err().raw_os_error(), libc::EINVAL);
+}
+
+#[test]
+fn ops_downcast_back_to_the_engine_type() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![1u8; 4096]).unwrap();
+    let cache = PageCache::new();
+    let f = cache.open(&path).unwrap();
+    let m = f.address_space().unwrap();
+    let store = m
+        .ops_as::<StoreOps<FileStore>>()
+        .map(StoreOps::store)
+        .expect("StoreOps<FileStore>");
+    assert_eq!(store.file().metadata().unwrap().len(), 4096);
+    assert!(m.ops_as::<Counting>().is_none());
+    let g = cache
+        .open_with_ops(
+            "counting",
+            Counting {
+                inner: StoreOps::new(FileStore::open(&path).unwrap()),
+                dirtied: AtomicU64::new(0),
+            },
+        )
+        .unwrap();
+    g.write_at(&[2], 0).unwrap();
+    let c = g.address_space().unwrap().ops_as::<Counting>().expect("Counting");
+    assert_eq!(c.dirtied.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn per_file_stats_add_up_to_the_cache_stats() {
+    let dir = tempdir();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::write(&a, vec![1u8; 64 * 1024]).unwrap();
+    std::fs::write(&b, vec![2u8; 64 * 1024]).unwrap();
+    let cache = PageCache::new();
+    let fa = cache.open(&a).unwrap();
+    let fb = cache.open(&b).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    fa.read_exact_at(&mut buf, 0).unwrap();
+    fa.read_exact_at(&mut buf, 0).unwrap();
+    fb.write_at(&[3; 4096], 0).unwrap();
+    let (sa, sb, sc) = (fa.stats(), fb.stats(), cache.stats());
+    assert!(sa.misses > 0 && sa.hits > 0, "{sa}");
+    assert_eq!(sa.dirty_bytes, 0);
+    assert_eq!(sb.dirty_bytes, 4096, "{sb}");
+    assert_eq!(sb.hits + sb.misses, 0, "a write counted as a read: {sb}");
+    assert_eq!(sa.hits + sb.hits, sc.hits);
+    assert_eq!(sa.misses + sb.misses, sc.misses);
+    assert_eq!(sa.bytes_cached + sb.bytes_cached, sc.bytes_cached);
+    assert_eq!(sa.dirty_bytes + sb.dirty_bytes, sc.dirty_bytes);
+    // Display shows every counter, throttling included.
+    assert!(sc.to_string().contains("throttled"), "{sc}");
+}
