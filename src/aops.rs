@@ -9,6 +9,7 @@
 //! | `read_folio` | locked | unlocked by the op (guard consumed); UPTODATE on success, ERROR on failure | — | shared | yes |
 //! | `readahead` | each locked | each unlocked as its read ends | — | shared | yes |
 //! | `writepage` | locked | unlocked; WRITEBACK set before unlock (or redirtied) | — | — | yes |
+//! | `write_barrier` (upcache's; WAL ordering) | locked, DIRTY still set | locked | — (truncate's straddling folio: exclusive) | — (truncate: exclusive) | yes |
 //! | `writepages` | — | — | — | — | yes |
 //! | `dirty_folio` | locked (or WRITEBACK held) | unchanged | — | — | **no** |
 //! | `write_begin` | — | returned locked | exclusive | — | yes |

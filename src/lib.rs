@@ -25,6 +25,7 @@
 //! | `xarray` | `lib/xarray.c` | lockless index with tags |
 //! | [`address_space`] | `struct address_space`, `mm/filemap.c` lookups | per-file index, size, locks, dirty/writeback transitions |
 //! | [`filemap`] | `mm/filemap.c`, `mm/readahead.c` | read path, readahead, buffered write |
+//! | `page_ref` | `read_cache_folio` (vmcache's fix/unfix) | pinned zero-copy pages: `PageRef`, `PageMut` |
 //! | `truncate` | `mm/truncate.c` | truncate, punch hole |
 //! | [`page_writeback`] | `mm/page-writeback.c` | write_cache_pages, fsync's write-and-wait |
 //! | [`aops`] | `Documentation/filesystems/locking.rst` | the engine's operations and their lock states |
