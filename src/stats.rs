@@ -7,8 +7,8 @@ use crate::types::PAGE_SIZE;
 /// statistics, never used for synchronization.
 #[derive(Debug, Default)]
 pub(crate) struct CacheStats {
-    hits: AtomicU64,
-    misses: AtomicU64,
+    hits: Sharded,
+    misses: Sharded,
     folios: AtomicU64,
     pages: AtomicU64,
     dirty_pages: AtomicU64,
@@ -25,6 +25,55 @@ pub(crate) struct CacheStats {
     throttled: AtomicU64,
 }
 
+/// A counter bumped on every cache hit: one `AtomicU64` shared by all
+/// threads would bounce its cache line between CPUs on every lookup (it
+/// halved two-thread pinned lookups, BENCHMARKS.md `kv`), so, like the
+/// kernel's per-CPU `vm_event` counters, each thread adds to one of
+/// `SHARDS` cache-line-sized slots and a snapshot sums them.
+#[derive(Debug, Default)]
+pub(crate) struct Sharded {
+    shards: [Padded; SHARDS],
+}
+
+const SHARDS: usize = 16;
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Padded(AtomicU64);
+
+#[cfg(not(loom))]
+fn shard() -> usize {
+    use std::cell::Cell;
+    static NEXT: crate::sync::AtomicUsize = crate::sync::AtomicUsize::new(0);
+    crate::sync::thread_local! {
+        static MINE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    MINE.try_with(|m| {
+        if m.get() == usize::MAX {
+            m.set(NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
+        }
+        m.get()
+    })
+    .unwrap_or(0)
+}
+
+/// Loom: one slot (the models never read statistics).
+#[cfg(loom)]
+fn shard() -> usize {
+    0
+}
+
+impl Sharded {
+    #[inline]
+    fn inc(&self) {
+        self.shards[shard()].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sum(&self) -> u64 {
+        self.shards.iter().map(|p| p.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
 macro_rules! counter {
     ($inc:ident, $field:ident) => {
         #[inline]
@@ -35,8 +84,14 @@ macro_rules! counter {
 }
 
 impl CacheStats {
-    counter!(hit, hits);
-    counter!(miss, misses);
+    #[inline]
+    pub(crate) fn hit(&self) {
+        self.hits.inc();
+    }
+    #[inline]
+    pub(crate) fn miss(&self) {
+        self.misses.inc();
+    }
     counter!(read_io, reads);
     counter!(write_io, writes);
     counter!(write_error, write_errors);
@@ -84,8 +139,8 @@ impl CacheStats {
     pub(crate) fn snapshot(&self) -> Stats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {
-            hits: l(&self.hits),
-            misses: l(&self.misses),
+            hits: self.hits.sum(),
+            misses: self.misses.sum(),
             folios: l(&self.folios),
             bytes_cached: l(&self.pages) * PAGE_SIZE as u64,
             dirty_bytes: l(&self.dirty_pages) * PAGE_SIZE as u64,

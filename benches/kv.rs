@@ -1,0 +1,113 @@
+//! `kv/{upcache_pinned, upcache_mmap, memmap2}`: point lookups in the hash
+//! KV of `examples/kv.rs` (200,000 keys, 4 KiB bucket pages, ~9 MiB data
+//! file on ext4), 2 threads × 10,000 random existing keys per iteration,
+//! everything cached (no memory limit; every side warmed by one pass over
+//! all keys first).
+//!
+//! - `upcache_pinned`: `File::get_page` per probed page (pinned, no copy);
+//! - `upcache_mmap`: the same bytes through an upcache mapping (default
+//!   mode), read as a slice;
+//! - `memmap2`: a kernel mapping of the data file (`memmap2::Mmap`).
+//!
+//! `cargo bench --bench kv` (`UPCACHE_BENCH_DIR` places the files).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_main, Criterion};
+use upcache::{PageCache, Share};
+
+#[path = "../examples/kv.rs"]
+#[allow(dead_code, unreachable_pub, missing_docs)]
+mod kv;
+
+const KEYS: u64 = 200_000;
+const PER_THREAD: usize = 10_000;
+
+fn bench_dir() -> PathBuf {
+    std::env::var_os("UPCACHE_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+fn keys(seed: u64) -> Vec<u64> {
+    let mut x = seed | 1;
+    (0..PER_THREAD)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % KEYS
+        })
+        .collect()
+}
+
+/// Time 2 threads each looking up its key list with `get`.
+fn two_threads(get: &(impl Fn(u64) -> Option<u64> + Sync), iter: u64) -> Duration {
+    let lists = [keys(iter * 2 + 1), keys(iter * 2 + 2)];
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for list in &lists {
+            s.spawn(move || {
+                for &k in list {
+                    assert_eq!(get(k), Some(kv::final_value(k)));
+                }
+            });
+        }
+    });
+    t.elapsed()
+}
+
+fn kv_lookups(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
+    let buckets = kv::build(dir.path(), KEYS).unwrap();
+    let data = dir.path().join("kv.data");
+    let len = buckets as usize * upcache::PAGE_SIZE;
+
+    let cache = PageCache::new();
+    let file = cache.open(&data).unwrap();
+    // SAFETY: nothing writes the data file while the benchmark runs.
+    let umap = unsafe { file.mmap(0, len, Share::Shared) }.unwrap();
+    let std_file = std::fs::File::open(&data).unwrap();
+    // SAFETY: as above.
+    let kmap = unsafe { memmap2::Mmap::map(&std_file) }.unwrap();
+    for k in 0..KEYS {
+        assert_eq!(kv::lookup(&file, buckets, k).unwrap(), Some(kv::final_value(k)));
+        assert_eq!(kv::lookup_in(&umap, buckets, k), Some(kv::final_value(k)));
+        assert_eq!(kv::lookup_in(&kmap, buckets, k), Some(kv::final_value(k)));
+    }
+    let misses = cache.stats().misses;
+
+    let mut g = c.benchmark_group("kv");
+    g.sample_size(20).measurement_time(Duration::from_secs(5));
+    g.bench_function("upcache_pinned", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|i| two_threads(&|k| kv::lookup(&file, buckets, k).unwrap(), i))
+                .sum()
+        })
+    });
+    g.bench_function("upcache_mmap", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|i| two_threads(&|k| kv::lookup_in(&umap, buckets, k), i))
+                .sum()
+        })
+    });
+    g.bench_function("memmap2", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|i| two_threads(&|k| kv::lookup_in(&kmap, buckets, k), i))
+                .sum()
+        })
+    });
+    g.finish();
+    assert_eq!(cache.stats().misses, misses, "upcache missed during kv lookups");
+}
+
+#[allow(missing_docs)]
+mod group {
+    criterion::criterion_group!(benches, super::kv_lookups);
+}
+use group::benches;
+criterion_main!(benches);
