@@ -431,8 +431,9 @@ impl AddressSpace {
 
     /// Fill a locked, not-uptodate folio with `data` (zero-padded to the
     /// folio size) the safe way for this file: through the engine view, or
-    /// with `pwrite(2)` to the memfd when [`needs_atomic_fill`]
-    /// (Self::needs_atomic_fill). Does not mark it uptodate.
+    /// with `pwrite(2)` to the memfd when
+    /// [`needs_atomic_fill`](Self::needs_atomic_fill). Does not mark it
+    /// uptodate.
     ///
     /// # Errors
     /// The memfd write's error.

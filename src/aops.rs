@@ -116,6 +116,50 @@ impl ReadaheadControl {
 /// kernel's generic behaviour. Most engines implement
 /// [`BackingStore`](crate::BackingStore) instead and let
 /// [`StoreOps`](crate::StoreOps) turn it into these operations.
+///
+/// Operations that wrap `StoreOps` and count dirtied folios:
+///
+/// ```
+/// use std::io;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use upcache::{AddressSpace, AddressSpaceOps, FileStore, Folio, FolioGuard, StoreOps, WritebackControl};
+///
+/// struct Counting {
+///     inner: StoreOps<FileStore>,
+///     dirtied: AtomicU64,
+/// }
+///
+/// impl AddressSpaceOps for Counting {
+///     fn read_folio(&self, m: &AddressSpace, f: FolioGuard) -> io::Result<()> {
+///         self.inner.read_folio(m, f)
+///     }
+///     fn readahead(&self, m: &AddressSpace, rac: &mut upcache::ReadaheadControl) {
+///         self.inner.readahead(m, rac) // keep the batched reads
+///     }
+///     fn writepage(&self, m: &AddressSpace, f: FolioGuard, wbc: &mut WritebackControl) -> io::Result<()> {
+///         self.inner.writepage(m, f, wbc)
+///     }
+///     fn dirty_folio(&self, _m: &AddressSpace, _f: &Folio) {
+///         self.dirtied.fetch_add(1, Ordering::Relaxed); // folio locked: must not sleep
+///     }
+///     fn initial_size(&self) -> io::Result<u64> { self.inner.initial_size() }
+///     fn set_size(&self, size: u64) -> io::Result<()> { self.inner.set_size(size) }
+///     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> { self.inner.punch_hole(off, len) }
+///     fn fsync(&self) -> io::Result<()> { self.inner.fsync() }
+/// }
+///
+/// # fn main() -> upcache::Result<()> {
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("f");
+/// # std::fs::write(&path, vec![0u8; 4096])?;
+/// let cache = upcache::PageCache::new();
+/// let ops = Counting { inner: StoreOps::new(FileStore::open(&path)?), dirtied: AtomicU64::new(0) };
+/// let file = cache.open_with_ops("counted", ops)?;
+/// file.write_at(b"x", 0)?;
+/// let ops = file.address_space()?.ops_as::<Counting>().unwrap();
+/// assert_eq!(ops.dirtied.load(Ordering::Relaxed), 1);
+/// # Ok(()) }
+/// ```
 pub trait AddressSpaceOps: Send + Sync + 'static {
     /// Fill a folio from the store.
     ///

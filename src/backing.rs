@@ -17,6 +17,53 @@ use crate::sync::{AtomicU64, Ordering};
 /// Implementations must be thread-safe: reads of different ranges run
 /// concurrently, and a write may run concurrently with reads of other
 /// folios.
+///
+/// An in-memory store, cached through [`StoreOps`]:
+///
+/// ```
+/// use std::io;
+/// use std::sync::Mutex;
+///
+/// struct Mem(Mutex<Vec<u8>>);
+///
+/// impl upcache::BackingStore for Mem {
+///     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+///         let v = self.0.lock().unwrap();
+///         let start = (off as usize).min(v.len());
+///         let n = buf.len().min(v.len() - start);
+///         buf[..n].copy_from_slice(&v[start..start + n]);
+///         Ok(n)
+///     }
+///     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+///         let mut v = self.0.lock().unwrap();
+///         let end = off as usize + buf.len();
+///         if v.len() < end {
+///             v.resize(end, 0);
+///         }
+///         v[off as usize..end].copy_from_slice(buf);
+///         Ok(())
+///     }
+///     fn sync_data(&self) -> io::Result<()> {
+///         Ok(())
+///     }
+///     fn len(&self) -> io::Result<u64> {
+///         Ok(self.0.lock().unwrap().len() as u64)
+///     }
+///     fn set_len(&self, size: u64) -> io::Result<()> {
+///         self.0.lock().unwrap().resize(size as usize, 0);
+///         Ok(())
+///     }
+/// }
+///
+/// # fn main() -> upcache::Result<()> {
+/// let store = std::sync::Arc::new(Mem(Mutex::new(b"stored bytes".to_vec())));
+/// let cache = upcache::PageCache::new();
+/// let file = cache.open_with_ops("mem", upcache::StoreOps::new(store.clone()))?;
+/// file.write_at(b"STORED", 0)?;
+/// file.fsync()?;
+/// assert_eq!(&store.0.lock().unwrap()[..], b"STORED bytes");
+/// # Ok(()) }
+/// ```
 pub trait BackingStore: Send + Sync + 'static {
     /// Read up to `buf.len()` bytes at `off`; fewer only at end of file
     /// (0 at or past it). A short read before EOF is allowed: the caller
@@ -62,7 +109,7 @@ pub trait BackingStore: Send + Sync + 'static {
     /// engine makes its log durable up to that LSN and returns `Ok(true)`,
     /// or returns `Ok(false)` to keep the folio dirty for now (refused in
     /// an integrity sync, which then fails with `EAGAIN`). See
-    /// [`AddressSpaceOps::write_barrier`](crate::AddressSpaceOps::write_barrier).
+    /// [`crate::AddressSpaceOps::write_barrier`].
     ///
     /// # Errors
     /// The engine's error; the folio stays dirty.

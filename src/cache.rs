@@ -275,6 +275,24 @@ impl CacheInner {
 
 /// A page cache: the address spaces of the files it caches, their
 /// configuration and counters. Cheap to clone (shared).
+///
+/// ```
+/// # fn main() -> upcache::Result<()> {
+/// # let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("data");
+/// let cache = upcache::PageCache::builder()
+///     .memory_limit(64 << 20) // evict beyond 64 MiB
+///     .build();
+/// let file = cache.options().create(true).open(&path)?;
+/// file.write_at(b"hello", 0)?;
+/// let mut buf = [0u8; 5];
+/// file.read_exact_at(&mut buf, 0)?;
+/// assert_eq!(&buf, b"hello");
+/// file.fsync()?; // written and durable, errors reported once per handle
+/// assert_eq!(std::fs::read(&path)?, b"hello");
+/// println!("{}", cache.stats());
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct PageCache {
     inner: Arc<CacheInner>,
@@ -476,6 +494,28 @@ impl PageCache {
 /// each writeback error once per handle. `close` flushes and returns the
 /// error if any; dropping an unclosed handle flushes too and, since `drop`
 /// cannot return an error, reports a failure on stderr.
+///
+/// Pinned pages, for engines that work on pages in place:
+///
+/// ```
+/// # fn main() -> upcache::Result<()> {
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("db");
+/// # std::fs::write(&path, vec![0u8; 3 * 4096])?;
+/// let cache = upcache::PageCache::new();
+/// let file = cache.open(&path)?;
+/// // SAFETY: nothing maps this file while the guards live.
+/// {
+///     let mut page = unsafe { file.get_page_mut(2) }?; // locked, in place
+///     page[..4].copy_from_slice(b"node");
+///     page.set_lsn(7); // written back only after the log is durable to 7
+/// }
+/// let page = unsafe { file.get_page(2) }?; // pinned, shared, no copy
+/// assert_eq!(&page[..4], b"node");
+/// drop(page);
+/// file.close()?;
+/// # Ok(()) }
+/// ```
 pub struct File {
     mapping: Arc<AddressSpace>,
     /// Opened for writing (else the writing methods fail with `EBADF`).
@@ -664,7 +704,7 @@ impl File {
     /// zero-copy read access ([`AddressSpace::read_cache_page`]).
     ///
     /// # Errors
-    /// `Closed`; [`Error::BeyondEof`](crate::Error::BeyondEof); the store's
+    /// `Closed`; [`crate::Error::BeyondEof`]; the store's
     /// read error.
     ///
     /// # Safety

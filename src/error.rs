@@ -108,5 +108,5 @@ impl From<Error> for io::Error {
     }
 }
 
-/// `Result` with [`Error`].
+/// `Result` with [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

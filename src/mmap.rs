@@ -442,6 +442,19 @@ fn do_munmap(vma: &Arc<VmArea>) {
 
 /// A read-only mapping of a cached file; derefs to `&[u8]`.
 ///
+/// ```
+/// # fn main() -> upcache::Result<()> {
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("f");
+/// # std::fs::write(&path, b"mapped through upcache")?;
+/// let cache = upcache::PageCache::new();
+/// let file = cache.open(&path)?;
+/// // SAFETY: nothing writes the file while the slice is used.
+/// let map = unsafe { file.mmap(0, 22, upcache::Share::Shared) }?;
+/// assert_eq!(&map[..6], b"mapped");
+/// # Ok(()) }
+/// ```
+///
 /// Like memmap2's `Mmap`, the bytes may change under the slice when the
 /// file is written (through `write_at` or another mapping): that is the
 /// point of a shared cache. Accessing a page past end of file raises SIGBUS,
@@ -620,6 +633,23 @@ impl Drop for MmapMut {
 /// at [`flush`](Self::flush), `fsync`, or when the last user of the file
 /// goes. Touching bytes past end of file raises SIGBUS, as with any file
 /// mapping.
+///
+/// ```
+/// # fn main() -> upcache::Result<()> {
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("f");
+/// # std::fs::write(&path, vec![0u8; 8192])?;
+/// let cache = upcache::PageCache::new();
+/// let file = cache.open(&path)?;
+/// let raw = std::sync::Arc::new(file.mmap_raw(0, 8192)?); // safe to create
+/// let t = { let raw = raw.clone(); std::thread::spawn(move || raw.write(4096, b"from a thread")) };
+/// raw.write(0, b"from main");
+/// t.join().unwrap();
+/// raw.flush_range(0, 8192)?;
+/// let disk = std::fs::read(&path)?;
+/// assert_eq!(&disk[4096..4109], b"from a thread");
+/// # Ok(()) }
+/// ```
 pub struct MmapRaw {
     vma: Arc<VmArea>,
     _engine: Arc<FaultEngine>,
