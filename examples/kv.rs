@@ -20,7 +20,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use upcache::{BackingStore, FileStore, PageCache, StoreOps, SyncMode, PAGE_SIZE};
+use upcache::aops::SyncMode;
+use upcache::{BackingStore, FileStore, PageCache, StoreOps, PAGE_SIZE};
 
 /// Entries per bucket page: a `u64` count, then (key, value) pairs.
 const SLOTS: usize = (PAGE_SIZE - 8) / 16;

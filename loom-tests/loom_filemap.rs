@@ -51,13 +51,13 @@ const BYTE: u8 = 0xab;
 /// The model PTE of page 0: the address of the folio it maps, 0 if none.
 type Pte = Arc<AtomicUsize>;
 
-fn folio_addr(f: &upcache::Folio) -> usize {
-    f as *const upcache::Folio as usize
+fn folio_addr(f: &upcache::aops::Folio) -> usize {
+    f as *const upcache::aops::Folio as usize
 }
 
 /// A file of `pages` pages of `BYTE`, page 0 cached and uptodate, and the
 /// model PTE of page 0, cleared by every punch that covers it.
-fn cached_page0(pages: usize) -> (std::sync::Arc<upcache::AddressSpace>, Pte) {
+fn cached_page0(pages: usize) -> (std::sync::Arc<upcache::aops::AddressSpace>, Pte) {
     let store = std::sync::Arc::new(MemStore::filled(pages * PAGE_SIZE, BYTE));
     let m = address_space(store);
     let pte = Arc::new(AtomicUsize::new(0));
@@ -340,7 +340,7 @@ fn real_page_ref_vs_write_at_never_changes_pinned_bytes() {
 fn real_page_mut_excludes_page_mut() {
     loom::model(|| {
         let (m, _pte) = cached_page0(1);
-        let inc = |m: &upcache::AddressSpace| {
+        let inc = |m: &upcache::aops::AddressSpace| {
             // SAFETY: nothing maps the file.
             let mut page = unsafe { m.read_cache_page_mut(0) }.unwrap();
             let v = page[0];

@@ -58,7 +58,7 @@ fn trylock_never_blocks_and_never_shares() {
         // How many hold the lock right now: a trylock that lets a second
         // holder in is caught by the `prev == 0` check, in any interleaving.
         let holders = Arc::new(AtomicU32::new(0));
-        let try_hold = |f: upcache::FolioRef, h: Arc<AtomicU32>| -> bool {
+        let try_hold = |f: upcache::aops::FolioRef, h: Arc<AtomicU32>| -> bool {
             match f.trylock() {
                 Ok(g) => {
                     let prev = h.fetch_add(1, Ordering::SeqCst);

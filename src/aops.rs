@@ -31,9 +31,12 @@
 
 use std::io;
 
-use crate::address_space::AddressSpace;
-use crate::folio::{Folio, FolioGuard};
-use crate::page_writeback::write_cache_pages;
+pub use crate::address_space::{AddressSpace, LockState, Writeback};
+pub use crate::filemap::{generic_write_begin, generic_write_end};
+pub use crate::folio::{flags, Folio, FolioGuard, FolioRef};
+pub use crate::page_writeback::write_cache_pages;
+pub use crate::types::PgOff;
+
 use crate::sync::Arc;
 
 /// Integrity or cleansing writeback (`enum writeback_sync_modes`).
@@ -122,7 +125,8 @@ impl ReadaheadControl {
 /// ```
 /// use std::io;
 /// use std::sync::atomic::{AtomicU64, Ordering};
-/// use upcache::{AddressSpace, AddressSpaceOps, FileStore, Folio, FolioGuard, StoreOps, WritebackControl};
+/// use upcache::{FileStore, StoreOps};
+/// use upcache::aops::{AddressSpace, AddressSpaceOps, Folio, FolioGuard, WritebackControl};
 ///
 /// struct Counting {
 ///     inner: StoreOps<FileStore>,
@@ -133,7 +137,7 @@ impl ReadaheadControl {
 ///     fn read_folio(&self, m: &AddressSpace, f: FolioGuard) -> io::Result<()> {
 ///         self.inner.read_folio(m, f)
 ///     }
-///     fn readahead(&self, m: &AddressSpace, rac: &mut upcache::ReadaheadControl) {
+///     fn readahead(&self, m: &AddressSpace, rac: &mut upcache::aops::ReadaheadControl) {
 ///         self.inner.readahead(m, rac) // keep the batched reads
 ///     }
 ///     fn writepage(&self, m: &AddressSpace, f: FolioGuard, wbc: &mut WritebackControl) -> io::Result<()> {
@@ -199,7 +203,7 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
     ///
     /// # Errors
     /// A write error must also be recorded by ending writeback with
-    /// [`Writeback::end_with_error`](crate::Writeback::end_with_error), which
+    /// [`Writeback::end_with_error`](crate::aops::Writeback::end_with_error), which
     /// keeps the data dirty and reports the error at the next fsync.
     fn writepage(&self, mapping: &AddressSpace, folio: FolioGuard, wbc: &mut WritebackControl) -> io::Result<()>;
 

@@ -109,7 +109,7 @@ pub trait BackingStore: Send + Sync + 'static {
     /// engine makes its log durable up to that LSN and returns `Ok(true)`,
     /// or returns `Ok(false)` to keep the folio dirty for now (refused in
     /// an integrity sync, which then fails with `EAGAIN`). See
-    /// [`crate::AddressSpaceOps::write_barrier`].
+    /// [`crate::aops::AddressSpaceOps::write_barrier`].
     ///
     /// # Errors
     /// The engine's error; the folio stays dirty.

@@ -856,7 +856,7 @@ impl FolioGuard {
 
     /// Raise the folio's private word to at least `v` (e.g. the LSN of the
     /// change just made to it): the value passed to
-    /// [`AddressSpaceOps::write_barrier`](crate::AddressSpaceOps::write_barrier)
+    /// [`AddressSpaceOps::write_barrier`](crate::aops::AddressSpaceOps::write_barrier)
     /// before the folio is written back. Never lowered while cached.
     pub fn set_private_max(&self, v: u64) {
         self.folio.private.fetch_max(v, Ordering::Relaxed);
@@ -872,7 +872,7 @@ impl FolioGuard {
     /// Only a locked folio that is **not uptodate** has bytes nobody else
     /// may look at: lockless readers (`copy_out`), `map_pages` and faults
     /// all wait for UPTODATE, and in `Missing` mode fills go through
-    /// [`AddressSpace::fill_folio`](crate::AddressSpace::fill_folio). Once
+    /// [`AddressSpace::fill_folio`](crate::aops::AddressSpace::fill_folio). Once
     /// a folio is uptodate its bytes are shared with user mappings and
     /// readers, so no `&mut [u8]` to them can exist: use
     /// [`Folio::copy_out`] and the address space's write paths instead.

@@ -1,9 +1,9 @@
 //! # upcache — a userspace page cache for storage engines
 //!
 //! upcache gives a program its own page cache: file data is cached in
-//! [`Folio`]s indexed per file by an [`AddressSpace`], filled and written
+//! folios indexed per file by an `AddressSpace`, filled and written
 //! back through operations the storage engine supplies
-//! ([`AddressSpaceOps`], or simply a [`BackingStore`]), with the locking
+//! ([`aops::AddressSpaceOps`], or simply a [`BackingStore`]), with the locking
 //! contract the Linux kernel documents for `address_space_operations`.
 //!
 //! ```no_run
@@ -21,67 +21,66 @@
 //!
 //! | module | kernel | what |
 //! |---|---|---|
-//! | [`folio`] | `include/linux/page-flags.h`, `mm/filemap.c` (folio_lock, wait bits) | flag word, refcount, lock, writeback bit |
+//! | `folio` | `include/linux/page-flags.h`, `mm/filemap.c` (folio_lock, wait bits) | flag word, refcount, lock, writeback bit |
 //! | `xarray` | `lib/xarray.c` | lockless index with tags |
-//! | [`address_space`] | `struct address_space`, `mm/filemap.c` lookups | per-file index, size, locks, dirty/writeback transitions |
-//! | [`filemap`] | `mm/filemap.c`, `mm/readahead.c` | read path, readahead, buffered write |
+//! | `address_space` | `struct address_space`, `mm/filemap.c` lookups | per-file index, size, locks, dirty/writeback transitions |
+//! | `filemap` | `mm/filemap.c`, `mm/readahead.c` | read path, readahead, buffered write |
 //! | `page_ref` | `read_cache_folio` (vmcache's fix/unfix) | pinned zero-copy pages: `PageRef`, `PageMut` |
 //! | `truncate` | `mm/truncate.c` | truncate, punch hole |
-//! | [`page_writeback`] | `mm/page-writeback.c` | write_cache_pages, fsync's write-and-wait |
+//! | `page_writeback` | `mm/page-writeback.c` | write_cache_pages, fsync's write-and-wait |
 //! | [`aops`] | `Documentation/filesystems/locking.rst` | the engine's operations and their lock states |
-//! | [`backing`] | the filesystem below | `BackingStore`, `FileStore`, `StoreOps` |
+//! | `backing` | the filesystem below | `BackingStore`, `FileStore`, `StoreOps` |
 //! | `page_store` | shmem | the memfd that holds folio bytes |
 //! | `errseq` | `lib/errseq.c` | report each writeback error once per handle |
-//! | [`cache`] | the VFS around it | `PageCache`, `File` |
-//! | [`mmap`] | `struct vm_area_struct`, `mm/mmap.c`, rmap | `Mmap`/`MmapMut`, `i_mmap`, page_mkclean, zap |
-//! | [`vm_ops`] | `vm_operations_struct`, `filemap_fault`, `filemap_map_pages` | fault, map_pages, page_mkwrite |
+//! | `cache` | the VFS around it | `PageCache`, `File` |
+//! | `mmap` | `struct vm_area_struct`, `mm/mmap.c`, rmap | `Mmap`/`MmapMut`, `i_mmap`, page_mkclean, zap |
+//! | `vm_ops` | `vm_operations_struct`, `filemap_fault`, `filemap_map_pages` | fault, map_pages, page_mkwrite |
 //! | `fault` | `mm/memory.c` (`handle_mm_fault`) | handler threads, fault dispatch, SIGBUS |
 //! | `fs_writeback` | `fs/fs-writeback.c`, `balance_dirty_pages`, `freeze_super` | flusher, throttling, sync_all, freeze/thaw |
 //! | `vmscan` | `mm/vmscan.c` | memory limit, S3-FIFO reclaim, eviction by refcount freeze |
-//! | [`uffd`] | `include/uapi/linux/userfaultfd.h` | the userfaultfd ABI and errno meanings |
-//! | [`rwsem`] | `struct rw_semaphore` | `i_rwsem`, `invalidate_lock` with exact holder state |
+//! | `uffd` | `include/uapi/linux/userfaultfd.h` | the userfaultfd ABI and errno meanings |
+//! | `rwsem` | `struct rw_semaphore` | `i_rwsem`, `invalidate_lock` with exact holder state |
 //! | `sync` | — | the one std/loom switch |
 //!
 //! The design, lock order and protocols are in `ARCHITECTURE.md`.
 #![warn(missing_docs)]
 
-pub mod address_space;
+mod address_space;
 pub mod aops;
-pub mod backing;
-pub mod cache;
+mod backing;
+mod cache;
 mod error;
 mod errseq;
 mod fault;
-pub mod filemap;
-pub mod folio;
+mod filemap;
+mod folio;
 mod fs_writeback;
-pub mod mmap;
+mod mmap;
 mod page_ref;
 mod page_store;
-pub mod page_writeback;
-pub mod rwsem;
+mod page_writeback;
+mod rwsem;
 mod stats;
 #[doc(hidden)]
 pub mod sync;
 mod truncate;
-pub mod types;
+mod types;
+/// The userfaultfd ABI wrapper. Not part of the engine API: public only
+/// for the UMap-style reference engine in `benches/fault.rs`.
+#[doc(hidden)]
 pub mod uffd;
-pub mod vm_ops;
+mod vm_ops;
 mod vmscan;
 mod xarray;
 
-pub use address_space::{AddressSpace, LockState, Writeback};
-pub use aops::{AddressSpaceOps, ReadaheadControl, SyncMode, WritebackControl};
 pub use backing::{BackingStore, DirectFileStore, FileStore, StoreOps};
 pub use cache::{File, OpenOptions, PageCache, PageCacheBuilder};
 pub use error::{Error, Result};
 pub use filemap::Advice;
-pub use folio::{Folio, FolioGuard, FolioRef};
-pub use mmap::{Mmap, MmapMut, MmapRaw, Share, UffdMode, VmArea};
+pub use mmap::{Mmap, MmapMut, MmapRaw, Share, UffdMode};
 pub use page_ref::{PageMut, PageRef};
 pub use stats::Stats;
-pub use types::{PgOff, MAX_FILE_SIZE, PAGE_SIZE};
-pub use vm_ops::{FilemapVmOps, MapPages, VmFault, VmFaultResult, VmOps};
+pub use types::{MAX_FILE_SIZE, PAGE_SIZE};
 pub use vmscan::ReplacementPolicy;
 
 /// Internals exposed to the loom models in `loom-tests/` (only under

@@ -233,7 +233,7 @@ impl PageMut<'_> {
 
     /// Record the LSN (or any engine word) of the change made through this
     /// guard: the folio keeps the largest value, and write-back first calls
-    /// [`AddressSpaceOps::write_barrier`](crate::AddressSpaceOps::write_barrier)
+    /// [`AddressSpaceOps::write_barrier`](crate::aops::AddressSpaceOps::write_barrier)
     /// / [`BackingStore::write_barrier`](crate::BackingStore::write_barrier)
     /// with it, so a WAL engine makes its log durable up to it before the
     /// page reaches the store.

@@ -127,7 +127,7 @@ pub fn write_cache_pages(
 
 impl AddressSpace {
     /// Ask the engine whether a locked dirty folio may be written now
-    /// ([`AddressSpaceOps::write_barrier`](crate::AddressSpaceOps::write_barrier)).
+    /// ([`AddressSpaceOps::write_barrier`](crate::aops::AddressSpaceOps::write_barrier)).
     /// `Ok(false)` means "skip it, it stays dirty"; in an integrity sync a
     /// refusal is the error `EAGAIN`.
     ///

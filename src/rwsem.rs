@@ -42,13 +42,6 @@ impl RwSem {
         RwSemWriteGuard { sem: self, _g: g }
     }
 
-    /// `down_read_trylock`.
-    pub fn try_read(&self) -> Option<RwSemReadGuard<'_>> {
-        let g = self.lock.try_read()?;
-        self.holders.fetch_add(1, Ordering::Relaxed);
-        Some(RwSemReadGuard { sem: self, _g: g })
-    }
-
     /// Who holds it now.
     pub fn state(&self) -> LockState {
         let h = self.holders.load(Ordering::Relaxed);

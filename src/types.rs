@@ -55,9 +55,3 @@ impl PgOff {
 pub const fn page_align_up(x: u64) -> u64 {
     (x + PAGE_SIZE as u64 - 1) & !(PAGE_SIZE as u64 - 1)
 }
-
-/// Round `x` down to a multiple of the page size.
-#[inline]
-pub const fn page_align_down(x: u64) -> u64 {
-    x & !(PAGE_SIZE as u64 - 1)
-}

@@ -11,12 +11,12 @@
 //!
 //! | errno | from | meaning | what we do |
 //! |---|---|---|---|
-//! | `EEXIST` | CONTINUE, COPY, POISON | a page of the range is already mapped (another handler thread, or the kernel, won) | [`UffdError::Exists`]: skip that page, wake the faulter |
-//! | `EAGAIN` | any resolving ioctl | the mm is changing (a pending remove/remap event, mmap lock contention) | [`UffdError::Again`]: retry |
-//! | `ENOENT` | CONTINUE | no page in the page cache at that offset (punched meanwhile) | [`UffdError::NoPage`]: treat as a miss, fault again |
-//! | `EFAULT`, `EINVAL` on a range | any | the range is not (or no longer) registered: the mapping is going away | [`UffdError::Gone`]: drop the fault; unregister woke the faulter |
-//! | `ESRCH` | any | the target mm exited | [`UffdError::Gone`] |
-//! | other | | a bug or an unsupported kernel | [`UffdError::Os`] |
+//! | `EEXIST` | CONTINUE, COPY, POISON | a page of the range is already mapped (another handler thread, or the kernel, won) | `UffdError::Exists`: skip that page, wake the faulter |
+//! | `EAGAIN` | any resolving ioctl | the mm is changing (a pending remove/remap event, mmap lock contention) | `UffdError::Again`: retry |
+//! | `ENOENT` | CONTINUE | no page in the page cache at that offset (punched meanwhile) | `UffdError::NoPage`: treat as a miss, fault again |
+//! | `EFAULT`, `EINVAL` on a range | any | the range is not (or no longer) registered: the mapping is going away | `UffdError::Gone`: drop the fault; unregister woke the faulter |
+//! | `ESRCH` | any | the target mm exited | `UffdError::Gone` |
+//! | other | | a bug or an unsupported kernel | `UffdError::Os` |
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

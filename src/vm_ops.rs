@@ -92,17 +92,6 @@ pub trait VmOps: Send + Sync + 'static {
     fn page_mkwrite(&self, vmf: &VmFault<'_>) -> VmFaultResult {
         filemap_page_mkwrite(vmf)
     }
-
-    /// Copy mapped file bytes at `offset` into the mapping into `buf` (for
-    /// debuggers); returns the bytes copied.
-    ///
-    /// # Locking
-    /// Nothing held; may sleep.
-    fn access(&self, vma: &VmArea, offset: usize, buf: &mut [u8]) -> usize {
-        let pos = (vma.pgoff().0 << PAGE_SHIFT) + offset as u64;
-        let n = buf.len().min(vma.len().saturating_sub(offset));
-        vma.mapping().read_at(&mut buf[..n], pos).unwrap_or(0)
-    }
 }
 
 /// The generic vm operations of a cached file.

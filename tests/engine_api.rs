@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::{tempdir, watchdog};
-use upcache::{AddressSpace, AddressSpaceOps, FileStore, Folio, FolioGuard, PageCache, StoreOps, WritebackControl};
+use upcache::aops::{AddressSpace, AddressSpaceOps, Folio, FolioGuard, WritebackControl};
+use upcache::{FileStore, PageCache, StoreOps};
 
 /// Operations that count `dirty_folio` calls and pin every folio
 /// (`release_folio` says no), over a plain file store.

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use common::{tempdir, Rng};
-use upcache::{BackingStore, Error, FileStore, PageCache, PgOff, StoreOps, PAGE_SIZE};
+use upcache::aops::PgOff;
+use upcache::{BackingStore, Error, FileStore, PageCache, StoreOps, PAGE_SIZE};
 
 const EIO: i32 = 5;
 const ENOSPC: i32 = 28;

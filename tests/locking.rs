@@ -11,10 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use common::{tempdir, Rng};
-use upcache::{
-    AddressSpace, AddressSpaceOps, FileStore, FolioGuard, LockState, PageCache, ReadaheadControl, StoreOps,
-    WritebackControl,
-};
+use upcache::aops::{AddressSpace, AddressSpaceOps, FolioGuard, LockState, ReadaheadControl, WritebackControl};
+use upcache::{FileStore, PageCache, StoreOps};
 
 #[derive(Default)]
 struct Calls {
@@ -90,7 +88,7 @@ impl AddressSpaceOps for Checking {
         r
     }
 
-    fn dirty_folio(&self, _m: &AddressSpace, folio: &upcache::Folio) {
+    fn dirty_folio(&self, _m: &AddressSpace, folio: &upcache::aops::Folio) {
         self.calls.dirty_folio.fetch_add(1, Relaxed);
         assert!(
             folio.is_locked() || folio.is_writeback(),
@@ -106,7 +104,7 @@ impl AddressSpaceOps for Checking {
             LockState::Exclusive,
             "write_begin: i_rwsem exclusive"
         );
-        let g = upcache::filemap::generic_write_begin(m, pos, len)?;
+        let g = upcache::aops::generic_write_begin(m, pos, len)?;
         assert!(g.is_locked());
         Ok(g)
     }
@@ -119,7 +117,7 @@ impl AddressSpaceOps for Checking {
             LockState::Exclusive,
             "write_end: i_rwsem exclusive"
         );
-        upcache::filemap::generic_write_end(m, pos, copied, folio)
+        upcache::aops::generic_write_end(m, pos, copied, folio)
     }
 
     fn invalidate_folio(&self, m: &AddressSpace, folio: &FolioGuard, offset: usize, len: usize) {
@@ -135,7 +133,7 @@ impl AddressSpaceOps for Checking {
         assert!(offset + len <= folio.size());
     }
 
-    fn free_folio(&self, _m: &AddressSpace, folio: &upcache::Folio) {
+    fn free_folio(&self, _m: &AddressSpace, folio: &upcache::aops::Folio) {
         self.calls.free_folio.fetch_add(1, Relaxed);
         assert!(folio.is_locked(), "free_folio: folio locked");
     }

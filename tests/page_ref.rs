@@ -324,9 +324,9 @@ impl upcache::BackingStore for WalStore {
     fn set_len(&self, size: u64) -> std::io::Result<()> {
         self.file.set_len(size)
     }
-    fn write_barrier(&self, private: u64, mode: upcache::SyncMode) -> std::io::Result<bool> {
+    fn write_barrier(&self, private: u64, mode: upcache::aops::SyncMode) -> std::io::Result<bool> {
         match self.refuse.load(Ordering::SeqCst) {
-            1 if mode == upcache::SyncMode::None => return Ok(false),
+            1 if mode == upcache::aops::SyncMode::None => return Ok(false),
             2 => return Ok(false),
             _ => {}
         }

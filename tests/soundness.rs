@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::{run_child_per_mode, tempdir, watchdog, Gate, HookStore, StoreOp};
-use upcache::{PageCache, PgOff, Share, StoreOps, UffdMode, PAGE_SIZE};
+use upcache::aops::PgOff;
+use upcache::{PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 const SIGBUS: i32 = 7;
 
