@@ -440,6 +440,27 @@ fn do_munmap(vma: &Arc<VmArea>) {
     let _ = vma.engine.uffd.wake(vma.start, vma.len);
 }
 
+/// A new mapping of the same file range as `vma`, `new_len` bytes long
+/// (memmap2's `remap` with `may_move`): the caller swaps it in and unmaps
+/// the old one. Shared mappings lose nothing (their pages are the cache's);
+/// a private mapping would lose its copy-on-write pages, so it is refused.
+fn remap_vma(vma: &Arc<VmArea>, engine: &Arc<FaultEngine>, new_len: usize) -> Result<Arc<VmArea>> {
+    if !vma.shared {
+        return Err(Error::InvalidArgument {
+            what: "remap of a private mapping would lose its copy-on-write pages; map again instead",
+        });
+    }
+    do_mmap(
+        engine,
+        &vma.mapping,
+        vma.pgoff << PAGE_SHIFT,
+        new_len,
+        vma.writable,
+        Share::Shared,
+        vma.mode,
+    )
+}
+
 /// A read-only mapping of a cached file; derefs to `&[u8]`.
 ///
 /// ```
@@ -476,6 +497,22 @@ impl Mmap {
     pub(crate) fn new(vma: Arc<VmArea>, engine: Arc<FaultEngine>) -> Mmap {
         Mmap { vma, _engine: engine }
     }
+
+    /// Grow or shrink the mapping to `new_len` bytes from the same file
+    /// offset (memmap2's `remap` with `may_move`; the address may change).
+    /// Only shared mappings.
+    ///
+    /// # Errors
+    /// As [`MmapMut::remap`].
+    ///
+    /// # Safety
+    /// As [`File::mmap`](crate::File::mmap), for the new range.
+    pub unsafe fn remap(&mut self, new_len: usize) -> Result<()> {
+        let new = remap_vma(&self.vma, &self._engine, new_len)?;
+        let old = std::mem::replace(&mut self.vma, new);
+        do_munmap(&old);
+        Ok(())
+    }
     /// The mapping's description.
     pub fn vma(&self) -> &VmArea {
         &self.vma
@@ -485,6 +522,25 @@ impl Mmap {
 impl MmapMut {
     pub(crate) fn new(vma: Arc<VmArea>, engine: Arc<FaultEngine>) -> MmapMut {
         MmapMut { vma, _engine: engine }
+    }
+
+    /// Grow or shrink the mapping to `new_len` bytes from the same file
+    /// offset (memmap2's `remap` with `may_move`): the address may change;
+    /// written bytes are kept (they are the cache's pages). Only shared
+    /// mappings.
+    ///
+    /// # Errors
+    /// `EINVAL` for a private mapping or a bad length; as
+    /// [`File::mmap`](crate::File::mmap) for the new range. On error the
+    /// old mapping stays.
+    ///
+    /// # Safety
+    /// As [`File::mmap_mut`](crate::File::mmap_mut), for the new range.
+    pub unsafe fn remap(&mut self, new_len: usize) -> Result<()> {
+        let new = remap_vma(&self.vma, &self._engine, new_len)?;
+        let old = std::mem::replace(&mut self.vma, new);
+        do_munmap(&old);
+        Ok(())
     }
     /// The mapping's description.
     pub fn vma(&self) -> &VmArea {
@@ -658,6 +714,20 @@ pub struct MmapRaw {
 impl MmapRaw {
     pub(crate) fn new(vma: Arc<VmArea>, engine: Arc<FaultEngine>) -> MmapRaw {
         MmapRaw { vma, _engine: engine }
+    }
+
+    /// Grow or shrink the mapping to `new_len` bytes from the same file
+    /// offset (memmap2's `remap` with `may_move`): the address may change,
+    /// so raw pointers taken before are dangling; written bytes are kept.
+    ///
+    /// # Errors
+    /// As [`File::mmap_raw`](crate::File::mmap_raw) for the new range. On
+    /// error the old mapping stays.
+    pub fn remap(&mut self, new_len: usize) -> Result<()> {
+        let new = remap_vma(&self.vma, &self._engine, new_len)?;
+        let old = std::mem::replace(&mut self.vma, new);
+        do_munmap(&old);
+        Ok(())
     }
     /// The mapping's description.
     pub fn vma(&self) -> &VmArea {

@@ -219,3 +219,43 @@ fn per_file_stats_add_up_to_the_cache_stats() {
     // Display shows every counter, throttling included.
     assert!(sc.to_string().contains("throttled"), "{sc}");
 }
+
+#[test]
+fn remap_grows_a_mapping_and_keeps_its_writes() {
+    watchdog("remap", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
+        let cache = PageCache::new();
+        let file = cache.open(&path).unwrap();
+        // SAFETY: only this thread touches the mapping.
+        let mut map = unsafe { file.mmap_mut(0, 8192, upcache::Share::Shared) }.unwrap();
+        map[100] = 7;
+        // SAFETY: as above.
+        unsafe { map.remap(64 * 1024) }.unwrap();
+        assert_eq!(map.len(), 64 * 1024);
+        assert_eq!(map[100], 7, "remap lost a write");
+        map[40 * 1024] = 9;
+        map.flush().unwrap();
+        let disk = std::fs::read(&path).unwrap();
+        assert_eq!((disk[100], disk[40 * 1024]), (7, 9));
+        // Shrink, and the raw mapping.
+        // SAFETY: as above.
+        unsafe { map.remap(4096) }.unwrap();
+        assert_eq!(map.len(), 4096);
+        let mut raw = file.mmap_raw(0, 4096).unwrap();
+        raw.remap(16384).unwrap();
+        raw.write(12000, &[5]);
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, 12000).unwrap();
+        assert_eq!(b[0], 5);
+        // A private mapping cannot be remapped without losing its pages.
+        // SAFETY: as above.
+        let mut private = unsafe { file.mmap_mut(0, 4096, upcache::Share::Private) }.unwrap();
+        private[0] = 1;
+        // SAFETY: as above.
+        let e = unsafe { private.remap(8192) }.unwrap_err();
+        assert_eq!(e.raw_os_error(), libc::EINVAL);
+        assert_eq!(private[0], 1, "a failed remap changed the mapping");
+    });
+}
