@@ -259,3 +259,27 @@ fn remap_grows_a_mapping_and_keeps_its_writes() {
         assert_eq!(private[0], 1, "a failed remap changed the mapping");
     });
 }
+
+#[test]
+fn remap_to_a_bad_length_is_an_error_and_keeps_the_mapping() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![3u8; 8192]).unwrap();
+    let cache = PageCache::new();
+    let file = cache.open(&path).unwrap();
+    let mut raw = file.mmap_raw(0, 8192).unwrap();
+    for bad in [
+        0usize,
+        usize::MAX,
+        (upcache::MAX_FILE_SIZE as usize).saturating_add(4096),
+    ] {
+        let e = raw.remap(bad).unwrap_err();
+        assert!(
+            matches!(e.raw_os_error(), libc::EINVAL | libc::EFBIG),
+            "remap({bad}): {e}"
+        );
+    }
+    let mut b = [0u8; 1];
+    raw.read(8191, &mut b);
+    assert_eq!(b[0], 3, "a failed remap broke the mapping");
+}
