@@ -41,17 +41,21 @@ fn bench_dir() -> PathBuf {
         .unwrap_or_else(std::env::temp_dir)
 }
 
-fn read_4k_random(c: &mut Criterion) {
+/// A `FILE_SIZE` file of known bytes on the bench filesystem, synced.
+fn make_file(name: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir_in(bench_dir()).unwrap();
-    let path = dir.path().join("read-bench");
-    {
-        let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 % 251) as u8).collect();
-        let f = std::fs::File::create(&path).unwrap();
-        for i in 0..FILE_SIZE / chunk.len() as u64 {
-            f.write_all_at(&chunk, i * chunk.len() as u64).unwrap();
-        }
-        f.sync_all().unwrap();
+    let path = dir.path().join(name);
+    let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    let f = std::fs::File::create(&path).unwrap();
+    for i in 0..FILE_SIZE / chunk.len() as u64 {
+        f.write_all_at(&chunk, i * chunk.len() as u64).unwrap();
     }
+    f.sync_all().unwrap();
+    (dir, path)
+}
+
+fn read_4k_random(c: &mut Criterion) {
+    let (_dir, path) = make_file("read-bench");
     let std_file = std::fs::File::open(&path).unwrap();
     let cache = PageCache::new();
     let file = cache.open(&path).unwrap();
@@ -100,16 +104,7 @@ fn read_4k_random(c: &mut Criterion) {
 }
 
 fn page_get_hit(c: &mut Criterion) {
-    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
-    let path = dir.path().join("page-get-bench");
-    {
-        let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 % 251) as u8).collect();
-        let f = std::fs::File::create(&path).unwrap();
-        for i in 0..FILE_SIZE / chunk.len() as u64 {
-            f.write_all_at(&chunk, i * chunk.len() as u64).unwrap();
-        }
-        f.sync_all().unwrap();
-    }
+    let (_dir, path) = make_file("page-get-bench");
     let std_file = std::fs::File::open(&path).unwrap();
     // SAFETY: a private read-only view of a file nobody writes meanwhile.
     let kmap = unsafe { memmap2::MmapOptions::new().populate().map(&std_file) }.unwrap();

@@ -6,10 +6,14 @@
 #[allow(dead_code, unreachable_pub)]
 mod kv;
 
+mod common;
+
 #[test]
 fn kv_example_verifies_after_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let report = kv::run(dir.path(), 20_000).unwrap();
-    println!("{report}");
-    assert!(report.contains("verified after reopen"));
+    common::watchdog("kv example", 120, || {
+        let dir = tempfile::tempdir().unwrap();
+        let report = kv::run(dir.path(), 20_000).unwrap();
+        println!("{report}");
+        assert!(report.contains("verified after reopen"));
+    });
 }

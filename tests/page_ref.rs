@@ -89,32 +89,34 @@ fn get_page_reports_a_store_read_error() {
 
 #[test]
 fn page_mut_writes_reach_the_file_and_mappings() {
-    for mode in [UffdMode::Missing, UffdMode::Minor] {
-        let (_d, path) = file_of(16384);
-        let cache = PageCache::builder().mmap_mode(mode).build();
-        let file = cache.open(&path).unwrap();
-        // SAFETY: only this thread touches the mapping, and not while a
-        // page guard of the same page is alive.
-        let map = unsafe { file.mmap(0, 16384, Share::Shared) }.unwrap();
-        assert_eq!(map[4096 + 7], byte(4096 + 7));
-        {
-            let mut p = pin_mut(&file, 1).unwrap();
-            p[7] = 0xee;
+    watchdog("PageMut vs mappings", 60, || {
+        for mode in [UffdMode::Missing, UffdMode::Minor] {
+            let (_d, path) = file_of(16384);
+            let cache = PageCache::builder().mmap_mode(mode).build();
+            let file = cache.open(&path).unwrap();
+            // SAFETY: only this thread touches the mapping, and not while a
+            // page guard of the same page is alive.
+            let map = unsafe { file.mmap(0, 16384, Share::Shared) }.unwrap();
+            assert_eq!(map[4096 + 7], byte(4096 + 7));
+            {
+                let mut p = pin_mut(&file, 1).unwrap();
+                p[7] = 0xee;
+            }
+            assert_eq!(map[4096 + 7], 0xee, "{mode:?}: mapping does not see the PageMut write");
+            let mut b = [0u8; 1];
+            file.read_at(&mut b, 4096 + 7).unwrap();
+            assert_eq!(b[0], 0xee);
+            // A guard that was only read does not dirty the page.
+            let dirty = cache.stats().dirty_bytes;
+            let v = pin_mut(&file, 2).unwrap()[0];
+            assert_eq!(v, byte(2 * 4096));
+            assert_eq!(cache.stats().dirty_bytes, dirty, "a read-only PageMut dirtied its page");
+            file.fsync().unwrap();
+            let disk = std::fs::read(&path).unwrap();
+            assert_eq!(disk[4096 + 7], 0xee, "{mode:?}: fsync lost the PageMut write");
+            assert_eq!(disk[4096 + 8], byte(4096 + 8));
         }
-        assert_eq!(map[4096 + 7], 0xee, "{mode:?}: mapping does not see the PageMut write");
-        let mut b = [0u8; 1];
-        file.read_at(&mut b, 4096 + 7).unwrap();
-        assert_eq!(b[0], 0xee);
-        // A guard that was only read does not dirty the page.
-        let dirty = cache.stats().dirty_bytes;
-        let v = pin_mut(&file, 2).unwrap()[0];
-        assert_eq!(v, byte(2 * 4096));
-        assert_eq!(cache.stats().dirty_bytes, dirty, "a read-only PageMut dirtied its page");
-        file.fsync().unwrap();
-        let disk = std::fs::read(&path).unwrap();
-        assert_eq!(disk[4096 + 7], 0xee, "{mode:?}: fsync lost the PageMut write");
-        assert_eq!(disk[4096 + 8], byte(4096 + 8));
-    }
+    });
 }
 
 #[test]
