@@ -115,6 +115,11 @@ pub struct AddressSpace {
     pub(crate) ra: RaConfig,
     /// The user mappings of this file (`i_mmap`), for page_mkclean and zaps.
     pub(crate) i_mmap: Mutex<Vec<Arc<VmArea>>>,
+    /// How many of them are shared-writable `Missing`-mode mappings, where
+    /// the kernel maps cached pages itself: each new folio is
+    /// write-protected in them before it is filled (see
+    /// `filemap_add_folio` and `mmap::arm_write_notify`).
+    pub(crate) nr_wp_armed: crate::sync::AtomicUsize,
     /// On-demand readahead state.
     pub(crate) ra_state: Mutex<RaState>,
     /// The cache's reclaimer, when it has a memory limit.
@@ -174,6 +179,7 @@ impl AddressSpace {
             stats: FileStats::new(stats),
             ra,
             i_mmap: Mutex::new(Vec::new()),
+            nr_wp_armed: crate::sync::AtomicUsize::new(0),
             ra_state: Mutex::new(RaState::default()),
             reclaim,
             wb,
@@ -345,6 +351,12 @@ impl AddressSpace {
         self.stats.folio_added(n);
         if let Some(r) = &self.reclaim {
             r.note_new(self.id, index, &*guard as *const Folio as usize);
+        }
+        // Read after `index_add_folio` took xa_lock: either a new mapping's
+        // count is seen here, or that mapping's walk of the index (after it
+        // took xa_lock) sees this folio (`mmap::arm_write_notify`).
+        if self.nr_wp_armed.load(Ordering::Relaxed) != 0 {
+            self.arm_write_notify(index, index.add(n));
         }
         Ok(Some(guard))
     }

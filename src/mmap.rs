@@ -129,6 +129,36 @@ impl VmArea {
     pub(crate) fn tracks_writes(&self) -> bool {
         self.shared && self.writable
     }
+
+    /// Must cached pages be write-protected here before anyone touches
+    /// them? In `Missing` mode the kernel maps cached pages itself, so a
+    /// shared-writable mapping only learns of a first write if the page's
+    /// PTE (or a PTE marker, for an unmapped page) is uffd-wp. Markers are
+    /// set only where a folio is cached (at mmap for the folios already
+    /// there, at `filemap_add_folio` for new ones), never for the whole
+    /// range: page tables stay proportional to what is used (a 64 GiB
+    /// reservation would otherwise cost 128 MiB of them).
+    pub(crate) fn arms_write_notify(&self) -> bool {
+        self.mode == UffdMode::Missing && self.tracks_writes()
+    }
+
+    /// Write-protect the pages of `[first, end)` that are cached (runs of
+    /// occupied index slots; a slot being filled counts: the marker goes on
+    /// before its data).
+    pub(crate) fn arm_cached(&self, first: PgOff, end: PgOff) {
+        let xa = &self.mapping.i_pages;
+        let mut i = first.0;
+        while let Some((j, _)) = xa.find_from(i, end.0) {
+            let mut k = j + 1;
+            while k < end.0 && !xa.load(k).is_null() {
+                k += 1;
+            }
+            if let Some(r) = self.user_range(PgOff(j), PgOff(k)) {
+                let _ = self.engine.uffd.writeprotect(r.start, r.len(), true);
+            }
+            i = k;
+        }
+    }
     /// File page index of user address `addr` (inside the mapping).
     #[inline]
     pub fn addr_to_pgoff(&self, addr: usize) -> PgOff {
@@ -217,10 +247,11 @@ impl VmArea {
             unsafe {
                 libc::madvise(r.start as *mut _, r.len(), libc::MADV_DONTNEED);
             }
-            if self.mode == UffdMode::Missing && self.tracks_writes() {
+            if self.arms_write_notify() {
                 // DONTNEED dropped the uffd-wp markers too; the kernel maps
-                // cached pages itself in this mode, so re-arm them.
-                let _ = self.engine.uffd.writeprotect(r.start, r.len(), true);
+                // cached pages itself in this mode, so re-arm the cached
+                // ones (folios added meanwhile arm themselves).
+                self.arm_cached(first, end);
             }
         }
     }
@@ -337,7 +368,13 @@ pub(crate) fn do_mmap(
         modes |= mode::WP;
     }
     engine.shared().insert(vma.clone());
-    mapping.i_mmap.lock().push(vma.clone());
+    {
+        let mut i_mmap = mapping.i_mmap.lock();
+        if vma.arms_write_notify() {
+            mapping.nr_wp_armed.fetch_add(1, Ordering::Relaxed);
+        }
+        i_mmap.push(vma.clone());
+    }
     register_user_range(addr, plen);
     if let Err(e) = engine.shared().uffd.register(addr, plen, modes) {
         unpublish(&vma);
@@ -346,11 +383,16 @@ pub(crate) fn do_mmap(
         let _ = unsafe { rustix::mm::munmap(addr as *mut _, plen) };
         return Err(Error::Io(e));
     }
-    if mode == UffdMode::Missing && vma.tracks_writes() {
-        // The kernel maps cached pages itself in this mode; write-protect
-        // the whole range (PTE markers on shmem) so that first writes
-        // still reach page_mkwrite.
-        let _ = engine.shared().uffd.writeprotect(addr, plen, true);
+    if vma.arms_write_notify() {
+        // The kernel maps cached pages itself in this mode: write-protect
+        // every cached page of the range (PTE markers on shmem) so that
+        // first writes still reach page_mkwrite. Folios created from now
+        // on are armed by `filemap_add_folio` before they are filled; the
+        // xa_lock round trip orders this walk after any such insert that
+        // did not see the new count. Nothing faults on the range before
+        // this returns: nobody else knows its address.
+        drop(mapping.i_pages.lock());
+        vma.arm_cached(vma.pgoff(), vma.pgoff().add((plen >> PAGE_SHIFT) as u64));
     }
     Ok(vma)
 }
@@ -414,7 +456,12 @@ pub(crate) fn overlaps_user_mapping(ptr: *const u8, len: usize) -> bool {
 
 fn unpublish(vma: &Arc<VmArea>) {
     vma.engine.remove(vma);
-    vma.mapping.i_mmap.lock().retain(|v| !Arc::ptr_eq(v, vma));
+    let mut i_mmap = vma.mapping.i_mmap.lock();
+    let before = i_mmap.len();
+    i_mmap.retain(|v| !Arc::ptr_eq(v, vma));
+    if i_mmap.len() != before && vma.arms_write_notify() {
+        vma.mapping.nr_wp_armed.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Tear a mapping down: stop new faults, wait for faults in flight, unmap,
@@ -879,20 +926,23 @@ impl AddressSpace {
     /// Free the folio memory of file bytes `[pos, pos + len)` (which also
     /// zaps it from every user mapping). Mappings where the kernel maps
     /// cached pages itself (`Missing` mode, shared-writable) lose their
-    /// uffd-wp markers for PTEs that were writable: re-arm them, or a page
-    /// refilled later (by read_at, readahead) would be mapped writable
-    /// without page_mkwrite.
+    /// uffd-wp markers for PTEs that were writable; that is safe because a
+    /// page comes back only in a new folio, which `filemap_add_folio`
+    /// write-protects before it is filled.
     pub(crate) fn punch_memory(&self, pos: u64, len: u64) -> io::Result<()> {
-        self.store.punch(pos, len)?;
-        let first = PgOff::of_byte(pos);
-        let end = PgOff((pos + len).div_ceil(PAGE_SIZE as u64));
+        self.store.punch(pos, len)
+    }
+
+    /// Write-protect new folio pages `[first, end)` in every mapping that
+    /// [arms write notification](VmArea::arms_write_notify). Called by
+    /// `filemap_add_folio` with the new folio locked, before it is filled.
+    pub(crate) fn arm_write_notify(&self, first: PgOff, end: PgOff) {
         let vmas = self.i_mmap.lock();
-        for v in vmas.iter().filter(|v| v.mode == UffdMode::Missing && v.tracks_writes()) {
+        for v in vmas.iter().filter(|v| v.arms_write_notify()) {
             if let Some(r) = v.user_range(first, end) {
                 let _ = v.engine.uffd.writeprotect(r.start, r.len(), true);
             }
         }
-        Ok(())
     }
 
     /// Number of live user mappings.

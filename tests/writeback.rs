@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{tempdir, Rng};
+use common::{tempdir, watchdog, Rng};
 use upcache::{PageCache, Share, PAGE_SIZE};
 
 #[test]
@@ -34,66 +34,71 @@ fn sync_all_writes_every_file() {
 
 #[test]
 fn freeze_is_a_consistent_snapshot_under_concurrent_writers() {
-    let dir = tempdir();
-    let path = dir.path().join("f");
-    let size = 1 << 20;
-    std::fs::write(&path, vec![0u8; size]).unwrap();
-    let cache = PageCache::new();
-    cache.start_fault_engine().expect("userfaultfd");
-    let file = Arc::new(cache.open(&path).unwrap());
-    let stop = Arc::new(AtomicBool::new(false));
-    std::thread::scope(|s| {
-        // Buffered writers.
-        for t in 0..2u64 {
-            let (file, stop) = (file.clone(), stop.clone());
-            s.spawn(move || {
-                let mut rng = Rng::new(t);
-                let mut buf = vec![0u8; 2 * PAGE_SIZE];
-                while !stop.load(Relaxed) {
-                    rng.fill(&mut buf);
-                    let off = rng.below((size - buf.len()) as u64);
-                    file.write_at(&buf, off).unwrap();
-                }
-            });
-        }
-        // A writer through a shared mapping.
-        {
-            let (file, stop) = (file.clone(), stop.clone());
-            s.spawn(move || {
-                // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
-                let mut map = unsafe { file.mmap_mut(0, size, Share::Shared) }.unwrap();
-                let mut rng = Rng::new(77);
-                while !stop.load(Relaxed) {
-                    let off = rng.below(size as u64) as usize;
-                    map[off] = map[off].wrapping_add(1);
-                }
-            });
-        }
-        for round in 0..5 {
-            cache.freeze().unwrap();
-            assert!(cache.is_frozen());
-            // Nothing can dirty the cache while frozen: it stays clean, and
-            // the file on disk is exactly what the cache holds.
-            for _ in 0..50 {
-                assert_eq!(cache.stats().dirty_bytes, 0, "round {round}: dirtied while frozen");
+    // A failed assertion while frozen leaves the mapped writer blocked in
+    // its fault and the scope waiting for it: the watchdog turns that
+    // into a failure instead of a hang.
+    watchdog("freeze snapshot", 120, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let size = 1 << 20;
+        std::fs::write(&path, vec![0u8; size]).unwrap();
+        let cache = PageCache::new();
+        cache.start_fault_engine().expect("userfaultfd");
+        let file = Arc::new(cache.open(&path).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        std::thread::scope(|s| {
+            // Buffered writers.
+            for t in 0..2u64 {
+                let (file, stop) = (file.clone(), stop.clone());
+                s.spawn(move || {
+                    let mut rng = Rng::new(t);
+                    let mut buf = vec![0u8; 2 * PAGE_SIZE];
+                    while !stop.load(Relaxed) {
+                        rng.fill(&mut buf);
+                        let off = rng.below((size - buf.len()) as u64);
+                        file.write_at(&buf, off).unwrap();
+                    }
+                });
             }
-            let disk = std::fs::read(&path).unwrap();
-            let mut cached = vec![0u8; size];
-            file.read_at(&mut cached, 0).unwrap();
-            assert!(
-                disk == cached,
-                "round {round}: the frozen file on disk is not the cached file"
-            );
-            assert!(cache.thaw());
-        }
-        stop.store(true, Relaxed);
+            // A writer through a shared mapping.
+            {
+                let (file, stop) = (file.clone(), stop.clone());
+                s.spawn(move || {
+                    // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
+                    let mut map = unsafe { file.mmap_mut(0, size, Share::Shared) }.unwrap();
+                    let mut rng = Rng::new(77);
+                    while !stop.load(Relaxed) {
+                        let off = rng.below(size as u64) as usize;
+                        map[off] = map[off].wrapping_add(1);
+                    }
+                });
+            }
+            for round in 0..5 {
+                cache.freeze().unwrap();
+                assert!(cache.is_frozen());
+                // Nothing can dirty the cache while frozen: it stays clean, and
+                // the file on disk is exactly what the cache holds.
+                for _ in 0..50 {
+                    assert_eq!(cache.stats().dirty_bytes, 0, "round {round}: dirtied while frozen");
+                }
+                let disk = std::fs::read(&path).unwrap();
+                let mut cached = vec![0u8; size];
+                file.read_at(&mut cached, 0).unwrap();
+                assert!(
+                    disk == cached,
+                    "round {round}: the frozen file on disk is not the cached file"
+                );
+                assert!(cache.thaw());
+            }
+            stop.store(true, Relaxed);
+        });
+        assert!(!cache.is_frozen());
+        file.fsync().unwrap();
+        assert_eq!(cache.stats().dirty_bytes, 0);
+        assert!(cache.freeze().is_ok());
+        assert!(cache.freeze().is_err(), "freezing twice is EBUSY");
+        cache.thaw();
     });
-    assert!(!cache.is_frozen());
-    file.fsync().unwrap();
-    assert_eq!(cache.stats().dirty_bytes, 0);
-    assert!(cache.freeze().is_ok());
-    assert!(cache.freeze().is_err(), "freezing twice is EBUSY");
-    cache.thaw();
 }
 
 #[test]

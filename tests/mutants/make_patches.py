@@ -118,6 +118,14 @@ MUTANTS = [
      "            match mapping.write_barrier(&g, wbc.sync_mode) {",
      "            match Ok::<bool, io::Error>(true) {",
      "cargo test --test page_ref writeback_waits_for_the_log"),
+    ("27-new-folio-not-write-protected", "src/address_space.rs",
+     "        if self.nr_wp_armed.load(Ordering::Relaxed) != 0 {",
+     "        if false && self.nr_wp_armed.load(Ordering::Relaxed) != 0 {",
+     "cargo test --test mmap shared_writes_reach_read_at_other_mappings_and_the_file"),
+    ("28-mmap-skips-cached-folios", "src/mmap.rs",
+     "        vma.arm_cached(vma.pgoff(), vma.pgoff().add((plen >> PAGE_SHIFT) as u64));",
+     "",
+     "cargo test --test mmap"),
 ]
 
 
