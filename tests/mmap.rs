@@ -118,6 +118,47 @@ fn shared_writes_reach_read_at_other_mappings_and_the_file() {
     }
 }
 
+/// Pages cached before a shared-writable mapping exists, pages cached
+/// while it exists (by `read_at`), and pages evicted and cached again all
+/// report their first write through it: `fsync` writes every one. In
+/// `Missing` mode the kernel maps cached pages itself, so each of those
+/// pages must be write-protected in the mapping before it can be touched.
+#[test]
+fn first_writes_to_pages_cached_before_during_and_after_mapping_reach_the_file() {
+    const PAGES: usize = 48;
+    for mode in modes() {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; PAGES * 4096]).unwrap();
+        let cache = cache_with(mode);
+        let file = cache.open(&path).unwrap();
+        let mut buf = vec![0u8; 16 * 4096];
+        // Pages 0..16 cached before the mapping.
+        file.read_at(&mut buf, 0).unwrap();
+        // SAFETY: only this thread touches the mapping.
+        let mut m = unsafe { file.mmap_mut(0, PAGES * 4096, Share::Shared) }.unwrap();
+        // Pages 16..32 cached while it exists.
+        file.read_at(&mut buf, 16 * 4096).unwrap();
+        // Pages 32..48 cached, then dropped (punched) and cached again.
+        file.read_at(&mut buf, 32 * 4096).unwrap();
+        file.advise(upcache::Advice::DontNeed, 32 * 4096, 16 * 4096).unwrap();
+        file.read_at(&mut buf, 32 * 4096).unwrap();
+        for p in 0..PAGES {
+            m[p * 4096 + 7] = p as u8 + 1;
+        }
+        file.fsync().unwrap();
+        let disk = std::fs::read(&path).unwrap();
+        for p in 0..PAGES {
+            assert_eq!(
+                disk[p * 4096 + 7],
+                p as u8 + 1,
+                "{mode:?}: the write to page {p} never reached the file"
+            );
+        }
+        drop(m);
+    }
+}
+
 #[test]
 fn write_at_is_visible_through_existing_mappings() {
     for mode in modes() {

@@ -125,7 +125,7 @@ MUTANTS = [
     ("28-mmap-skips-cached-folios", "src/mmap.rs",
      "        vma.arm_cached(vma.pgoff(), vma.pgoff().add((plen >> PAGE_SHIFT) as u64));",
      "",
-     "cargo test --test mmap"),
+     "cargo test --test mmap first_writes_to_pages_cached"),
 ]
 
 
