@@ -69,7 +69,7 @@ use crate::filemap::RaState;
 use crate::folio::{Folio, FolioGuard, FolioRef};
 use crate::fs_writeback::Writeback as CacheWriteback;
 use crate::mmap::VmArea;
-use crate::page_store::PageStore;
+use crate::page_store::{PageMemfd, PageStore};
 use crate::rwsem::{RwSem, RwSemReadGuard, RwSemWriteGuard};
 use crate::stats::{CacheStats, FileStats, Stats};
 use crate::sync::{epoch, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
@@ -159,6 +159,7 @@ impl AddressSpace {
         ra: RaConfig,
         reclaim: Option<Arc<Reclaimer>>,
         wb: Option<Arc<CacheWriteback>>,
+        memfd: &Arc<PageMemfd>,
     ) -> io::Result<AddressSpace> {
         assert!(id != 0, "mapping id 0 means detached");
         let size = ops.initial_size()?;
@@ -167,7 +168,7 @@ impl AddressSpace {
         }
         Ok(AddressSpace {
             id,
-            store: Arc::new(PageStore::new(&name)?),
+            store: Arc::new(PageStore::new(memfd)?),
             name,
             i_pages: XArray::new(),
             i_size: AtomicU64::new(size),

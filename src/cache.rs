@@ -17,6 +17,7 @@ use crate::filemap::Advice;
 use crate::fs_writeback::{DirtyConfig, Spaces, Writeback as CacheWriteback};
 use crate::mmap::{do_mmap, Mmap, MmapMut, MmapRaw, Share, UffdMode};
 use crate::page_ref::{PageMut, PageRef};
+use crate::page_store::PageMemfd;
 use crate::stats::{CacheStats, Stats};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, Weak};
 use crate::types::{MAX_ORDER, PAGE_SIZE};
@@ -215,6 +216,7 @@ impl PageCacheBuilder {
                 next_id: AtomicU64::new(1),
                 fault_cfg: self.fault,
                 engine: Mutex::new(None),
+                memfd: Mutex::new(None),
             }),
         }
     }
@@ -250,6 +252,9 @@ struct CacheInner {
     fault_cfg: FaultConfig,
     /// Started on the first mmap.
     engine: Mutex<Option<Arc<FaultEngine>>>,
+    /// The page store every file's folios live in (one descriptor per
+    /// cache), created on the first open.
+    memfd: Mutex<Option<Arc<PageMemfd>>>,
 }
 
 impl Drop for CacheInner {
@@ -435,6 +440,13 @@ impl PageCache {
 
     fn new_mapping(&self, name: String, ops: Box<dyn crate::aops::OpsAny>) -> Result<Arc<AddressSpace>> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let memfd = {
+            let mut slot = self.inner.memfd.lock();
+            match &*slot {
+                Some(m) => m.clone(),
+                None => slot.insert(PageMemfd::new().map_err(Error::Io)?).clone(),
+            }
+        };
         let m = AddressSpace::new(
             id,
             name,
@@ -443,6 +455,7 @@ impl PageCache {
             self.inner.ra,
             self.inner.reclaim.clone(),
             Some(self.inner.wb.clone()),
+            &memfd,
         )
         .map_err(Error::Io)?;
         let m = Arc::new(m);
@@ -480,6 +493,13 @@ impl PageCache {
     /// Is the cache frozen?
     pub fn is_frozen(&self) -> bool {
         self.inner.wb.is_frozen()
+    }
+
+    /// Bytes of memory the cache's page store holds for every file (the
+    /// memfd's allocated blocks, as the kernel counts them). Per file:
+    /// [`File::memory_bytes`].
+    pub fn memory_bytes(&self) -> u64 {
+        self.inner.memfd.lock().as_ref().map_or(0, |m| m.allocated_bytes())
     }
 
     /// The memory limit, if any.

@@ -230,8 +230,17 @@ pub mod loom_support {
         };
         let ops = Box::new(StoreOps::new(store));
         Arc::new(
-            AddressSpace::new(1, "loom".into(), ops, Arc::new(CacheStats::default()), ra, None, None)
-                .expect("memfd for the loom address space"),
+            AddressSpace::new(
+                1,
+                "loom".into(),
+                ops,
+                Arc::new(CacheStats::default()),
+                ra,
+                None,
+                None,
+                &crate::page_store::PageMemfd::new().expect("memfd for the loom address space"),
+            )
+            .expect("region for the loom address space"),
         )
     }
 

@@ -330,8 +330,17 @@ pub(crate) fn do_mmap(
     } | rustix::mm::MapFlags::NORESERVE;
     // SAFETY: a fresh mapping (null hint, no MAP_FIXED) aliases no Rust
     // object; the memfd outlives it (the VmArea holds the AddressSpace).
-    let addr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), plen, prot, flags, mapping.store.memfd(), offset) }
-        .map_err(|e| Error::Io(e.into()))? as usize;
+    let addr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            plen,
+            prot,
+            flags,
+            mapping.store.memfd(),
+            mapping.store.memfd_offset(offset),
+        )
+    }
+    .map_err(|e| Error::Io(e.into()))? as usize;
     // A child of a storage engine does not inherit its cache mappings: a
     // forked child touching an uncached page would otherwise fault it in
     // as a zero page of the shared memfd (the uffd registration is not

@@ -1,22 +1,30 @@
-//! Where folio bytes live: one sparse `memfd` per address space, each byte at
-//! its file offset, written through the engine's own unregistered
-//! `MAP_SHARED` view of it.
+//! Where folio bytes live: one sparse `memfd` per cache, in which each open
+//! file owns a region of [`MAX_FILE_SIZE`] bytes holding each of its bytes
+//! at `region base + file offset`, written through the engine's own
+//! unregistered `MAP_SHARED` view of it.
+//!
+//! One descriptor per cache, not per file: the kernel's page cache costs no
+//! descriptor per file, and storage engines keep thousands of files open
+//! (issue #12 item 4; `tests/descriptors.rs`). A region is taken when a file
+//! is opened and given back, punched empty, when the last folio and mapping
+//! of that file are gone (`PageStore` drop).
 //!
 //! The view is mapped lazily in 1 GiB chunks (virtual address space only,
-//! `MAP_NORESERVE`); a folio never straddles a chunk because folios are
-//! naturally aligned and at most 2 MiB. The fault engine maps the very same
-//! memfd pages into user mappings, so a mapped page *is* the cached folio.
-//! Dropping folios punches the memfd (`FALLOC_FL_PUNCH_HOLE`), which frees the
-//! memory and zaps the page from every mapping.
+//! `MAP_NORESERVE`) shared by every file of the cache; a folio never
+//! straddles a chunk because folios are naturally aligned and at most
+//! 2 MiB, and regions are chunk-aligned. The fault engine maps the very
+//! same memfd pages into user mappings, so a mapped page *is* the cached
+//! folio. Dropping folios punches the memfd (`FALLOC_FL_PUNCH_HOLE`), which
+//! frees the memory and zaps the page from every mapping.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use rustix::fs::{fallocate, fstat, ftruncate, memfd_create, FallocateFlags, MemfdFlags};
+use rustix::fs::{fallocate, fstat, ftruncate, memfd_create, seek, FallocateFlags, MemfdFlags, SeekFrom};
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 
-use crate::sync::Mutex;
+use crate::sync::{Arc, Mutex, RwLock};
 use crate::types::MAX_FILE_SIZE;
 
 #[cfg(not(loom))]
@@ -25,12 +33,93 @@ const CHUNK_SHIFT: u32 = 30;
 const CHUNK_SHIFT: u32 = 18;
 const CHUNK_SIZE: u64 = 1 << CHUNK_SHIFT;
 
-/// The memfd holding one address space's folios, and the engine's view.
-pub(crate) struct PageStore {
+/// Regions a cache's memfd holds: the memfd is `MAX_REGIONS` regions long
+/// (sparse; `MAX_LFS_FILESIZE` is 2^63 - 1).
+#[cfg(not(loom))]
+const MAX_REGIONS: u64 = (1u64 << 62) / MAX_FILE_SIZE;
+#[cfg(loom)]
+const MAX_REGIONS: u64 = 16;
+
+/// A cache's memfd, its view and its region allocator.
+pub(crate) struct PageMemfd {
     memfd: OwnedFd,
-    /// chunk number → base address of its view. Touched only when a folio
-    /// is created; folios cache their data pointer.
-    chunks: Mutex<HashMap<u64, usize>>,
+    /// chunk number (memfd offset >> CHUNK_SHIFT) → base address of its
+    /// view. Written only when a folio is created in a chunk not yet
+    /// mapped; folios cache their data pointer.
+    chunks: RwLock<HashMap<u64, usize>>,
+    /// Region allocator: regions given back, and the first never used.
+    regions: Mutex<(Vec<u64>, u64)>,
+}
+
+impl PageMemfd {
+    /// Create the memfd, sized to hold every region (sparse, no memory).
+    pub(crate) fn new() -> io::Result<Arc<PageMemfd>> {
+        let memfd = memfd_create("upcache", MemfdFlags::CLOEXEC)?;
+        ftruncate(&memfd, MAX_REGIONS * MAX_FILE_SIZE)?;
+        Ok(Arc::new(PageMemfd {
+            memfd,
+            chunks: RwLock::new(HashMap::new()),
+            regions: Mutex::new((Vec::new(), 0)),
+        }))
+    }
+
+    /// Bytes of memory the memfd holds (its allocated blocks), every file.
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        fstat(&self.memfd).map(|st| st.st_blocks as u64 * 512).unwrap_or(0)
+    }
+
+    /// Engine-view address of memfd offset `off`; maps its chunk on first
+    /// use.
+    fn view_ptr(&self, off: u64) -> io::Result<*mut u8> {
+        let chunk = off >> CHUNK_SHIFT;
+        let inner = (off & (CHUNK_SIZE - 1)) as usize;
+        if let Some(&base) = self.chunks.read().get(&chunk) {
+            return Ok((base + inner) as *mut u8);
+        }
+        let mut chunks = self.chunks.write();
+        if let Some(&base) = chunks.get(&chunk) {
+            return Ok((base + inner) as *mut u8);
+        }
+        // SAFETY: a fresh mapping (null hint, no MAP_FIXED) cannot alias any
+        // Rust object; the memfd is MAX_REGIONS regions long, so the chunk
+        // is backed; it stays mapped until `Drop`, after every region (and
+        // so every folio) is gone.
+        let p = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                CHUNK_SIZE as usize,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                &self.memfd,
+                chunk << CHUNK_SHIFT,
+            )
+        }?;
+        // A forked child must not inherit the engine view: it could write
+        // cached folios behind the parent's back.
+        // SAFETY: our own fresh mapping; DONTFORK changes only fork(2)'s
+        // treatment of it.
+        unsafe { libc::madvise(p, CHUNK_SIZE as usize, libc::MADV_DONTFORK) };
+        chunks.insert(chunk, p as usize);
+        Ok((p as usize + inner) as *mut u8)
+    }
+}
+
+impl Drop for PageMemfd {
+    fn drop(&mut self) {
+        for (_, base) in self.chunks.write().drain() {
+            // SAFETY: `base` came from our `mmap` of CHUNK_SIZE bytes; every
+            // PageStore holds an Arc of this memfd, so none (and no folio
+            // pointing into the view) is left.
+            let _ = unsafe { munmap(base as *mut _, CHUNK_SIZE as usize) };
+        }
+    }
+}
+
+/// One address space's region of its cache's memfd.
+pub(crate) struct PageStore {
+    memfd: Arc<PageMemfd>,
+    /// Memfd offset of file offset 0.
+    base: u64,
     /// Loom models' page table: told of every punch (which zaps the range
     /// from every user mapping), after the memory is freed.
     #[cfg(loom)]
@@ -83,13 +172,25 @@ pub(crate) fn thp_setting_enables(s: &str) -> bool {
 }
 
 impl PageStore {
-    /// Create the memfd, sized to the largest file (sparse, no memory).
-    pub(crate) fn new(name: &str) -> io::Result<PageStore> {
-        let memfd = memfd_create(format!("upcache:{name}"), MemfdFlags::CLOEXEC)?;
-        ftruncate(&memfd, MAX_FILE_SIZE)?;
+    /// Take a free region of `memfd`.
+    ///
+    /// # Errors
+    /// `ENFILE` when every region is in use.
+    pub(crate) fn new(memfd: &Arc<PageMemfd>) -> io::Result<PageStore> {
+        let base = {
+            let mut r = memfd.regions.lock();
+            match r.0.pop() {
+                Some(b) => b,
+                None if r.1 < MAX_REGIONS => {
+                    r.1 += 1;
+                    (r.1 - 1) * MAX_FILE_SIZE
+                }
+                None => return Err(io::Error::from_raw_os_error(libc::ENFILE)),
+            }
+        };
         Ok(PageStore {
-            memfd,
-            chunks: Mutex::new(HashMap::new()),
+            memfd: memfd.clone(),
+            base,
             #[cfg(loom)]
             on_punch: std::sync::OnceLock::new(),
             #[cfg(loom)]
@@ -99,52 +200,33 @@ impl PageStore {
 
     /// The memfd (the fault engine maps it into user mappings).
     pub(crate) fn memfd(&self) -> BorrowedFd<'_> {
-        self.memfd.as_fd()
+        self.memfd.memfd.as_fd()
+    }
+
+    /// The memfd offset of file offset `pos` (where a user mapping of the
+    /// file at `pos` maps the memfd).
+    pub(crate) fn memfd_offset(&self, pos: u64) -> u64 {
+        debug_assert!(pos <= MAX_FILE_SIZE);
+        self.base + pos
     }
 
     /// Engine-view address of file offset `pos`; maps its chunk on first use.
     pub(crate) fn view_ptr(&self, pos: u64) -> io::Result<*mut u8> {
         debug_assert!(pos < MAX_FILE_SIZE);
-        let chunk = pos >> CHUNK_SHIFT;
-        let mut chunks = self.chunks.lock();
-        let base = match chunks.get(&chunk) {
-            Some(&b) => b,
-            None => {
-                // SAFETY: a fresh mapping (null hint, no MAP_FIXED) cannot
-                // alias any Rust object; the memfd is at least
-                // MAX_FILE_SIZE long, so the chunk is backed; it stays
-                // mapped until `Drop`, after every folio is gone.
-                let p = unsafe {
-                    mmap(
-                        std::ptr::null_mut(),
-                        CHUNK_SIZE as usize,
-                        ProtFlags::READ | ProtFlags::WRITE,
-                        MapFlags::SHARED | MapFlags::NORESERVE,
-                        &self.memfd,
-                        chunk << CHUNK_SHIFT,
-                    )
-                }?;
-                // A forked child must not inherit the engine view: it
-                // could write cached folios behind the parent's back.
-                // SAFETY: our own fresh mapping; DONTFORK changes only
-                // fork(2)'s treatment of it.
-                unsafe { libc::madvise(p, CHUNK_SIZE as usize, libc::MADV_DONTFORK) };
-                chunks.insert(chunk, p as usize);
-                p as usize
-            }
-        };
-        Ok((base + (pos & (CHUNK_SIZE - 1)) as usize) as *mut u8)
+        self.memfd.view_ptr(self.base + pos)
     }
 
     /// Write `data` at `pos` with `pwrite(2)`: the kernel fills each memfd
     /// page under its own page lock and marks it uptodate only when full,
     /// so a kernel fault on a user mapping never maps a half-filled page.
-    pub(crate) fn pwrite(&self, mut pos: u64, mut data: &[u8]) -> io::Result<()> {
+    pub(crate) fn pwrite(&self, pos: u64, mut data: &[u8]) -> io::Result<()> {
+        debug_assert!(pos + data.len() as u64 <= MAX_FILE_SIZE);
+        let mut off = self.base + pos;
         while !data.is_empty() {
-            match rustix::io::pwrite(&self.memfd, data, pos) {
+            match rustix::io::pwrite(&self.memfd.memfd, data, off) {
                 Ok(n) => {
                     data = &data[n..];
-                    pos += n as u64;
+                    off += n as u64;
                 }
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
@@ -159,10 +241,11 @@ impl PageStore {
         if len == 0 {
             return Ok(());
         }
+        debug_assert!(pos + len <= MAX_FILE_SIZE);
         fallocate(
-            &self.memfd,
+            &self.memfd.memfd,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            pos,
+            self.base + pos,
             len,
         )?;
         #[cfg(loom)]
@@ -170,20 +253,41 @@ impl PageStore {
         Ok(())
     }
 
-    /// Bytes of memory the memfd holds (its allocated blocks).
+    /// Bytes of memory this file's region holds: its data extents
+    /// (`SEEK_DATA`/`SEEK_HOLE`, which shmem answers from its page cache).
     pub(crate) fn allocated_bytes(&self) -> u64 {
-        fstat(&self.memfd).map(|st| st.st_blocks as u64 * 512).unwrap_or(0)
+        let fd = &self.memfd.memfd;
+        let end = self.base + MAX_FILE_SIZE;
+        let mut pos = self.base;
+        let mut total = 0;
+        while pos < end {
+            let Ok(data) = seek(fd, SeekFrom::Data(pos)) else {
+                break; // ENXIO: no data after pos
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(fd, SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
+            total += hole - data;
+            pos = hole;
+        }
+        total
     }
 }
 
 impl Drop for PageStore {
     fn drop(&mut self) {
-        for (_, base) in self.chunks.lock().drain() {
-            // SAFETY: `base` came from our `mmap` of CHUNK_SIZE bytes; the
-            // store is being dropped after every folio (and so every pointer
-            // into the view) is gone.
-            let _ = unsafe { munmap(base as *mut _, CHUNK_SIZE as usize) };
-        }
+        // Every folio (each holds an Arc of this store) and every user
+        // mapping (each holds the address space) is gone: free whatever
+        // the region still holds (pages past EOF of a folio kept by a
+        // failed truncate) and give it back.
+        let _ = fallocate(
+            &self.memfd.memfd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            self.base,
+            MAX_FILE_SIZE,
+        );
+        self.memfd.regions.lock().0.push(self.base);
     }
 }
 
