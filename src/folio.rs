@@ -939,3 +939,18 @@ impl fmt::Debug for FolioGuard {
         f.debug_tuple("FolioGuard").field(&*self.folio).finish()
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    /// Metadata per cached folio stays within the 56 bytes issue #12 holds
+    /// it to (the kernel's `struct page` is 64): a one-page folio costs
+    /// this plus its 8-byte index slot.
+    #[test]
+    fn folio_metadata_is_at_most_56_bytes() {
+        assert!(
+            std::mem::size_of::<super::Folio>() <= 56,
+            "struct Folio is {} bytes",
+            std::mem::size_of::<super::Folio>()
+        );
+    }
+}
