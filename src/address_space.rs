@@ -151,6 +151,9 @@ impl std::fmt::Debug for AddressSpace {
 }
 
 impl AddressSpace {
+    // One argument per cache-wide part a file hangs off; two callers (the
+    // cache and the loom models).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         id: u64,
         name: String,
