@@ -234,6 +234,24 @@ pub fn lookup_in(data: &[u8], buckets: u64, key: u64) -> Option<u64> {
     }
 }
 
+/// Byte offset of `key`'s value in a mapped data file of `buckets` pages
+/// (for in-place updates through a writable mapping).
+pub fn value_offset_in(data: &[u8], buckets: u64, key: u64) -> Option<usize> {
+    let mut b = hash(key) % buckets;
+    loop {
+        let base = b as usize * PAGE_SIZE;
+        let page = &data[base..base + PAGE_SIZE];
+        let n = count(page);
+        if let Some(i) = (0..n).find(|&i| slot(page, i).0 == key) {
+            return Some(base + 8 + i * 16 + 8);
+        }
+        if n < SLOTS {
+            return None;
+        }
+        b = (b + 1) % buckets;
+    }
+}
+
 /// Find `key` in a data file of `buckets` pages.
 pub fn lookup(file: &upcache::File, buckets: u64, key: u64) -> upcache::Result<Option<u64>> {
     let mut b = hash(key) % buckets;
