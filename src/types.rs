@@ -1,10 +1,11 @@
 //! The address kinds upcache juggles, kept apart by newtypes.
 //!
 //! A file byte offset (`u64`, `loff_t` in the kernel) is converted to a page
-//! index ([`PgOff`], `pgoff_t`) and back only here. The memfd that holds the
-//! folios stores each byte at its file offset, so a memfd offset *is* a file
-//! offset; a user virtual address is a different thing and lives in the
-//! fault engine.
+//! index ([`PgOff`], `pgoff_t`) and back only here. The cache's memfd holds
+//! each file's bytes at its file offset inside the file's region
+//! (`PageStore::memfd_offset` adds the region's base, only where the memfd
+//! itself is addressed); a user virtual address is a different thing and
+//! lives in the fault engine.
 
 /// log2 of the page size upcache works in.
 pub const PAGE_SHIFT: u32 = 12;
