@@ -23,6 +23,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_main, Criterion};
+
+mod common;
 use upcache::{PageCache, Share};
 
 #[path = "../examples/kv.rs"]
@@ -131,7 +133,9 @@ fn kv_update(c: &mut Criterion) {
     let kdata = dir.path().join("kv.kernel");
     std::fs::copy(&udata, &kdata).unwrap();
 
-    let cache = PageCache::new();
+    // The kernel's dirty thresholds (see benches/update.rs).
+    let (bg, limit) = common::kernel_dirty_thresholds();
+    let cache = PageCache::builder().dirty_background_bytes(bg).dirty_limit_bytes(limit).build();
     let file = cache.open(&udata).unwrap();
     // SAFETY: only this thread reads or writes the data files while the
     // benchmark runs.

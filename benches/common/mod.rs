@@ -117,3 +117,33 @@ pub fn report(id: &str, r: &Option<Residency>) {
         r.print(id);
     }
 }
+
+/// The kernel's dirty thresholds here, in bytes: (background, limit), from
+/// `/proc/sys/vm/dirty_{background_,}{bytes,ratio}` and `MemAvailable`
+/// (the kernel counts "dirtyable" memory, about what is available). A
+/// benchmark whose kernel side writes through the page cache gives upcache
+/// the same thresholds, so neither side starts writeback the other would
+/// not.
+pub fn kernel_dirty_thresholds() -> (u64, u64) {
+    let read = |f: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/sys/vm/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("MemAvailable:")
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        })
+        .unwrap_or(0)
+        * 1024;
+    let pick = |bytes: u64, ratio: u64| if bytes != 0 { bytes } else { avail * ratio / 100 };
+    (
+        pick(read("dirty_background_bytes"), read("dirty_background_ratio")),
+        pick(read("dirty_bytes"), read("dirty_ratio")),
+    )
+}
