@@ -119,7 +119,12 @@ fn kv_lookups(c: &mut Criterion) {
 fn updates(data: &[u8], buckets: u64, iter: u64) -> Vec<(usize, u64)> {
     keys(iter + 1000)
         .into_iter()
-        .map(|k| (kv::value_offset_in(data, buckets, k).expect("key present"), kv::final_value(k)))
+        .map(|k| {
+            (
+                kv::value_offset_in(data, buckets, k).expect("key present"),
+                kv::final_value(k),
+            )
+        })
         .collect()
 }
 
@@ -135,7 +140,10 @@ fn kv_update(c: &mut Criterion) {
 
     // The kernel's dirty thresholds (see benches/update.rs).
     let (bg, limit) = common::kernel_dirty_thresholds();
-    let cache = PageCache::builder().dirty_background_bytes(bg).dirty_limit_bytes(limit).build();
+    let cache = PageCache::builder()
+        .dirty_background_bytes(bg)
+        .dirty_limit_bytes(limit)
+        .build();
     let file = cache.open(&udata).unwrap();
     // SAFETY: only this thread reads or writes the data files while the
     // benchmark runs.
@@ -189,8 +197,14 @@ fn kv_update(c: &mut Criterion) {
     kmap.flush().unwrap();
     // Every update reached the file (each side ran its own number of
     // iterations, so the two files differ from each other).
-    assert!(std::fs::read(&udata).unwrap() == umap[..], "upcache: the flushed file is not what the mapping shows");
-    assert!(std::fs::read(&kdata).unwrap() == kmap[..], "kernel: the flushed file is not what the mapping shows");
+    assert!(
+        std::fs::read(&udata).unwrap() == umap[..],
+        "upcache: the flushed file is not what the mapping shows"
+    );
+    assert!(
+        std::fs::read(&kdata).unwrap() == kmap[..],
+        "kernel: the flushed file is not what the mapping shows"
+    );
 }
 
 #[allow(missing_docs)]

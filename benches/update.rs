@@ -59,8 +59,15 @@ fn mapped_update_random(c: &mut Criterion) {
     // limit are 64 MiB / 256 MiB; the kernel's here are 10 % / 20 % of
     // available memory).
     let (bg, limit) = common::kernel_dirty_thresholds();
-    println!("mapped_update_random: dirty thresholds (kernel's, given to upcache): background {} MiB, limit {} MiB", bg >> 20, limit >> 20);
-    let cache = PageCache::builder().dirty_background_bytes(bg).dirty_limit_bytes(limit).build();
+    println!(
+        "mapped_update_random: dirty thresholds (kernel's, given to upcache): background {} MiB, limit {} MiB",
+        bg >> 20,
+        limit >> 20
+    );
+    let cache = PageCache::builder()
+        .dirty_background_bytes(bg)
+        .dirty_limit_bytes(limit)
+        .build();
     let file = cache.open(&upath).unwrap();
     // SAFETY: only this thread touches the files while the benchmark runs.
     let mut umap = unsafe { file.mmap_mut(0, SIZE, Share::Shared) }.unwrap();

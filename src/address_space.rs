@@ -122,6 +122,10 @@ pub struct AddressSpace {
     pub(crate) nr_wp_armed: crate::sync::AtomicUsize,
     /// On-demand readahead state.
     pub(crate) ra_state: Mutex<RaState>,
+    /// Last byte the previous `read_at` copied (`ra->prev_pos`): a read
+    /// that continues inside the same folio does not mark it accessed
+    /// again. Racy on purpose (a hint, like the kernel's).
+    pub(crate) read_prev: AtomicU64,
     /// The cache's reclaimer, when it has a memory limit.
     pub(crate) reclaim: Option<Arc<Reclaimer>>,
     /// The cache's flusher, freeze gate and dirty throttling.
@@ -185,6 +189,7 @@ impl AddressSpace {
             i_mmap: Mutex::new(Vec::new()),
             nr_wp_armed: crate::sync::AtomicUsize::new(0),
             ra_state: Mutex::new(RaState::default()),
+            read_prev: AtomicU64::new(u64::MAX),
             reclaim,
             wb,
             dirtied_when: AtomicU64::new(0),

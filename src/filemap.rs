@@ -84,6 +84,20 @@ impl AddressSpace {
     /// `read_at` into a buffer that is not an upcache mapping.
     fn read_at_locked_out(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
         let mut done = 0usize;
+        // The next readahead window, read once the page that missed has
+        // been copied out: reading it first could charge enough pages to
+        // reclaim that very page, and the reader would miss it again, read
+        // it again, and so on (seen as an fsx run stuck for minutes under a
+        // 256 KiB limit with 2 MiB windows). Holding the folio across the
+        // read instead is not allowed: readahead takes `invalidate_lock`,
+        // and truncate waits for folio references with it held.
+        let mut pending: Option<Range<u64>> = None;
+        // When a read accesses the same folio several times (a stream of
+        // small reads, or one read across a large folio), only the first
+        // access marks it accessed, as `filemap_read` does: otherwise a
+        // sequential stream makes every large folio look reused, reclaim
+        // keeps what was already read and evicts what was read ahead.
+        let mut last = self.read_prev.load(crate::sync::Ordering::Relaxed);
         while done < buf.len() {
             let p = match pos.checked_add(done as u64) {
                 Some(p) if p < self.size() => p,
@@ -99,8 +113,9 @@ impl AddressSpace {
                     self.stats.miss();
                     let want = (((buf.len() - done) as u64) + (p & ((1 << PAGE_SHIFT) - 1))).div_ceil(1 << PAGE_SHIFT);
                     if let Some(next) = self.page_cache_sync_readahead(index, want)? {
-                        // No thread to hand it to here: read it now.
-                        self.page_cache_async_readahead(next)?;
+                        // No thread to hand it to here: read it after the
+                        // copy below.
+                        pending = Some(next);
                     }
                     continue;
                 }
@@ -119,8 +134,21 @@ impl AddressSpace {
             let off = (p - folio.pos()) as usize;
             let n = (folio.size() - off).min(buf.len() - done).min((size - p) as usize);
             folio.copy_out(off, &mut buf[done..done + n]);
-            folio.mark_accessed();
+            if !(folio.pos() <= last && last - folio.pos() < folio.size() as u64) {
+                folio.mark_accessed();
+            }
+            last = p + n as u64 - 1;
             done += n;
+            drop(folio);
+            if let Some(next) = pending.take() {
+                self.page_cache_async_readahead(next)?;
+            }
+        }
+        self.read_prev.store(last, crate::sync::Ordering::Relaxed);
+        if let Some(next) = pending {
+            // Stopped early (end of file): read the window all the same,
+            // the stream is sequential.
+            self.page_cache_async_readahead(next)?;
         }
         Ok(done)
     }
@@ -189,9 +217,16 @@ impl AddressSpace {
         // caller copies it out, then misses again): reading all of a read
         // larger than the memory limit at once would evict its own head
         // before the copy reached it, again and again.
-        let req_pages = req_pages.min(self.ra_chunk_pages());
-        let init = self.ra.window_pages;
-        let max = self.ra.max_pages.max(init);
+        let chunk = self.ra_chunk_pages();
+        let req_pages = req_pages.min(chunk);
+        // Windows too are at most a chunk (a quarter of a memory limit):
+        // a window larger than what reclaim leaves cached would evict its
+        // own first pages before the reader reached them, and every one
+        // would be read twice or more (4.75x the file for a sequential
+        // read under a 256 KiB limit with 2 MiB windows,
+        // `tests/reclaim.rs`).
+        let init = self.ra.window_pages.min(chunk);
+        let max = self.ra.max_pages.max(init).min(chunk).max(init);
         let (sync, next) = {
             let mut st = self.ra_state.lock();
             if st.advice == Advice::Random {
@@ -279,6 +314,7 @@ impl AddressSpace {
                 let n = 1u64 << order;
                 if i % n == 0 && i + n <= end {
                     if let Some(g) = self.filemap_add_folio(PgOff(i), order)? {
+                        g.set_fresh();
                         i += n;
                         batch.push(g);
                         batch_pages += n;

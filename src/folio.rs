@@ -19,6 +19,7 @@
 //! | `READAHEAD` | readahead, on the folio that should trigger the next window | a reader that hit it | async readahead marker |
 //! | `REFERENCED` | any access (`mark_accessed`) | reclaim's clock hand | recently used |
 //! | `ACTIVE` | reclaim promotion | reclaim demotion | on the hot list |
+//! | `FRESH` | readahead, on each folio it creates (folio locked, new) | the first `mark_accessed` | the next access is the first, not a reuse |
 //!
 //! Once set, `UPTODATE` is never cleared while the folio is in the cache.
 //!
@@ -103,6 +104,9 @@ pub mod flags {
     pub const REFERENCED: u32 = 1 << 8;
     /// On the active (hot) list.
     pub const ACTIVE: u32 = 1 << 9;
+    /// Read in by readahead and not accessed since: the first access is
+    /// the one readahead anticipated, not a reuse, and does not count.
+    pub const FRESH: u32 = 1 << 10;
 }
 use flags::*;
 
@@ -302,8 +306,15 @@ impl Folio {
     pub fn mark_accessed(&self) {
         // A two-bit use counter for the replacement policy: REFERENCED on
         // the first use, ACTIVE on the next (S3-FIFO's frequency, capped).
+        // A folio readahead brought in counts from its second access: the
+        // first is the read it was brought in for. Counting it made every
+        // page of a sequential stream look reused, so reclaim kept the
+        // pages already read and evicted those read ahead but not yet
+        // reached, which were then read again (`tests/reclaim.rs`).
         let f = self.flags.load(Ordering::Relaxed);
-        if f & REFERENCED == 0 {
+        if f & FRESH != 0 {
+            self.flags.fetch_and(!FRESH, Ordering::Relaxed);
+        } else if f & REFERENCED == 0 {
             self.flags.fetch_or(REFERENCED, Ordering::Relaxed);
         } else if f & ACTIVE == 0 {
             self.flags.fetch_or(ACTIVE, Ordering::Relaxed);
@@ -315,6 +326,12 @@ impl Folio {
     pub(crate) fn use_count(&self) -> u32 {
         let f = self.flags.load(Ordering::Relaxed);
         (f & REFERENCED != 0) as u32 + (f & ACTIVE != 0) as u32
+    }
+
+    /// Mark a folio readahead just created (`FRESH`): its first access
+    /// will not count as a reuse.
+    pub(crate) fn set_fresh(&self) {
+        self.flags.fetch_or(FRESH, Ordering::Relaxed);
     }
 
     /// Take one use off the counter (the policy gave the folio a pass).

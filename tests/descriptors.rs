@@ -77,7 +77,11 @@ fn nine_hundred_files_open_and_mapped_under_a_1024_descriptor_limit() {
             let f = cache.open(p).unwrap();
             // SAFETY: as above.
             let m = unsafe { f.mmap(0, 2 * PAGE, Share::Shared) }.unwrap();
-            assert_eq!(&m[..], &content(i)[..], "file {i}, opened after others closed, through its mapping");
+            assert_eq!(
+                &m[..],
+                &content(i)[..],
+                "file {i}, opened after others closed, through its mapping"
+            );
             let mut buf = vec![0u8; 2 * PAGE];
             f.read_exact_at(&mut buf, 0).unwrap();
             assert_eq!(buf, content(i), "file {i}, opened after others closed, through read_at");

@@ -179,3 +179,41 @@ fn one_pass_scan_does_not_flush_the_hot_set() {
         "hot set flushed by a scan: {misses} misses re-reading {pages} hot pages"
     );
 }
+
+/// A sequential `read_at` stream under a memory limit far below the
+/// readahead window reads every byte from the store once: readahead never
+/// reads so far ahead that reclaim evicts pages before the reader gets to
+/// them, nor evicts the page the reader missed on before it is copied (it
+/// would be read again, and under enough pressure again and again: an fsx
+/// run once spent minutes that way).
+#[test]
+fn sequential_read_under_a_small_limit_reads_each_byte_once() {
+    use std::sync::atomic::AtomicU64;
+    let dir = tempdir();
+    let path = dir.path().join("seq");
+    let size = 4 * MIB as usize;
+    let mut data = vec![0u8; size];
+    Rng::new(7).fill(&mut data);
+    std::fs::write(&path, &data).unwrap();
+    let read_bytes = Arc::new(AtomicU64::new(0));
+    let counter = read_bytes.clone();
+    let store = HookStore::new(&path, move |op, _off, len| {
+        if op == StoreOp::Read {
+            counter.fetch_add(len, Relaxed);
+        }
+        Ok(())
+    });
+    // Default readahead (128 KiB growing to 2 MiB) against a 256 KiB limit.
+    let cache = PageCache::builder().memory_limit(256 * 1024).build();
+    let file = cache.open_with_ops("seq", StoreOps::new(store)).unwrap();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for (i, want) in data.chunks(PAGE_SIZE).enumerate() {
+        file.read_exact_at(&mut buf, (i * PAGE_SIZE) as u64).unwrap();
+        assert_eq!(&buf[..], want, "page {i}");
+    }
+    let read = read_bytes.load(Relaxed);
+    assert!(
+        read <= size as u64,
+        "a {size}-byte sequential read under a 256 KiB limit read {read} bytes from the store"
+    );
+}
