@@ -126,6 +126,14 @@ MUTANTS = [
      "        vma.arm_cached(vma.pgoff(), vma.pgoff().add((plen >> PAGE_SHIFT) as u64));",
      "",
      "cargo test --test mmap first_writes_to_pages_cached"),
+    ("29-read-marks-accessed-every-copy", "src/filemap.rs",
+     "            if !(folio.pos() <= last && last - folio.pos() < folio.size() as u64) {",
+     "            if true {",
+     "cargo test --test reclaim sequential_read_under_a_small_limit"),
+    ("30-readahead-window-uncapped", "src/filemap.rs",
+     "        let max = self.ra.max_pages.max(init).min(chunk).max(init);",
+     "        let max = self.ra.max_pages.max(init);",
+     "cargo test --test reclaim sequential_read_under_a_small_limit"),
 ]
 
 
