@@ -283,3 +283,43 @@ fn remap_to_a_bad_length_is_an_error_and_keeps_the_mapping() {
     raw.read(8191, &mut b);
     assert_eq!(b[0], 3, "a failed remap broke the mapping");
 }
+
+/// The page store is one memfd per cache with a region per file: each
+/// file's `memory_bytes` counts its own region only, the cache's counts
+/// them all, and a file's memory is freed (and its region given back) when
+/// it is closed and dropped.
+#[test]
+fn memory_bytes_per_file_and_per_cache() {
+    let dir = tempdir();
+    let a_path = dir.path().join("a");
+    let b_path = dir.path().join("b");
+    std::fs::write(&a_path, vec![1u8; 1 << 20]).unwrap();
+    std::fs::write(&b_path, vec![2u8; 256 << 10]).unwrap();
+    let cache = PageCache::new();
+    let a = cache.open(&a_path).unwrap();
+    let b = cache.open(&b_path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    a.read_exact_at(&mut buf, 0).unwrap();
+    b.read_exact_at(&mut buf[..256 << 10], 0).unwrap();
+    assert_eq!(a.memory_bytes(), 1 << 20, "file a's region");
+    assert_eq!(b.memory_bytes(), 256 << 10, "file b's region");
+    assert_eq!(cache.memory_bytes(), (1 << 20) + (256 << 10), "the cache's memfd");
+    a.close().unwrap();
+    drop(a);
+    // The folios of a dropped file are freed after an epoch grace period
+    // (RCU-like: a lockless reader may still be looking at one); the last
+    // one gives the region back, punched. Let the grace period pass.
+    for _ in 0..10_000 {
+        if cache.memory_bytes() == 256 << 10 {
+            break;
+        }
+        upcache::sync::epoch::pin().flush();
+    }
+    assert_eq!(cache.memory_bytes(), 256 << 10, "a's memory freed once it was dropped");
+    assert_eq!(b.memory_bytes(), 256 << 10);
+    // A file opened into a's old region starts empty.
+    let c = cache.open(&a_path).unwrap();
+    assert_eq!(c.memory_bytes(), 0);
+    c.read_exact_at(&mut buf[..4096], 0).unwrap();
+    assert_eq!(buf[0], 1);
+}
