@@ -337,7 +337,10 @@ pub fn key_at(i: u64, n: u64) -> u64 {
     let m = n.next_power_of_two();
     let mut x = i;
     loop {
-        x = (x.wrapping_mul(0x5851_F42D_4C95_7F2D).wrapping_add(0x1405_7B7E_F767_814F)) & (m - 1);
+        x = (x
+            .wrapping_mul(0x5851_F42D_4C95_7F2D)
+            .wrapping_add(0x1405_7B7E_F767_814F))
+            & (m - 1);
         if x < n {
             return x * 3;
         }
@@ -377,7 +380,9 @@ pub fn verify(file: &upcache::File, keys: u64) -> Result<(), String> {
     for from in [0, 1, keys / 2 * 3 + 2, keys * 3 - 3] {
         scan(file, from, 100, &mut out);
         let first = from.div_ceil(3);
-        let want: Vec<(u64, u64)> = (first..keys.min(first + 100)).map(|k| (k * 3, value_of(k * 3))).collect();
+        let want: Vec<(u64, u64)> = (first..keys.min(first + 100))
+            .map(|k| (k * 3, value_of(k * 3)))
+            .collect();
         if out != want {
             return Err(format!("scan from {from}: {} rows, first {:?}", out.len(), out.first()));
         }

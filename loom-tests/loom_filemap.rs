@@ -310,10 +310,17 @@ fn real_writeback_vs_truncate_never_grows_the_store_back() {
 /// same bytes: the writer waits for the pin (`copy_in_raw` →
 /// `wait_pins_drained`), so the pinned bytes never change under the
 /// reader, the last `unpin` wakes the writer (no lost wake-up: loom
-/// reports a deadlock otherwise), and the write lands afterwards.
+/// reports a deadlock otherwise), and the write lands afterwards. The
+/// reader takes the lockless fast path (the page is cached): a pin raised
+/// after the writer drained must see the lock and back off (mutants 31,
+/// 32).
 #[test]
 fn real_page_ref_vs_write_at_never_changes_pinned_bytes() {
-    loom::model(|| {
+    // Four preemptions: a lockless pin that reads a stale lock bit needs
+    // them (mutant 32 survives at two).
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(4);
+    model.check(|| {
         let (m, _pte) = cached_page0(1);
         let reader = {
             let m = m.clone();

@@ -51,13 +51,24 @@
 //!
 //! | step | who | holds | operation |
 //! |---|---|---|---|
-//! | pin | reader | folio lock | `pins += 1` (Relaxed: the lock's Release/Acquire orders it before any later lock holder's check) |
+//! | pin (fast) | reader | a reference | `pins += 1` (Relaxed), then `flags.fetch_or(0)` (AcqRel): `LOCKED` set → `unpin` and take the slow path; else re-check mapping, uptodate, size |
+//! | pin (slow) | reader | folio lock | `pins += 1` (Relaxed: the lock's Release/Acquire orders it before any later lock holder's check) |
 //! | unpin | reader | a reference | `pins -= 1` (Release); old value `PIN_WAITERS \| 1` wakes the waiter |
 //! | drain | writer | folio lock | load `pins` (Acquire); non-zero: set `PIN_WAITERS` by CAS and sleep until the count is zero |
 //!
-//! New pins need the folio lock, so while a writer holds it the count only
-//! falls: the writer waits for the pins that existed when it took the lock
-//! and no others. Count and waiter bit share one word, so `unpin` learns
+//! While a writer holds the lock, a new pin either is seen by the writer's
+//! drain or sees `LOCKED` and is dropped again. The pinner checks the lock
+//! bit with a read-modify-write (no SeqCst, which loom does not model
+//! fully): if it precedes the lock's RMW in the flag word's order, the
+//! lock reads a value in its release sequence, so the pin increment
+//! happens before the drain's load of `pins`, which therefore counts it;
+//! otherwise the pinner's RMW reads `LOCKED`. So the writer waits for the pins
+//! that existed when it took the lock, and no pin survives that it missed. (A
+//! pin raised and dropped again only delays the drain; its `unpin` wakes
+//! the writer.) Hot pages (a tree's root) are pinned by many threads at
+//! once without taking the folio lock: with the lock, two threads
+//! descending a B+tree serialized on the root's lock (`btree_lookup` in
+//! BENCHMARKS.md). Count and waiter bit share one word, so `unpin` learns
 //! "wake" from the value its own decrement returned (no Dekker pairing).
 //! Other writers of folio memory never meet a pin: fills write only folios
 //! that are not uptodate (a `PageRef` needs an uptodate one), and memory is
@@ -498,6 +509,27 @@ impl Folio {
         self.pins.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Pin without the folio lock (the fast path of `read_cache_page`):
+    /// raise the count, then check the lock bit. False, with the pin
+    /// dropped again, if the folio is locked: its holder may be a writer
+    /// that has already looked at the count. The caller holds a reference
+    /// and re-checks the folio's mapping and uptodate state afterwards.
+    pub(crate) fn try_pin_unlocked(&self) -> bool {
+        // The lock check is a read-modify-write, not a load (see "Page
+        // pins"): it either comes before the locker's RMW in the flag
+        // word's modification order, and then (Release) synchronizes with
+        // the lock (Acquire), so the writer's later load of `pins` sees
+        // this increment, or it comes after and reads LOCKED. A plain load
+        // could read a flag word older than a lock whose holder has
+        // already drained (loom finds it at 4 preemptions).
+        self.pins.fetch_add(1, Ordering::Relaxed);
+        if self.flags.fetch_or(0, Ordering::AcqRel) & LOCKED == 0 {
+            return true;
+        }
+        self.unpin();
+        false
+    }
+
     /// Drop a page pin, waking the writer that waits for the last one.
     /// The caller holds a reference, so the folio is alive.
     pub(crate) fn unpin(&self) {
@@ -536,7 +568,9 @@ impl Folio {
     pub(crate) fn wait_pins_drained(&self) {
         debug_assert!(self.is_locked());
         loop {
-            // Acquire: pairs with the Release in `unpin`.
+            // Acquire: pairs with the Release in `unpin`. A lockless pin
+            // whose flag RMW came before our lock happens before this load
+            // (`try_pin_unlocked`), so it is counted.
             let p = self.pins.load(Ordering::Acquire);
             if p & PIN_COUNT == 0 {
                 return;
@@ -751,6 +785,10 @@ impl Folio {
         debug_assert!(self.is_locked());
         // A `PageRef` may be reading these bytes as `&[u8]`.
         self.wait_pins_drained();
+        // Loom: a scheduling point between the drain and the copy, which
+        // real threads have, so the models can put a new pin there.
+        #[cfg(loom)]
+        loom::thread::yield_now();
         // SAFETY: in bounds (checked), inside the store view kept mapped
         // by `_store`; `src` is a distinct allocation. Other readers copy
         // without the lock as the kernel's filemap_read does.

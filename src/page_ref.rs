@@ -370,12 +370,43 @@ impl AddressSpace {
     /// may write the page's bytes. Writers through the crate's own paths
     /// wait for the pin and need no care.
     pub unsafe fn read_cache_page(&self, index: u64) -> Result<PageRef<'_>> {
+        if let Some(r) = self.read_cache_page_fast(index) {
+            return Ok(r);
+        }
         let g = self.lock_uptodate_folio(index)?;
         g.pin_locked();
         let off = ((index - g.index().0) << PAGE_SHIFT) as usize;
         let folio = g.unlock();
         held_push(&folio, false);
         Ok(PageRef {
+            folio,
+            off,
+            index,
+            _mapping: PhantomData,
+            _not_send: PhantomData,
+        })
+    }
+
+    /// The hit path of `read_cache_page`: a cached, uptodate, unlocked
+    /// folio pinned without its lock (see "Page pins" in `folio.rs`).
+    /// `None`: take the slow path.
+    fn read_cache_page_fast(&self, index: u64) -> Option<PageRef<'_>> {
+        let idx = PgOff(index);
+        let folio = self.filemap_get_folio(idx)?;
+        if !folio.is_uptodate() || !folio.try_pin_unlocked() {
+            return None;
+        }
+        // Re-check after pinning, as the slow path does under the lock:
+        // truncate lowers i_size, then detaches the folio under its lock.
+        if folio.mapping_id() != self.id() || idx.byte() >= self.size() {
+            folio.unpin();
+            return None;
+        }
+        self.stats.hit();
+        folio.mark_accessed();
+        let off = ((index - folio.index().0) << PAGE_SHIFT) as usize;
+        held_push(&folio, false);
+        Some(PageRef {
             folio,
             off,
             index,

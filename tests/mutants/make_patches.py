@@ -134,6 +134,14 @@ MUTANTS = [
      "        let max = self.ra.max_pages.max(init).min(chunk).max(init);",
      "        let max = self.ra.max_pages.max(init);",
      "cargo test --test reclaim sequential_read_under_a_small_limit"),
+    ("31-lockless-pin-skips-lock-check", "src/folio.rs",
+     "        if self.flags.fetch_or(0, Ordering::AcqRel) & LOCKED == 0 {",
+     "        if true || self.flags.fetch_or(0, Ordering::AcqRel) & LOCKED == 0 {",
+     f"{LOOM} loom_filemap real_page_ref"),
+    ("32-lockless-pin-loads-lock-bit", "src/folio.rs",
+     "        if self.flags.fetch_or(0, Ordering::AcqRel) & LOCKED == 0 {",
+     "        if self.flags.load(Ordering::Relaxed) & LOCKED == 0 {",
+     f"{LOOM} loom_filemap real_page_ref"),
 ]
 
 
