@@ -11,6 +11,10 @@
 //!   `uffd_copy_peer` copies 4 KiB per fault with one sleeping handler
 //!   thread; `uffd_copy_peer_64k` is the peer at its best configuration,
 //!   64 KiB per fault and 2 polling filler threads, like UMap's best run.
+//!   `uffd_sigbus_inthread{,_64k}` (issue #12 item 3's probe) is the same
+//!   peer with `UFFD_FEATURE_SIGBUS`: each fault is resolved by a SIGBUS
+//!   handler in the faulting thread (`pread` + `UFFDIO_COPY`), no handler
+//!   thread and no wake-up.
 //! - `mapped_hit_random/{kernel_mmap, kernel_mmap_memfd, upcache, upcache_minor, upcache_missing}`: a new
 //!   mapping of a file upcache holds entirely, touched at random (one
 //!   thread). `upcache` is the default mode; `kernel_mmap_memfd` maps the
@@ -221,6 +225,131 @@ fn uffd_copy_peer(path: &Path, pages: &[usize], page: usize, fillers: usize, pol
     (t, filled)
 }
 
+/// The in-thread probe's state, read by its SIGBUS handler (statics: a
+/// signal handler gets no context argument of ours).
+mod inthread {
+    use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering::Relaxed};
+
+    pub static UFFD: AtomicI32 = AtomicI32::new(-1);
+    pub static FILE: AtomicI32 = AtomicI32::new(-1);
+    pub static BASE: AtomicUsize = AtomicUsize::new(0);
+    pub static LEN: AtomicUsize = AtomicUsize::new(0);
+    pub static PAGE: AtomicUsize = AtomicUsize::new(0);
+
+    /// `UFFDIO_COPY`: `_IOWR(0xAA, 0x03, struct uffdio_copy)` (40 bytes).
+    const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
+    /// The largest block the probe copies per fault.
+    pub const MAX_PAGE: usize = 64 << 10;
+
+    #[repr(C)]
+    struct UffdioCopy {
+        dst: u64,
+        src: u64,
+        len: u64,
+        mode: u64,
+        copy: i64,
+    }
+
+    /// SIGBUS handler (async-signal-safe: atomics, `pread`, `ioctl`, a
+    /// stack buffer): a missing fault in the probe's region, delivered as
+    /// SIGBUS by `UFFD_FEATURE_SIGBUS`, is filled from the file in the
+    /// faulting thread; returning retries the access. Any other SIGBUS
+    /// aborts.
+    pub extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO.
+        let addr = unsafe { (*info).si_addr() } as usize;
+        let (base, len, page) = (BASE.load(Relaxed), LEN.load(Relaxed), PAGE.load(Relaxed));
+        if addr < base || addr >= base + len || page == 0 || page > MAX_PAGE {
+            // SAFETY: abort is async-signal-safe.
+            unsafe { libc::abort() };
+        }
+        let block = (addr - base) & !(page - 1);
+        let mut buf = [0u8; MAX_PAGE];
+        let mut done = 0;
+        while done < page {
+            // SAFETY: `buf` has room for `page - done` bytes at `done`.
+            let n = unsafe {
+                libc::pread(
+                    FILE.load(Relaxed),
+                    buf.as_mut_ptr().add(done) as *mut libc::c_void,
+                    page - done,
+                    (block + done) as libc::off_t,
+                )
+            };
+            if n <= 0 {
+                // SAFETY: as above.
+                unsafe { libc::abort() };
+            }
+            done += n as usize;
+        }
+        let mut copy = UffdioCopy {
+            dst: (base + block) as u64,
+            src: buf.as_ptr() as u64,
+            len: page as u64,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads `copy` and `page` bytes of `buf` and
+        // fills the registered, still missing range at `dst`; EEXIST
+        // (another thread filled it first) leaves it as it is.
+        unsafe { libc::ioctl(UFFD.load(Relaxed), UFFDIO_COPY, &mut copy) };
+    }
+}
+
+/// Issue #12 item 3's probe: the UMap-style peer (anonymous region,
+/// MISSING, `pread` + `UFFDIO_COPY` of `page` bytes) but with
+/// `UFFD_FEATURE_SIGBUS`, so each fault is resolved by a SIGBUS handler in
+/// the faulting thread: no handler thread, no wake-up.
+fn uffd_sigbus_inthread(path: &Path, pages: &[usize], page: usize) -> Duration {
+    use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering::Relaxed;
+    const FEATURE_SIGBUS: u64 = 1 << 7;
+    assert!(page <= inthread::MAX_PAGE);
+    let len = RANDOM_SIZE as usize;
+    // SAFETY: a fresh private anonymous mapping; unmapped below.
+    let base = unsafe {
+        mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )
+        .unwrap()
+    } as usize;
+    let uffd = Uffd::open(FEATURE_SIGBUS).expect("userfaultfd");
+    assert!(
+        uffd.features() & FEATURE_SIGBUS != 0,
+        "UFFD_FEATURE_SIGBUS not granted: the probe would wait for a handler thread it does not have"
+    );
+    uffd.register(base, len, mode::MISSING).unwrap();
+    let file = std::fs::File::open(path).unwrap();
+    inthread::UFFD.store(uffd.raw_fd(), Relaxed);
+    inthread::FILE.store(file.as_raw_fd(), Relaxed);
+    inthread::BASE.store(base, Relaxed);
+    inthread::LEN.store(len, Relaxed);
+    inthread::PAGE.store(page, Relaxed);
+    // SAFETY: installs our handler (async-signal-safe, see above) for the
+    // duration of the touch pass, then restores the previous one.
+    let old = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = inthread::on_sigbus as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        let mut old: libc::sigaction = std::mem::zeroed();
+        assert_eq!(libc::sigaction(libc::SIGBUS, &sa, &mut old), 0);
+        old
+    };
+    let t = touch_pages(base, pages, 2);
+    // SAFETY: restores the handler saved above.
+    unsafe { libc::sigaction(libc::SIGBUS, &old, std::ptr::null_mut()) };
+    inthread::PAGE.store(0, Relaxed);
+    drop(uffd);
+    // SAFETY: our own mapping, no longer touched.
+    unsafe { rustix::mm::munmap(base as *mut _, len).unwrap() };
+    t
+}
+
 fn fault_random_4k(c: &mut Criterion) {
     let dir = tempfile::tempdir_in(bench_dir()).unwrap();
     let path = dir.path().join("fault-random");
@@ -296,6 +425,12 @@ fn fault_random_4k(c: &mut Criterion) {
                 filled as f64 / (1 << 20) as f64
             );
         }
+    }
+    for (id, page) in [
+        ("uffd_sigbus_inthread", PAGE_SIZE),
+        ("uffd_sigbus_inthread_64k", 64 << 10),
+    ] {
+        g.bench_function(id, |b| iter_each(b, || uffd_sigbus_inthread(&path, &pages, page)));
     }
     g.finish();
 }
