@@ -16,10 +16,12 @@
 //!
 //! `cargo bench --bench btree` (`UPCACHE_BENCH_DIR` places the files).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_main, Criterion};
+
+mod common;
+use common::bench_dir;
 use upcache::{PageCache, Share, PAGE_SIZE};
 
 #[path = "../examples/btree.rs"]
@@ -31,38 +33,14 @@ const LOOKUPS: usize = 10_000;
 const SCANS: usize = 1_000;
 const INSERTS: u64 = 20_000;
 
-fn bench_dir() -> PathBuf {
-    std::env::var_os("UPCACHE_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
-
+/// `n` random keys of the tree (every key is a multiple of 3).
 fn keys(seed: u64, n: usize) -> Vec<u64> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % KEYS) * 3
-        })
-        .collect()
+    common::random_below(seed, n, KEYS).into_iter().map(|k| k * 3).collect()
 }
 
 /// 2 threads, each running `f` over its own key list (iteration `iter`).
 fn two_threads(n: usize, iter: u64, f: &(impl Fn(u64) + Sync)) -> Duration {
-    let lists = [keys(iter * 2 + 1, n), keys(iter * 2 + 2, n)];
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for list in &lists {
-            s.spawn(move || {
-                for &k in list {
-                    f(k);
-                }
-            });
-        }
-    });
-    t.elapsed()
+    common::two_threads([keys(iter * 2 + 1, n), keys(iter * 2 + 2, n)], f)
 }
 
 fn read_side<P: btree::PagesRead + ?Sized + Sync>(c: &mut Criterion, id: &str, pages: &P) {

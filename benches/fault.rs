@@ -36,21 +36,15 @@
 //! must be on a disk filesystem, not tmpfs).
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_main, Criterion};
 
 mod common;
-use common::{file_cached_bytes, report, Residency};
+use common::{bench_dir, drop_kernel_cache, file_cached_bytes, report, Residency};
 use upcache::uffd::{mode, Uffd};
 use upcache::{PageCache, Share, UffdMode, PAGE_SIZE};
-
-fn bench_dir() -> PathBuf {
-    std::env::var_os("UPCACHE_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
 
 fn make_file(path: &Path, size: u64) {
     let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i * 13 % 251) as u8 + 1).collect();
@@ -68,12 +62,6 @@ fn warm_kernel_cache(path: &Path) {
     while f.read_at(&mut buf, off).unwrap() > 0 {
         off += buf.len() as u64;
     }
-}
-
-fn drop_kernel_cache(path: &Path) {
-    let f = std::fs::File::open(path).unwrap();
-    f.sync_all().unwrap();
-    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
 }
 
 /// A group of slow iterations: 10 samples, `secs` of measurement.
@@ -151,6 +139,23 @@ impl KernelMap {
 
 const RANDOM_SIZE: u64 = 256 << 20;
 
+/// A fresh private anonymous region of `len` bytes for a UMap-style peer;
+/// the caller unmaps it.
+fn anon_region(len: usize) -> usize {
+    use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
+    // SAFETY: a fresh private anonymous mapping (no MAP_FIXED) aliases no
+    // Rust object.
+    (unsafe {
+        mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )
+    })
+    .unwrap() as usize
+}
+
 /// The UMap-style peer: anonymous region, MISSING only, `fillers`
 /// handler threads, `pread` + `UFFDIO_COPY` of `page` bytes per fault (the
 /// aligned block around the faulting address). `poll_spin`: handlers spin
@@ -158,18 +163,8 @@ const RANDOM_SIZE: u64 = 256 << 20;
 /// Returns the touch time and the anonymous memory it filled (RSS of the
 /// region, from mincore).
 fn uffd_copy_peer(path: &Path, pages: &[usize], page: usize, fillers: usize, poll_spin: bool) -> (Duration, u64) {
-    use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
     let len = RANDOM_SIZE as usize;
-    // SAFETY: a fresh private anonymous mapping; unmapped below.
-    let base = unsafe {
-        mmap_anonymous(
-            std::ptr::null_mut(),
-            len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE | MapFlags::NORESERVE,
-        )
-        .unwrap()
-    } as usize;
+    let base = anon_region(len);
     let uffd = Uffd::open(0).expect("userfaultfd");
     uffd.register(base, len, mode::MISSING).unwrap();
     let file = std::fs::File::open(path).unwrap();
@@ -301,22 +296,12 @@ mod inthread {
 /// `UFFD_FEATURE_SIGBUS`, so each fault is resolved by a SIGBUS handler in
 /// the faulting thread: no handler thread, no wake-up.
 fn uffd_sigbus_inthread(path: &Path, pages: &[usize], page: usize) -> Duration {
-    use rustix::mm::{mmap_anonymous, MapFlags, ProtFlags};
     use std::os::fd::AsRawFd;
     use std::sync::atomic::Ordering::Relaxed;
     const FEATURE_SIGBUS: u64 = 1 << 7;
     assert!(page <= inthread::MAX_PAGE);
     let len = RANDOM_SIZE as usize;
-    // SAFETY: a fresh private anonymous mapping; unmapped below.
-    let base = unsafe {
-        mmap_anonymous(
-            std::ptr::null_mut(),
-            len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE | MapFlags::NORESERVE,
-        )
-        .unwrap()
-    } as usize;
+    let base = anon_region(len);
     let uffd = Uffd::open(FEATURE_SIGBUS).expect("userfaultfd");
     assert!(
         uffd.features() & FEATURE_SIGBUS != 0,

@@ -19,12 +19,12 @@
 //!
 //! `cargo bench --bench kv` (`UPCACHE_BENCH_DIR` places the files).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_main, Criterion};
 
 mod common;
+use common::bench_dir;
 use upcache::{PageCache, Share};
 
 #[path = "../examples/kv.rs"]
@@ -34,38 +34,15 @@ mod kv;
 const KEYS: u64 = 200_000;
 const PER_THREAD: usize = 10_000;
 
-fn bench_dir() -> PathBuf {
-    std::env::var_os("UPCACHE_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
-
 fn keys(seed: u64) -> Vec<u64> {
-    let mut x = seed | 1;
-    (0..PER_THREAD)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % KEYS
-        })
-        .collect()
+    common::random_below(seed, PER_THREAD, KEYS)
 }
 
 /// Time 2 threads each looking up its key list with `get`.
 fn two_threads(get: &(impl Fn(u64) -> Option<u64> + Sync), iter: u64) -> Duration {
-    let lists = [keys(iter * 2 + 1), keys(iter * 2 + 2)];
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for list in &lists {
-            s.spawn(move || {
-                for &k in list {
-                    assert_eq!(get(k), Some(kv::final_value(k)));
-                }
-            });
-        }
-    });
-    t.elapsed()
+    common::two_threads([keys(iter * 2 + 1), keys(iter * 2 + 2)], &|k| {
+        assert_eq!(get(k), Some(kv::final_value(k)));
+    })
 }
 
 fn kv_lookups(c: &mut Criterion) {
@@ -115,7 +92,7 @@ fn kv_lookups(c: &mut Criterion) {
     assert_eq!(cache.stats().misses, misses, "upcache missed during kv lookups");
 }
 
-/// Time `update(offset, value)` for 10,000 random keys, after `flush`.
+/// The value offsets and new values of 10,000 random keys (pass `iter`).
 fn updates(data: &[u8], buckets: u64, iter: u64) -> Vec<(usize, u64)> {
     keys(iter + 1000)
         .into_iter()
@@ -126,6 +103,27 @@ fn updates(data: &[u8], buckets: u64, iter: u64) -> Vec<(usize, u64)> {
             )
         })
         .collect()
+}
+
+/// `iters` timed passes of 10,000 in-place updates through `map`, each
+/// after an untimed `flush` (pages start clean and write-protected).
+fn update_iters<M: std::ops::DerefMut<Target = [u8]>>(
+    map: &mut M,
+    buckets: u64,
+    iters: u64,
+    flush: impl Fn(&M),
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for i in 0..iters {
+        let ups = updates(map, buckets, i);
+        flush(map);
+        let t = Instant::now();
+        for &(off, v) in &ups {
+            map[off..off + 8].copy_from_slice(&v.wrapping_add(i).to_le_bytes());
+        }
+        total += t.elapsed();
+    }
+    total
 }
 
 fn kv_update(c: &mut Criterion) {
@@ -162,34 +160,10 @@ fn kv_update(c: &mut Criterion) {
     let mut g = c.benchmark_group("kv_update");
     g.sample_size(20).measurement_time(Duration::from_secs(5));
     g.bench_function("upcache_mmap", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for i in 0..iters {
-                let ups = updates(&umap, buckets, i);
-                umap.flush().unwrap();
-                let t = Instant::now();
-                for &(off, v) in &ups {
-                    umap[off..off + 8].copy_from_slice(&v.wrapping_add(i).to_le_bytes());
-                }
-                total += t.elapsed();
-            }
-            total
-        })
+        b.iter_custom(|iters| update_iters(&mut umap, buckets, iters, |m| m.flush().unwrap()))
     });
     g.bench_function("memmap2", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for i in 0..iters {
-                let ups = updates(&kmap, buckets, i);
-                kmap.flush().unwrap();
-                let t = Instant::now();
-                for &(off, v) in &ups {
-                    kmap[off..off + 8].copy_from_slice(&v.wrapping_add(i).to_le_bytes());
-                }
-                total += t.elapsed();
-            }
-            total
-        })
+        b.iter_custom(|iters| update_iters(&mut kmap, buckets, iters, |m| m.flush().unwrap()))
     });
     g.finish();
     assert_eq!(cache.stats().misses, misses, "upcache missed during kv updates");

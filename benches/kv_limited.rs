@@ -17,8 +17,8 @@
 //! `cargo bench --bench kv_limited` (root, cgroup v1 memory controller;
 //! `UPCACHE_BENCH_DIR` on a disk filesystem).
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use criterion::Criterion;
 use upcache::{Advice, DirectFileStore, PageCache, StoreOps, PAGE_SIZE};
@@ -28,49 +28,21 @@ use upcache::{Advice, DirectFileStore, PageCache, StoreOps, PAGE_SIZE};
 mod kv;
 
 mod common;
-use common::{cgroup_usage, file_cached_bytes, report, Residency};
+use common::{bench_dir, cgroup_usage, drop_kernel_cache, file_cached_bytes, report, Residency};
 
 const KEYS: u64 = 1_000_000;
 const PER_THREAD: usize = 10_000;
 const CGROUP: &str = "/sys/fs/cgroup/memory/upcache-kv-bench";
 
-fn bench_dir() -> PathBuf {
-    std::env::var_os("UPCACHE_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
-
 fn keys(seed: u64) -> Vec<u64> {
-    let mut x = seed | 1;
-    (0..PER_THREAD)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % KEYS
-        })
-        .collect()
+    common::random_below(seed, PER_THREAD, KEYS)
 }
 
 /// 2 threads, each looking up its own key list (iteration `iter`).
 fn two_threads(get: &(impl Fn(u64) -> Option<u64> + Sync), iter: u64) -> Duration {
-    let lists = [keys(iter * 2 + 1), keys(iter * 2 + 2)];
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for list in &lists {
-            s.spawn(move || {
-                for &k in list {
-                    assert_eq!(get(k), Some(kv::final_value(k)));
-                }
-            });
-        }
-    });
-    t.elapsed()
-}
-
-fn drop_kernel_cache(path: &Path) {
-    let f = std::fs::File::open(path).unwrap();
-    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    common::two_threads([keys(iter * 2 + 1), keys(iter * 2 + 2)], &|k| {
+        assert_eq!(get(k), Some(kv::final_value(k)));
+    })
 }
 
 /// The kernel side, in the child: join the group, drop the file from the
@@ -90,22 +62,11 @@ fn kernel_child(path: &Path, buckets: u64, iters: u64) {
 }
 
 fn kernel_side(path: &Path, buckets: u64, iters: u64) -> Duration {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .env("UPCACHE_KV_CHILD", path)
-        .env("UPCACHE_KV_BUCKETS", buckets.to_string())
-        .env("UPCACHE_KV_ITERS", iters.to_string())
-        .output()
-        .expect("spawn the kernel-side child");
-    assert!(
-        out.status.success(),
-        "kernel child failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ns: u64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("child's time");
-    Duration::from_nanos(ns)
+    common::child_time(&[
+        ("UPCACHE_KV_CHILD", path.into()),
+        ("UPCACHE_KV_BUCKETS", buckets.to_string().into()),
+        ("UPCACHE_KV_ITERS", iters.to_string().into()),
+    ])
 }
 
 fn kv_limited(c: &mut Criterion) {

@@ -24,25 +24,19 @@
 //! mounted; `UPCACHE_BENCH_DIR` on a disk filesystem).
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use upcache::{Advice, DirectFileStore, PageCache, ReplacementPolicy, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 mod common;
-use common::{cgroup_usage, file_cached_bytes, report, Residency};
+use common::{bench_dir, cgroup_usage, drop_kernel_cache, file_cached_bytes, report, Residency};
 
 const BUDGET: u64 = 256 << 20;
 const FILE_SIZE: u64 = 2 * BUDGET;
 const ACCESSES: usize = 60_000;
 const CGROUP: &str = "/sys/fs/cgroup/memory/upcache-oversub-bench";
-
-fn bench_dir() -> PathBuf {
-    std::env::var_os("UPCACHE_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
 
 fn offsets(seed: u64, n: usize) -> Vec<usize> {
     let mut x = seed | 1;
@@ -115,26 +109,10 @@ fn kernel_child(path: &Path, iters: u64) {
 }
 
 fn kernel_side(path: &Path, iters: u64) -> Duration {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .env("UPCACHE_OVERSUB_CHILD", path)
-        .env("UPCACHE_OVERSUB_ITERS", iters.to_string())
-        .output()
-        .expect("spawn the kernel-side child");
-    assert!(
-        out.status.success(),
-        "kernel child failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ns: u64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("child's time");
-    Duration::from_nanos(ns)
-}
-
-fn drop_kernel_cache(path: &Path) {
-    let f = std::fs::File::open(path).unwrap();
-    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    common::child_time(&[
+        ("UPCACHE_OVERSUB_CHILD", path.into()),
+        ("UPCACHE_OVERSUB_ITERS", iters.to_string().into()),
+    ])
 }
 
 fn upcache_cache(

@@ -20,6 +20,9 @@ use std::path::PathBuf;
 use criterion::{criterion_main, Criterion, Throughput};
 use upcache::PageCache;
 
+mod common;
+use common::bench_dir;
+
 const FILE_SIZE: u64 = 256 << 20;
 const READ: usize = 4096;
 
@@ -33,12 +36,6 @@ fn offsets(n: usize) -> Vec<u64> {
             (x % (FILE_SIZE / READ as u64)) * READ as u64
         })
         .collect()
-}
-
-fn bench_dir() -> PathBuf {
-    std::env::var_os("UPCACHE_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// A `FILE_SIZE` file of known bytes on the bench filesystem, synced.

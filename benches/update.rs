@@ -9,20 +9,14 @@
 //! `cargo bench --bench update` (`UPCACHE_BENCH_DIR` places the file).
 
 mod common;
+use common::bench_dir;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_main, Criterion, Throughput};
 use upcache::{PageCache, Share, PAGE_SIZE};
 
 const SIZE: usize = 256 << 20;
-
-fn bench_dir() -> PathBuf {
-    std::env::var_os("UPCACHE_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
 
 /// Every page index once, shuffled (xorshift Fisher-Yates).
 fn order(seed: u64) -> Vec<usize> {

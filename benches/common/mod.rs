@@ -147,3 +147,67 @@ pub fn kernel_dirty_thresholds() -> (u64, u64) {
         pick(read("dirty_bytes"), read("dirty_ratio")),
     )
 }
+
+/// Where benchmarks put their files: `UPCACHE_BENCH_DIR`, else the
+/// temporary directory (it must be a disk filesystem, not tmpfs).
+pub fn bench_dir() -> std::path::PathBuf {
+    std::env::var_os("UPCACHE_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Drop `path` from the kernel's page cache: `fsync` (dirty pages are not
+/// dropped), then `POSIX_FADV_DONTNEED`.
+pub fn drop_kernel_cache(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+}
+
+/// `n` pseudo-random values below `max` (xorshift64 from `seed`).
+pub fn random_below(seed: u64, n: usize, max: u64) -> Vec<u64> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % max
+        })
+        .collect()
+}
+
+/// Run `f` over each of two key lists on its own thread; the wall time.
+pub fn two_threads(lists: [Vec<u64>; 2], f: &(impl Fn(u64) + Sync)) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for list in &lists {
+            s.spawn(move || {
+                for &k in list {
+                    f(k);
+                }
+            });
+        }
+    });
+    t.elapsed()
+}
+
+/// Re-run this benchmark binary as a child with `env` (the kernel side of
+/// a cgroup comparison) and return the nanoseconds it prints.
+pub fn child_time(env: &[(&str, std::ffi::OsString)]) -> std::time::Duration {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("spawn the kernel-side child");
+    assert!(
+        out.status.success(),
+        "kernel child failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ns: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("child's time");
+    std::time::Duration::from_nanos(ns)
+}
