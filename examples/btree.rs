@@ -87,28 +87,15 @@ fn child_for(p: &[u8], key: u64) -> u64 {
     }
 }
 
-/// Where a tree's pages live: read in place, written a whole page at a
-/// time.
-pub trait Pages {
-    /// A page's bytes, in place.
-    type Ref<'a>: Deref<Target = [u8]>
-    where
-        Self: 'a;
-    /// Page `i`.
-    fn page(&self, i: u64) -> Self::Ref<'_>;
+/// Where a tree's pages live, for writers: read in place
+/// ([`PagesRead`]), written a whole page at a time.
+pub trait Pages: PagesRead {
     /// Overwrite page `i` (inside the file).
     fn write(&mut self, i: u64, data: &Page);
 }
 
-/// A byte slice as pages (a mapping of the whole data file).
+/// A mapped byte slice as pages.
 impl Pages for &mut [u8] {
-    type Ref<'a>
-        = &'a [u8]
-    where
-        Self: 'a;
-    fn page(&self, i: u64) -> &[u8] {
-        &self[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE]
-    }
     fn write(&mut self, i: u64, data: &Page) {
         self[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE].copy_from_slice(data);
     }
@@ -117,17 +104,19 @@ impl Pages for &mut [u8] {
 /// An upcache file as pages: pinned zero-copy reads, pinned writes.
 pub struct Pinned<'f>(pub &'f upcache::File);
 
-impl Pages for Pinned<'_> {
+impl PagesRead for Pinned<'_> {
     type Ref<'a>
         = upcache::PageRef<'a>
     where
         Self: 'a;
-    fn page(&self, i: u64) -> upcache::PageRef<'_> {
-        // SAFETY: a tree read through `Pinned` is never mapped.
-        unsafe { self.0.get_page(i) }.expect("read a tree page")
+    fn page_ro(&self, i: u64) -> upcache::PageRef<'_> {
+        self.0.page_ro(i)
     }
+}
+
+impl Pages for Pinned<'_> {
     fn write(&mut self, i: u64, data: &Page) {
-        // SAFETY: as above.
+        // SAFETY: a tree written through `Pinned` is never mapped.
         let mut p = unsafe { self.0.get_page_mut(i) }.expect("write a tree page");
         p.copy_from_slice(data);
     }
@@ -202,6 +191,16 @@ impl PagesRead for [u8] {
     }
 }
 
+impl PagesRead for &mut [u8] {
+    type Ref<'a>
+        = &'a [u8]
+    where
+        Self: 'a;
+    fn page_ro(&self, i: u64) -> &[u8] {
+        (**self).page_ro(i)
+    }
+}
+
 impl PagesRead for upcache::File {
     type Ref<'a>
         = upcache::PageRef<'a>
@@ -216,7 +215,7 @@ impl PagesRead for upcache::File {
 /// Copy page `i` out, to modify it.
 fn load(pages: &impl Pages, i: u64) -> Box<Page> {
     let mut b = Box::new([0u8; PAGE_SIZE]);
-    b.copy_from_slice(&pages.page(i));
+    b.copy_from_slice(&pages.page_ro(i));
     b
 }
 
