@@ -120,6 +120,18 @@ pub struct AddressSpace {
     /// write-protected in them before it is filled (see
     /// `filemap_add_folio` and `mmap::arm_write_notify`).
     pub(crate) nr_wp_armed: crate::sync::AtomicUsize,
+    /// Shared-writable mappings whose first writes the kernel resolves
+    /// itself (`DirtyTracking::Async`): their writes become dirty folios
+    /// only when harvested (`wp_async.rs`).
+    pub(crate) nr_wp_async: crate::sync::AtomicUsize,
+    /// Serializes harvests of this file's async mappings from the
+    /// `PAGEMAP_SCAN` that re-protects a written page to the
+    /// `folio_mark_dirty` that records it (see `wp_async.rs`).
+    pub(crate) harvest_lock: Mutex<()>,
+    /// Write back from a copy (`Writeback::data`): set for every file of a
+    /// cache with `DirtyTracking::Async`, whose mappings' writes are never
+    /// held back while a store reads the folio.
+    pub(crate) bounce_writeback: bool,
     /// On-demand readahead state.
     pub(crate) ra_state: Mutex<RaState>,
     /// Last byte the previous `read_at` copied (`ra->prev_pos`): a read
@@ -188,6 +200,9 @@ impl AddressSpace {
             ra,
             i_mmap: Mutex::new(Vec::new()),
             nr_wp_armed: crate::sync::AtomicUsize::new(0),
+            nr_wp_async: crate::sync::AtomicUsize::new(0),
+            harvest_lock: Mutex::new(()),
+            bounce_writeback: false,
             ra_state: Mutex::new(RaState::default()),
             read_prev: AtomicU64::new(u64::MAX),
             reclaim,
@@ -544,9 +559,19 @@ impl AddressSpace {
             xa.set_tag(idx, Tag::Writeback);
         }
         self.stats.writeback_add(folio.nr_pages());
+        let bounce = self.bounce_writeback.then(|| {
+            let mut b = crate::backing::AlignedBuf::new(folio.size(), crate::types::PAGE_SIZE);
+            // SAFETY: the folio's engine-view range is valid for `size()`
+            // bytes (locked, so referenced); `b` is a distinct allocation
+            // of that size. A mapped writer may be storing to the source:
+            // a raw copy forms no reference to it.
+            unsafe { std::ptr::copy_nonoverlapping(folio.as_ptr(), b.as_mut_slice().as_mut_ptr(), folio.size()) };
+            b
+        });
         Writeback {
             mapping: self,
             folio: Some(folio.unlock()),
+            bounce,
         }
     }
 
@@ -648,6 +673,9 @@ pub(crate) fn index_add_folio(xa: &XArray, folio: &FolioGuard) -> bool {
 pub struct Writeback<'a> {
     mapping: &'a AddressSpace,
     folio: Option<FolioRef>,
+    /// The bytes as they were when writeback started, for a file that
+    /// async-tracked mappings may write at any time (no stable pages).
+    bounce: Option<crate::backing::AlignedBuf>,
 }
 
 impl Writeback<'_> {
@@ -662,9 +690,17 @@ impl Writeback<'_> {
     /// under writeback (the kernel's `stable_writes`, always on), so
     /// `write_at` and write faults wait for the writeback to end, and
     /// `folio_clear_dirty_for_io` write-protected the folio in every
-    /// shared-writable mapping before writeback started.
+    /// shared-writable mapping before writeback started. A file with
+    /// mappings whose writes the kernel lets through at once
+    /// ([`DirtyTracking::Async`](crate::DirtyTracking::Async)) is written
+    /// from a copy taken when writeback started (page-aligned, so
+    /// `O_DIRECT` stores still write directly); a write after the copy
+    /// dirties the folio again.
     pub fn data(&self) -> &[u8] {
         let f = self.folio();
+        if let Some(b) = &self.bounce {
+            return &b.as_slice()[..f.size()];
+        }
         // SAFETY: the folio's range of the page store view stays mapped while
         // we hold a reference (the folio keeps the store alive); WRITEBACK is
         // set, so no upcache writer and no user mapping writes the bytes

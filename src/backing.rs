@@ -311,14 +311,14 @@ pub struct DirectFileStore {
 }
 
 /// A zeroed heap buffer aligned for `O_DIRECT` (a bounce buffer).
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     layout: std::alloc::Layout,
 }
 
 impl AlignedBuf {
     /// `len` rounded up to `align` (at least one block), aligned to `align`.
-    fn new(len: usize, align: usize) -> AlignedBuf {
+    pub(crate) fn new(len: usize, align: usize) -> AlignedBuf {
         let size = len.max(1).next_multiple_of(align);
         let layout = std::alloc::Layout::from_size_align(size, align).expect("bounce buffer layout");
         // SAFETY: `layout` has a non-zero size.
@@ -326,7 +326,12 @@ impl AlignedBuf {
         let ptr = std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         AlignedBuf { ptr, layout }
     }
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` owns `layout.size()` initialized bytes; `&self`
+        // excludes writers.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: `ptr` owns `layout.size()` initialized (zeroed) bytes,
         // and `&mut self` makes this the only reference.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::fault::{FaultConfig, FaultEngine};
 use crate::filemap::Advice;
 use crate::fs_writeback::{DirtyConfig, Spaces, Writeback as CacheWriteback};
-use crate::mmap::{do_mmap, Mmap, MmapMut, MmapRaw, Share, UffdMode};
+use crate::mmap::{do_mmap, DirtyTracking, Mmap, MmapMut, MmapRaw, Share, UffdMode};
 use crate::page_ref::{PageMut, PageRef};
 use crate::page_store::PageMemfd;
 use crate::stats::{CacheStats, Stats};
@@ -57,6 +57,7 @@ impl Default for PageCacheBuilder {
                 fault_around_pages: Self::DEFAULT_FAULT_AROUND / PAGE_SIZE as u64,
                 mode: Self::DEFAULT_MMAP_MODE,
                 map_ahead: true,
+                wp_async: false,
             },
         }
     }
@@ -154,6 +155,17 @@ impl PageCacheBuilder {
         self
     }
 
+    /// How first writes through shared-writable mappings are noticed
+    /// ([`DirtyTracking`]; default [`DirtyTracking::WriteFault`]).
+    /// `Async` makes mapped writes to clean pages cost what the kernel's
+    /// do, at the price the table on [`DirtyTracking`] lists; it implies
+    /// [`UffdMode::Minor`] unless `mmap_mode` asked otherwise, in which
+    /// case shared-writable `Missing`-mode mappings are refused.
+    pub fn dirty_tracking(mut self, t: DirtyTracking) -> Self {
+        self.fault.wp_async = t == DirtyTracking::Async;
+        self
+    }
+
     /// After a fault that read a readahead window, map the whole window
     /// (Minor mode), so sequential scans fault once per window.
     pub fn map_ahead(mut self, on: bool) -> Self {
@@ -183,7 +195,7 @@ impl PageCacheBuilder {
 
     /// Build the cache.
     pub fn build(mut self) -> PageCache {
-        if !self.mode_explicit && crate::page_store::shmem_thp_possible() {
+        if !self.mode_explicit && (self.fault.wp_async || crate::page_store::shmem_thp_possible()) {
             self.fault.mode = UffdMode::Minor;
         }
         let stats = Arc::new(CacheStats::default());
@@ -458,6 +470,8 @@ impl PageCache {
             &memfd,
         )
         .map_err(Error::Io)?;
+        let mut m = m;
+        m.bounce_writeback = self.inner.fault_cfg.wp_async;
         let m = Arc::new(m);
         self.inner.spaces.register(&m);
         Ok(m)
@@ -479,8 +493,16 @@ impl PageCache {
     /// read faults go on.
     ///
     /// # Errors
-    /// `EBUSY` if already frozen; the sync's error (the cache is then thawed).
+    /// `EBUSY` if already frozen; the sync's error (the cache is then
+    /// thawed); [`Error::Unsupported`] in a cache built with
+    /// [`DirtyTracking::Async`].
     pub fn freeze(&self) -> Result<()> {
+        if self.inner.fault_cfg.wp_async {
+            return Err(Error::Unsupported {
+                what: "freeze cannot hold back mapped writes with DirtyTracking::Async; \
+                       build the cache with DirtyTracking::WriteFault",
+            });
+        }
         self.inner.wb.freeze().map_err(Error::Writeback)
     }
 

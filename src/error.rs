@@ -55,6 +55,13 @@ pub enum Error {
         /// Its size.
         len: u64,
     },
+    /// The operation cannot work with how the cache was built
+    /// (`EOPNOTSUPP`), e.g. `freeze` with `DirtyTracking::Async`.
+    #[error("not supported: {what} (EOPNOTSUPP)")]
+    Unsupported {
+        /// What, and what to change.
+        what: &'static str,
+    },
     /// The handle was opened read-only and the operation writes (`EBADF`,
     /// as `write(2)` on an `O_RDONLY` descriptor).
     #[error("file handle is read-only (EBADF)")]
@@ -81,6 +88,7 @@ impl Error {
             Error::FileTooLarge { .. } => Errno::FBIG.raw_os_error(),
             Error::InvalidArgument { .. } | Error::BeyondEof { .. } => Errno::INVAL.raw_os_error(),
             Error::PageHeld { .. } => Errno::DEADLK.raw_os_error(),
+            Error::Unsupported { .. } => Errno::OPNOTSUPP.raw_os_error(),
             Error::Closed | Error::ReadOnly => Errno::BADF.raw_os_error(),
             Error::Userfaultfd(crate::uffd::OpenError::NotPermitted { .. }) => Errno::PERM.raw_os_error(),
             Error::Userfaultfd(_) => Errno::NOSYS.raw_os_error(),

@@ -18,7 +18,7 @@ use crate::fs_writeback::ParkedFault;
 use crate::mmap::{UffdMode, VmArea};
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock};
 use crate::types::{PgOff, PAGE_SIZE};
-use crate::uffd::{fault_flag, page_down, OpenError, PageFault, RawMsg, Uffd, UffdError};
+use crate::uffd::{fault_flag, feature, page_down, OpenError, PageFault, Pagemap, RawMsg, Uffd, UffdError};
 use crate::vm_ops::{continue_range, Continued, VmFault, VmFaultResult};
 
 /// Fault engine tunables (set through the `PageCacheBuilder`).
@@ -29,11 +29,17 @@ pub(crate) struct FaultConfig {
     pub(crate) fault_around_pages: u64,
     pub(crate) mode: UffdMode,
     pub(crate) map_ahead: bool,
+    /// Open the userfaultfd with `UFFD_FEATURE_WP_ASYNC`
+    /// (`DirtyTracking::Async`).
+    pub(crate) wp_async: bool,
 }
 
 /// State shared by the handler threads and the mappings.
 pub(crate) struct EngineShared {
     pub(crate) uffd: Uffd,
+    /// `/proc/self/pagemap`, for harvesting async-tracked writes (present
+    /// iff `cfg.wp_async`).
+    pub(crate) pagemap: Option<Pagemap>,
     vmas: RwLock<BTreeMap<usize, Arc<VmArea>>>,
     stop: AtomicBool,
     wake_fd: OwnedFd,
@@ -69,7 +75,23 @@ pub(crate) struct FaultEngine {
 impl FaultEngine {
     /// Open the userfaultfd and start the handlers.
     pub(crate) fn start(cfg: FaultConfig) -> Result<Arc<FaultEngine>, OpenError> {
-        let uffd = Uffd::open(0)?;
+        let uffd = if cfg.wp_async {
+            let uffd = Uffd::open(feature::WP_ASYNC)?;
+            if uffd.features() & feature::WP_ASYNC == 0 {
+                return Err(OpenError::MissingFeatures {
+                    missing: feature::WP_ASYNC,
+                    names: "WP_ASYNC (needed by DirtyTracking::Async)".into(),
+                });
+            }
+            uffd
+        } else {
+            Uffd::open(0)?
+        };
+        let pagemap = if cfg.wp_async {
+            Some(Pagemap::open().map_err(OpenError::Handshake)?)
+        } else {
+            None
+        };
         let wake_fd = rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
@@ -77,6 +99,7 @@ impl FaultEngine {
         .map_err(|e| OpenError::Handshake(e.into()))?;
         let shared = Arc::new(EngineShared {
             uffd,
+            pagemap,
             vmas: RwLock::new(BTreeMap::new()),
             stop: AtomicBool::new(false),
             wake_fd,

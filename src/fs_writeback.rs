@@ -28,6 +28,7 @@ use crate::aops::WritebackControl;
 use crate::mmap::VmArea;
 use crate::stats::CacheStats;
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock, RwLockReadGuard, UnparkOp, WaitQueue, Weak};
+use crate::types::PgOff;
 
 /// Every address space of a cache, by id (for the flusher, reclaim,
 /// sync_all).
@@ -250,6 +251,9 @@ impl Writeback {
         let expire = self.cfg.expire.as_millis() as u64;
         let over_background = self.dirty_bytes() > self.cfg.background_bytes;
         for m in self.spaces.all() {
+            // Mapped writes of async-tracked mappings count as dirty from
+            // here on (`Stats`, expiry, the background threshold).
+            m.harvest_mapped_writes(PgOff(0), PgOff(u64::MAX));
             let when = m.dirtied_when();
             if when == 0 {
                 continue;

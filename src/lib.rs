@@ -71,13 +71,14 @@ mod types;
 pub mod uffd;
 mod vm_ops;
 mod vmscan;
+mod wp_async;
 mod xarray;
 
 pub use backing::{BackingStore, DirectFileStore, FileStore, StoreOps};
 pub use cache::{File, OpenOptions, PageCache, PageCacheBuilder};
 pub use error::{Error, Result};
 pub use filemap::Advice;
-pub use mmap::{Mmap, MmapMut, MmapRaw, Share, UffdMode};
+pub use mmap::{DirtyTracking, Mmap, MmapMut, MmapRaw, Share, UffdMode};
 pub use page_ref::{PageMut, PageRef};
 pub use stats::Stats;
 pub use types::{MAX_FILE_SIZE, PAGE_SIZE};

@@ -32,6 +32,29 @@ pub enum UffdMode {
     Missing,
 }
 
+/// How upcache learns that a shared-writable mapping wrote a page (set
+/// per cache with [`PageCacheBuilder::dirty_tracking`](crate::PageCacheBuilder::dirty_tracking)).
+///
+/// | | [`WriteFault`](Self::WriteFault) (default) | [`Async`](Self::Async) |
+/// |---|---|---|
+/// | first write to a clean page | a write-protect userfault: a handler thread runs `page_mkwrite` (~7–47 µs here) | the kernel clears the page's uffd-wp bit itself (~1 µs) |
+/// | the folio becomes dirty (`Stats`, flusher, fsync) | at that fault | when harvested: at the next writeback of its file (`fsync`, `flush`, `sync_all`, the flusher's pass), when the mapping is dropped, or when reclaim looks at the folio |
+/// | `freeze` | blocks first writes | refused (`Error::Unsupported`): mapped writes cannot be held back |
+/// | dirty throttling of mapped writes | yes | no (`write_at` still is) |
+/// | pages under writeback | stable (a write waits) | written back from a copy taken at writeback |
+/// | mapping modes | both | [`UffdMode::Minor`] only |
+///
+/// `Async` needs swap off: the kernel's reclaim of a written shmem page
+/// drops the page-table entry that records the write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyTracking {
+    /// Write-protect faults served by upcache (`page_mkwrite`).
+    #[default]
+    WriteFault,
+    /// `UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN` (see the table above).
+    Async,
+}
+
 /// Private or shared mapping (`MAP_PRIVATE` / `MAP_SHARED`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Share {
@@ -128,6 +151,12 @@ impl VmArea {
     /// Are first writes reported (shared-writable: page_mkwrite needed)?
     pub(crate) fn tracks_writes(&self) -> bool {
         self.shared && self.writable
+    }
+
+    /// Are first writes resolved by the kernel and harvested later
+    /// ([`DirtyTracking::Async`])?
+    pub(crate) fn tracks_writes_async(&self) -> bool {
+        self.tracks_writes() && self.engine.cfg.wp_async
     }
 
     /// Must cached pages be write-protected here before anyone touches
@@ -312,6 +341,23 @@ pub(crate) fn do_mmap(
                    and hugepages-*/shmem_enabled set to never, advise or deny); use UffdMode::Minor",
         });
     }
+    if engine.shared().cfg.wp_async && share == Share::Shared && writable {
+        if mode == UffdMode::Missing {
+            // The kernel maps cached pages itself in this mode, so an
+            // evicted page could be remapped between reclaim's check and
+            // its punch (wp_async.rs, "Why eviction compares bytes").
+            return Err(Error::InvalidArgument {
+                what: "DirtyTracking::Async works with UffdMode::Minor mappings only",
+            });
+        }
+        if crate::wp_async::swap_active() {
+            return Err(Error::Unsupported {
+                what: "DirtyTracking::Async needs swap off (the kernel's reclaim of a written \
+                       shmem page drops the record of the write); build the cache with \
+                       DirtyTracking::WriteFault or swapoff",
+            });
+        }
+    }
     if mode == UffdMode::Missing {
         // The kernel will map cached pages of this file itself: from now
         // on every fill must be page-atomic.
@@ -381,6 +427,10 @@ pub(crate) fn do_mmap(
         let mut i_mmap = mapping.i_mmap.lock();
         if vma.arms_write_notify() {
             mapping.nr_wp_armed.fetch_add(1, Ordering::Relaxed);
+        }
+        if vma.tracks_writes_async() {
+            // Release: pairs with the Acquire in `has_wp_async`.
+            mapping.nr_wp_async.fetch_add(1, Ordering::Release);
         }
         i_mmap.push(vma.clone());
     }
@@ -471,6 +521,9 @@ fn unpublish(vma: &Arc<VmArea>) {
     if i_mmap.len() != before && vma.arms_write_notify() {
         vma.mapping.nr_wp_armed.fetch_sub(1, Ordering::Relaxed);
     }
+    if i_mmap.len() != before && vma.tracks_writes_async() {
+        vma.mapping.nr_wp_async.fetch_sub(1, Ordering::Release);
+    }
 }
 
 /// Tear a mapping down: stop new faults, wait for faults in flight, unmap,
@@ -484,7 +537,17 @@ fn unpublish(vma: &Arc<VmArea>) {
 /// into SIGSEGV (an access to memory the program unmapped) and leaves the
 /// memfd alone; munmap also drops the range's registration.
 fn do_munmap(vma: &Arc<VmArea>) {
-    unpublish(vma);
+    if vma.tracks_writes_async() {
+        // The mapping's last harvest, and its removal from `i_mmap`, under
+        // one `harvest_lock`: a concurrent fsync either scans it or finds
+        // its writes already dirty (wp_async.rs).
+        let m = vma.mapping();
+        let _h = m.harvest_lock.lock();
+        m.harvest_vma_locked(vma, PgOff(0), PgOff(u64::MAX));
+        unpublish(vma);
+    } else {
+        unpublish(vma);
+    }
     vma.kill_and_drain();
     // SAFETY: the handle owning this mapping is being dropped, so no Rust
     // reference into it remains; no handler thread is inside a fault on it

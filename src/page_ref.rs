@@ -111,6 +111,11 @@ fn held_by_me(f: &Folio, locked: Option<bool>) -> bool {
     .unwrap_or(false)
 }
 
+/// Does this thread hold `f` locked through a [`PageMut`]?
+pub(crate) fn locked_by_this_thread(f: &Folio) -> bool {
+    held_by_me(f, Some(true))
+}
+
 /// Does this thread hold a page guard of `f`?
 pub(crate) fn held_by_this_thread(f: &Folio) -> bool {
     held_by_me(f, None)

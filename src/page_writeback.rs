@@ -180,12 +180,20 @@ impl AddressSpace {
     /// The first write error of this call (also recorded for fsync).
     pub fn write_and_wait_range(&self, start: u64, end: u64) -> io::Result<()> {
         let mut wbc = WritebackControl::all(start, end);
+        self.harvest_wbc_range(&wbc);
         let r = {
             let _wb = self.wb_lock.read();
             self.ops.writepages(self, &mut wbc)
         };
         self.fdatawait_range(start, end);
         r
+    }
+
+    /// Writes through async-tracked mappings become dirty folios here
+    /// (wp_async.rs), before any writeback walk looks for dirty folios.
+    fn harvest_wbc_range(&self, wbc: &WritebackControl) {
+        let (first, end) = page_range(wbc);
+        self.harvest_mapped_writes(PgOff(first), PgOff(end));
     }
 
     /// `do_writepages`: run the engine's `writepages` with `wbc` (cleansing
@@ -197,6 +205,7 @@ impl AddressSpace {
         if wbc.sync_mode == SyncMode::None && wbc.nr_to_write <= 0 {
             return Ok(());
         }
+        self.harvest_wbc_range(wbc);
         let _wb = self.wb_lock.read();
         self.ops.writepages(self, wbc)
     }

@@ -23,6 +23,7 @@ pub(crate) struct CacheStats {
     sigbus: AtomicU64,
     evicted_pages: AtomicU64,
     throttled: AtomicU64,
+    harvested_pages: AtomicU64,
 }
 
 /// A counter bumped on every cache hit: one `AtomicU64` shared by all
@@ -113,6 +114,9 @@ impl CacheStats {
     pub(crate) fn evicted(&self, pages: u64) {
         self.evicted_pages.fetch_add(pages, Ordering::Relaxed);
     }
+    pub(crate) fn harvested(&self, pages: u64) {
+        self.harvested_pages.fetch_add(pages, Ordering::Relaxed);
+    }
     pub(crate) fn dirty_add(&self, pages: u64) {
         self.dirty_pages.fetch_add(pages, Ordering::Relaxed);
     }
@@ -155,6 +159,7 @@ impl CacheStats {
             sigbus: l(&self.sigbus),
             evicted_bytes: l(&self.evicted_pages) * PAGE_SIZE as u64,
             throttled: l(&self.throttled),
+            harvested_bytes: l(&self.harvested_pages) * PAGE_SIZE as u64,
         }
     }
 }
@@ -218,6 +223,7 @@ impl FileStats {
         folio_added,
         folio_removed,
         evicted,
+        harvested,
         dirty_add,
         dirty_sub,
         writeback_add,
@@ -265,13 +271,17 @@ pub struct Stats {
     pub evicted_bytes: u64,
     /// Writes throttled past the dirty limit.
     pub throttled: u64,
+    /// Bytes of folios that async dirty tracking
+    /// ([`DirtyTracking::Async`](crate::DirtyTracking::Async)) found written
+    /// through a mapping and marked dirty (a harvest, or reclaim's check).
+    pub harvested_bytes: u64,
 }
 
 impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {} faults fast {} slow {} wp {} sigbus {} evicted {} KiB throttled {}",
+            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {} faults fast {} slow {} wp {} sigbus {} evicted {} KiB throttled {} harvested {} KiB",
             self.hits,
             self.misses,
             self.folios,
@@ -287,7 +297,8 @@ impl std::fmt::Display for Stats {
             self.faults_wp,
             self.sigbus,
             self.evicted_bytes / 1024,
-            self.throttled
+            self.throttled,
+            self.harvested_bytes / 1024
         )
     }
 }

@@ -564,6 +564,114 @@ impl Uffd {
     }
 }
 
+/// `PAGEMAP_SCAN` on `/proc/self/pagemap` (`fs/proc/task_mmu.c`), for the
+/// one query asynchronous dirty tracking needs: which pages of a range
+/// registered with `UFFD_FEATURE_WP_ASYNC` were written since they were
+/// last write-protected, write-protecting them again in the same walk
+/// (`PM_SCAN_WP_MATCHING`).
+pub struct Pagemap {
+    fd: OwnedFd,
+}
+
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: u64 = (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | (0x66 << 8) | 16;
+/// Write-protect the pages that match.
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// Fail (`EPERM`) on any VMA of the range not registered for async WP.
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+/// `PAGE_IS_WRITTEN`: the uffd-wp bit is clear (written since protected).
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
+
+impl Pagemap {
+    /// Open `/proc/self/pagemap`.
+    ///
+    /// # Errors
+    /// The open error.
+    pub fn open() -> io::Result<Pagemap> {
+        let f = std::fs::File::open("/proc/self/pagemap")?;
+        Ok(Pagemap { fd: f.into() })
+    }
+
+    /// Report every run of pages in `[start, end)` written since it was
+    /// last write-protected, write-protecting each again as it is
+    /// reported; `f` gets each run (page-aligned user addresses). A page
+    /// written after the walk passed it is reported by the next call.
+    ///
+    /// # Errors
+    /// `EPERM` if part of the range is not registered with a `WP_ASYNC`
+    /// userfaultfd; other errors of the ioctl.
+    pub fn scan_written_and_protect(
+        &self,
+        start: usize,
+        end: usize,
+        mut f: impl FnMut(std::ops::Range<usize>),
+    ) -> io::Result<()> {
+        let mut regions = [PageRegion::default(); 32];
+        let mut at = start as u64;
+        while at < end as u64 {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                start: at,
+                end: end as u64,
+                walk_end: 0,
+                vec: regions.as_mut_ptr() as u64,
+                vec_len: regions.len() as u64,
+                max_pages: 0,
+                category_inverted: 0,
+                category_mask: PAGE_IS_WRITTEN,
+                category_anyof_mask: 0,
+                return_mask: PAGE_IS_WRITTEN,
+            };
+            // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
+            // regions into `regions`, which we own and which outlive the
+            // call; it changes only page-table uffd-wp bits of our own
+            // registered ranges.
+            let n = unsafe { libc::ioctl(self.fd.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
+            if n < 0 {
+                let e = errno();
+                if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EAGAIN) {
+                    continue;
+                }
+                return Err(e);
+            }
+            for r in &regions[..n as usize] {
+                f(r.start as usize..r.end as usize);
+            }
+            if arg.walk_end <= at {
+                // No progress: never spin (the kernel always advances).
+                return Err(io::Error::other("PAGEMAP_SCAN made no progress"));
+            }
+            at = arg.walk_end;
+        }
+        Ok(())
+    }
+}
+
 /// Page-align an address down.
 #[inline]
 pub fn page_down(addr: usize) -> usize {
@@ -588,5 +696,8 @@ mod tests {
         assert_eq!(UFFDIO_COPY, 0xc028aa03);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018aa06);
         assert_eq!(UFFDIO_CONTINUE, 0xc020aa07);
+        assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
+        assert_eq!(std::mem::size_of::<PageRegion>(), 24);
+        assert_eq!(PAGEMAP_SCAN, 0xc0606610);
     }
 }

@@ -427,7 +427,16 @@ impl AddressSpace {
         }
         // Index + ours: anyone else (a reader mid-copy, a fault, a waiter)
         // keeps it.
-        g.freeze_refs(2).then_some(g)
+        if !g.freeze_refs(2) {
+            return None;
+        }
+        // Writes through async-tracked mappings that no harvest has seen
+        // yet (wp_async.rs): dirty it and keep it, or zap it from them.
+        if !self.evict_check_mapped_writes(&g) {
+            g.unfreeze_refs(2);
+            return None;
+        }
+        Some(g)
     }
 
     /// Second half, after the punch: unindex and free. Returns its pages.

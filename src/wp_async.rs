@@ -1,0 +1,206 @@
+//! Asynchronous dirty tracking ([`DirtyTracking::Async`]):
+//! `UFFD_FEATURE_WP_ASYNC` lets the kernel resolve the first write to a
+//! write-protected page itself (it clears the PTE's uffd-wp bit, ~1 µs,
+//! no message), and `PAGEMAP_SCAN` later reports the pages whose bit is
+//! clear and sets it again (`fs/proc/task_mmu.c`). A write becomes a dirty
+//! folio only when such a scan *harvests* it.
+//!
+//! # Invariant
+//!
+//! For every async-tracked mapping of a file and every page of a folio
+//! that is not DIRTY, either the page's PTE has been write-protected (bit
+//! set, or a PTE marker) since the folio's bytes last matched the store,
+//! or the page reads as written to `PAGEMAP_SCAN` and a harvest will dirty
+//! the folio. Who keeps it:
+//!
+//! | step | how |
+//! |---|---|
+//! | mapping a clean folio (`map_pages`, fault) | `UFFDIO_CONTINUE` with `MODE_WP` (as with write faults) |
+//! | writeback (`folio_clear_dirty_for_io`) | `page_mkclean` write-protects before the bytes are copied for the store |
+//! | harvest | scan-and-protect, then `folio_mark_dirty` of each reported folio, the two under `harvest_lock` |
+//! | eviction | [`AddressSpace::evict_check_mapped_writes`], below |
+//! | munmap | a last harvest of the mapping before it leaves `i_mmap` |
+//!
+//! # Why harvests are serialized
+//!
+//! A scan re-protects what it reports. If harvest B re-protected a written
+//! page and harvest A (an `fsync`) then scanned, A would find the page
+//! clean and could finish before B marks the folio dirty: a lost `fsync`.
+//! `harvest_lock` is held from the scan to the last `folio_mark_dirty`.
+//! Lock order: `harvest_lock` → folio lock; reclaim, which already holds
+//! a folio lock, only try-locks it.
+//!
+//! # Why eviction compares bytes
+//!
+//! The kernel moves a PTE's dirty bit to the folio atomically when it
+//! unmaps a page (`try_to_unmap`); userspace has no such call. Between a
+//! scan that finds a page clean and the punch that frees it, a write is
+//! resolved by the kernel without telling anyone and the punch would throw
+//! it away. So eviction (folio locked, count frozen: no new mapping of it
+//! can appear, faults wait) copies the bytes, scans (written → dirty, keep
+//! the folio), zaps the folio from every async mapping (later accesses
+//! fault to a handler and wait for the frozen folio), and compares: equal
+//! bytes mean every write that landed between the copy and the zap left
+//! the folio as the store has it, so punching loses nothing.
+//!
+//! # What the kernel must not do
+//!
+//! Reclaiming a written shmem page unmaps it and drops the record of the
+//! write (only uffd-wp *protected* PTEs leave a marker), so `Async` is
+//! refused while swap is on. An `MADV_DONTNEED` of a mapping by the
+//! program has the same effect: don't.
+//!
+//! [`DirtyTracking::Async`]: crate::DirtyTracking::Async
+
+use std::ops::Range;
+
+use crate::address_space::AddressSpace;
+use crate::folio::FolioGuard;
+use crate::mmap::VmArea;
+use crate::sync::{Arc, Ordering};
+use crate::types::{PgOff, PAGE_SHIFT};
+
+/// Is any swap device active? (`Async` tracking is refused then.)
+pub(crate) fn swap_active() -> bool {
+    std::fs::read_to_string("/proc/swaps").is_ok_and(|s| s.lines().skip(1).any(|l| !l.trim().is_empty()))
+}
+
+/// Report the written runs of `r` (a user range of `vma`) and protect them
+/// again.
+#[cfg(not(loom))]
+fn scan_written(vma: &VmArea, r: Range<usize>, f: impl FnMut(Range<usize>)) {
+    let Some(pm) = &vma.engine.pagemap else {
+        return;
+    };
+    if let Err(e) = pm.scan_written_and_protect(r.start, r.end, f) {
+        // Only a kernel without PAGEMAP_SCAN (checked at the first mmap)
+        // or a torn-down range gets here.
+        eprintln!("upcache: PAGEMAP_SCAN failed: {e}");
+    }
+}
+
+#[cfg(loom)]
+fn scan_written(_: &VmArea, _: Range<usize>, _: impl FnMut(Range<usize>)) {}
+
+impl AddressSpace {
+    /// Does any async-tracked mapping of this file exist?
+    #[inline]
+    pub(crate) fn has_wp_async(&self) -> bool {
+        self.nr_wp_async.load(Ordering::Acquire) != 0
+    }
+
+    /// Harvest: mark dirty every folio of file pages `[first, end)` that an
+    /// async-tracked mapping wrote since the last harvest (and protect its
+    /// pages again). Called before every writeback of the range and by
+    /// the flusher. Nothing held on entry; takes `harvest_lock`, then
+    /// folio locks.
+    pub(crate) fn harvest_mapped_writes(&self, first: PgOff, end: PgOff) {
+        if !self.has_wp_async() {
+            return;
+        }
+        let _h = self.harvest_lock.lock();
+        let vmas: Vec<Arc<VmArea>> = self
+            .i_mmap
+            .lock()
+            .iter()
+            .filter(|v| v.tracks_writes_async())
+            .cloned()
+            .collect();
+        for v in &vmas {
+            self.harvest_vma_locked(v, first, end);
+        }
+    }
+
+    /// Harvest one mapping; `harvest_lock` held (which also keeps the
+    /// mapping in `i_mmap`, hence mapped: `do_munmap` takes it first).
+    pub(crate) fn harvest_vma_locked(&self, vma: &VmArea, first: PgOff, end: PgOff) {
+        let Some(r) = vma.user_range(first, end) else {
+            return;
+        };
+        let mut pages: Vec<Range<u64>> = Vec::new();
+        scan_written(vma, r, |run| {
+            let a = vma.addr_to_pgoff(run.start).0;
+            pages.push(a..a + (run.len() >> PAGE_SHIFT) as u64);
+        });
+        let mut next = 0;
+        for run in pages {
+            for idx in run {
+                if idx < next {
+                    continue;
+                }
+                next = idx + 1;
+                let Some(f) = self.filemap_get_folio(PgOff(idx)) else {
+                    // Truncated or punched since: the write went with it.
+                    continue;
+                };
+                next = f.index().0 + f.nr_pages();
+                if crate::page_ref::locked_by_this_thread(&f) {
+                    // A `PageMut` of this thread: it marks the folio dirty
+                    // when dropped.
+                    continue;
+                }
+                let g = f.lock();
+                if g.mapping_id() == self.id() && g.is_uptodate() {
+                    self.folio_mark_dirty(&g);
+                    self.stats.harvested(g.nr_pages());
+                }
+            }
+        }
+    }
+
+    /// Eviction's check for async-tracked mappings (see the module docs):
+    /// true if the frozen, locked, clean folio `g` holds nothing that the
+    /// store lacks and no async mapping can write it any more. False if it
+    /// was written (it is now DIRTY) or the check could not run now
+    /// (`harvest_lock` busy); the caller unfreezes it.
+    pub(crate) fn evict_check_mapped_writes(&self, g: &FolioGuard) -> bool {
+        if !self.has_wp_async() {
+            return true;
+        }
+        let Some(_h) = self.harvest_lock.try_lock() else {
+            return false;
+        };
+        let first = g.index();
+        let end = first.add(g.nr_pages());
+        let vmas: Vec<Arc<VmArea>> = self
+            .i_mmap
+            .lock()
+            .iter()
+            .filter(|v| v.tracks_writes_async() && v.user_range(first, end).is_some())
+            .cloned()
+            .collect();
+        if vmas.is_empty() {
+            return true;
+        }
+        let before = snapshot(g);
+        let mut written = false;
+        for v in &vmas {
+            if let Some(r) = v.user_range(first, end) {
+                scan_written(v, r, |_| written = true);
+            }
+        }
+        if !written {
+            for v in &vmas {
+                v.zap(first, end);
+            }
+            written = snapshot(g) != before;
+        }
+        if written {
+            self.folio_mark_dirty(g);
+            self.stats.harvested(g.nr_pages());
+        }
+        !written
+    }
+}
+
+/// A copy of the folio's bytes, taken with a raw copy (mapped writers may
+/// be storing to them).
+fn snapshot(g: &FolioGuard) -> Vec<u8> {
+    let mut v = vec![0u8; g.size()];
+    // SAFETY: the folio's engine-view range is valid for `size()` bytes
+    // while we hold it (locked, so referenced); `v` is a distinct
+    // allocation. The source may change under the copy (a mapped write):
+    // a raw copy forms no reference to it, as `read_at` copies.
+    unsafe { std::ptr::copy_nonoverlapping(g.as_ptr(), v.as_mut_ptr(), v.len()) };
+    v
+}
