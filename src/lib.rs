@@ -318,6 +318,26 @@ pub mod loom_support {
         }
     }
 
+    /// Give `m` one async-tracked mapping (`DirtyTracking::Async`) whose
+    /// page table the model keeps: `scan(pages)` is `PAGEMAP_SCAN` (return
+    /// the written runs of file pages and protect them again), `zap(pos,
+    /// len)` is `MADV_DONTNEED` of file bytes. The crate's harvest
+    /// (before every writeback) and eviction check then run on them.
+    pub fn set_async_mapping(
+        m: &AddressSpace,
+        scan: impl Fn(Range<u64>) -> Vec<Range<u64>> + Send + Sync + 'static,
+        zap: impl Fn(u64, u64) + Send + Sync + 'static,
+    ) {
+        assert!(m.store.on_scan.set(std::sync::Arc::new(scan)).is_ok(), "one scan hook");
+        assert!(m.store.on_zap.set(std::sync::Arc::new(zap)).is_ok(), "one zap hook");
+        m.nr_wp_async.fetch_add(1, crate::sync::Ordering::Release);
+    }
+
+    /// The flusher's harvest of every async-tracked write of `m`.
+    pub fn harvest(m: &AddressSpace) {
+        m.harvest_mapped_writes(PgOff(0), PgOff(u64::MAX));
+    }
+
     /// The real address-space lookup (`filemap_get_folio`).
     pub fn get_folio(m: &AddressSpace, index: u64) -> Option<FolioRef> {
         m.filemap_get_folio(PgOff(index))

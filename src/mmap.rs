@@ -543,7 +543,7 @@ fn do_munmap(vma: &Arc<VmArea>) {
         // its writes already dirty (wp_async.rs).
         let m = vma.mapping();
         let _h = m.harvest_lock.lock();
-        m.harvest_vma_locked(vma, PgOff(0), PgOff(u64::MAX));
+        m.harvest_locked(&**vma, PgOff(0), PgOff(u64::MAX));
         unpublish(vma);
     } else {
         unpublish(vma);

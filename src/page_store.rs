@@ -128,7 +128,18 @@ pub(crate) struct PageStore {
     /// real, write-protects the folio in every shared-writable mapping).
     #[cfg(loom)]
     pub(crate) on_mkclean: std::sync::OnceLock<PteHook>,
+    /// Loom models' async-tracked page table: `PAGEMAP_SCAN` of a range of
+    /// file pages (written runs, protected again).
+    #[cfg(loom)]
+    pub(crate) on_scan: std::sync::OnceLock<ScanHook>,
+    /// Loom models' async-tracked page table: a zap (`MADV_DONTNEED`).
+    #[cfg(loom)]
+    pub(crate) on_zap: std::sync::OnceLock<PteHook>,
 }
+
+/// A loom model's `PAGEMAP_SCAN`: file pages in, written runs out.
+#[cfg(loom)]
+pub(crate) type ScanHook = std::sync::Arc<dyn Fn(std::ops::Range<u64>) -> Vec<std::ops::Range<u64>> + Send + Sync>;
 
 /// A loom model's page-table hook: `(pos, len)` of the file range.
 #[cfg(loom)]
@@ -195,6 +206,10 @@ impl PageStore {
             on_punch: std::sync::OnceLock::new(),
             #[cfg(loom)]
             on_mkclean: std::sync::OnceLock::new(),
+            #[cfg(loom)]
+            on_scan: std::sync::OnceLock::new(),
+            #[cfg(loom)]
+            on_zap: std::sync::OnceLock::new(),
         })
     }
 

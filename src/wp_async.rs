@@ -65,85 +65,153 @@ pub(crate) fn swap_active() -> bool {
     std::fs::read_to_string("/proc/swaps").is_ok_and(|s| s.lines().skip(1).any(|l| !l.trim().is_empty()))
 }
 
-/// Report the written runs of `r` (a user range of `vma`) and protect them
-/// again.
-#[cfg(not(loom))]
-fn scan_written(vma: &VmArea, r: Range<usize>, f: impl FnMut(Range<usize>)) {
-    let Some(pm) = &vma.engine.pagemap else {
-        return;
-    };
-    if let Err(e) = pm.scan_written_and_protect(r.start, r.end, f) {
-        // Only a kernel without PAGEMAP_SCAN (checked at the first mmap)
-        // or a torn-down range gets here.
-        eprintln!("upcache: PAGEMAP_SCAN failed: {e}");
+/// One async-tracked mapping as harvest and eviction see it: a user page
+/// table whose written pages can be reported (and protected again) and
+/// whose entries can be zapped. For real a [`VmArea`]; in the loom models
+/// a page table the model keeps (`loom_support::on_scan`, `on_zap`).
+pub(crate) trait AsyncPtes {
+    /// Report each run of file pages of `[first, end)` written since it
+    /// was last write-protected, and protect it again (`PAGEMAP_SCAN` with
+    /// `PM_SCAN_WP_MATCHING`).
+    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>));
+    /// Drop the page-table entries of file pages `[first, end)`.
+    fn zap(&self, first: PgOff, end: PgOff);
+    /// Does it map any of file pages `[first, end)`?
+    #[cfg_attr(loom, allow(dead_code))]
+    fn covers(&self, first: PgOff, end: PgOff) -> bool;
+}
+
+impl AsyncPtes for VmArea {
+    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>)) {
+        let (Some(r), Some(pm)) = (self.user_range(first, end), &self.engine.pagemap) else {
+            return;
+        };
+        let r = pm.scan_written_and_protect(r.start, r.end, |run| {
+            let a = self.addr_to_pgoff(run.start).0;
+            f(a..a + (run.len() >> PAGE_SHIFT) as u64);
+        });
+        if let Err(e) = r {
+            // The range is registered with a WP_ASYNC userfaultfd and kept
+            // mapped by `harvest_lock`: a kernel bug or a program that
+            // unmapped the memory behind upcache's back.
+            eprintln!(
+                "upcache: PAGEMAP_SCAN of a mapping of {} failed: {e}",
+                self.mapping().name()
+            );
+        }
+    }
+    fn zap(&self, first: PgOff, end: PgOff) {
+        VmArea::zap(self, first, end)
+    }
+    fn covers(&self, first: PgOff, end: PgOff) -> bool {
+        self.user_range(first, end).is_some()
     }
 }
 
+impl<T: AsyncPtes + ?Sized> AsyncPtes for Arc<T> {
+    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>)) {
+        (**self).scan_written(first, end, f)
+    }
+    fn zap(&self, first: PgOff, end: PgOff) {
+        (**self).zap(first, end)
+    }
+    fn covers(&self, first: PgOff, end: PgOff) -> bool {
+        (**self).covers(first, end)
+    }
+}
+
+/// The loom models' page table (one mapping of the whole file).
 #[cfg(loom)]
-fn scan_written(_: &VmArea, _: Range<usize>, _: impl FnMut(Range<usize>)) {}
+pub(crate) struct LoomPtes(Arc<crate::page_store::PageStore>);
+
+#[cfg(loom)]
+impl AsyncPtes for LoomPtes {
+    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>)) {
+        if let Some(hook) = self.0.on_scan.get() {
+            for run in hook(first.0..end.0) {
+                f(run);
+            }
+        }
+    }
+    fn zap(&self, first: PgOff, end: PgOff) {
+        crate::page_store::call_pte_hook(&self.0.on_zap, first.byte(), (end.0 - first.0) << PAGE_SHIFT);
+    }
+    fn covers(&self, _: PgOff, _: PgOff) -> bool {
+        true
+    }
+}
 
 impl AddressSpace {
     /// Does any async-tracked mapping of this file exist?
     #[inline]
     pub(crate) fn has_wp_async(&self) -> bool {
+        // Acquire: pairs with the Release increment in `do_mmap`.
         self.nr_wp_async.load(Ordering::Acquire) != 0
+    }
+
+    /// This file's async-tracked mappings that map any of `[first, end)`.
+    #[cfg(not(loom))]
+    fn async_ptes(&self, first: PgOff, end: PgOff) -> Vec<Arc<VmArea>> {
+        self.i_mmap
+            .lock()
+            .iter()
+            .filter(|v| v.tracks_writes_async() && v.covers(first, end))
+            .cloned()
+            .collect()
+    }
+
+    #[cfg(loom)]
+    fn async_ptes(&self, _: PgOff, _: PgOff) -> Vec<LoomPtes> {
+        if self.has_wp_async() {
+            vec![LoomPtes(self.store.clone())]
+        } else {
+            Vec::new()
+        }
     }
 
     /// Harvest: mark dirty every folio of file pages `[first, end)` that an
     /// async-tracked mapping wrote since the last harvest (and protect its
     /// pages again). Called before every writeback of the range and by
-    /// the flusher. Nothing held on entry; takes `harvest_lock`, then
-    /// folio locks.
+    /// the flusher.
+    ///
+    /// # Locking
+    /// Nothing held on entry; takes `harvest_lock`, then folio locks
+    /// (sleeps).
     pub(crate) fn harvest_mapped_writes(&self, first: PgOff, end: PgOff) {
         if !self.has_wp_async() {
             return;
         }
         let _h = self.harvest_lock.lock();
-        let vmas: Vec<Arc<VmArea>> = self
-            .i_mmap
-            .lock()
-            .iter()
-            .filter(|v| v.tracks_writes_async())
-            .cloned()
-            .collect();
-        for v in &vmas {
-            self.harvest_vma_locked(v, first, end);
+        for p in self.async_ptes(first, end) {
+            self.harvest_locked(&p, first, end);
         }
     }
 
-    /// Harvest one mapping; `harvest_lock` held (which also keeps the
-    /// mapping in `i_mmap`, hence mapped: `do_munmap` takes it first).
-    pub(crate) fn harvest_vma_locked(&self, vma: &VmArea, first: PgOff, end: PgOff) {
-        let Some(r) = vma.user_range(first, end) else {
-            return;
-        };
-        let mut pages: Vec<Range<u64>> = Vec::new();
-        scan_written(vma, r, |run| {
-            let a = vma.addr_to_pgoff(run.start).0;
-            pages.push(a..a + (run.len() >> PAGE_SHIFT) as u64);
-        });
+    /// Harvest one mapping. `harvest_lock` held, which also keeps a real
+    /// mapping in `i_mmap`, hence mapped (`do_munmap` takes it first).
+    pub(crate) fn harvest_locked(&self, ptes: &dyn AsyncPtes, first: PgOff, end: PgOff) {
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        ptes.scan_written(first, end, &mut |run| runs.push(run));
         let mut next = 0;
-        for run in pages {
-            for idx in run {
-                if idx < next {
-                    continue;
-                }
-                next = idx + 1;
-                let Some(f) = self.filemap_get_folio(PgOff(idx)) else {
-                    // Truncated or punched since: the write went with it.
-                    continue;
-                };
-                next = f.index().0 + f.nr_pages();
-                if crate::page_ref::locked_by_this_thread(&f) {
-                    // A `PageMut` of this thread: it marks the folio dirty
-                    // when dropped.
-                    continue;
-                }
-                let g = f.lock();
-                if g.mapping_id() == self.id() && g.is_uptodate() {
-                    self.folio_mark_dirty(&g);
-                    self.stats.harvested(g.nr_pages());
-                }
+        for idx in runs.into_iter().flatten() {
+            if idx < next {
+                continue;
+            }
+            next = idx + 1;
+            let Some(f) = self.filemap_get_folio(PgOff(idx)) else {
+                // Truncated or punched since: the write went with it.
+                continue;
+            };
+            next = f.index().0 + f.nr_pages();
+            if crate::page_ref::locked_by_this_thread(&f) {
+                // A `PageMut` of this thread: it marks the folio dirty when
+                // dropped.
+                continue;
+            }
+            let g = f.lock();
+            if g.mapping_id() == self.id() && g.is_uptodate() {
+                self.folio_mark_dirty(&g);
+                self.stats.harvested(g.nr_pages());
             }
         }
     }
@@ -153,6 +221,9 @@ impl AddressSpace {
     /// store lacks and no async mapping can write it any more. False if it
     /// was written (it is now DIRTY) or the check could not run now
     /// (`harvest_lock` busy); the caller unfreezes it.
+    ///
+    /// # Locking
+    /// `g` locked with its count frozen; try-locks `harvest_lock`.
     pub(crate) fn evict_check_mapped_writes(&self, g: &FolioGuard) -> bool {
         if !self.has_wp_async() {
             return true;
@@ -162,26 +233,18 @@ impl AddressSpace {
         };
         let first = g.index();
         let end = first.add(g.nr_pages());
-        let vmas: Vec<Arc<VmArea>> = self
-            .i_mmap
-            .lock()
-            .iter()
-            .filter(|v| v.tracks_writes_async() && v.user_range(first, end).is_some())
-            .cloned()
-            .collect();
-        if vmas.is_empty() {
+        let ptes = self.async_ptes(first, end);
+        if ptes.is_empty() {
             return true;
         }
         let before = snapshot(g);
         let mut written = false;
-        for v in &vmas {
-            if let Some(r) = v.user_range(first, end) {
-                scan_written(v, r, |_| written = true);
-            }
+        for p in &ptes {
+            p.scan_written(first, end, &mut |_| written = true);
         }
         if !written {
-            for v in &vmas {
-                v.zap(first, end);
+            for p in &ptes {
+                p.zap(first, end);
             }
             written = snapshot(g) != before;
         }
