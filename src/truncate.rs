@@ -142,7 +142,9 @@ impl AddressSpace {
     /// `truncate_inode_partial_folio` does when it cannot split: its pages
     /// past the new end must fault again (SIGBUS, or zeros after the file
     /// grows back), which they cannot while the folio stays cached and
-    /// uptodate. If its writeback fails it stays, with its tail zeroed.
+    /// uptodate. If its writeback fails it stays, with its tail zeroed. So
+    /// does every such folio of a file with async-tracked mappings
+    /// (`wp_async.rs`: it may hold mapped writes no harvest has seen yet).
     pub(crate) fn truncate_inode_pages_range(&self, start: u64, end: u64, partial: bool) -> io::Result<()> {
         let mut removed: Vec<FolioRef> = Vec::new();
         let mut index = PgOff::of_byte(start).0;
@@ -164,6 +166,17 @@ impl AddressSpace {
                 self.ops.invalidate_folio(self, &g, 0, g.size());
                 self.filemap_remove_folio(&g);
                 removed.push(g.unlock());
+            } else if end == u64::MAX && crate::types::page_align_up(start) < fend && self.has_wp_async() {
+                // An async-tracked mapping may hold writes to its pages
+                // below the new end that no harvest has seen (the folio
+                // looks clean): removing it would drop them. Keep it with
+                // its tail zeroed; the pages past the end were zapped and
+                // fault to SIGBUS (`Minor` mode maps only below EOF).
+                if g.is_uptodate() {
+                    let zs = (start - fstart) as usize;
+                    g.zero_raw(zs, g.size() - zs);
+                    self.ops.invalidate_folio(self, &g, zs, g.size() - zs);
+                }
             } else if end == u64::MAX && crate::types::page_align_up(start) < fend {
                 // A folio with whole pages past the new end: remove it whole.
                 if let Some(g) = self.write_back_locked(g) {

@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
 use common::{tempdir, Rng};
-use upcache::{PageCache, UffdMode};
+use upcache::{DirtyTracking, PageCache, UffdMode};
 
 /// Record size: not a divisor of the page size, so records straddle pages
 /// and folios.
@@ -31,6 +31,16 @@ fn record(run: u64, g: u64) -> Vec<u8> {
     v
 }
 
+/// Run `run`'s configuration: `Missing`, `Minor`, `Minor` with async dirty
+/// tracking, in turn.
+fn run_config(run: u64) -> (UffdMode, DirtyTracking) {
+    match run % 3 {
+        0 => (UffdMode::Missing, DirtyTracking::WriteFault),
+        1 => (UffdMode::Minor, DirtyTracking::WriteFault),
+        _ => (UffdMode::Minor, DirtyTracking::Async),
+    }
+}
+
 /// The child's side. A no-op unless `UPCACHE_CRASH_CHILD` is set.
 #[test]
 fn crash_child_entry() {
@@ -38,12 +48,8 @@ fn crash_child_entry() {
         return;
     };
     let run: u64 = std::env::var("UPCACHE_CRASH_RUN").unwrap().parse().unwrap();
-    let mode = if run % 2 == 0 {
-        UffdMode::Missing
-    } else {
-        UffdMode::Minor
-    };
-    let cache = PageCache::builder().mmap_mode(mode).build();
+    let (mode, tracking) = run_config(run);
+    let cache = PageCache::builder().mmap_mode(mode).dirty_tracking(tracking).build();
     cache.start_fault_engine().expect("userfaultfd");
     let file = cache.open(&path).unwrap();
     let map = file.mmap_raw(0, SIZE as usize).unwrap();
@@ -138,8 +144,8 @@ fn crash_runs() {
             let off = (g * REC) as usize;
             assert!(
                 disk[off..off + REC as usize] == record(run, g)[..],
-                "run {run} ({}): acknowledged record {g} (of {acked}) is not in the file after SIGKILL",
-                if run % 2 == 0 { "Missing" } else { "Minor" }
+                "run {run} ({:?}): acknowledged record {g} (of {acked}) is not in the file after SIGKILL",
+                run_config(run)
             );
         }
         checked += acked;

@@ -32,7 +32,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use common::{ops_count, seed, tempdir, watchdog, Rng};
-use upcache::{Advice, DirectFileStore, File, MmapRaw, PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
+use upcache::{Advice, DirectFileStore, DirtyTracking, File, MmapRaw, PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 /// Largest file size the stream makes.
 const MAX: u64 = 512 * 1024;
@@ -44,6 +44,7 @@ const LIMIT: u64 = 256 * 1024;
 #[derive(Clone, Copy, Debug)]
 struct Config {
     mode: UffdMode,
+    tracking: DirtyTracking,
     limit: Option<u64>,
     direct: bool,
 }
@@ -64,7 +65,7 @@ struct World {
 
 impl World {
     fn new_cache(cfg: Config) -> PageCache {
-        let mut b = PageCache::builder().mmap_mode(cfg.mode);
+        let mut b = PageCache::builder().mmap_mode(cfg.mode).dirty_tracking(cfg.tracking);
         if let Some(l) = cfg.limit {
             b = b.memory_limit(l);
         }
@@ -443,6 +444,7 @@ fn fsx_missing() {
         "fsx missing",
         Config {
             mode: UffdMode::Missing,
+            tracking: DirtyTracking::WriteFault,
             limit: None,
             direct: false,
         },
@@ -456,6 +458,7 @@ fn fsx_minor() {
         "fsx minor",
         Config {
             mode: UffdMode::Minor,
+            tracking: DirtyTracking::WriteFault,
             limit: None,
             direct: false,
         },
@@ -469,6 +472,7 @@ fn fsx_missing_memory_limit() {
         "fsx missing, memory limit",
         Config {
             mode: UffdMode::Missing,
+            tracking: DirtyTracking::WriteFault,
             limit: Some(LIMIT),
             direct: false,
         },
@@ -482,6 +486,7 @@ fn fsx_minor_memory_limit() {
         "fsx minor, memory limit",
         Config {
             mode: UffdMode::Minor,
+            tracking: DirtyTracking::WriteFault,
             limit: Some(LIMIT),
             direct: false,
         },
@@ -495,6 +500,7 @@ fn fsx_missing_direct() {
         "fsx missing, O_DIRECT",
         Config {
             mode: UffdMode::Missing,
+            tracking: DirtyTracking::WriteFault,
             limit: None,
             direct: true,
         },
@@ -508,6 +514,7 @@ fn fsx_minor_direct() {
         "fsx minor, O_DIRECT",
         Config {
             mode: UffdMode::Minor,
+            tracking: DirtyTracking::WriteFault,
             limit: None,
             direct: true,
         },
@@ -521,6 +528,7 @@ fn fsx_missing_direct_memory_limit() {
         "fsx missing, O_DIRECT, memory limit",
         Config {
             mode: UffdMode::Missing,
+            tracking: DirtyTracking::WriteFault,
             limit: Some(LIMIT),
             direct: true,
         },
@@ -534,9 +542,38 @@ fn fsx_minor_direct_memory_limit() {
         "fsx minor, O_DIRECT, memory limit",
         Config {
             mode: UffdMode::Minor,
+            tracking: DirtyTracking::WriteFault,
             limit: Some(LIMIT),
             direct: true,
         },
         18,
+    );
+}
+
+#[test]
+fn fsx_minor_async() {
+    run_config(
+        "fsx minor, async dirty tracking",
+        Config {
+            mode: UffdMode::Minor,
+            tracking: DirtyTracking::Async,
+            limit: None,
+            direct: false,
+        },
+        19,
+    );
+}
+
+#[test]
+fn fsx_minor_async_direct_memory_limit() {
+    run_config(
+        "fsx minor, async dirty tracking, O_DIRECT, memory limit",
+        Config {
+            mode: UffdMode::Minor,
+            tracking: DirtyTracking::Async,
+            limit: Some(LIMIT),
+            direct: true,
+        },
+        20,
     );
 }

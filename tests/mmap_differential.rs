@@ -14,7 +14,7 @@ use std::fs::File as StdFile;
 use std::os::unix::fs::FileExt;
 
 use common::{ops_count, seed, tempdir, Rng};
-use upcache::{MmapMut, PageCache, Share, UffdMode, PAGE_SIZE};
+use upcache::{DirtyTracking, MmapMut, PageCache, Share, UffdMode, PAGE_SIZE};
 
 const MAX: u64 = 256 * 1024;
 const MAP: usize = 2 * MAX as usize;
@@ -35,6 +35,10 @@ impl KernelMap {
 }
 
 fn run(mode: UffdMode, seed: u64, ops: usize) {
+    run_with(mode, DirtyTracking::WriteFault, seed, ops)
+}
+
+fn run_with(mode: UffdMode, tracking: DirtyTracking, seed: u64, ops: usize) {
     let dir = tempdir();
     let up_path = dir.path().join("upcache");
     let twin_path = dir.path().join("twin");
@@ -44,7 +48,7 @@ fn run(mode: UffdMode, seed: u64, ops: usize) {
     std::fs::write(&up_path, &init).unwrap();
     std::fs::write(&twin_path, &init).unwrap();
 
-    let cache = PageCache::builder().mmap_mode(mode).build();
+    let cache = PageCache::builder().mmap_mode(mode).dirty_tracking(tracking).build();
     cache
         .start_fault_engine()
         .expect("userfaultfd must be available (see README)");
@@ -153,4 +157,9 @@ fn minor_mode_matches_kernel_mmap() {
 #[test]
 fn missing_mode_matches_kernel_mmap() {
     run(UffdMode::Missing, seed(12), ops_count(10_000));
+}
+
+#[test]
+fn minor_mode_async_tracking_matches_kernel_mmap() {
+    run_with(UffdMode::Minor, DirtyTracking::Async, seed(13), ops_count(10_000));
 }

@@ -17,7 +17,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{tempdir, watchdog, Rng};
-use upcache::{Advice, PageCache, UffdMode, PAGE_SIZE};
+use upcache::{Advice, DirtyTracking, PageCache, UffdMode, PAGE_SIZE};
 
 const THREADS: usize = 8;
 const REGION: u64 = 1 << 20;
@@ -32,11 +32,19 @@ fn secs() -> u64 {
 }
 
 fn run(mode: UffdMode, seed: u64) {
+    run_with(mode, DirtyTracking::WriteFault, seed)
+}
+
+fn run_with(mode: UffdMode, tracking: DirtyTracking, seed: u64) {
     let t0 = Instant::now();
     let dir = tempdir();
     let path = dir.path().join("stress");
     std::fs::write(&path, vec![0u8; SIZE as usize]).unwrap();
-    let cache = PageCache::builder().mmap_mode(mode).memory_limit(LIMIT).build();
+    let cache = PageCache::builder()
+        .mmap_mode(mode)
+        .dirty_tracking(tracking)
+        .memory_limit(LIMIT)
+        .build();
     cache
         .start_fault_engine()
         .expect("userfaultfd must be available (see README)");
@@ -164,5 +172,12 @@ fn stress_8_threads_4mib_limit_missing() {
 fn stress_8_threads_4mib_limit_minor() {
     watchdog("stress (Minor)", secs() + 120, || {
         run(UffdMode::Minor, common::seed(102))
+    });
+}
+
+#[test]
+fn stress_8_threads_4mib_limit_minor_async_tracking() {
+    watchdog("stress (Minor, async dirty tracking)", secs() + 120, || {
+        run_with(UffdMode::Minor, DirtyTracking::Async, common::seed(103))
     });
 }

@@ -244,3 +244,36 @@ fn fsync_is_not_overtaken_by_a_concurrent_harvest() {
         harvester.join().unwrap();
     });
 }
+
+/// Found by fsx in the `Async` configuration: truncate removed a clean
+/// large folio straddling the new end, dropping a mapped write below the
+/// end that no harvest had seen. The folio must be kept (tail zeroed).
+#[test]
+fn truncate_inside_a_large_folio_keeps_unharvested_mapped_writes_below_the_end() {
+    watchdog("async truncate", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 64 * PAGE_SIZE]).unwrap();
+        let cache = async_cache(None);
+        let file = cache.open(&path).unwrap();
+        // Readahead brings pages 0.. in as large folios.
+        let mut b = vec![0u8; 64 * 1024];
+        file.read_at(&mut b, 0).unwrap();
+        let map = file.mmap_raw(0, 64 * PAGE_SIZE).unwrap();
+        let data = page_of(5, 5);
+        map.write(5 * PAGE_SIZE, &data);
+        let end = 5 * PAGE_SIZE as u64 + 100;
+        file.truncate(end).unwrap();
+        let mut got = vec![0u8; 100];
+        file.read_at(&mut got, 5 * PAGE_SIZE as u64).unwrap();
+        assert!(
+            got[..] == data[..100],
+            "mapped write below the new end lost by truncate"
+        );
+        drop(map);
+        file.fsync().unwrap();
+        let disk = std::fs::read(&path).unwrap();
+        assert_eq!(disk.len() as u64, end);
+        assert!(disk[5 * PAGE_SIZE..] == data[..100], "not on disk after fsync");
+    });
+}
