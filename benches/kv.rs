@@ -9,13 +9,15 @@
 //!   mode), read as a slice;
 //! - `memmap2`: a kernel mapping of the data file (`memmap2::Mmap`).
 //!
-//! `kv_update/{upcache_mmap, memmap2}`: in-place updates through a shared
+//! `kv_update/{upcache_mmap, upcache_mmap_async, memmap2}`: in-place updates through a shared
 //! writable mapping of the same data file, 1 thread × 10,000 random
 //! existing keys per iteration, each writing the value's 8 bytes; before
 //! each iteration (untimed) the mapping is flushed, so every page starts
 //! clean and write-protected, as after a checkpoint: the first write to a
 //! page is a write fault (ext4 `page_mkwrite` on the kernel side, a
-//! userfaultfd write-protect round trip on upcache's).
+//! userfaultfd write-protect round trip on upcache's, a write-protect
+//! fault the kernel resolves itself for `upcache_mmap_async`, a cache with
+//! `DirtyTracking::Async`, whose writes the flush harvests).
 //!
 //! `cargo bench --bench kv` (`UPCACHE_BENCH_DIR` places the files).
 
@@ -25,7 +27,7 @@ use criterion::{criterion_main, Criterion};
 
 mod common;
 use common::bench_dir;
-use upcache::{PageCache, Share};
+use upcache::{DirtyTracking, PageCache, Share};
 
 #[path = "../examples/kv.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs)]
@@ -134,7 +136,9 @@ fn kv_update(c: &mut Criterion) {
     // or write-back touch the other's file.
     let udata = dir.path().join("kv.data");
     let kdata = dir.path().join("kv.kernel");
+    let adata = dir.path().join("kv.async");
     std::fs::copy(&udata, &kdata).unwrap();
+    std::fs::copy(&udata, &adata).unwrap();
 
     // The kernel's dirty thresholds (see benches/update.rs).
     let (bg, limit) = common::kernel_dirty_thresholds();
@@ -146,27 +150,50 @@ fn kv_update(c: &mut Criterion) {
     // SAFETY: only this thread reads or writes the data files while the
     // benchmark runs.
     let mut umap = unsafe { file.mmap_mut(0, len, Share::Shared) }.unwrap();
+    let acache = PageCache::builder()
+        .dirty_tracking(DirtyTracking::Async)
+        .dirty_background_bytes(bg)
+        .dirty_limit_bytes(limit)
+        .build();
+    let afile = acache.open(&adata).unwrap();
+    // SAFETY: as above.
+    let mut amap = unsafe { afile.mmap_mut(0, len, Share::Shared) }.unwrap();
     let kfile = std::fs::OpenOptions::new().read(true).write(true).open(&kdata).unwrap();
     // SAFETY: as above.
     let mut kmap = unsafe { memmap2::MmapMut::map_mut(&kfile) }.unwrap();
-    // Warm both: every page cached (and mapped) before timing.
+    // Warm every side: every page cached (and mapped) before timing.
     let mut sum = 0u64;
     for p in (0..len).step_by(upcache::PAGE_SIZE) {
-        sum = sum.wrapping_add(umap[p] as u64 + kmap[p] as u64);
+        sum = sum.wrapping_add(umap[p] as u64 + kmap[p] as u64 + amap[p] as u64);
     }
     std::hint::black_box(sum);
     let misses = cache.stats().misses;
+    let amisses = acache.stats().misses;
 
     let mut g = c.benchmark_group("kv_update");
     g.sample_size(20).measurement_time(Duration::from_secs(5));
     g.bench_function("upcache_mmap", |b| {
         b.iter_custom(|iters| update_iters(&mut umap, buckets, iters, |m| m.flush().unwrap()))
     });
+    g.bench_function("upcache_mmap_async", |b| {
+        b.iter_custom(|iters| update_iters(&mut amap, buckets, iters, |m| m.flush().unwrap()))
+    });
     g.bench_function("memmap2", |b| {
         b.iter_custom(|iters| update_iters(&mut kmap, buckets, iters, |m| m.flush().unwrap()))
     });
     g.finish();
     assert_eq!(cache.stats().misses, misses, "upcache missed during kv updates");
+    assert_eq!(acache.stats().misses, amisses, "upcache_async missed during kv updates");
+    assert_eq!(
+        acache.stats().faults_wp,
+        0,
+        "upcache_async took write-protect userfaults"
+    );
+    amap.flush().unwrap();
+    assert!(
+        std::fs::read(&adata).unwrap() == amap[..],
+        "upcache_async: the flushed file is not what the mapping shows"
+    );
     umap.flush().unwrap();
     kmap.flush().unwrap();
     // Every update reached the file (each side ran its own number of
