@@ -11,7 +11,12 @@
 //! - an `fsync` (`write_and_wait_range`) racing a flusher harvest never
 //!   returns without a write made before it (`harvest_lock`);
 //! - eviction racing a mapped store never discards the store (the
-//!   compare after the zap).
+//!   compare after the zap);
+//! - a thread holding a `PageMut` of a written page and syncing another
+//!   page, racing an `fsync` that must wait for that page, never
+//!   deadlocks (no folio-lock wait under `harvest_lock`), and the write
+//!   reaches the store;
+//! - eviction keeps a folio whose written page a harvest left pending.
 //!
 //! Planted bugs they kill (patches in `tests/mutants/`): a harvest without
 //! `harvest_lock`; eviction without the compare.
@@ -32,14 +37,22 @@ struct Pte {
 
 type PageTable = Arc<Mutex<Pte>>;
 
-/// A one-page file of zeros, cached, clean and mapped write-protected in
-/// one async-tracked mapping whose page table is `pte`.
-fn setup() -> (
+type Setup = (
     std::sync::Arc<MemStore>,
     std::sync::Arc<upcache::aops::AddressSpace>,
     PageTable,
-) {
-    let store = std::sync::Arc::new(MemStore::filled(PAGE_SIZE, 0));
+);
+
+/// A one-page file of zeros, cached, clean and mapped write-protected in
+/// one async-tracked mapping whose page table is `pte`.
+fn setup() -> Setup {
+    setup_pages(1)
+}
+
+/// `setup` with a file of `pages` pages, all cached; the page table is
+/// page 0's.
+fn setup_pages(pages: usize) -> Setup {
+    let store = std::sync::Arc::new(MemStore::filled(pages * PAGE_SIZE, 0));
     let m = address_space(store.clone());
     let pte: PageTable = Arc::new(Mutex::new(Pte::default()));
     {
@@ -67,9 +80,11 @@ fn setup() -> (
             }
         });
     }
-    match filemap_fault(&m, 0) {
-        Fault::Locked(g) => assert!(g.is_uptodate() && !g.is_dirty()),
-        _ => panic!("populating fault failed"),
+    for i in 0..pages as u64 {
+        match filemap_fault(&m, i) {
+            Fault::Locked(g) => assert!(g.is_uptodate() && !g.is_dirty()),
+            _ => panic!("populating fault failed"),
+        }
     }
     // Mapped with UFFDIO_CONTINUE | MODE_WP (a clean folio).
     pte.lock().unwrap().present = true;
@@ -137,5 +152,60 @@ fn real_evict_vs_mapped_store_never_discards_it() {
         // harvest) must persist it.
         m.write_and_wait_range(0, u64::MAX).unwrap();
         assert_eq!(store.contents()[0], 1, "eviction discarded a mapped write");
+    });
+}
+
+#[test]
+fn real_fsync_holding_a_page_mut_vs_fsync_never_deadlocks() {
+    loom::model(|| {
+        let (store, m, pte) = setup_pages(2);
+        // Written through the mapping, not harvested yet.
+        user_write(&m, &pte, 1);
+        let other = {
+            let (m, store) = (m.clone(), store.clone());
+            thread::spawn(move || {
+                // The write happened before this fsync: it must wait for
+                // the guard and write it.
+                m.write_and_wait_range(0, u64::MAX).unwrap();
+                assert_eq!(
+                    store.contents()[0],
+                    1,
+                    "fsync returned without a mapped write made before it"
+                );
+            })
+        };
+        {
+            // SAFETY: the model's mapping does not store to page 0 while
+            // the guard lives.
+            let _g = unsafe { m.read_cache_page_mut(0) }.unwrap();
+            m.write_and_wait_range(PAGE_SIZE as u64, 2 * PAGE_SIZE as u64 - 1)
+                .unwrap();
+        }
+        other.join().unwrap();
+        m.write_and_wait_range(0, u64::MAX).unwrap();
+        assert_eq!(store.contents()[0], 1, "a mapped write was lost");
+    });
+}
+
+#[test]
+fn real_evict_keeps_a_page_a_harvest_left_pending() {
+    loom::model(|| {
+        let (store, m, pte) = setup();
+        user_write(&m, &pte, 1);
+        {
+            // SAFETY: the model's mapping does not store to page 0 while
+            // the guard lives.
+            let _g = unsafe { m.read_cache_page_mut(0) }.unwrap();
+            // The flusher's harvest finds the folio locked: the page stays
+            // pending (its PTE is protected again).
+            let flusher = {
+                let m = m.clone();
+                thread::spawn(move || harvest(&m))
+            };
+            flusher.join().unwrap();
+        }
+        evict_folio(&m, 0);
+        m.write_and_wait_range(0, u64::MAX).unwrap();
+        assert_eq!(store.contents()[0], 1, "eviction dropped a page a harvest left pending");
     });
 }

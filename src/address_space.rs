@@ -127,7 +127,7 @@ pub struct AddressSpace {
     /// Serializes harvests of this file's async mappings from the
     /// `PAGEMAP_SCAN` that re-protects a written page to the
     /// `folio_mark_dirty` that records it (see `wp_async.rs`).
-    pub(crate) harvest_lock: Mutex<()>,
+    pub(crate) harvest_lock: Mutex<crate::wp_async::HarvestState>,
     /// Write back from a copy (`Writeback::data`): set for every file of a
     /// cache with `DirtyTracking::Async`, whose mappings' writes are never
     /// held back while a store reads the folio.
@@ -201,7 +201,7 @@ impl AddressSpace {
             i_mmap: Mutex::new(Vec::new()),
             nr_wp_armed: crate::sync::AtomicUsize::new(0),
             nr_wp_async: crate::sync::AtomicUsize::new(0),
-            harvest_lock: Mutex::new(()),
+            harvest_lock: Mutex::new(Default::default()),
             bounce_writeback: false,
             ra_state: Mutex::new(RaState::default()),
             read_prev: AtomicU64::new(u64::MAX),
@@ -431,7 +431,7 @@ impl AddressSpace {
     }
 
     /// Dirty a folio the caller holds locked or under writeback.
-    fn mark_dirty_raw(&self, folio: &Folio) {
+    pub(crate) fn mark_dirty_raw(&self, folio: &Folio) {
         debug_assert!(folio.is_locked() || folio.is_writeback());
         if folio.test_set_dirty() {
             let idx = folio.index().0;

@@ -436,7 +436,7 @@ pub(crate) fn do_mmap(
     }
     register_user_range(addr, plen);
     if let Err(e) = engine.shared().uffd.register(addr, plen, modes) {
-        unpublish(&vma);
+        unpublish(&vma, false);
         unregister_user_range(addr);
         // SAFETY: our own fresh mapping, never handed out.
         let _ = unsafe { rustix::mm::munmap(addr as *mut _, plen) };
@@ -513,7 +513,10 @@ pub(crate) fn overlaps_user_mapping(ptr: *const u8, len: usize) -> bool {
     }
 }
 
-fn unpublish(vma: &Arc<VmArea>) {
+/// Take `vma` out of the engine's table and `i_mmap`. `unmapping`: an
+/// async-tracked mapping on its way out through `unmap_async`, which drops
+/// `nr_wp_async` itself once its pending pages are drained.
+fn unpublish(vma: &Arc<VmArea>, unmapping: bool) {
     vma.engine.remove(vma);
     let mut i_mmap = vma.mapping.i_mmap.lock();
     let before = i_mmap.len();
@@ -521,7 +524,7 @@ fn unpublish(vma: &Arc<VmArea>) {
     if i_mmap.len() != before && vma.arms_write_notify() {
         vma.mapping.nr_wp_armed.fetch_sub(1, Ordering::Relaxed);
     }
-    if i_mmap.len() != before && vma.tracks_writes_async() {
+    if i_mmap.len() != before && vma.tracks_writes_async() && !unmapping {
         vma.mapping.nr_wp_async.fetch_sub(1, Ordering::Release);
     }
 }
@@ -538,15 +541,12 @@ fn unpublish(vma: &Arc<VmArea>) {
 /// memfd alone; munmap also drops the range's registration.
 fn do_munmap(vma: &Arc<VmArea>) {
     if vma.tracks_writes_async() {
-        // The mapping's last harvest, and its removal from `i_mmap`, under
-        // one `harvest_lock`: a concurrent fsync either scans it or finds
-        // its writes already dirty (wp_async.rs).
-        let m = vma.mapping();
-        let _h = m.harvest_lock.lock();
-        m.harvest_locked(&**vma, PgOff(0), PgOff(u64::MAX));
-        unpublish(vma);
+        // The mapping's last harvest and its removal from `i_mmap` under one
+        // `harvest_lock` (wp_async.rs); `unpublish` leaves the count of
+        // async mappings to `unmap_async`, which drops it after draining.
+        vma.mapping().unmap_async(vma, || unpublish(vma, true));
     } else {
-        unpublish(vma);
+        unpublish(vma, false);
     }
     vma.kill_and_drain();
     // SAFETY: the handle owning this mapping is being dropped, so no Rust

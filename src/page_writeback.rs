@@ -193,7 +193,11 @@ impl AddressSpace {
     /// (wp_async.rs), before any writeback walk looks for dirty folios.
     fn harvest_wbc_range(&self, wbc: &WritebackControl) {
         let (first, end) = page_range(wbc);
-        self.harvest_mapped_writes(PgOff(first), PgOff(end));
+        let mode = match wbc.sync_mode {
+            SyncMode::All => crate::wp_async::HarvestMode::Integrity,
+            SyncMode::None => crate::wp_async::HarvestMode::Background,
+        };
+        self.harvest_mapped_writes(PgOff(first), PgOff(end), mode);
     }
 
     /// `do_writepages`: run the engine's `writepages` with `wbc` (cleansing

@@ -17,18 +17,27 @@
 //! |---|---|
 //! | mapping a clean folio (`map_pages`, fault) | `UFFDIO_CONTINUE` with `MODE_WP` (as with write faults) |
 //! | writeback (`folio_clear_dirty_for_io`) | `page_mkclean` write-protects before the bytes are copied for the store |
-//! | harvest | scan-and-protect, then `folio_mark_dirty` of each reported folio, the two under `harvest_lock` |
+//! | harvest | scan-and-protect into `pending`, then `folio_mark_dirty` of each pending folio it can lock, under `harvest_lock` |
 //! | eviction | [`AddressSpace::evict_check_mapped_writes`], below |
-//! | munmap | a last harvest of the mapping before it leaves `i_mmap` |
+//! | munmap | a last scan of the mapping before it leaves `i_mmap`, then an integrity drain |
 //!
-//! # Why harvests are serialized
+//! # Why harvests are serialized, and what `pending` is for
 //!
 //! A scan re-protects what it reports. If harvest B re-protected a written
 //! page and harvest A (an `fsync`) then scanned, A would find the page
 //! clean and could finish before B marks the folio dirty: a lost `fsync`.
-//! `harvest_lock` is held from the scan to the last `folio_mark_dirty`.
-//! Lock order: `harvest_lock` → folio lock; reclaim, which already holds
-//! a folio lock, only try-locks it.
+//! So the record of a reported page moves from the page table to
+//! `HarvestState::pending` under `harvest_lock`, and from `pending` to the
+//! folio's DIRTY bit under `harvest_lock` and the folio lock, taken by
+//! *trylock*: a folio another thread holds locked stays pending. A
+//! background harvest (the flusher, cleansing writeback) leaves it; an
+//! integrity harvest drops `harvest_lock`, waits for that folio's lock,
+//! and drains again, returning only when nothing of its range is pending.
+//! No thread ever waits for a folio lock while holding `harvest_lock`, so a
+//! thread that holds a `PageMut` and calls `fsync` (its own folio is
+//! marked dirty directly: its guard holds the lock) cannot deadlock with a
+//! harvest waiting for that folio. Reclaim, which holds a folio lock,
+//! try-locks `harvest_lock` and treats a pending page as written.
 //!
 //! # Why eviction compares bytes
 //!
@@ -57,7 +66,7 @@ use std::ops::Range;
 use crate::address_space::AddressSpace;
 use crate::folio::FolioGuard;
 use crate::mmap::VmArea;
-use crate::sync::{Arc, Ordering};
+use crate::sync::{Arc, MutexGuard, Ordering};
 use crate::types::{PgOff, PAGE_SHIFT};
 
 /// Is any swap device active? (`Async` tracking is refused then.)
@@ -171,49 +180,107 @@ impl AddressSpace {
 
     /// Harvest: mark dirty every folio of file pages `[first, end)` that an
     /// async-tracked mapping wrote since the last harvest (and protect its
-    /// pages again). Called before every writeback of the range and by
-    /// the flusher.
+    /// pages again). Called before every writeback of the range
+    /// ([`HarvestMode::Integrity`] for `SyncMode::All`) and by the flusher
+    /// ([`HarvestMode::Background`]).
     ///
     /// # Locking
-    /// Nothing held on entry; takes `harvest_lock`, then folio locks
-    /// (sleeps).
-    pub(crate) fn harvest_mapped_writes(&self, first: PgOff, end: PgOff) {
+    /// Nothing held on entry (a `PageMut` of this thread may be); takes
+    /// `harvest_lock`, then folio locks by trylock only; an integrity
+    /// harvest waits for a busy folio's lock with `harvest_lock` dropped.
+    pub(crate) fn harvest_mapped_writes(&self, first: PgOff, end: PgOff, mode: HarvestMode) {
         if !self.has_wp_async() {
             return;
         }
-        let _h = self.harvest_lock.lock();
+        let mut st = self.harvest_lock.lock();
         for p in self.async_ptes(first, end) {
-            self.harvest_locked(&p, first, end);
+            scan_into(&p, first, end, &mut st);
+        }
+        self.drain_pending(st, first, end, mode);
+    }
+
+    /// Turn the pending pages of `[first, end)` into dirty folios. A folio
+    /// another thread holds locked stays pending: a background harvest
+    /// leaves it for later, an integrity harvest waits for the lock (with
+    /// `harvest_lock` dropped, so the holder may harvest meanwhile) and
+    /// tries again, returning only when none of the range is pending.
+    pub(crate) fn drain_pending<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, HarvestState>,
+        first: PgOff,
+        end: PgOff,
+        mode: HarvestMode,
+    ) {
+        loop {
+            let idxs: Vec<u64> = st.pending.range(first.0..end.0).copied().collect();
+            let mut busy = None;
+            for idx in idxs {
+                if !st.pending.contains(&idx) {
+                    // Went with a folio handled earlier in this pass.
+                    continue;
+                }
+                let Some(f) = self.filemap_get_folio(PgOff(idx)) else {
+                    // Truncated or punched since: the write went with it.
+                    st.pending.remove(&idx);
+                    continue;
+                };
+                let pages = f.index().0..f.index().0 + f.nr_pages();
+                if crate::page_ref::locked_by_this_thread(&f) {
+                    // A `PageMut` of this thread holds the lock: the folio
+                    // cannot be truncated while it does.
+                    if f.mapping_id() == self.id() && f.is_uptodate() {
+                        self.mark_dirty_locked(&f);
+                    }
+                } else {
+                    match f.trylock() {
+                        Ok(g) => {
+                            if g.mapping_id() == self.id() && g.is_uptodate() {
+                                self.mark_dirty_locked(&g);
+                            }
+                        }
+                        Err(f) => {
+                            if busy.is_none() {
+                                busy = Some(f);
+                            }
+                            continue;
+                        }
+                    }
+                }
+                let gone: Vec<u64> = st.pending.range(pages).copied().collect();
+                for i in gone {
+                    st.pending.remove(&i);
+                }
+            }
+            let (HarvestMode::Integrity, Some(f)) = (mode, busy) else {
+                return;
+            };
+            drop(st);
+            // Wait for the holder (never with `harvest_lock` held: it may be
+            // a thread about to harvest itself).
+            drop(f.lock());
+            st = self.harvest_lock.lock();
         }
     }
 
-    /// Harvest one mapping. `harvest_lock` held, which also keeps a real
-    /// mapping in `i_mmap`, hence mapped (`do_munmap` takes it first).
-    pub(crate) fn harvest_locked(&self, ptes: &dyn AsyncPtes, first: PgOff, end: PgOff) {
-        let mut runs: Vec<Range<u64>> = Vec::new();
-        ptes.scan_written(first, end, &mut |run| runs.push(run));
-        let mut next = 0;
-        for idx in runs.into_iter().flatten() {
-            if idx < next {
-                continue;
-            }
-            next = idx + 1;
-            let Some(f) = self.filemap_get_folio(PgOff(idx)) else {
-                // Truncated or punched since: the write went with it.
-                continue;
-            };
-            next = f.index().0 + f.nr_pages();
-            if crate::page_ref::locked_by_this_thread(&f) {
-                // A `PageMut` of this thread: it marks the folio dirty when
-                // dropped.
-                continue;
-            }
-            let g = f.lock();
-            if g.mapping_id() == self.id() && g.is_uptodate() {
-                self.folio_mark_dirty(&g);
-                self.stats.harvested(g.nr_pages());
-            }
-        }
+    /// `folio_mark_dirty` for a harvested folio, locked by the caller (or by
+    /// a `PageMut` of the caller's thread).
+    fn mark_dirty_locked(&self, f: &crate::folio::Folio) {
+        self.mark_dirty_raw(f);
+        self.stats.harvested(f.nr_pages());
+    }
+
+    /// A mapping is being unmapped: its last scan and its removal from
+    /// `i_mmap` under one `harvest_lock` (a concurrent harvest either scans
+    /// it or finds its writes pending), then an integrity drain of what it
+    /// left pending, and only then the count of async mappings drops (a
+    /// file with pending pages keeps being harvested).
+    pub(crate) fn unmap_async(&self, vma: &VmArea, unpublish: impl FnOnce()) {
+        let (first, end) = (PgOff(0), PgOff(u64::MAX));
+        let mut st = self.harvest_lock.lock();
+        scan_into(vma, first, end, &mut st);
+        unpublish();
+        self.drain_pending(st, first, end, HarvestMode::Integrity);
+        self.nr_wp_async.fetch_sub(1, Ordering::Release);
     }
 
     /// Eviction's check for async-tracked mappings (see the module docs):
@@ -228,11 +295,20 @@ impl AddressSpace {
         if !self.has_wp_async() {
             return true;
         }
-        let Some(_h) = self.harvest_lock.try_lock() else {
+        let Some(mut st) = self.harvest_lock.try_lock() else {
             return false;
         };
         let first = g.index();
         let end = first.add(g.nr_pages());
+        if st.pending.range(first.0..end.0).next().is_some() {
+            // Written, reported by a harvest that found it locked.
+            let gone: Vec<u64> = st.pending.range(first.0..end.0).copied().collect();
+            for i in gone {
+                st.pending.remove(&i);
+            }
+            self.mark_dirty_locked(g);
+            return false;
+        }
         let ptes = self.async_ptes(first, end);
         if ptes.is_empty() {
             return true;
@@ -249,11 +325,36 @@ impl AddressSpace {
             written = snapshot(g) != before;
         }
         if written {
-            self.folio_mark_dirty(g);
-            self.stats.harvested(g.nr_pages());
+            self.mark_dirty_locked(g);
         }
         !written
     }
+}
+
+/// Scan `ptes` over `[first, end)` and add the written pages to `pending`.
+fn scan_into(ptes: &dyn AsyncPtes, first: PgOff, end: PgOff, st: &mut HarvestState) {
+    ptes.scan_written(first, end, &mut |run| st.pending.extend(run));
+}
+
+/// How a harvest treats a folio another thread holds locked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HarvestMode {
+    /// Before an integrity writeback (`fsync`, `sync_range`, `flush`,
+    /// munmap): wait for it; return only with nothing of the range pending.
+    Integrity,
+    /// The flusher, cleansing writeback: leave it pending for later.
+    Background,
+}
+
+/// What `harvest_lock` guards: pages a scan reported written (and
+/// re-protected) whose folio is not yet marked dirty because another
+/// thread held its lock. Invariant: a page written through an async
+/// mapping since its folio was last clean is written in the page table,
+/// pending here, or its folio is DIRTY; every move between the three
+/// happens under `harvest_lock`.
+#[derive(Debug, Default)]
+pub(crate) struct HarvestState {
+    pending: std::collections::BTreeSet<u64>,
 }
 
 /// A copy of the folio's bytes, taken with a raw copy (mapped writers may
