@@ -605,6 +605,11 @@ const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 /// `PAGE_IS_WRITTEN`: the uffd-wp bit is clear (written since protected).
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
+/// `PAGE_IS_PRESENT`: a page is mapped.
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// `PAGE_IS_SWAPPED`: a swap-type entry (a page under migration, a PTE
+/// marker).
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
 
 impl Pagemap {
     /// Open `/proc/self/pagemap`.
@@ -644,7 +649,13 @@ impl Pagemap {
                 max_pages: 0,
                 category_inverted: 0,
                 category_mask: PAGE_IS_WRITTEN,
-                category_anyof_mask: 0,
+                // Only entries that exist: the walk reports holes (no page
+                // table, or none PTEs) as written and would write-protect
+                // them, allocating page tables (and PTE markers) for the
+                // whole range — 128 MiB for a 64 GiB reservation, and a
+                // "written" run per hole. A page under migration is a swap
+                // entry: still reported.
+                category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                 return_mask: PAGE_IS_WRITTEN,
             };
             // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`

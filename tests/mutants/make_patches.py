@@ -174,6 +174,10 @@ MUTANTS = [
      "        if st.pending.range(first.0..end.0).next().is_some() {",
      "        if false && st.pending.range(first.0..end.0).next().is_some() {",
      f"{LOOM} loom_wp_async real_evict_keeps_a_page"),
+    ("41-harvest-scan-protects-holes", "src/uffd.rs",
+     "                category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,",
+     "                category_anyof_mask: 0,",
+     "cargo test --test page_tables"),
 ]
 
 
