@@ -158,6 +158,13 @@ pub trait BackingStore: Send + Sync + 'static {
     fn batch_readahead(&self) -> bool {
         false
     }
+
+    /// Requests a direct-I/O store served with buffered I/O instead (an
+    /// unaligned tail): [`StoreOps`] adds them to `Stats::direct_fallbacks`.
+    /// 0 for stores that have no direct path.
+    fn direct_fallbacks(&self) -> u64 {
+        0
+    }
 }
 
 /// A shared store: an engine keeps an `Arc` of its store (to inspect or
@@ -193,6 +200,9 @@ impl<T: BackingStore + ?Sized> BackingStore for std::sync::Arc<T> {
     }
     fn batch_readahead(&self) -> bool {
         (**self).batch_readahead()
+    }
+    fn direct_fallbacks(&self) -> u64 {
+        (**self).direct_fallbacks()
     }
     fn write_barrier(&self, private: u64, mode: crate::aops::SyncMode) -> io::Result<bool> {
         (**self).write_barrier(private, mode)
@@ -404,6 +414,9 @@ impl BackingStore for DirectFileStore {
     fn batch_readahead(&self) -> bool {
         true
     }
+    fn direct_fallbacks(&self) -> u64 {
+        DirectFileStore::direct_fallbacks(self)
+    }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         if buf.is_empty() {
@@ -534,12 +547,28 @@ pub fn read_full<S: BackingStore + ?Sized>(store: &S, buf: &mut [u8], off: u64) 
 #[derive(Debug)]
 pub struct StoreOps<S> {
     store: S,
+    /// The store's `direct_fallbacks` already added to the file's stats.
+    fallbacks_seen: AtomicU64,
 }
 
 impl<S: BackingStore> StoreOps<S> {
     /// Wrap a store.
     pub fn new(store: S) -> Self {
-        StoreOps { store }
+        StoreOps {
+            store,
+            fallbacks_seen: AtomicU64::new(0),
+        }
+    }
+
+    /// Add the store's new direct-I/O fallbacks to `mapping`'s stats (after
+    /// each call that may have done I/O). `fetch_max`: concurrent callers
+    /// count each fallback once.
+    fn note_fallbacks(&self, mapping: &AddressSpace) {
+        let now = self.store.direct_fallbacks();
+        let was = self.fallbacks_seen.fetch_max(now, Ordering::Relaxed);
+        if now > was {
+            mapping.stats.direct_fallbacks(now - was);
+        }
     }
 
     /// The store.
@@ -652,17 +681,8 @@ impl<S: BackingStore> StoreOps<S> {
     }
 }
 
-impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
-    fn write_barrier(
-        &self,
-        _mapping: &AddressSpace,
-        folio: &FolioGuard,
-        mode: crate::aops::SyncMode,
-    ) -> io::Result<bool> {
-        self.store.write_barrier(folio.private(), mode)
-    }
-
-    fn read_folio(&self, mapping: &AddressSpace, mut folio: FolioGuard) -> io::Result<()> {
+impl<S: BackingStore> StoreOps<S> {
+    fn do_read_folio(&self, mapping: &AddressSpace, mut folio: FolioGuard) -> io::Result<()> {
         let pos = folio.pos();
         // Bytes past i_size read as zeros (the EOF invariant: the tail of
         // the last folio is zero in the cache).
@@ -699,13 +719,10 @@ impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
         }
     }
 
-    /// With a store that asks for it ([`BackingStore::batch_readahead`]),
-    /// reads each run of consecutive folios with one `preadv(2)` (a 2 MiB
-    /// window is one I/O); otherwise one read per folio.
-    fn readahead(&self, mapping: &AddressSpace, rac: &mut ReadaheadControl) {
+    fn do_readahead(&self, mapping: &AddressSpace, rac: &mut ReadaheadControl) {
         if !self.store.batch_readahead() {
             while let Some(f) = rac.next_folio() {
-                let _ = self.read_folio(mapping, f);
+                let _ = self.do_read_folio(mapping, f);
             }
             return;
         }
@@ -729,7 +746,7 @@ impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
         flush(run);
     }
 
-    fn writepage(&self, mapping: &AddressSpace, folio: FolioGuard, _wbc: &mut WritebackControl) -> io::Result<()> {
+    fn do_writepage(&self, mapping: &AddressSpace, folio: FolioGuard, _wbc: &mut WritebackControl) -> io::Result<()> {
         let pos = folio.pos();
         let isize = mapping.size();
         // Only the part below i_size is written: the store's length is
@@ -753,13 +770,50 @@ impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
         }
     }
 
-    fn launder_folio(&self, mapping: &AddressSpace, folio: &mut FolioGuard) -> io::Result<()> {
+    fn do_launder_folio(&self, mapping: &AddressSpace, folio: &mut FolioGuard) -> io::Result<()> {
         let pos = folio.pos();
         let len = folio.size().min(mapping.size().saturating_sub(pos) as usize);
         // A copy: the folio's bytes stay shared with user mappings.
         let mut buf = vec![0u8; len];
         folio.copy_out(0, &mut buf);
         self.store.write_all_at(&buf, pos)
+    }
+}
+
+impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
+    fn write_barrier(
+        &self,
+        _mapping: &AddressSpace,
+        folio: &FolioGuard,
+        mode: crate::aops::SyncMode,
+    ) -> io::Result<bool> {
+        self.store.write_barrier(folio.private(), mode)
+    }
+
+    fn read_folio(&self, mapping: &AddressSpace, folio: FolioGuard) -> io::Result<()> {
+        let r = self.do_read_folio(mapping, folio);
+        self.note_fallbacks(mapping);
+        r
+    }
+
+    /// With a store that asks for it ([`BackingStore::batch_readahead`]),
+    /// reads each run of consecutive folios with one `preadv(2)` (a 2 MiB
+    /// window is one I/O); otherwise one read per folio.
+    fn readahead(&self, mapping: &AddressSpace, rac: &mut ReadaheadControl) {
+        self.do_readahead(mapping, rac);
+        self.note_fallbacks(mapping);
+    }
+
+    fn writepage(&self, mapping: &AddressSpace, folio: FolioGuard, wbc: &mut WritebackControl) -> io::Result<()> {
+        let r = self.do_writepage(mapping, folio, wbc);
+        self.note_fallbacks(mapping);
+        r
+    }
+
+    fn launder_folio(&self, mapping: &AddressSpace, folio: &mut FolioGuard) -> io::Result<()> {
+        let r = self.do_launder_folio(mapping, folio);
+        self.note_fallbacks(mapping);
+        r
     }
 
     fn initial_size(&self) -> io::Result<u64> {

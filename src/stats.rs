@@ -24,6 +24,7 @@ pub(crate) struct CacheStats {
     evicted_pages: AtomicU64,
     throttled: AtomicU64,
     harvested_pages: AtomicU64,
+    direct_fallbacks: AtomicU64,
 }
 
 /// A counter bumped on every cache hit: one `AtomicU64` shared by all
@@ -114,6 +115,9 @@ impl CacheStats {
     pub(crate) fn evicted(&self, pages: u64) {
         self.evicted_pages.fetch_add(pages, Ordering::Relaxed);
     }
+    pub(crate) fn direct_fallbacks(&self, n: u64) {
+        self.direct_fallbacks.fetch_add(n, Ordering::Relaxed);
+    }
     pub(crate) fn harvested(&self, pages: u64) {
         self.harvested_pages.fetch_add(pages, Ordering::Relaxed);
     }
@@ -160,6 +164,7 @@ impl CacheStats {
             evicted_bytes: l(&self.evicted_pages) * PAGE_SIZE as u64,
             throttled: l(&self.throttled),
             harvested_bytes: l(&self.harvested_pages) * PAGE_SIZE as u64,
+            direct_fallbacks: l(&self.direct_fallbacks),
         }
     }
 }
@@ -224,6 +229,7 @@ impl FileStats {
         folio_removed,
         evicted,
         harvested,
+        direct_fallbacks,
         dirty_add,
         dirty_sub,
         writeback_add,
@@ -275,13 +281,17 @@ pub struct Stats {
     /// ([`DirtyTracking::Async`](crate::DirtyTracking::Async)) found written
     /// through a mapping and marked dirty (a harvest, or reclaim's check).
     pub harvested_bytes: u64,
+    /// Requests a direct-I/O store ([`DirectFileStore`](crate::DirectFileStore))
+    /// served with buffered I/O instead, the kernel page cache included
+    /// (unaligned tails only; 0 on an aligned workload).
+    pub direct_fallbacks: u64,
 }
 
 impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {} faults fast {} slow {} wp {} sigbus {} evicted {} KiB throttled {} harvested {} KiB",
+            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {} faults fast {} slow {} wp {} sigbus {} evicted {} KiB throttled {} harvested {} KiB direct_fallbacks {}",
             self.hits,
             self.misses,
             self.folios,
@@ -298,7 +308,8 @@ impl std::fmt::Display for Stats {
             self.sigbus,
             self.evicted_bytes / 1024,
             self.throttled,
-            self.harvested_bytes / 1024
+            self.harvested_bytes / 1024,
+            self.direct_fallbacks
         )
     }
 }

@@ -98,6 +98,16 @@ fn direct_store_never_fills_the_kernel_page_cache() {
             file.write_at(b"tail", size as u64 - 4).unwrap();
             file.fsync().unwrap();
             assert_eq!(store.direct_fallbacks(), 1, "{mode:?}: the tail write is counted");
+            assert_eq!(
+                file.stats().direct_fallbacks,
+                1,
+                "{mode:?}: and reported in the file's Stats"
+            );
+            assert!(
+                cache.stats().direct_fallbacks >= 1,
+                "{mode:?}: and in the cache's Stats: {}",
+                cache.stats()
+            );
             assert_eq!(&std::fs::read(&path).unwrap()[size - 4..], b"tail");
             drop(map);
             file.close().unwrap();
