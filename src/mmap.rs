@@ -38,7 +38,7 @@ pub enum UffdMode {
 /// | | [`WriteFault`](Self::WriteFault) (default) | [`Async`](Self::Async) |
 /// |---|---|---|
 /// | first write to a clean page | a write-protect userfault: a handler thread runs `page_mkwrite` (~7–47 µs here) | the kernel clears the page's uffd-wp bit itself (~1 µs) |
-/// | the folio becomes dirty (`Stats`, flusher, fsync) | at that fault | when harvested: at the next writeback of its file (`fsync`, `flush`, `sync_all`, the flusher's pass), when the mapping is dropped, or when reclaim looks at the folio |
+/// | the folio becomes dirty (`Stats`, flusher, fsync) | at that fault | when harvested: at the next writeback of its file (`fsync`, `flush`, `sync_all`), at the flusher's next pass (every `dirty_expire` / 4), when the mapping is dropped, or when reclaim looks at the folio |
 /// | `freeze` | blocks first writes | refused (`Error::Unsupported`): mapped writes cannot be held back |
 /// | dirty throttling of mapped writes | yes | no (`write_at` still is) |
 /// | pages under writeback | stable (a write waits) | written back from a copy taken at writeback |
