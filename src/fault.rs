@@ -454,7 +454,12 @@ fn poison_page(sh: &EngineShared, page: usize) {
     // it again, since the unprotect above may have made a clean page
     // writable behind page_mkwrite's back (over-protecting only costs a
     // WP fault; outside a WP-registered range this fails harmlessly), and
-    // let the thread retry.
-    let _ = sh.uffd.writeprotect(page, PAGE_SIZE, true);
+    // let the thread retry. Not with async dirty tracking: there an
+    // unprotected page reads as written to the next harvest (a spare
+    // writeback at worst), and protecting it would erase the record of a
+    // write the program made meanwhile (wp_async.rs).
+    if !sh.cfg.wp_async {
+        let _ = sh.uffd.writeprotect(page, PAGE_SIZE, true);
+    }
     wake_page(sh, page);
 }

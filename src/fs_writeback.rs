@@ -253,7 +253,7 @@ impl Writeback {
         for m in self.spaces.all() {
             // Mapped writes of async-tracked mappings count as dirty from
             // here on (`Stats`, expiry, the background threshold).
-            m.harvest_mapped_writes(PgOff(0), PgOff(u64::MAX), crate::wp_async::HarvestMode::Background);
+            let _ = m.harvest_mapped_writes(PgOff(0), PgOff(u64::MAX), crate::wp_async::HarvestMode::Background);
             let when = m.dirtied_when();
             if when == 0 {
                 continue;

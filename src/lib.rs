@@ -336,7 +336,7 @@ pub mod loom_support {
     /// The flusher's harvest of every async-tracked write of `m`
     /// (background: a folio locked by another thread stays pending).
     pub fn harvest(m: &AddressSpace) {
-        m.harvest_mapped_writes(PgOff(0), PgOff(u64::MAX), crate::wp_async::HarvestMode::Background);
+        let _ = m.harvest_mapped_writes(PgOff(0), PgOff(u64::MAX), crate::wp_async::HarvestMode::Background);
     }
 
     /// The real address-space lookup (`filemap_get_folio`).

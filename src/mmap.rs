@@ -44,8 +44,11 @@ pub enum UffdMode {
 /// | pages under writeback | stable (a write waits) | written back from a copy taken at writeback |
 /// | mapping modes | both | [`UffdMode::Minor`] only |
 ///
-/// `Async` needs swap off: the kernel's reclaim of a written shmem page
-/// drops the page-table entry that records the write.
+/// `Async` needs swap and shmem THP off (checked at each shared writable
+/// `mmap`; do not turn them on while such mappings exist): the kernel's
+/// reclaim of a written shmem page, and the split or collapse of a large
+/// shmem folio, unmap it and drop the page-table entry that records the
+/// write.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DirtyTracking {
     /// Write-protect faults served by upcache (`page_mkwrite`).
@@ -265,17 +268,18 @@ impl VmArea {
     }
 
     /// `MADV_DONTNEED` the user range of file pages `[first, end)`: the
-    /// next access faults again (truncate's tail, clearing poison).
-    pub(crate) fn zap(&self, first: PgOff, end: PgOff) {
+    /// next access faults again (truncate's tail, clearing poison). False
+    /// if the kernel refused (`EINVAL` on an `mlock`ed mapping): the pages
+    /// stay mapped.
+    pub(crate) fn zap(&self, first: PgOff, end: PgOff) -> bool {
+        let mut zapped = true;
         if let Some(r) = self.user_range(first, end) {
             // SAFETY: the range lies inside our own live mapping (the VmArea
             // is alive and not yet unmapped: callers reach it through
             // `i_mmap`, which the handle's drop empties before munmap);
             // DONTNEED on a shared file mapping only drops page-table
             // entries, and private copies past EOF are meant to go.
-            unsafe {
-                libc::madvise(r.start as *mut _, r.len(), libc::MADV_DONTNEED);
-            }
+            zapped = unsafe { libc::madvise(r.start as *mut _, r.len(), libc::MADV_DONTNEED) } == 0;
             if self.arms_write_notify() {
                 // DONTNEED dropped the uffd-wp markers too; the kernel maps
                 // cached pages itself in this mode, so re-arm the cached
@@ -283,6 +287,7 @@ impl VmArea {
                 self.arm_cached(first, end);
             }
         }
+        zapped
     }
 
     /// Write-protect the folio's pages in this mapping (`page_mkclean_one`).
@@ -348,6 +353,16 @@ pub(crate) fn do_mmap(
             // its punch (wp_async.rs, "Why eviction compares bytes").
             return Err(Error::InvalidArgument {
                 what: "DirtyTracking::Async works with UffdMode::Minor mappings only",
+            });
+        }
+        if crate::page_store::shmem_thp_possible() {
+            // Splitting or collapsing a large shmem folio unmaps its pages
+            // from every mapping, and a written PTE leaves no marker: the
+            // record of the write would be lost (wp_async.rs).
+            return Err(Error::Unsupported {
+                what: "DirtyTracking::Async needs shmem THP off (/sys/kernel/mm/transparent_hugepage/shmem_enabled \
+                       and hugepages-*/shmem_enabled set to never, advise or deny): splitting a large shmem \
+                       folio drops the record of mapped writes",
             });
         }
         if crate::wp_async::swap_active() {
@@ -436,7 +451,13 @@ pub(crate) fn do_mmap(
     }
     register_user_range(addr, plen);
     if let Err(e) = engine.shared().uffd.register(addr, plen, modes) {
-        unpublish(&vma, false);
+        {
+            // A harvest or an eviction check that listed this mapping holds
+            // `harvest_lock` while it uses the range: let it finish before
+            // the range is unmapped (and maybe reused).
+            let _h = vma.tracks_writes_async().then(|| mapping.harvest_lock.lock());
+            unpublish(&vma, false);
+        }
         unregister_user_range(addr);
         // SAFETY: our own fresh mapping, never handed out.
         let _ = unsafe { rustix::mm::munmap(addr as *mut _, plen) };
@@ -980,8 +1001,27 @@ impl AddressSpace {
     /// `unmap_mapping_range`: zap file pages `[first, end)` from every user
     /// mapping (their next access faults again).
     pub(crate) fn unmap_mapping_range(&self, first: PgOff, end: PgOff) {
+        self.zap_mappings(first, end, false);
+    }
+
+    /// Zap file pages `[first, end)` from every mapping (`only_poisoned`:
+    /// from those that installed SIGBUS poison). Async-tracked mappings
+    /// are scanned first, under `harvest_lock` (taken before `i_mmap`), so
+    /// that no record of a mapped write goes with the zapped PTEs.
+    fn zap_mappings(&self, first: PgOff, end: PgOff, only_poisoned: bool) {
+        let mut st = self.has_wp_async().then(|| self.harvest_lock.lock());
         let vmas = self.i_mmap.lock();
-        for v in vmas.iter() {
+        for v in vmas
+            .iter()
+            .filter(|v| !only_poisoned || v.poisoned.load(Ordering::Relaxed))
+        {
+            if let Some(st) = st.as_deref_mut() {
+                if v.tracks_writes_async() {
+                    if let Err(e) = crate::wp_async::scan_into(&**v, first, end, st) {
+                        eprintln!("upcache: harvest before a zap failed: {e}");
+                    }
+                }
+            }
             v.zap(first, end);
         }
     }
@@ -989,10 +1029,7 @@ impl AddressSpace {
     /// The file grew from `old` to `new` bytes: clear SIGBUS poison that
     /// mappings installed past the old end.
     pub(crate) fn unpoison_growth(&self, old: u64, new: u64) {
-        let vmas = self.i_mmap.lock();
-        for v in vmas.iter().filter(|v| v.poisoned.load(Ordering::Relaxed)) {
-            v.zap(PgOff::of_byte(old), PgOff(new.div_ceil(PAGE_SIZE as u64)));
-        }
+        self.zap_mappings(PgOff::of_byte(old), PgOff(new.div_ceil(PAGE_SIZE as u64)), true);
     }
 
     /// Free the folio memory of file bytes `[pos, pos + len)` (which also

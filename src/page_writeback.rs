@@ -180,24 +180,24 @@ impl AddressSpace {
     /// The first write error of this call (also recorded for fsync).
     pub fn write_and_wait_range(&self, start: u64, end: u64) -> io::Result<()> {
         let mut wbc = WritebackControl::all(start, end);
-        self.harvest_wbc_range(&wbc);
+        let harvested = self.harvest_wbc_range(&wbc);
         let r = {
             let _wb = self.wb_lock.read();
             self.ops.writepages(self, &mut wbc)
         };
         self.fdatawait_range(start, end);
-        r
+        r.and(harvested)
     }
 
     /// Writes through async-tracked mappings become dirty folios here
     /// (wp_async.rs), before any writeback walk looks for dirty folios.
-    fn harvest_wbc_range(&self, wbc: &WritebackControl) {
+    fn harvest_wbc_range(&self, wbc: &WritebackControl) -> io::Result<()> {
         let (first, end) = page_range(wbc);
         let mode = match wbc.sync_mode {
             SyncMode::All => crate::wp_async::HarvestMode::Integrity,
             SyncMode::None => crate::wp_async::HarvestMode::Background,
         };
-        self.harvest_mapped_writes(PgOff(first), PgOff(end), mode);
+        self.harvest_mapped_writes(PgOff(first), PgOff(end), mode)
     }
 
     /// `do_writepages`: run the engine's `writepages` with `wbc` (cleansing
@@ -209,8 +209,8 @@ impl AddressSpace {
         if wbc.sync_mode == SyncMode::None && wbc.nr_to_write <= 0 {
             return Ok(());
         }
-        self.harvest_wbc_range(wbc);
+        let harvested = self.harvest_wbc_range(wbc);
         let _wb = self.wb_lock.read();
-        self.ops.writepages(self, wbc)
+        self.ops.writepages(self, wbc).and(harvested)
     }
 }

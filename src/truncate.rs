@@ -180,8 +180,12 @@ impl AddressSpace {
             } else if end == u64::MAX && crate::types::page_align_up(start) < fend {
                 // A folio with whole pages past the new end: remove it whole.
                 if let Some(g) = self.write_back_locked(g) {
-                    if g.is_dirty() {
-                        // The write failed: keep the data below the end.
+                    // `has_wp_async` again: an async mapping may have been
+                    // created, and this folio mapped and written through
+                    // it, while writeback had it unlocked.
+                    if g.is_dirty() || self.has_wp_async() {
+                        // The write failed, or unharvested mapped writes
+                        // may be in it: keep the data below the end.
                         let zs = (start - fstart) as usize;
                         g.zero_raw(zs, g.size() - zs);
                         self.ops.invalidate_folio(self, &g, zs, g.size() - zs);

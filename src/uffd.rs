@@ -635,9 +635,12 @@ impl Pagemap {
         end: usize,
         mut f: impl FnMut(std::ops::Range<usize>),
     ) -> io::Result<()> {
-        let mut regions = [PageRegion::default(); 32];
         let mut at = start as u64;
         while at < end as u64 {
+            // Fresh each call: on an error the kernel still copies out the
+            // regions it found (and protected) without saying how many, so
+            // the valid ones are those it filled in.
+            let mut regions = [PageRegion::default(); 32];
             let mut arg = PmScanArg {
                 size: std::mem::size_of::<PmScanArg>() as u64,
                 flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
@@ -665,7 +668,15 @@ impl Pagemap {
             let n = unsafe { libc::ioctl(self.fd.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
             if n < 0 {
                 let e = errno();
+                // Whatever it reported was protected again: hand it on
+                // before failing, or the record of those writes is lost.
+                for r in regions.iter().take_while(|r| r.end > r.start) {
+                    f(r.start as usize..r.end as usize);
+                }
                 if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EAGAIN) {
+                    if arg.walk_end > at {
+                        at = arg.walk_end;
+                    }
                     continue;
                 }
                 return Err(e);

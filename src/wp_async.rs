@@ -61,6 +61,7 @@
 //!
 //! [`DirtyTracking::Async`]: crate::DirtyTracking::Async
 
+use std::io;
 use std::ops::Range;
 
 use crate::address_space::AddressSpace;
@@ -82,34 +83,35 @@ pub(crate) trait AsyncPtes {
     /// Report each run of file pages of `[first, end)` written since it
     /// was last write-protected, and protect it again (`PAGEMAP_SCAN` with
     /// `PM_SCAN_WP_MATCHING`).
-    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>));
-    /// Drop the page-table entries of file pages `[first, end)`.
-    fn zap(&self, first: PgOff, end: PgOff);
+    ///
+    /// # Errors
+    /// The scan's error (what it reported before failing was passed on).
+    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>)) -> io::Result<()>;
+    /// Drop the page-table entries of file pages `[first, end)`; false if
+    /// they could not be dropped.
+    fn zap(&self, first: PgOff, end: PgOff) -> bool;
     /// Does it map any of file pages `[first, end)`?
     #[cfg_attr(loom, allow(dead_code))]
     fn covers(&self, first: PgOff, end: PgOff) -> bool;
 }
 
 impl AsyncPtes for VmArea {
-    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>)) {
+    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>)) -> io::Result<()> {
         let (Some(r), Some(pm)) = (self.user_range(first, end), &self.engine.pagemap) else {
-            return;
+            return Ok(());
         };
-        let r = pm.scan_written_and_protect(r.start, r.end, |run| {
+        pm.scan_written_and_protect(r.start, r.end, |run| {
             let a = self.addr_to_pgoff(run.start).0;
             f(a..a + (run.len() >> PAGE_SHIFT) as u64);
-        });
-        if let Err(e) = r {
-            // The range is registered with a WP_ASYNC userfaultfd and kept
-            // mapped by `harvest_lock`: a kernel bug or a program that
-            // unmapped the memory behind upcache's back.
-            eprintln!(
-                "upcache: PAGEMAP_SCAN of a mapping of {} failed: {e}",
-                self.mapping().name()
-            );
-        }
+        })
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("PAGEMAP_SCAN of a mapping of {}: {e}", self.mapping().name()),
+            )
+        })
     }
-    fn zap(&self, first: PgOff, end: PgOff) {
+    fn zap(&self, first: PgOff, end: PgOff) -> bool {
         VmArea::zap(self, first, end)
     }
     fn covers(&self, first: PgOff, end: PgOff) -> bool {
@@ -118,10 +120,10 @@ impl AsyncPtes for VmArea {
 }
 
 impl<T: AsyncPtes + ?Sized> AsyncPtes for Arc<T> {
-    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>)) {
+    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>)) -> io::Result<()> {
         (**self).scan_written(first, end, f)
     }
-    fn zap(&self, first: PgOff, end: PgOff) {
+    fn zap(&self, first: PgOff, end: PgOff) -> bool {
         (**self).zap(first, end)
     }
     fn covers(&self, first: PgOff, end: PgOff) -> bool {
@@ -135,15 +137,17 @@ pub(crate) struct LoomPtes(Arc<crate::page_store::PageStore>);
 
 #[cfg(loom)]
 impl AsyncPtes for LoomPtes {
-    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>)) {
+    fn scan_written(&self, first: PgOff, end: PgOff, f: &mut dyn FnMut(Range<u64>)) -> io::Result<()> {
         if let Some(hook) = self.0.on_scan.get() {
             for run in hook(first.0..end.0) {
                 f(run);
             }
         }
+        Ok(())
     }
-    fn zap(&self, first: PgOff, end: PgOff) {
+    fn zap(&self, first: PgOff, end: PgOff) -> bool {
         crate::page_store::call_pte_hook(&self.0.on_zap, first.byte(), (end.0 - first.0) << PAGE_SHIFT);
+        true
     }
     fn covers(&self, _: PgOff, _: PgOff) -> bool {
         true
@@ -188,15 +192,24 @@ impl AddressSpace {
     /// Nothing held on entry (a `PageMut` of this thread may be); takes
     /// `harvest_lock`, then folio locks by trylock only; an integrity
     /// harvest waits for a busy folio's lock with `harvest_lock` dropped.
-    pub(crate) fn harvest_mapped_writes(&self, first: PgOff, end: PgOff, mode: HarvestMode) {
+    ///
+    /// # Errors
+    /// A failed scan (the pages it reported before failing are recorded;
+    /// writeback goes on and its caller reports the error).
+    pub(crate) fn harvest_mapped_writes(&self, first: PgOff, end: PgOff, mode: HarvestMode) -> io::Result<()> {
         if !self.has_wp_async() {
-            return;
+            return Ok(());
         }
         let mut st = self.harvest_lock.lock();
+        let mut res = Ok(());
         for p in self.async_ptes(first, end) {
-            scan_into(&p, first, end, &mut st);
+            let r = scan_into(&p, first, end, &mut st);
+            if res.is_ok() {
+                res = r;
+            }
         }
         self.drain_pending(st, first, end, mode);
+        res
     }
 
     /// Turn the pending pages of `[first, end)` into dirty folios. A folio
@@ -277,7 +290,9 @@ impl AddressSpace {
     pub(crate) fn unmap_async(&self, vma: &VmArea, unpublish: impl FnOnce()) {
         let (first, end) = (PgOff(0), PgOff(u64::MAX));
         let mut st = self.harvest_lock.lock();
-        scan_into(vma, first, end, &mut st);
+        if let Err(e) = scan_into(vma, first, end, &mut st) {
+            eprintln!("upcache: the last harvest of an unmapped mapping failed: {e}");
+        }
         unpublish();
         self.drain_pending(st, first, end, HarvestMode::Integrity);
         self.nr_wp_async.fetch_sub(1, Ordering::Release);
@@ -316,11 +331,19 @@ impl AddressSpace {
         let before = snapshot(g);
         let mut written = false;
         for p in &ptes {
-            p.scan_written(first, end, &mut |_| written = true);
+            if p.scan_written(first, end, &mut |_| written = true).is_err() && !written {
+                // Cannot tell: keep it.
+                return false;
+            }
         }
         if !written {
             for p in &ptes {
-                p.zap(first, end);
+                if !p.zap(first, end) {
+                    // Still mapped (an `mlock`ed mapping): a store may land
+                    // after the compare. Keep the folio; the scan left the
+                    // record of any later write in the page table.
+                    return false;
+                }
             }
             written = snapshot(g) != before;
         }
@@ -332,8 +355,8 @@ impl AddressSpace {
 }
 
 /// Scan `ptes` over `[first, end)` and add the written pages to `pending`.
-fn scan_into(ptes: &dyn AsyncPtes, first: PgOff, end: PgOff, st: &mut HarvestState) {
-    ptes.scan_written(first, end, &mut |run| st.pending.extend(run));
+pub(crate) fn scan_into(ptes: &dyn AsyncPtes, first: PgOff, end: PgOff, st: &mut HarvestState) -> io::Result<()> {
+    ptes.scan_written(first, end, &mut |run| st.pending.extend(run))
 }
 
 /// How a harvest treats a folio another thread holds locked.
