@@ -166,23 +166,17 @@ impl AddressSpace {
                 self.ops.invalidate_folio(self, &g, 0, g.size());
                 self.filemap_remove_folio(&g);
                 removed.push(g.unlock());
-            } else if end == u64::MAX && crate::types::page_align_up(start) < fend && self.has_wp_async() {
-                // An async-tracked mapping may hold writes to its pages
-                // below the new end that no harvest has seen (the folio
-                // looks clean): removing it would drop them. Keep it with
-                // its tail zeroed; the pages past the end were zapped and
-                // fault to SIGBUS (`Minor` mode maps only below EOF).
-                if g.is_uptodate() {
-                    let zs = (start - fstart) as usize;
-                    g.zero_raw(zs, g.size() - zs);
-                    self.ops.invalidate_folio(self, &g, zs, g.size() - zs);
-                }
             } else if end == u64::MAX && crate::types::page_align_up(start) < fend {
                 // A folio with whole pages past the new end: remove it whole.
                 if let Some(g) = self.write_back_locked(g) {
-                    // `has_wp_async` again: an async mapping may have been
-                    // created, and this folio mapped and written through
-                    // it, while writeback had it unlocked.
+                    // With async-tracked mappings (checked after the
+                    // writeback, which unlocked the folio: one may have been
+                    // created and have written it meanwhile) the folio may
+                    // hold mapped writes below the end that no harvest has
+                    // seen; it looks clean, and removing it would drop
+                    // them. Keep it with its tail zeroed; its pages past
+                    // the end were zapped and fault to SIGBUS (`Minor` mode
+                    // maps only below EOF).
                     if g.is_dirty() || self.has_wp_async() {
                         // The write failed, or unharvested mapped writes
                         // may be in it: keep the data below the end.
