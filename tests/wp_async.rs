@@ -277,3 +277,43 @@ fn truncate_inside_a_large_folio_keeps_unharvested_mapped_writes_below_the_end()
         assert!(disk[5 * PAGE_SIZE..] == data[..100], "not on disk after fsync");
     });
 }
+
+/// `MADV_DONTNEED` fails on an `mlock`ed mapping, so eviction cannot zap a
+/// folio from it: the folio must stay (found in review: the failure was
+/// ignored and the folio punched while still mapped writable, so a store
+/// after the check was lost).
+#[test]
+fn eviction_keeps_folios_an_mlocked_async_mapping_still_maps() {
+    watchdog("async mlock", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let pages = 16usize;
+        std::fs::write(&path, vec![0u8; pages * PAGE_SIZE]).unwrap();
+        let cache = async_cache(None);
+        let file = cache.open(&path).unwrap();
+        let map = file.mmap_raw(0, pages * PAGE_SIZE).unwrap();
+        map.write(0, &page_of(1, 0));
+        file.fsync().unwrap();
+        // SAFETY: mlock changes only residency of our own live mapping.
+        let r = unsafe { libc::mlock(map.as_ptr() as *const _, pages * PAGE_SIZE) };
+        assert_eq!(
+            r,
+            0,
+            "mlock of 64 KiB failed ({}): this test needs RLIMIT_MEMLOCK >= 64 KiB",
+            std::io::Error::last_os_error()
+        );
+        file.advise(upcache::Advice::DontNeed, 0, (pages * PAGE_SIZE) as u64)
+            .unwrap();
+        let s = file.stats();
+        assert_eq!(s.evicted_bytes, 0, "evicted folios an mlocked mapping still maps: {s}");
+        map.write(3 * PAGE_SIZE, &page_of(2, 3));
+        // SAFETY: as above.
+        unsafe { libc::munlock(map.as_ptr() as *const _, pages * PAGE_SIZE) };
+        file.fsync().unwrap();
+        assert!(disk_page(&path, 0) == page_of(1, 0));
+        assert!(
+            disk_page(&path, 3) == page_of(2, 3),
+            "a write after the eviction attempt was lost"
+        );
+    });
+}

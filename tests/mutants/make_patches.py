@@ -178,6 +178,10 @@ MUTANTS = [
      "                category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,",
      "                category_anyof_mask: 0,",
      "cargo test --test page_tables"),
+    ("42-evict-ignores-failed-zap", "src/wp_async.rs",
+     "                if !p.zap(first, end) {",
+     "                if !p.zap(first, end) && false {",
+     "cargo test --test wp_async eviction_keeps_folios_an_mlocked"),
 ]
 
 
