@@ -47,17 +47,21 @@
 //! resolved by the kernel without telling anyone and the punch would throw
 //! it away. So eviction (folio locked, count frozen: no new mapping of it
 //! can appear, faults wait) copies the bytes, scans (written → dirty, keep
-//! the folio), zaps the folio from every async mapping (later accesses
+//! the folio; a page a harvest left pending counts as written), zaps the
+//! folio from every async mapping (later accesses
 //! fault to a handler and wait for the frozen folio), and compares: equal
 //! bytes mean every write that landed between the copy and the zap left
 //! the folio as the store has it, so punching loses nothing.
 //!
 //! # What the kernel must not do
 //!
-//! Reclaiming a written shmem page unmaps it and drops the record of the
-//! write (only uffd-wp *protected* PTEs leave a marker), so `Async` is
-//! refused while swap is on. An `MADV_DONTNEED` of a mapping by the
-//! program has the same effect: don't.
+//! Reclaiming a written shmem page, or splitting or collapsing a large
+//! shmem folio, unmaps it and drops the record of the write (only uffd-wp
+//! *protected* PTEs leave a marker), so `Async` is refused while swap or
+//! shmem THP is on (checked at `mmap`). An `MADV_DONTNEED` of a mapping by
+//! the program has the same effect: don't. upcache's own zaps scan first
+//! (`zap_mappings`), except eviction's, which compares bytes instead; a
+//! zap the kernel refuses (an `mlock`ed mapping) keeps the folio.
 //!
 //! [`DirtyTracking::Async`]: crate::DirtyTracking::Async
 
