@@ -128,6 +128,9 @@ pub struct AddressSpace {
     /// `PAGEMAP_SCAN` that re-protects a written page to the
     /// `folio_mark_dirty` that records it (see `wp_async.rs`).
     pub(crate) harvest_lock: Mutex<crate::wp_async::HarvestState>,
+    /// `HarvestState::pending` is not empty (written under `harvest_lock`;
+    /// read by `has_wp_async`).
+    pub(crate) harvest_pending: AtomicBool,
     /// Write back from a copy (`Writeback::data`): set for every file of a
     /// cache with `DirtyTracking::Async`, whose mappings' writes are never
     /// held back while a store reads the folio.
@@ -202,6 +205,7 @@ impl AddressSpace {
             nr_wp_armed: crate::sync::AtomicUsize::new(0),
             nr_wp_async: crate::sync::AtomicUsize::new(0),
             harvest_lock: Mutex::new(Default::default()),
+            harvest_pending: AtomicBool::new(false),
             bounce_writeback: false,
             ra_state: Mutex::new(RaState::default()),
             read_prev: AtomicU64::new(u64::MAX),
@@ -741,7 +745,9 @@ impl Drop for AddressSpace {
         // write back what is still dirty (mapped writes after close, a
         // handle dropped after a failed flush) before dropping the folios.
         // No dirty data is discarded silently: a failure is reported.
-        if self.nr_dirty_folios() > 0 {
+        // (Pages an async mapping wrote and a harvest left pending count:
+        // `has_wp_async` stays true for them.)
+        if self.nr_dirty_folios() > 0 || self.has_wp_async() {
             let r = self.write_and_wait_range(0, u64::MAX).and_then(|_| self.ops.fsync());
             if let Err(e) = r {
                 eprintln!(

@@ -438,7 +438,12 @@ pub(crate) fn do_mmap(
         modes |= mode::WP;
     }
     engine.shared().insert(vma.clone());
-    {
+    // An async-tracked mapping joins `i_mmap` only once registered: a
+    // harvest that listed it before would scan a range that is not yet
+    // registered for WP_ASYNC (`PAGEMAP_SCAN` fails with EPERM, and an
+    // fsync with it). Nothing is mapped before this returns. The others
+    // join first (the `Missing`-mode arming handshake below needs it).
+    let publish = |vma: &Arc<VmArea>| {
         let mut i_mmap = mapping.i_mmap.lock();
         if vma.arms_write_notify() {
             mapping.nr_wp_armed.fetch_add(1, Ordering::Relaxed);
@@ -448,20 +453,22 @@ pub(crate) fn do_mmap(
             mapping.nr_wp_async.fetch_add(1, Ordering::Release);
         }
         i_mmap.push(vma.clone());
+    };
+    if !vma.tracks_writes_async() {
+        publish(&vma);
     }
     register_user_range(addr, plen);
     if let Err(e) = engine.shared().uffd.register(addr, plen, modes) {
         {
-            // A harvest or an eviction check that listed this mapping holds
-            // `harvest_lock` while it uses the range: let it finish before
-            // the range is unmapped (and maybe reused).
-            let _h = vma.tracks_writes_async().then(|| mapping.harvest_lock.lock());
             unpublish(&vma, false);
         }
         unregister_user_range(addr);
         // SAFETY: our own fresh mapping, never handed out.
         let _ = unsafe { rustix::mm::munmap(addr as *mut _, plen) };
         return Err(Error::Io(e));
+    }
+    if vma.tracks_writes_async() {
+        publish(&vma);
     }
     if vma.arms_write_notify() {
         // The kernel maps cached pages itself in this mode: write-protect
@@ -1024,12 +1031,23 @@ impl AddressSpace {
             }
             v.zap(first, end);
         }
+        if let Some(st) = st.as_deref() {
+            self.note_pending(st);
+        }
     }
 
     /// The file grew from `old` to `new` bytes: clear SIGBUS poison that
     /// mappings installed past the old end.
     pub(crate) fn unpoison_growth(&self, old: u64, new: u64) {
-        self.zap_mappings(PgOff::of_byte(old), PgOff(new.div_ceil(PAGE_SIZE as u64)), true);
+        // From the first page wholly past the old end: poison is only ever
+        // installed there, and the page holding the old end has valid,
+        // possibly mapped and written, bytes (a zap would drop the record
+        // of an async-tracked write to it).
+        self.zap_mappings(
+            PgOff(old.div_ceil(PAGE_SIZE as u64)),
+            PgOff(new.div_ceil(PAGE_SIZE as u64)),
+            true,
+        );
     }
 
     /// Free the folio memory of file bytes `[pos, pos + len)` (which also

@@ -162,8 +162,18 @@ impl AddressSpace {
     /// Does any async-tracked mapping of this file exist?
     #[inline]
     pub(crate) fn has_wp_async(&self) -> bool {
-        // Acquire: pairs with the Release increment in `do_mmap`.
-        self.nr_wp_async.load(Ordering::Acquire) != 0
+        // Acquire: pairs with the Release increment in `do_mmap` and the
+        // Release decrement in `unmap_async`, which comes after that
+        // mapping's drain set `harvest_pending` (so a file whose last async
+        // mapping left pages pending still reads true here).
+        self.nr_wp_async.load(Ordering::Acquire) != 0 || self.harvest_pending.load(Ordering::Acquire)
+    }
+
+    /// Publish whether pages are pending; `harvest_lock` held (the state
+    /// is `st`).
+    pub(crate) fn note_pending(&self, st: &HarvestState) {
+        // Release: pairs with the Acquire in `has_wp_async`.
+        self.harvest_pending.store(!st.pending.is_empty(), Ordering::Release);
     }
 
     /// This file's async-tracked mappings that map any of `[first, end)`.
@@ -268,6 +278,7 @@ impl AddressSpace {
                     st.pending.remove(&i);
                 }
             }
+            self.note_pending(&st);
             let (HarvestMode::Integrity, Some(f)) = (mode, busy) else {
                 return;
             };
@@ -288,9 +299,8 @@ impl AddressSpace {
 
     /// A mapping is being unmapped: its last scan and its removal from
     /// `i_mmap` under one `harvest_lock` (a concurrent harvest either scans
-    /// it or finds its writes pending), then an integrity drain of what it
-    /// left pending, and only then the count of async mappings drops (a
-    /// file with pending pages keeps being harvested).
+    /// it or finds its writes pending), then a background drain, and only
+    /// then the count of async mappings drops.
     pub(crate) fn unmap_async(&self, vma: &VmArea, unpublish: impl FnOnce()) {
         let (first, end) = (PgOff(0), PgOff(u64::MAX));
         let mut st = self.harvest_lock.lock();
@@ -298,7 +308,11 @@ impl AddressSpace {
             eprintln!("upcache: the last harvest of an unmapped mapping failed: {e}");
         }
         unpublish();
-        self.drain_pending(st, first, end, HarvestMode::Integrity);
+        // Background: a folio another thread holds stays pending (waiting
+        // here could deadlock a `PageMut` holder that waits for this
+        // thread); `has_wp_async` stays true while anything is pending, so
+        // the next fsync, flusher pass or eviction finishes the drain.
+        self.drain_pending(st, first, end, HarvestMode::Background);
         self.nr_wp_async.fetch_sub(1, Ordering::Release);
     }
 
@@ -325,6 +339,7 @@ impl AddressSpace {
             for i in gone {
                 st.pending.remove(&i);
             }
+            self.note_pending(&st);
             self.mark_dirty_locked(g);
             return false;
         }
@@ -340,21 +355,21 @@ impl AddressSpace {
                 return false;
             }
         }
+        let mut all_zapped = true;
         if !written {
             for p in &ptes {
-                if !p.zap(first, end) {
-                    // Still mapped (an `mlock`ed mapping): a store may land
-                    // after the compare. Keep the folio; the scan left the
-                    // record of any later write in the page table.
-                    return false;
-                }
+                // A refused zap (an `mlock`ed mapping, or part of one)
+                // leaves pages mapped: a later store there is recorded in
+                // that page table, but the other mappings were zapped, so
+                // the compare below still has to run.
+                all_zapped &= p.zap(first, end);
             }
             written = snapshot(g) != before;
         }
         if written {
             self.mark_dirty_locked(g);
         }
-        !written
+        !written && all_zapped
     }
 }
 

@@ -317,3 +317,65 @@ fn eviction_keeps_folios_an_mlocked_async_mapping_still_maps() {
         );
     });
 }
+
+/// Found in review: dropping a mapping drained what it left pending in
+/// integrity mode, waiting for each busy folio's lock — a thread holding a
+/// `PageMut` of a page the mapping wrote, and waiting for the dropping
+/// thread, deadlocked with it. Dropping a mapping never waits for a folio
+/// lock now; the write still reaches the file at the next fsync.
+#[test]
+fn dropping_a_mapping_never_waits_for_a_page_mut_holder() {
+    watchdog("async munmap vs PageMut", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 8 * PAGE_SIZE]).unwrap();
+        let cache = async_cache(None);
+        let file = cache.open(&path).unwrap();
+        let map = file.mmap_raw(0, 8 * PAGE_SIZE).unwrap();
+        map.write(2 * PAGE_SIZE, &page_of(5, 2));
+        // SAFETY: no mapping writes page 2 while the guard lives (the
+        // mapping is only dropped meanwhile).
+        let guard = unsafe { file.get_page_mut(2) }.unwrap();
+        std::thread::spawn(move || drop(map)).join().unwrap();
+        drop(guard);
+        file.fsync().unwrap();
+        assert!(disk_page(&path, 2) == page_of(5, 2), "the mapped write was lost");
+    });
+}
+
+/// Found in review: a new async mapping joined `i_mmap` before its range
+/// was registered, so a concurrent harvest's `PAGEMAP_SCAN` could fail
+/// with EPERM and an fsync with it. fsync must never fail because another
+/// thread is mapping the file.
+#[test]
+fn fsync_never_fails_while_another_thread_maps_the_file() {
+    watchdog("async fsync vs mmap", 120, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 16 * PAGE_SIZE]).unwrap();
+        let cache = async_cache(None);
+        let file = Arc::new(cache.open(&path).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mapper = {
+            let (file, stop) = (file.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) || n < 200 {
+                    let m = file.mmap_raw(0, 16 * PAGE_SIZE).unwrap();
+                    m.write((n % 16) as usize * PAGE_SIZE, &[n as u8; 8]);
+                    drop(m);
+                    n += 1;
+                }
+                n
+            })
+        };
+        for i in 0..3000 {
+            if let Err(e) = file.fsync() {
+                panic!("fsync {i} failed while another thread maps the file: {e}");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let n = mapper.join().unwrap();
+        assert!(n >= 200);
+    });
+}

@@ -182,6 +182,14 @@ MUTANTS = [
      "                if !p.zap(first, end) {",
      "                if !p.zap(first, end) && false {",
      "cargo test --test wp_async eviction_keeps_folios_an_mlocked"),
+    ("43-munmap-drain-waits-for-folio-locks", "src/wp_async.rs",
+     "        self.drain_pending(st, first, end, HarvestMode::Background);\n        self.nr_wp_async.fetch_sub(1, Ordering::Release);",
+     "        self.drain_pending(st, first, end, HarvestMode::Integrity);\n        self.nr_wp_async.fetch_sub(1, Ordering::Release);",
+     "cargo test --test wp_async dropping_a_mapping_never_waits"),
+    ("44-async-mapping-published-before-register", "src/mmap.rs",
+     "    if !vma.tracks_writes_async() {\n        publish(&vma);\n    }",
+     "    publish(&vma);",
+     "cargo test --test wp_async fsync_never_fails_while_another_thread"),
 ]
 
 
