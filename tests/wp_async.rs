@@ -369,7 +369,7 @@ fn fsync_never_fails_while_another_thread_maps_the_file() {
                 n
             })
         };
-        for i in 0..3000 {
+        for i in 0..20_000 {
             if let Err(e) = file.fsync() {
                 panic!("fsync {i} failed while another thread maps the file: {e}");
             }
