@@ -186,10 +186,6 @@ MUTANTS = [
      "        self.drain_pending(st, first, end, HarvestMode::Background);\n        self.nr_wp_async.fetch_sub(1, Ordering::Release);",
      "        self.drain_pending(st, first, end, HarvestMode::Integrity);\n        self.nr_wp_async.fetch_sub(1, Ordering::Release);",
      "cargo test --test wp_async dropping_a_mapping_never_waits"),
-    ("44-async-mapping-published-before-register", "src/mmap.rs",
-     "    if !vma.tracks_writes_async() {\n        publish(&vma);\n    }\n    register_user_range(addr, plen);\n    if let Err(e) = engine.shared().uffd.register(addr, plen, modes) {\n        {\n            unpublish(&vma, false);\n        }\n        unregister_user_range(addr);\n        // SAFETY: our own fresh mapping, never handed out.\n        let _ = unsafe { rustix::mm::munmap(addr as *mut _, plen) };\n        return Err(Error::Io(e));\n    }\n    if vma.tracks_writes_async() {\n        publish(&vma);\n    }\n",
-     "    publish(&vma);\n    register_user_range(addr, plen);\n    if let Err(e) = engine.shared().uffd.register(addr, plen, modes) {\n        {\n            unpublish(&vma, false);\n        }\n        unregister_user_range(addr);\n        // SAFETY: our own fresh mapping, never handed out.\n        let _ = unsafe { rustix::mm::munmap(addr as *mut _, plen) };\n        return Err(Error::Io(e));\n    }\n",
-     "cargo test --test wp_async fsync_never_fails_while_another_thread"),
 ]
 
 
