@@ -118,9 +118,19 @@ fn user_write(m: &upcache::aops::AddressSpace, pte: &PageTable, v: u8) {
     panic!("the store never found its page mapped");
 }
 
+/// `loom::model` with room for these models' long executions (the real
+/// writeback, harvest and folio-lock paths, the lock's bounded spinning):
+/// loom's default of 1,000 branches per execution is too few for the
+/// PageMut model. Preemptions still come from `LOOM_MAX_PREEMPTIONS`.
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    b.max_branches = 20_000;
+    b.check(f);
+}
+
 #[test]
 fn real_fsync_vs_flusher_harvest_never_loses_a_write() {
-    loom::model(|| {
+    model(|| {
         let (store, m, pte) = setup();
         let flusher = {
             let m = m.clone();
@@ -139,7 +149,7 @@ fn real_fsync_vs_flusher_harvest_never_loses_a_write() {
 
 #[test]
 fn real_evict_vs_mapped_store_never_discards_it() {
-    loom::model(|| {
+    model(|| {
         let (store, m, pte) = setup();
         let writer = {
             let (m, pte) = (m.clone(), pte.clone());
@@ -157,7 +167,7 @@ fn real_evict_vs_mapped_store_never_discards_it() {
 
 #[test]
 fn real_fsync_holding_a_page_mut_vs_fsync_never_deadlocks() {
-    loom::model(|| {
+    model(|| {
         let (store, m, pte) = setup_pages(2);
         // Written through the mapping, not harvested yet.
         user_write(&m, &pte, 1);
@@ -189,7 +199,7 @@ fn real_fsync_holding_a_page_mut_vs_fsync_never_deadlocks() {
 
 #[test]
 fn real_evict_keeps_a_page_a_harvest_left_pending() {
-    loom::model(|| {
+    model(|| {
         let (store, m, pte) = setup();
         user_write(&m, &pte, 1);
         {
