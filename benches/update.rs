@@ -53,6 +53,25 @@ fn pass(map: &mut [u8], pages: &[usize], tag: u64) -> Duration {
     t.elapsed()
 }
 
+/// `iters` timed passes over `map`, each after an untimed `flush`, whose
+/// time is added to `flushed` (total, count).
+fn timed_passes<M: std::ops::DerefMut<Target = [u8]>>(
+    map: &mut M,
+    iters: u64,
+    flush: impl Fn(&M),
+    flushed: &mut (Duration, u32),
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for i in 0..iters {
+        let pages = order(i + 1);
+        let t = Instant::now();
+        flush(map);
+        *flushed = (flushed.0 + t.elapsed(), flushed.1 + 1);
+        total += pass(map, &pages, i);
+    }
+    total
+}
+
 fn mapped_update_random(c: &mut Criterion) {
     let dir = tempfile::tempdir_in(bench_dir()).unwrap();
     let upath = dir.path().join("upcache");
@@ -122,14 +141,7 @@ fn mapped_update_random(c: &mut Criterion) {
     );
     g.bench_function("memmap2", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for i in 0..iters {
-                let pages = order(i + 1);
-                let t = Instant::now();
-                kmap.flush().unwrap();
-                kflush = (kflush.0 + t.elapsed(), kflush.1 + 1);
-                total += pass(&mut kmap, &pages, i);
-            }
+            let total = timed_passes(&mut kmap, iters, |m| m.flush().unwrap(), &mut kflush);
             kres = Some(common::Residency {
                 file_cached: common::file_cached_bytes(&kpath),
                 ..Default::default()
@@ -139,14 +151,7 @@ fn mapped_update_random(c: &mut Criterion) {
     });
     g.bench_function("memmap2_4k_ptes", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for i in 0..iters {
-                let pages = order(i + 1);
-                let t = Instant::now();
-                k4map.flush().unwrap();
-                k4flush = (k4flush.0 + t.elapsed(), k4flush.1 + 1);
-                total += pass(&mut k4map, &pages, i);
-            }
+            let total = timed_passes(&mut k4map, iters, |m| m.flush().unwrap(), &mut k4flush);
             k4res = Some(common::Residency {
                 file_cached: common::file_cached_bytes(&k4path),
                 ..Default::default()
@@ -156,14 +161,7 @@ fn mapped_update_random(c: &mut Criterion) {
     });
     g.bench_function("upcache", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for i in 0..iters {
-                let pages = order(i + 1);
-                let t = Instant::now();
-                umap.flush().unwrap();
-                uflush = (uflush.0 + t.elapsed(), uflush.1 + 1);
-                total += pass(&mut umap, &pages, i);
-            }
+            let total = timed_passes(&mut umap, iters, |m| m.flush().unwrap(), &mut uflush);
             ures = Some(common::Residency {
                 file_cached: common::file_cached_bytes(&upath),
                 memfd: Some(file.memory_bytes()),
@@ -174,14 +172,7 @@ fn mapped_update_random(c: &mut Criterion) {
     });
     g.bench_function("upcache_async", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for i in 0..iters {
-                let pages = order(i + 1);
-                let t = Instant::now();
-                amap.flush().unwrap();
-                aflush = (aflush.0 + t.elapsed(), aflush.1 + 1);
-                total += pass(&mut amap, &pages, i);
-            }
+            let total = timed_passes(&mut amap, iters, |m| m.flush().unwrap(), &mut aflush);
             ares = Some(common::Residency {
                 file_cached: common::file_cached_bytes(&apath),
                 memfd: Some(afile.memory_bytes()),

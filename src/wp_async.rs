@@ -273,10 +273,7 @@ impl AddressSpace {
                         }
                     }
                 }
-                let gone: Vec<u64> = st.pending.range(pages).copied().collect();
-                for i in gone {
-                    st.pending.remove(&i);
-                }
+                st.remove_range(pages);
             }
             self.note_pending(&st);
             let (HarvestMode::Integrity, Some(f)) = (mode, busy) else {
@@ -333,12 +330,8 @@ impl AddressSpace {
         };
         let first = g.index();
         let end = first.add(g.nr_pages());
-        if st.pending.range(first.0..end.0).next().is_some() {
+        if st.remove_range(first.0..end.0) {
             // Written, reported by a harvest that found it locked.
-            let gone: Vec<u64> = st.pending.range(first.0..end.0).copied().collect();
-            for i in gone {
-                st.pending.remove(&i);
-            }
             self.note_pending(&st);
             self.mark_dirty_locked(g);
             return false;
@@ -397,6 +390,16 @@ pub(crate) enum HarvestMode {
 #[derive(Debug, Default)]
 pub(crate) struct HarvestState {
     pending: std::collections::BTreeSet<u64>,
+}
+
+impl HarvestState {
+    /// Drop the pending pages of `pages`; true if there were any.
+    fn remove_range(&mut self, pages: Range<u64>) -> bool {
+        let mut tail = self.pending.split_off(&pages.start);
+        let mut rest = tail.split_off(&pages.end);
+        self.pending.append(&mut rest);
+        !tail.is_empty()
+    }
 }
 
 /// A copy of the folio's bytes, taken with a raw copy (mapped writers may
