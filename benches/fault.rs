@@ -1,7 +1,7 @@
 //! Fault-engine benchmarks. Every group measures its references in the same
 //! run on the same data:
 //!
-//! - `fault_random_4k/{kernel_mmap, upcache_minor, upcache_missing, upcache_no_readahead, uffd_copy_peer, uffd_copy_peer_64k}`:
+//! - `fault_random_4k/{kernel_mmap, upcache_minor, upcache_missing, upcache_large_folios, upcache_no_readahead, uffd_copy_peer, uffd_copy_peer_64k}`:
 //!   first touch of every page of a 256 MiB file in random order by 2
 //!   threads; the file is in the kernel's page cache, upcache's cache starts
 //!   empty (a new `PageCache` per iteration, so upcache reads every window
@@ -15,11 +15,14 @@
 //!   peer with `UFFD_FEATURE_SIGBUS`: each fault is resolved by a SIGBUS
 //!   handler in the faulting thread (`pread` + `UFFDIO_COPY`), no handler
 //!   thread and no wake-up.
-//! - `mapped_hit_random/{kernel_mmap, kernel_mmap_memfd, upcache, upcache_minor, upcache_missing}`: a new
+//! - `mapped_hit_random/{kernel_mmap, kernel_mmap_memfd, upcache, upcache_minor, upcache_missing, upcache_large_folios, upcache_large_folios_no_thp}`: a new
 //!   mapping of a file upcache holds entirely, touched at random (one
 //!   thread). `upcache` is the default mode; `kernel_mmap_memfd` maps the
 //!   same bytes from a memfd (4 KiB shmem pages, like upcache's).
-//! - `scan_seq_cold/{kernel_mmap, upcache, upcache_minor, upcache_minor_no_map_ahead, upcache_direct}`: sequential scan of a 1 GiB
+//!   `upcache_large_folios` is a cache with `large_folios(true)` filled and
+//!   mapped with shmem THP set to `always` (root; restored after the side),
+//!   `upcache_large_folios_no_thp` the same with the system's setting.
+//! - `scan_seq_cold/{kernel_mmap, upcache, upcache_minor, upcache_minor_no_map_ahead, upcache_direct, upcache_large_folios, upcache_direct_large_folios}`: sequential scan of a 1 GiB
 //!   file on the disk filesystem, dropped from the kernel's page cache
 //!   (fsync + POSIX_FADV_DONTNEED) and from upcache before each iteration.
 //! - `first_write/{kernel_ext4, upcache, upcache_minor}`: a shared writable mapping of a
@@ -42,7 +45,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_main, Criterion};
 
 mod common;
-use common::{bench_dir, drop_kernel_cache, file_cached_bytes, report, Residency};
+use common::{bench_dir, drop_kernel_cache, file_cached_bytes, report, shmem_pmd_mapped_kib, Residency, ShmemThp};
 use upcache::uffd::{mode, Uffd};
 use upcache::{PageCache, Share, UffdMode, PAGE_SIZE};
 
@@ -358,6 +361,7 @@ fn fault_random_4k(c: &mut Criterion) {
     for (id, mode, ra) in [
         ("upcache_minor", UffdMode::Minor, None),
         ("upcache_missing", UffdMode::Missing, None),
+        ("upcache_large_folios", UffdMode::Missing, Some(0)),
         // One page per miss: the same work per fault as the 4 KiB peer.
         (
             "upcache_no_readahead",
@@ -369,12 +373,17 @@ fn fault_random_4k(c: &mut Criterion) {
         g.bench_function(id, |b| {
             iter_each(b, || {
                 let mut builder = PageCache::builder().mmap_mode(mode);
-                if let Some(ra) = ra {
-                    builder = builder.readahead_bytes(ra).readahead_max_bytes(ra);
+                // `Some(0)`: large folios (a 2 MiB folio per miss) with
+                // shmem THP on for this side.
+                let _thp = (ra == Some(0)).then(|| ShmemThp::always().expect("shmem THP knob (root)"));
+                match ra {
+                    Some(0) => builder = builder.large_folios(true),
+                    Some(ra) => builder = builder.readahead_bytes(ra).readahead_max_bytes(ra),
+                    None => {}
                 }
                 let cache = builder.build();
                 let file = cache.open(&path).unwrap();
-                if ra.is_some() {
+                if ra.is_some_and(|r| r > 0) {
                     file.advise(upcache::Advice::Random, 0, 0).unwrap();
                 }
                 // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
@@ -490,6 +499,39 @@ fn mapped_hit_random(c: &mut Criterion) {
         });
         report(&format!("mapped_hit_random/{id}"), &last);
     }
+    // Large folios: 2 MiB folios; with shmem THP on (set for this side and
+    // restored) each is one huge page, mapped with a PMD.
+    for (id, thp) in [("upcache_large_folios", true), ("upcache_large_folios_no_thp", false)] {
+        let _thp = thp.then(|| ShmemThp::always().expect("shmem THP knob (root)"));
+        let cache = PageCache::builder().large_folios(true).build();
+        let file = cache.open(&path).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        for off in (0..RANDOM_SIZE).step_by(buf.len()) {
+            file.read_exact_at(&mut buf, off).unwrap();
+        }
+        let mut last = None;
+        let mut pmd = 0;
+        g.bench_function(id, |b| {
+            iter_each(b, || {
+                // SAFETY: the mapping is only read, through short-lived borrows.
+                let map = unsafe { file.mmap(0, RANDOM_SIZE as usize, Share::Shared) }.unwrap();
+                let before = shmem_pmd_mapped_kib();
+                let t = touch_pages(map.as_ptr() as usize, &pages, 1);
+                pmd = shmem_pmd_mapped_kib().saturating_sub(before);
+                last = Some(Residency {
+                    file_cached: file_cached_bytes(&path),
+                    memfd: Some(file.memory_bytes()),
+                    ..Default::default()
+                });
+                t
+            })
+        });
+        println!(
+            "mapped_hit_random/{id}: the timed mapping got {} MiB PMD-mapped",
+            pmd >> 10
+        );
+        report(&format!("mapped_hit_random/{id}"), &last);
+    }
     g.finish();
 }
 
@@ -526,7 +568,27 @@ fn scan_seq_cold(c: &mut Criterion) {
     // The O_DIRECT store: the disk reads straight into the folios, no copy
     // through the kernel's page cache.
     scan_upcache(&mut g, "upcache_direct", &path, &pages, default_mode, true, true);
+    {
+        let _thp = ShmemThp::always().expect("shmem THP knob (root)");
+        LARGE.with(|l| l.set(true));
+        scan_upcache(&mut g, "upcache_large_folios", &path, &pages, default_mode, true, false);
+        scan_upcache(
+            &mut g,
+            "upcache_direct_large_folios",
+            &path,
+            &pages,
+            default_mode,
+            true,
+            true,
+        );
+        LARGE.with(|l| l.set(false));
+    }
     g.finish();
+}
+
+thread_local! {
+    /// The `scan_upcache` side being measured uses large folios.
+    static LARGE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 fn scan_upcache(
@@ -543,7 +605,11 @@ fn scan_upcache(
         g.bench_function(id, |b| {
             iter_each(b, || {
                 drop_kernel_cache(path);
-                let cache = PageCache::builder().mmap_mode(mode).map_ahead(map_ahead).build();
+                let cache = PageCache::builder()
+                    .mmap_mode(mode)
+                    .map_ahead(map_ahead)
+                    .large_folios(LARGE.with(|l| l.get()))
+                    .build();
                 let store = direct.then(|| std::sync::Arc::new(upcache::DirectFileStore::open(path).unwrap()));
                 let file = match &store {
                     Some(s) => cache.open_with_ops("scan", upcache::StoreOps::new(s.clone())).unwrap(),

@@ -86,6 +86,18 @@ pub(crate) struct RaConfig {
     pub(crate) max_pages: u64,
     /// Largest folio order readahead allocates.
     pub(crate) max_order: u8,
+    /// Smallest folio order of this file (`mapping_min_folio_order`): 0,
+    /// or [`MAX_ORDER`] with [large folios](crate::PageCacheBuilder::large_folios),
+    /// where every folio is a naturally aligned 2 MiB block of the page
+    /// store, so that each shmem folio lies inside one upcache folio.
+    pub(crate) min_order: u8,
+}
+
+impl RaConfig {
+    /// Pages of the smallest folio.
+    pub(crate) fn min_pages(&self) -> u64 {
+        1 << self.min_order
+    }
 }
 
 /// State of a reader-writer lock, for assertions.
@@ -360,7 +372,9 @@ impl AddressSpace {
     /// Mapping the page store's view failed.
     pub(crate) fn filemap_add_folio(&self, index: PgOff, order: u8) -> io::Result<Option<FolioGuard>> {
         debug_assert!(order <= MAX_ORDER);
+        debug_assert!(order >= self.ra.min_order);
         let n = 1u64 << order;
+        debug_assert_eq!(index.0 % n, 0);
         if let Some(r) = &self.reclaim {
             r.charge(n);
         }
@@ -383,14 +397,28 @@ impl AddressSpace {
         // Read after `index_add_folio` took xa_lock: either a new mapping's
         // count is seen here, or that mapping's walk of the index (after it
         // took xa_lock) sees this folio (`mmap::arm_write_notify`).
-        if self.nr_wp_armed.load(Ordering::Relaxed) != 0 {
-            self.arm_write_notify(index, index.add(n));
+        //
+        // With large folios (`min_order > 0`) a folio may reach past the end
+        // of the file: its pages there are present in the page store once
+        // filled, and a `Missing`-mode mapping would map them without
+        // asking us. They are poisoned instead of armed, before the fill.
+        let split = if self.ra.min_order > 0 {
+            let eof = self.size().div_ceil(crate::types::PAGE_SIZE as u64);
+            eof.clamp(index.0, index.0 + n)
+        } else {
+            index.0 + n
+        };
+        if split > index.0 && self.nr_wp_armed.load(Ordering::Relaxed) != 0 {
+            self.arm_write_notify(index, PgOff(split));
+        }
+        if split < index.0 + n {
+            self.poison_past_eof(PgOff(split), index.add(n), None);
         }
         Ok(Some(guard))
     }
 
-    /// The folio at `index`, locked, created (order 0, not uptodate) if
-    /// absent (`__filemap_get_folio(FGP_LOCK | FGP_CREAT)`).
+    /// The folio at `index`, locked, created (of the file's smallest order,
+    /// not uptodate) if absent (`__filemap_get_folio(FGP_LOCK | FGP_CREAT)`).
     ///
     /// # Errors
     /// Mapping the page store's view failed.
@@ -399,7 +427,8 @@ impl AddressSpace {
             if let Some(g) = self.filemap_lock_folio(index) {
                 return Ok(g);
             }
-            if let Some(g) = self.filemap_add_folio(index, 0)? {
+            let first = PgOff(index.0 & !(self.ra.min_pages() - 1));
+            if let Some(g) = self.filemap_add_folio(first, self.ra.min_order)? {
                 return Ok(g);
             }
         }

@@ -34,6 +34,7 @@ pub struct PageCacheBuilder {
     readahead_bytes: u64,
     readahead_max_bytes: u64,
     max_folio_order: u8,
+    large_folios: bool,
     /// `mmap_mode` was called (else the default may follow the system).
     mode_explicit: bool,
     fault: FaultConfig,
@@ -50,6 +51,7 @@ impl Default for PageCacheBuilder {
             readahead_bytes: Self::DEFAULT_READAHEAD,
             readahead_max_bytes: Self::DEFAULT_READAHEAD_MAX,
             max_folio_order: Self::DEFAULT_MAX_FOLIO_ORDER,
+            large_folios: false,
             mode_explicit: false,
             fault: FaultConfig {
                 threads: Self::DEFAULT_FAULT_THREADS,
@@ -193,11 +195,58 @@ impl PageCacheBuilder {
         self
     }
 
+    /// Smallest memory limit of a cache with [large folios](Self::large_folios):
+    /// 16 MiB, eight folios.
+    pub const LARGE_FOLIOS_MIN_MEMORY_LIMIT: u64 = 16 << 20;
+
+    /// Cache every file in 2 MiB folios, naturally aligned (default: off;
+    /// folios of 4 KiB to `max_folio_order`, sized by readahead).
+    ///
+    /// Where the system gives shared memory transparent huge pages
+    /// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` set to
+    /// `always` or `within_size`), each folio is then one 2 MiB huge page
+    /// of the page store: `Missing`-mode mappings of it get PMD mappings,
+    /// one TLB entry and one fault per 2 MiB as an ext4 mapping of large
+    /// folios gets (`mapped_hit_random` in BENCHMARKS.md), and fills
+    /// allocate one page instead of 512. Without shmem THP the folios are
+    /// still 2 MiB, made of 4 KiB pages.
+    ///
+    /// The price is granularity: every miss reads at least the whole
+    /// 2 MiB folio (random 4 KiB reads of a large file read 512 times
+    /// the bytes), reclaim evicts 2 MiB at a time, and a memory limit
+    /// below [`LARGE_FOLIOS_MIN_MEMORY_LIMIT`](Self::LARGE_FOLIOS_MIN_MEMORY_LIMIT)
+    /// is raised to it. Truncate and hole punches inside a folio zero the
+    /// range and keep the folio (a truncate drops a folio that reaches
+    /// past the new end whole, after writing it back), as the kernel does
+    /// for a large folio it cannot split; pages of the last folio past end
+    /// of file raise SIGBUS in every mapping, as without large folios.
+    ///
+    /// With shmem THP on, caches without large folios use `Minor`-mode
+    /// mappings only (their folios would be smaller than the page store's,
+    /// see README); with large folios `Missing` (the default mode) stays
+    /// available. [`DirtyTracking::Async`](crate::DirtyTracking::Async)
+    /// still needs shmem THP off.
+    pub fn large_folios(mut self, on: bool) -> Self {
+        self.large_folios = on;
+        self
+    }
+
     /// Build the cache.
     pub fn build(mut self) -> PageCache {
-        if !self.mode_explicit && (self.fault.wp_async || crate::page_store::shmem_thp_possible()) {
+        if !self.mode_explicit
+            && (self.fault.wp_async || (!self.large_folios && crate::page_store::shmem_thp_possible()))
+        {
             self.fault.mode = UffdMode::Minor;
         }
+        let (min_order, max_order) = if self.large_folios {
+            (MAX_ORDER, MAX_ORDER)
+        } else {
+            (0, self.max_folio_order)
+        };
+        if self.large_folios {
+            self.memory_limit = self.memory_limit.map(|l| l.max(Self::LARGE_FOLIOS_MIN_MEMORY_LIMIT));
+        }
+        let min_pages = 1u64 << min_order;
         let stats = Arc::new(CacheStats::default());
         let spaces = Arc::new(Spaces::default());
         let reclaim = self
@@ -219,9 +268,18 @@ impl PageCacheBuilder {
                 spaces,
                 wb,
                 ra: RaConfig {
-                    window_pages: self.readahead_bytes.div_ceil(PAGE_SIZE as u64).max(1),
-                    max_pages: self.readahead_max_bytes.div_ceil(PAGE_SIZE as u64).max(1),
-                    max_order: self.max_folio_order,
+                    window_pages: self
+                        .readahead_bytes
+                        .div_ceil(PAGE_SIZE as u64)
+                        .max(1)
+                        .next_multiple_of(min_pages),
+                    max_pages: self
+                        .readahead_max_bytes
+                        .div_ceil(PAGE_SIZE as u64)
+                        .max(1)
+                        .next_multiple_of(min_pages),
+                    max_order,
+                    min_order,
                 },
                 stats,
                 files: Mutex::new(HashMap::new()),

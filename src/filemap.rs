@@ -218,6 +218,12 @@ impl AddressSpace {
         // larger than the memory limit at once would evict its own head
         // before the copy reached it, again and again.
         let chunk = self.ra_chunk_pages();
+        // With large folios the windows are whole folios: start the window
+        // at the folio holding `index`, so that windows (and the marker
+        // holes between them) fall on folio boundaries.
+        let mp = self.ra.min_pages();
+        let req_pages = req_pages + (index.0 & (mp - 1));
+        let index = PgOff(index.0 & !(mp - 1));
         let req_pages = req_pages.min(chunk);
         // Windows too are at most a chunk (a quarter of a memory limit):
         // a window larger than what reclaim leaves cached would evict its
@@ -274,7 +280,9 @@ impl AddressSpace {
     /// # Errors
     /// As `page_cache_sync_readahead`.
     pub(crate) fn page_cache_async_readahead(&self, window: Range<u64>) -> Result<()> {
-        self.page_cache_ra_range(PgOff(window.start + 1), window.end)
+        // With large folios the marker is the window's whole first folio.
+        let first = (window.start + 1).next_multiple_of(self.ra.min_pages());
+        self.page_cache_ra_range(PgOff(first), window.end)
     }
 
     /// Create the missing folios of `[index, end)` (clamped to EOF), using
@@ -287,6 +295,12 @@ impl AddressSpace {
         if index.0 >= end {
             return Ok(());
         }
+        // Whole folios of at least the file's smallest order (a large folio
+        // may reach past the end of the file; `filemap_add_folio` poisons
+        // its pages there in `Missing`-mode mappings).
+        let mp = self.ra.min_pages();
+        let index = PgOff(index.0 & !(mp - 1));
+        let end = end.next_multiple_of(mp);
         // Large folios for large windows: the order grows with the window
         // (up to `max_folio_order`), so a 1-page read gets an order-0 folio
         // and a sequential stream's big windows get big folios.
@@ -321,7 +335,7 @@ impl AddressSpace {
                         continue 'next;
                     }
                 }
-                if order == 0 {
+                if order <= self.ra.min_order {
                     // Someone inserted at `i` meanwhile: look again.
                     continue 'next;
                 }
@@ -339,7 +353,7 @@ impl AddressSpace {
         if let Some(r) = &self.reclaim {
             chunk = chunk.min((r.limit_bytes() >> PAGE_SHIFT) / 4).max(1);
         }
-        chunk
+        chunk.next_multiple_of(self.ra.min_pages())
     }
 
     /// Hand a batch of new, locked folios to the engine's `readahead`.

@@ -228,6 +228,7 @@ pub mod loom_support {
             window_pages: 1,
             max_pages: 1,
             max_order: 0,
+            min_order: 0,
         };
         let ops = Box::new(StoreOps::new(store));
         Arc::new(

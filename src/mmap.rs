@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::fault::{EngineShared, FaultEngine};
 use crate::folio::Folio;
 use crate::sync::{Arc, AtomicBool, AtomicU32, Ordering, UnparkOp, WaitQueue};
-use crate::types::{PgOff, MAX_FILE_SIZE, PAGE_SHIFT, PAGE_SIZE};
+use crate::types::{PgOff, MAX_FILE_SIZE, MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
 use crate::uffd::{mode, UffdError};
 use crate::vm_ops::{FilemapVmOps, VmOps};
 
@@ -290,6 +290,32 @@ impl VmArea {
         zapped
     }
 
+    /// Install SIGBUS poison on file pages `[first, end)` of this mapping
+    /// (pages past end of file inside a large folio, present in the page
+    /// store: a `Missing`-mode mapping would map them without asking us).
+    /// A uffd-wp marker, an earlier poison or a page mapped meanwhile is
+    /// zapped first, then the page is poisoned.
+    pub(crate) fn poison_range(&self, first: PgOff, end: PgOff) {
+        let Some(r) = self.user_range(first, end) else {
+            return;
+        };
+        self.poisoned.store(true, Ordering::Relaxed);
+        let uffd = &self.engine.uffd;
+        if uffd.poison(r.start, r.len()).is_ok() {
+            return;
+        }
+        for page in r.step_by(PAGE_SIZE) {
+            if let Err(UffdError::Exists { .. }) = uffd.poison(page, PAGE_SIZE) {
+                // SAFETY: the page lies inside our own live mapping (reached
+                // through `i_mmap` or by `do_mmap` before it returns); it is
+                // past end of file, so DONTNEED drops nothing the file
+                // holds.
+                unsafe { libc::madvise(page as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) };
+                let _ = uffd.poison(page, PAGE_SIZE);
+            }
+        }
+    }
+
     /// Write-protect the folio's pages in this mapping (`page_mkclean_one`).
     pub(crate) fn mkclean(&self, folio: &Folio) {
         if let Some(r) = self.user_range(folio.index(), folio.index().add(folio.nr_pages())) {
@@ -337,13 +363,16 @@ pub(crate) fn do_mmap(
     mode: UffdMode,
 ) -> Result<Arc<VmArea>> {
     let plen = check_map_range(offset, len)?;
-    if mode == UffdMode::Missing && crate::page_store::shmem_thp_possible() {
-        // See ARCHITECTURE.md "Known limits": with large shmem folios a
-        // punch may leave zeroed pages present, which the kernel would map
-        // into a Missing-mode mapping without asking us.
+    if mode == UffdMode::Missing && mapping.ra.min_order < MAX_ORDER && crate::page_store::shmem_thp_possible() {
+        // See ARCHITECTURE.md "Large folios": with large shmem folios a
+        // punch of a smaller upcache folio may leave zeroed pages present,
+        // which the kernel would map into a Missing-mode mapping without
+        // asking us. With upcache's own large folios every shmem folio
+        // lies inside one upcache folio, punched whole.
         return Err(Error::InvalidArgument {
             what: "UffdMode::Missing needs shmem THP off (/sys/kernel/mm/transparent_hugepage/shmem_enabled \
-                   and hugepages-*/shmem_enabled set to never, advise or deny); use UffdMode::Minor",
+                   and hugepages-*/shmem_enabled set to never, advise or deny) or a cache built with \
+                   large_folios(true); use UffdMode::Minor",
         });
     }
     if engine.shared().cfg.wp_async && share == Share::Shared && writable {
@@ -480,6 +509,19 @@ pub(crate) fn do_mmap(
         // this returns: nobody else knows its address.
         drop(mapping.i_pages.lock());
         vma.arm_cached(vma.pgoff(), vma.pgoff().add((plen >> PAGE_SHIFT) as u64));
+    }
+    if mode == UffdMode::Missing && mapping.ra.min_order > 0 {
+        // The cached folio holding the end of file may reach past it; its
+        // pages there are present and must raise SIGBUS here too. Folios
+        // added from now on poison themselves (`filemap_add_folio` lists
+        // `i_mmap` after inserting; this mapping is in it).
+        let eof = PgOff(mapping.size().div_ceil(PAGE_SIZE as u64));
+        if let Some(g) = mapping.filemap_lock_folio(eof) {
+            // Read again under the folio lock (a write may have grown the
+            // file into this folio meanwhile).
+            let eof = PgOff(mapping.size().div_ceil(PAGE_SIZE as u64)).max(g.index());
+            mapping.poison_past_eof(eof, g.index().add(g.nr_pages()), Some(&vma));
+        }
     }
     Ok(vma)
 }
@@ -1043,11 +1085,54 @@ impl AddressSpace {
         // installed there, and the page holding the old end has valid,
         // possibly mapped and written, bytes (a zap would drop the record
         // of an async-tracked write to it).
-        self.zap_mappings(
-            PgOff(old.div_ceil(PAGE_SIZE as u64)),
-            PgOff(new.div_ceil(PAGE_SIZE as u64)),
-            true,
-        );
+        let first = PgOff(old.div_ceil(PAGE_SIZE as u64));
+        let end = PgOff(new.div_ceil(PAGE_SIZE as u64));
+        // With large folios the folio holding the first such page may be
+        // cached, its pages present in the page store: once zapped, a
+        // `Missing`-mode mapping maps them itself, and a write-notifying
+        // one re-arms them only after the zap (`VmArea::zap`), so a write
+        // in between would go unseen. Dirty the folio first: such a write
+        // then lands in a dirty folio, and its writeback write-protects
+        // the pages again. Its lock, held across the zap, also orders this
+        // against `poison_past_eof` of the same folio by a new mapping.
+        let held = if self.ra.min_order > 0 && first < end {
+            self.filemap_lock_folio(first)
+        } else {
+            None
+        };
+        if let Some(g) = &held {
+            if self.nr_wp_armed.load(Ordering::Relaxed) != 0 && g.is_uptodate() && !g.is_dirty() {
+                self.folio_mark_dirty(g);
+            }
+        }
+        self.zap_mappings(first, end, true);
+        drop(held);
+    }
+
+    /// Poison file pages `[first, end)`, past end of file inside a large
+    /// folio the caller holds locked (new, or found by `do_mmap`), in
+    /// every `Missing`-mode mapping (`only`: in that one): the kernel maps
+    /// present page-store pages into those without asking us, and these
+    /// must raise SIGBUS as the kernel's own past-EOF pages do. `Minor`
+    /// mode maps only below end of file by itself.
+    ///
+    /// A write growing the file meanwhile (`unpoison_growth`, which locks
+    /// this folio only if it holds the old end) may have looked for poison
+    /// before this installed it: the end is read again afterwards and
+    /// pages now below it are cleared.
+    pub(crate) fn poison_past_eof(&self, first: PgOff, end: PgOff, only: Option<&VmArea>) {
+        {
+            let vmas = self.i_mmap.lock();
+            for v in vmas.iter().filter(|v| v.mode() == UffdMode::Missing) {
+                if only.is_none_or(|o| std::ptr::eq(o, &**v)) {
+                    v.poison_range(first, end);
+                }
+            }
+        }
+        let eof = self.size().div_ceil(PAGE_SIZE as u64);
+        if eof > first.0 {
+            self.zap_mappings(first, PgOff(eof.min(end.0)), true);
+        }
     }
 
     /// Free the folio memory of file bytes `[pos, pos + len)` (which also

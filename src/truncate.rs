@@ -183,6 +183,10 @@ impl AddressSpace {
                         let zs = (start - fstart) as usize;
                         g.zero_raw(zs, g.size() - zs);
                         self.ops.invalidate_folio(self, &g, zs, g.size() - zs);
+                        // Its pages past the end stay present in the page
+                        // store: `Missing`-mode mappings need poison there.
+                        let first = PgOff(start.div_ceil(PAGE_SIZE as u64));
+                        self.poison_past_eof(first, g.index().add(g.nr_pages()), None);
                         continue;
                     }
                     self.ops.invalidate_folio(self, &g, 0, g.size());

@@ -47,6 +47,7 @@ struct Config {
     tracking: DirtyTracking,
     limit: Option<u64>,
     direct: bool,
+    large: bool,
 }
 
 struct World {
@@ -65,7 +66,10 @@ struct World {
 
 impl World {
     fn new_cache(cfg: Config) -> PageCache {
-        let mut b = PageCache::builder().mmap_mode(cfg.mode).dirty_tracking(cfg.tracking);
+        let mut b = PageCache::builder()
+            .mmap_mode(cfg.mode)
+            .dirty_tracking(cfg.tracking)
+            .large_folios(cfg.large);
         if let Some(l) = cfg.limit {
             b = b.memory_limit(l);
         }
@@ -447,6 +451,7 @@ fn fsx_missing() {
             tracking: DirtyTracking::WriteFault,
             limit: None,
             direct: false,
+            large: false,
         },
         11,
     );
@@ -461,6 +466,7 @@ fn fsx_minor() {
             tracking: DirtyTracking::WriteFault,
             limit: None,
             direct: false,
+            large: false,
         },
         12,
     );
@@ -475,6 +481,7 @@ fn fsx_missing_memory_limit() {
             tracking: DirtyTracking::WriteFault,
             limit: Some(LIMIT),
             direct: false,
+            large: false,
         },
         13,
     );
@@ -489,6 +496,7 @@ fn fsx_minor_memory_limit() {
             tracking: DirtyTracking::WriteFault,
             limit: Some(LIMIT),
             direct: false,
+            large: false,
         },
         14,
     );
@@ -503,6 +511,7 @@ fn fsx_missing_direct() {
             tracking: DirtyTracking::WriteFault,
             limit: None,
             direct: true,
+            large: false,
         },
         15,
     );
@@ -517,6 +526,7 @@ fn fsx_minor_direct() {
             tracking: DirtyTracking::WriteFault,
             limit: None,
             direct: true,
+            large: false,
         },
         16,
     );
@@ -531,6 +541,7 @@ fn fsx_missing_direct_memory_limit() {
             tracking: DirtyTracking::WriteFault,
             limit: Some(LIMIT),
             direct: true,
+            large: false,
         },
         17,
     );
@@ -545,6 +556,7 @@ fn fsx_minor_direct_memory_limit() {
             tracking: DirtyTracking::WriteFault,
             limit: Some(LIMIT),
             direct: true,
+            large: false,
         },
         18,
     );
@@ -559,6 +571,7 @@ fn fsx_minor_async() {
             tracking: DirtyTracking::Async,
             limit: None,
             direct: false,
+            large: false,
         },
         19,
     );
@@ -573,7 +586,40 @@ fn fsx_minor_async_direct_memory_limit() {
             tracking: DirtyTracking::Async,
             limit: Some(LIMIT),
             direct: true,
+            large: false,
         },
         20,
+    );
+}
+
+/// Large folios: the whole file lives in one 2 MiB folio that reaches past
+/// end of file; truncates and punches land inside it.
+#[test]
+fn fsx_missing_large_folios() {
+    run_config(
+        "fsx missing, large folios",
+        Config {
+            mode: UffdMode::Missing,
+            tracking: DirtyTracking::WriteFault,
+            limit: None,
+            direct: false,
+            large: true,
+        },
+        21,
+    );
+}
+
+#[test]
+fn fsx_minor_large_folios_direct() {
+    run_config(
+        "fsx minor, large folios, O_DIRECT",
+        Config {
+            mode: UffdMode::Minor,
+            tracking: DirtyTracking::WriteFault,
+            limit: None,
+            direct: true,
+            large: true,
+        },
+        22,
     );
 }

@@ -39,6 +39,10 @@ fn run(mode: UffdMode, seed: u64, ops: usize) {
 }
 
 fn run_with(mode: UffdMode, tracking: DirtyTracking, seed: u64, ops: usize) {
+    run_cfg(mode, tracking, false, seed, ops)
+}
+
+fn run_cfg(mode: UffdMode, tracking: DirtyTracking, large: bool, seed: u64, ops: usize) {
     let dir = tempdir();
     let up_path = dir.path().join("upcache");
     let twin_path = dir.path().join("twin");
@@ -48,7 +52,11 @@ fn run_with(mode: UffdMode, tracking: DirtyTracking, seed: u64, ops: usize) {
     std::fs::write(&up_path, &init).unwrap();
     std::fs::write(&twin_path, &init).unwrap();
 
-    let cache = PageCache::builder().mmap_mode(mode).dirty_tracking(tracking).build();
+    let cache = PageCache::builder()
+        .mmap_mode(mode)
+        .dirty_tracking(tracking)
+        .large_folios(large)
+        .build();
     cache
         .start_fault_engine()
         .expect("userfaultfd must be available (see README)");
@@ -162,4 +170,15 @@ fn missing_mode_matches_kernel_mmap() {
 #[test]
 fn minor_mode_async_tracking_matches_kernel_mmap() {
     run_with(UffdMode::Minor, DirtyTracking::Async, seed(13), ops_count(10_000));
+}
+
+#[test]
+fn missing_mode_large_folios_matches_kernel_mmap() {
+    run_cfg(
+        UffdMode::Missing,
+        DirtyTracking::WriteFault,
+        true,
+        seed(14),
+        ops_count(10_000),
+    );
 }

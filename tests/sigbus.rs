@@ -17,27 +17,32 @@ use upcache::{PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 const SIGBUS: i32 = 7;
 
-fn run_child(case: &str, mode: UffdMode, path: &Path) -> std::process::ExitStatus {
+fn run_child(case: &str, mode: UffdMode, large: bool, path: &Path) -> std::process::ExitStatus {
     Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
         .env("UPCACHE_CHILD", case)
         .env("UPCACHE_CHILD_MODE", format!("{mode:?}"))
+        .env("UPCACHE_CHILD_LARGE", if large { "1" } else { "0" })
         .env("UPCACHE_CHILD_PATH", path)
         .status()
         .expect("spawn child")
 }
 
-fn assert_sigbus(case: &str) {
+fn assert_sigbus_with(case: &str, large: bool) {
     for mode in [UffdMode::Minor, UffdMode::Missing] {
         let dir = tempdir();
         let path = dir.path().join("f");
-        let st = run_child(case, mode, &path);
+        let st = run_child(case, mode, large, &path);
         assert_eq!(
             st.signal(),
             Some(SIGBUS),
-            "{case} ({mode:?}): child should die of SIGBUS, got {st:?}"
+            "{case} ({mode:?}, large folios: {large}): child should die of SIGBUS, got {st:?}"
         );
     }
+}
+
+fn assert_sigbus(case: &str) {
+    assert_sigbus_with(case, false);
 }
 
 fn byte(o: usize) -> u8 {
@@ -55,7 +60,8 @@ fn child_entry() {
         _ => UffdMode::Missing,
     };
     let path = std::path::PathBuf::from(std::env::var_os("UPCACHE_CHILD_PATH").unwrap());
-    let cache = PageCache::builder().mmap_mode(mode).build();
+    let large = std::env::var("UPCACHE_CHILD_LARGE").as_deref() == Ok("1");
+    let cache = PageCache::builder().mmap_mode(mode).large_folios(large).build();
     cache.start_fault_engine().expect("userfaultfd");
     match case.as_str() {
         "beyond_eof" => {
@@ -96,6 +102,39 @@ fn child_entry() {
             assert_eq!(map[low + 1], 0, "tail of the last page reads zero");
             let _ = std::hint::black_box(map[40 * PAGE_SIZE]);
         }
+        "beyond_eof_cached_first" => {
+            let size = 2 * PAGE_SIZE + 1000;
+            std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
+            let file = cache.open(&path).unwrap();
+            // Cached before the mapping exists: the mapping must poison the
+            // cached folio's pages past end of file itself.
+            let mut b = [0u8; 1];
+            file.read_at(&mut b, 5).unwrap();
+            assert_eq!(b[0], byte(5));
+            // SAFETY: the mapping is read only through short-lived borrows, never while another writer changes the same bytes.
+            let map = unsafe { file.mmap(0, 8 * PAGE_SIZE, Share::Shared) }.unwrap();
+            assert_eq!(map[size - 1], byte(size - 1));
+            let _ = std::hint::black_box(map[5 * PAGE_SIZE]);
+        }
+        "grow" => {
+            let size = 2 * PAGE_SIZE + 1000;
+            std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
+            let file = cache.open(&path).unwrap();
+            // SAFETY: the mapping is read only through short-lived borrows, never while another writer changes the same bytes.
+            let map = unsafe { file.mmap(0, 16 * PAGE_SIZE, Share::Shared) }.unwrap();
+            assert_eq!(map[size - 1], byte(size - 1));
+            // Grow by a write past the end, then by truncate.
+            file.write_at(&[0xAB; 10], 6 * PAGE_SIZE as u64).unwrap();
+            assert_eq!(
+                map[6 * PAGE_SIZE + 9],
+                0xAB,
+                "written bytes past the old end are mapped"
+            );
+            assert_eq!(map[4 * PAGE_SIZE], 0, "the hole below the write reads zeros");
+            file.truncate(10 * PAGE_SIZE as u64).unwrap();
+            assert_eq!(map[9 * PAGE_SIZE + 1], 0, "the truncate-grown tail reads zeros");
+            let _ = std::hint::black_box(map[12 * PAGE_SIZE]);
+        }
         "read_error" => {
             std::fs::write(&path, vec![9u8; 8 * PAGE_SIZE]).unwrap();
             let store = HookStore::new(&path, |op, _, _| match op {
@@ -121,6 +160,31 @@ fn page_beyond_eof_raises_sigbus() {
 #[test]
 fn truncate_under_readers_raises_sigbus_past_eof_only() {
     assert_sigbus("after_truncate");
+}
+
+/// With large folios the last folio reaches past end of file and its pages
+/// there are present in the page store; they must still raise SIGBUS.
+#[test]
+fn page_beyond_eof_inside_a_large_folio_raises_sigbus() {
+    assert_sigbus_with("beyond_eof", true);
+}
+
+#[test]
+fn page_beyond_eof_inside_a_large_folio_cached_before_mmap_raises_sigbus() {
+    assert_sigbus_with("beyond_eof_cached_first", true);
+}
+
+#[test]
+fn truncate_inside_a_large_folio_raises_sigbus_past_eof_only() {
+    assert_sigbus_with("after_truncate", true);
+}
+
+/// Growing the file clears the poison: the pages past the old end read
+/// the new bytes (then a page past the new end still raises SIGBUS).
+#[test]
+fn growth_inside_a_large_folio_unpoisons_and_the_new_end_still_raises_sigbus() {
+    assert_sigbus_with("grow", true);
+    assert_sigbus_with("grow", false);
 }
 
 #[test]
