@@ -273,11 +273,15 @@ impl PageCacheBuilder {
                         .div_ceil(PAGE_SIZE as u64)
                         .max(1)
                         .next_multiple_of(min_pages),
+                    // With large folios the marker hole of an async
+                    // window is its first folio: a window of one folio
+                    // would read nothing ahead, so allow four.
                     max_pages: self
                         .readahead_max_bytes
                         .div_ceil(PAGE_SIZE as u64)
                         .max(1)
-                        .next_multiple_of(min_pages),
+                        .next_multiple_of(min_pages)
+                        .max(if min_pages > 1 { 4 * min_pages } else { 1 }),
                     max_order,
                     min_order,
                 },

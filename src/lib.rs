@@ -224,11 +224,18 @@ pub mod loom_support {
     /// A real `AddressSpace` (id 1, no reclaim, no flusher, 1-page
     /// readahead, order-0 folios) over `store`, its folios in a real memfd.
     pub fn address_space(store: std::sync::Arc<MemStore>) -> Arc<AddressSpace> {
+        address_space_min_order(store, 0)
+    }
+
+    /// [`address_space`] whose folios all have order `min_order` (the
+    /// models' large folios: `PageCacheBuilder::large_folios` with a
+    /// smaller order, so that models stay small).
+    pub fn address_space_min_order(store: std::sync::Arc<MemStore>, min_order: u8) -> Arc<AddressSpace> {
         let ra = RaConfig {
-            window_pages: 1,
-            max_pages: 1,
-            max_order: 0,
-            min_order: 0,
+            window_pages: 1 << min_order,
+            max_pages: 1 << min_order,
+            max_order: min_order,
+            min_order,
         };
         let ops = Box::new(StoreOps::new(store));
         Arc::new(
@@ -332,6 +339,26 @@ pub mod loom_support {
         assert!(m.store.on_scan.set(std::sync::Arc::new(scan)).is_ok(), "one scan hook");
         assert!(m.store.on_zap.set(std::sync::Arc::new(zap)).is_ok(), "one zap hook");
         m.nr_wp_async.fetch_add(1, crate::sync::Ordering::Release);
+    }
+
+    /// Give `m` one `Missing`-mode mapping whose page table the model
+    /// keeps: `poison(pos, len)` installs SIGBUS poison on file bytes
+    /// (pages past end of file in a large folio), `unpoison(pos, len)`
+    /// clears it (the file grew). Both run under the real `i_mmap` lock,
+    /// as the real mapping's poison and zap do.
+    pub fn set_poison_table(
+        m: &AddressSpace,
+        poison: impl Fn(u64, u64) + Send + Sync + 'static,
+        unpoison: impl Fn(u64, u64) + Send + Sync + 'static,
+    ) {
+        assert!(
+            m.store.on_poison.set(std::sync::Arc::new(poison)).is_ok(),
+            "one poison hook"
+        );
+        assert!(
+            m.store.on_unpoison.set(std::sync::Arc::new(unpoison)).is_ok(),
+            "one unpoison hook"
+        );
     }
 
     /// The flusher's harvest of every async-tracked write of `m`

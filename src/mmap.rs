@@ -1060,6 +1060,12 @@ impl AddressSpace {
     fn zap_mappings(&self, first: PgOff, end: PgOff, only_poisoned: bool) {
         let mut st = self.has_wp_async().then(|| self.harvest_lock.lock());
         let vmas = self.i_mmap.lock();
+        // The loom models' one `Missing`-mode mapping, which poisons
+        // (`poison_past_eof`) under the same lock.
+        #[cfg(loom)]
+        if only_poisoned && end > first {
+            crate::page_store::call_pte_hook(&self.store.on_unpoison, first.byte(), (end.0 - first.0) << PAGE_SHIFT);
+        }
         for v in vmas
             .iter()
             .filter(|v| !only_poisoned || v.poisoned.load(Ordering::Relaxed))
@@ -1123,6 +1129,8 @@ impl AddressSpace {
     pub(crate) fn poison_past_eof(&self, first: PgOff, end: PgOff, only: Option<&VmArea>) {
         {
             let vmas = self.i_mmap.lock();
+            #[cfg(loom)]
+            crate::page_store::call_pte_hook(&self.store.on_poison, first.byte(), (end.0 - first.0) << PAGE_SHIFT);
             for v in vmas.iter().filter(|v| v.mode() == UffdMode::Missing) {
                 if only.is_none_or(|o| std::ptr::eq(o, &**v)) {
                     v.poison_range(first, end);

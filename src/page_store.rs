@@ -135,6 +135,14 @@ pub(crate) struct PageStore {
     /// Loom models' async-tracked page table: a zap (`MADV_DONTNEED`).
     #[cfg(loom)]
     pub(crate) on_zap: std::sync::OnceLock<PteHook>,
+    /// Loom models' `Missing`-mode page table: SIGBUS poison installed on
+    /// file pages past end of file (`poison_past_eof`), under `i_mmap`.
+    #[cfg(loom)]
+    pub(crate) on_poison: std::sync::OnceLock<PteHook>,
+    /// Loom models' `Missing`-mode page table: poison cleared by a zap of
+    /// poisoned mappings (`unpoison_growth`), under `i_mmap`.
+    #[cfg(loom)]
+    pub(crate) on_unpoison: std::sync::OnceLock<PteHook>,
 }
 
 /// A loom model's `PAGEMAP_SCAN`: file pages in, written runs out.
@@ -210,6 +218,10 @@ impl PageStore {
             on_scan: std::sync::OnceLock::new(),
             #[cfg(loom)]
             on_zap: std::sync::OnceLock::new(),
+            #[cfg(loom)]
+            on_poison: std::sync::OnceLock::new(),
+            #[cfg(loom)]
+            on_unpoison: std::sync::OnceLock::new(),
         })
     }
 
