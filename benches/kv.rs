@@ -1,4 +1,4 @@
-//! `kv/{upcache_pinned, upcache_mmap, memmap2}`: point lookups in the hash
+//! `kv/{upcache_pinned, upcache_pinned_large_folios, upcache_mmap, memmap2}`: point lookups in the hash
 //! KV of `examples/kv.rs` (200,000 keys, 4 KiB bucket pages, ~9 MiB data
 //! file on ext4), 2 threads × 10,000 random existing keys per iteration,
 //! everything cached (no memory limit; every side warmed by one pass over
@@ -7,9 +7,12 @@
 //! - `upcache_pinned`: `File::get_page` per probed page (pinned, no copy);
 //! - `upcache_mmap`: the same bytes through an upcache mapping (default
 //!   mode), read as a slice;
-//! - `memmap2`: a kernel mapping of the data file (`memmap2::Mmap`).
+//! - `memmap2`: a kernel mapping of the data file (`memmap2::Mmap`);
+//! - `*_large_folios`: a cache with `large_folios(true)`, filled while
+//!   the bench holds shmem THP at `always` (root; restored after the
+//!   fill): 2 MiB folios, each one huge page.
 //!
-//! `kv_update/{upcache_mmap, upcache_mmap_async, memmap2}`: in-place updates through a shared
+//! `kv_update/{upcache_mmap, upcache_mmap_async, upcache_mmap_large_folios, memmap2}`: in-place updates through a shared
 //! writable mapping of the same data file, 1 thread × 10,000 random
 //! existing keys per iteration, each writing the value's 8 bytes; before
 //! each iteration (untimed) the mapping is flushed, so every page starts
@@ -26,7 +29,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_main, Criterion};
 
 mod common;
-use common::bench_dir;
+use common::{bench_dir, shmem_pmd_mapped_kib, ShmemThp};
 use upcache::{DirtyTracking, PageCache, Share};
 
 #[path = "../examples/kv.rs"]
@@ -66,6 +69,19 @@ fn kv_lookups(c: &mut Criterion) {
         assert_eq!(kv::lookup_in(&kmap, buckets, k), Some(kv::final_value(k)));
     }
     let misses = cache.stats().misses;
+    // Large folios with shmem THP on while the cache fills (restored
+    // after): 2 MiB folios, each one huge page, so the engine's own view
+    // maps them with PMDs (pinned pages without TLB misses).
+    let (lcache, lfile) = {
+        let _thp = ShmemThp::always().expect("shmem THP knob (root)");
+        let lcache = PageCache::builder().large_folios(true).build();
+        let lfile = lcache.open(&data).unwrap();
+        for k in 0..KEYS {
+            assert_eq!(kv::lookup(&lfile, buckets, k).unwrap(), Some(kv::final_value(k)));
+        }
+        (lcache, lfile)
+    };
+    let lmisses = lcache.stats().misses;
 
     let mut g = c.benchmark_group("kv");
     g.sample_size(20).measurement_time(Duration::from_secs(5));
@@ -73,6 +89,13 @@ fn kv_lookups(c: &mut Criterion) {
         b.iter_custom(|iters| {
             (0..iters)
                 .map(|i| two_threads(&|k| kv::lookup(&file, buckets, k).unwrap(), i))
+                .sum()
+        })
+    });
+    g.bench_function("upcache_pinned_large_folios", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|i| two_threads(&|k| kv::lookup(&lfile, buckets, k).unwrap(), i))
                 .sum()
         })
     });
@@ -92,6 +115,15 @@ fn kv_lookups(c: &mut Criterion) {
     });
     g.finish();
     assert_eq!(cache.stats().misses, misses, "upcache missed during kv lookups");
+    assert_eq!(
+        lcache.stats().misses,
+        lmisses,
+        "upcache (large folios) missed during kv lookups"
+    );
+    println!(
+        "kv: engine view and mappings PMD-mapped: {} MiB",
+        shmem_pmd_mapped_kib() >> 10
+    );
 }
 
 /// The value offsets and new values of 10,000 random keys (pass `iter`).
@@ -169,6 +201,27 @@ fn kv_update(c: &mut Criterion) {
     std::hint::black_box(sum);
     let misses = cache.stats().misses;
     let amisses = acache.stats().misses;
+    // Large folios, shmem THP on while the cache fills (restored after).
+    let ldata = dir.path().join("kv.large");
+    std::fs::copy(&udata, &ldata).unwrap();
+    let (lcache, lfile, mut lmap) = {
+        let _thp = ShmemThp::always().expect("shmem THP knob (root)");
+        let lcache = PageCache::builder()
+            .large_folios(true)
+            .dirty_background_bytes(bg)
+            .dirty_limit_bytes(limit)
+            .build();
+        let lfile = lcache.open(&ldata).unwrap();
+        // SAFETY: as above.
+        let lmap = unsafe { lfile.mmap_mut(0, len, Share::Shared) }.unwrap();
+        let mut sum = 0u64;
+        for p in (0..len).step_by(upcache::PAGE_SIZE) {
+            sum = sum.wrapping_add(lmap[p] as u64);
+        }
+        std::hint::black_box(sum);
+        (lcache, lfile, lmap)
+    };
+    let lmisses = lcache.stats().misses;
 
     let mut g = c.benchmark_group("kv_update");
     g.sample_size(20).measurement_time(Duration::from_secs(5));
@@ -178,10 +231,34 @@ fn kv_update(c: &mut Criterion) {
     g.bench_function("upcache_mmap_async", |b| {
         b.iter_custom(|iters| update_iters(&mut amap, buckets, iters, |m| m.flush().unwrap()))
     });
+    let lwp = lcache.stats().faults_wp;
+    let mut lpasses = 0;
+    g.bench_function("upcache_mmap_large_folios", |b| {
+        b.iter_custom(|iters| {
+            lpasses += iters;
+            update_iters(&mut lmap, buckets, iters, |m| m.flush().unwrap())
+        })
+    });
     g.bench_function("memmap2", |b| {
         b.iter_custom(|iters| update_iters(&mut kmap, buckets, iters, |m| m.flush().unwrap()))
     });
     g.finish();
+    println!(
+        "kv_update/upcache_mmap_large_folios: {:.1} write-protect userfaults per pass ({} passes), {} MiB of folios",
+        (lcache.stats().faults_wp - lwp) as f64 / lpasses.max(1) as f64,
+        lpasses,
+        lfile.memory_bytes() >> 20
+    );
+    assert_eq!(
+        lcache.stats().misses,
+        lmisses,
+        "upcache (large folios) missed during kv updates"
+    );
+    lmap.flush().unwrap();
+    assert!(
+        std::fs::read(&ldata).unwrap() == lmap[..],
+        "upcache (large folios): the flushed file is not what the mapping shows"
+    );
     assert_eq!(cache.stats().misses, misses, "upcache missed during kv updates");
     assert_eq!(acache.stats().misses, amisses, "upcache_async missed during kv updates");
     assert_eq!(

@@ -5,12 +5,15 @@
 //! reference, `memcpy_floor`: the bare 4 KiB copy from a random page of a
 //! 256 MiB in-memory buffer, which no cache can beat.
 //!
-//! `page_get_hit/{upcache_pin, upcache_read_at, kernel_mmap}`: what an
+//! `page_get_hit/{upcache_pin, upcache_pin_large_folios, upcache_read_at, kernel_mmap}`: what an
 //! engine's page lookup costs on a hit, on the same file and offsets: get
 //! a random cached page and read one `u64` from it. `upcache_pin` pins it
 //! in place (`File::get_page`, no system call, no copy), `upcache_read_at`
 //! copies the 4 KiB page out (`File::read_at`), `kernel_mmap` loads from a
 //! kernel mapping of the file, every page already mapped (populated).
+//! `upcache_pin_large_folios` pins in a cache with `large_folios(true)`
+//! filled while the bench holds shmem THP at `always` (root; restored
+//! after the fill), whose engine view maps 2 MiB huge pages with PMDs.
 //!
 //! `cargo bench --bench read` (set `UPCACHE_BENCH_DIR` to place the file).
 
@@ -126,6 +129,28 @@ fn page_get_hit(c: &mut Criterion) {
             word(&page, i & 0xff8)
         })
     });
+    // Large folios filled with shmem THP at `always` (root; restored
+    // after the fill): the engine view maps each 2 MiB folio with a PMD.
+    let (lcache, lfile) = {
+        let _thp = common::ShmemThp::always().expect("shmem THP knob (root)");
+        let lcache = PageCache::builder().large_folios(true).build();
+        let lfile = lcache.open(&path).unwrap();
+        for off in (0..FILE_SIZE).step_by(buf.len()) {
+            lfile.read_exact_at(&mut buf, off).unwrap();
+        }
+        (lcache, lfile)
+    };
+    let lwarm = lcache.stats();
+    let mut l = 0usize;
+    g.bench_function("upcache_pin_large_folios", |b| {
+        b.iter(|| {
+            l = (l + 1) & (offs.len() - 1);
+            // SAFETY: nothing maps the file.
+            let page = unsafe { lfile.get_page(offs[l] / READ as u64) }.unwrap();
+            word(&page, l & 0xff8)
+        })
+    });
+    assert_eq!(lcache.stats().misses, lwarm.misses, "upcache (large folios) missed");
     let mut page = vec![0u8; READ];
     let mut j = 0usize;
     g.bench_function("upcache_read_at", |b| {

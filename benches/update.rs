@@ -1,4 +1,4 @@
-//! `mapped_update_random/{memmap2, memmap2_4k_ptes, upcache, upcache_async}` (issue #12): a 256 MiB file
+//! `mapped_update_random/{memmap2, memmap2_4k_ptes, upcache, upcache_async, upcache_large_folios}` (issue #12): a 256 MiB file
 //! on ext4, fully cached and mapped shared-writable, every page written
 //! once (8 bytes) in random order per iteration, from one thread. Before
 //! each iteration (untimed) the mapping is flushed, so every page starts
@@ -13,6 +13,11 @@
 //! always are, so each first write is one write fault per page there too
 //! (the default `memmap2` side maps PMD-sized folios with one entry and
 //! takes one write fault per 2 MiB).
+//!
+//! `upcache_large_folios` is a cache with `large_folios(true)`, filled
+//! while the bench holds shmem THP at `always` (root; restored after):
+//! its first write to a clean 2 MiB folio takes one write-protect
+//! userfault and unprotects the whole folio.
 //!
 //! The flush before each pass is not timed by criterion (its cost is the
 //! writeback of 256 MiB on every side); the run prints each side's mean
@@ -127,11 +132,36 @@ fn mapped_update_random(c: &mut Criterion) {
     std::hint::black_box(sum);
     let misses = cache.stats().misses;
     let amisses = acache.stats().misses;
+    // Large folios: filled while shmem THP is `always` (restored after),
+    // so each 2 MiB folio is one huge page; one write-protect userfault
+    // then makes a whole folio writable.
+    let lpath = dir.path().join("upcache_large");
+    std::fs::write(&lpath, vec![7u8; SIZE]).unwrap();
+    let (lcache, lfile, mut lmap) = {
+        let _thp = common::ShmemThp::always().expect("shmem THP knob (root)");
+        let lcache = PageCache::builder()
+            .large_folios(true)
+            .dirty_background_bytes(bg)
+            .dirty_limit_bytes(limit)
+            .build();
+        let lfile = lcache.open(&lpath).unwrap();
+        // SAFETY: as above.
+        let lmap = unsafe { lfile.mmap_mut(0, SIZE, Share::Shared) }.unwrap();
+        let mut sum = 0u64;
+        for p in (0..SIZE).step_by(PAGE_SIZE) {
+            sum = sum.wrapping_add(lmap[p] as u64);
+        }
+        std::hint::black_box(sum);
+        (lcache, lfile, lmap)
+    };
+    let lmisses = lcache.stats().misses;
 
     let mut g = c.benchmark_group("mapped_update_random");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
     g.throughput(Throughput::Elements((SIZE / PAGE_SIZE) as u64));
-    let (mut ures, mut kres, mut ares, mut k4res) = (None, None, None, None);
+    let (mut ures, mut kres, mut ares, mut k4res, mut lres) = (None, None, None, None, None);
+    let mut lflush = (Duration::ZERO, 0u32);
+    let lwp = lcache.stats().faults_wp;
     // Untimed flush time per side: (total, passes).
     let (mut kflush, mut k4flush, mut uflush, mut aflush) = (
         (Duration::ZERO, 0u32),
@@ -181,7 +211,33 @@ fn mapped_update_random(c: &mut Criterion) {
             total
         })
     });
+    g.bench_function("upcache_large_folios", |b| {
+        b.iter_custom(|iters| {
+            let total = timed_passes(&mut lmap, iters, |m| m.flush().unwrap(), &mut lflush);
+            lres = Some(common::Residency {
+                file_cached: common::file_cached_bytes(&lpath),
+                memfd: Some(lfile.memory_bytes()),
+                ..Default::default()
+            });
+            total
+        })
+    });
     g.finish();
+    common::report("mapped_update_random/upcache_large_folios", &lres);
+    println!(
+        "mapped_update_random/upcache_large_folios: {:.1} write-protect userfaults per pass",
+        (lcache.stats().faults_wp - lwp) as f64 / lflush.1.max(1) as f64
+    );
+    assert_eq!(
+        lcache.stats().misses,
+        lmisses,
+        "upcache_large_folios missed during the updates"
+    );
+    lmap.flush().unwrap();
+    assert!(
+        std::fs::read(&lpath).unwrap() == lmap[..],
+        "upcache_large_folios: the flushed file is not what the mapping shows"
+    );
     common::report("mapped_update_random/memmap2", &kres);
     common::report("mapped_update_random/memmap2_4k_ptes", &k4res);
     common::report("mapped_update_random/upcache", &ures);
@@ -191,6 +247,7 @@ fn mapped_update_random(c: &mut Criterion) {
         ("memmap2_4k_ptes", k4flush),
         ("upcache", uflush),
         ("upcache_async", aflush),
+        ("upcache_large_folios", lflush),
     ] {
         println!(
             "mapped_update_random/{id}: untimed flush before each pass: {:.2} ms mean over {n}",

@@ -303,6 +303,11 @@ impl AddressSpace {
         self.invalidate_lock.write()
     }
 
+    /// Take `i_rwsem` shared (`inode_lock_shared`).
+    pub(crate) fn inode_lock_shared(&self) -> RwSemReadGuard<'_> {
+        self.i_rwsem.read()
+    }
+
     /// Take `i_rwsem` exclusive (`inode_lock`).
     pub fn inode_lock(&self) -> RwSemWriteGuard<'_> {
         self.i_rwsem.write()

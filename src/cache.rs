@@ -221,6 +221,12 @@ impl PageCacheBuilder {
     /// for a large folio it cannot split; pages of the last folio past end
     /// of file raise SIGBUS in every mapping, as without large folios.
     ///
+    /// A thread holding a page guard ([`File::get_page`]) of such a file
+    /// gets [`Error::PageHeld`](crate::Error::PageHeld) from a `write_at`
+    /// or `truncate` that grows it past a folio it holds, and from a
+    /// `Missing`-mode `mmap` of the file (both take locks that rank above
+    /// the folio lock), instead of a deadlock.
+    ///
     /// With shmem THP on, caches without large folios use `Minor`-mode
     /// mappings only (their folios would be smaller than the page store's,
     /// see README); with large folios `Missing` (the default mode) stays

@@ -9,7 +9,7 @@ use crate::address_space::AddressSpace;
 use crate::aops::ReadaheadControl;
 use crate::error::{Error, Result};
 use crate::folio::FolioGuard;
-use crate::types::{PgOff, MAX_FILE_SIZE, PAGE_SHIFT};
+use crate::types::{PgOff, MAX_FILE_SIZE, PAGE_SHIFT, PAGE_SIZE};
 
 /// On-demand readahead state of one file (`struct file_ra_state`).
 #[derive(Debug, Default)]
@@ -436,9 +436,31 @@ impl AddressSpace {
             let bounce = buf.to_vec();
             return self.write_at(&bounce, pos);
         }
+        if self.ra.min_order > 0 && pos + buf.len() as u64 > self.size() {
+            // Growing a file of large folios locks the folio holding the
+            // old end (`unpoison_growth`), which may be one this thread
+            // holds a page guard of: say so before changing anything.
+            let folio = self.ra.min_pages() << PAGE_SHIFT;
+            let from = (self.size() / folio * folio).min(pos);
+            crate::page_ref::check_range_unheld(self.id(), from, u64::MAX)?;
+        }
         let _sb = self.start_write();
         let _i = self.inode_lock();
         let old_size = self.size();
+        // With large folios the pages past the end of every folio were
+        // poisoned when it was created (`filemap_add_folio`), and each
+        // folio's `write_end` makes its bytes visible (`i_size`) before the
+        // whole write is done: clear the poison before that, for the pages
+        // between the old end and the write first (the old last folio's
+        // tail, the gap), then for each folio just before its `write_end`.
+        // A racing access past the old end may then map zeros instead of
+        // raising SIGBUS while the write is in progress.
+        let large = self.ra.min_order > 0;
+        let mut unpoisoned = old_size;
+        if large && pos > old_size {
+            self.unpoison_growth(old_size, pos);
+            unpoisoned = pos;
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let p = pos + done as u64;
@@ -466,14 +488,27 @@ impl AddressSpace {
             } else {
                 g.copy_in_raw(off, &buf[done..done + n]);
             }
+            if large && p + n as u64 > unpoisoned {
+                // The folio is locked: no writeback can clean it, and
+                // `write_end` dirties it, so a mapped write between the zap
+                // and its re-arming (`VmArea::zap`) is not lost.
+                // From the old end: a folio created by this write was
+                // poisoned whole past it, below `pos` too.
+                let first = PgOff(old_size.div_ceil(PAGE_SIZE as u64)).max(g.index());
+                let end = PgOff((p + n as u64).div_ceil(PAGE_SIZE as u64));
+                if first < end {
+                    self.zap_poison(first, end);
+                }
+                unpoisoned = p + n as u64;
+            }
             let copied = self.ops.write_end(self, p, n, g);
             done += copied;
             if copied < n {
                 break;
             }
         }
-        if self.size() > old_size {
-            self.unpoison_growth(old_size, self.size());
+        if self.size() > unpoisoned {
+            self.unpoison_growth(unpoisoned, self.size());
         }
         if let Some(wb) = &self.wb {
             wb.balance_dirty_pages(self);

@@ -363,6 +363,12 @@ pub(crate) fn do_mmap(
     mode: UffdMode,
 ) -> Result<Arc<VmArea>> {
     let plen = check_map_range(offset, len)?;
+    if mode == UffdMode::Missing && mapping.ra.min_order > 0 {
+        // The past-EOF walk below takes `i_rwsem`, which ranks above folio
+        // locks and waits for writers that may wait for this thread's
+        // page guards.
+        crate::page_ref::check_range_unheld(mapping.id(), 0, u64::MAX)?;
+    }
     if mode == UffdMode::Missing && mapping.ra.min_order < MAX_ORDER && crate::page_store::shmem_thp_possible() {
         // See ARCHITECTURE.md "Large folios": with large shmem folios a
         // punch of a smaller upcache folio may leave zeroed pages present,
@@ -418,19 +424,33 @@ pub(crate) fn do_mmap(
     } else {
         rustix::mm::MapFlags::PRIVATE
     } | rustix::mm::MapFlags::NORESERVE;
-    // SAFETY: a fresh mapping (null hint, no MAP_FIXED) aliases no Rust
-    // object; the memfd outlives it (the VmArea holds the AddressSpace).
+    // SAFETY: a fresh mapping (null hint, no MAP_FIXED; or inside its own
+    // reservation) aliases no Rust object; the memfd outlives it (the
+    // VmArea holds the AddressSpace).
     let addr = unsafe {
-        rustix::mm::mmap(
-            std::ptr::null_mut(),
-            plen,
-            prot,
-            flags,
-            mapping.store.memfd(),
-            mapping.store.memfd_offset(offset),
-        )
+        if mapping.ra.min_order > 0 {
+            // Large folios: PMD-aligned, so that huge pages map with PMDs
+            // even if shmem THP was off when the mapping was made.
+            crate::page_store::mmap_pmd_aligned(
+                plen,
+                prot,
+                flags,
+                mapping.store.memfd(),
+                mapping.store.memfd_offset(offset),
+            )
+        } else {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                plen,
+                prot,
+                flags,
+                mapping.store.memfd(),
+                mapping.store.memfd_offset(offset),
+            )
+            .map_err(Into::into)
+        }
     }
-    .map_err(|e| Error::Io(e.into()))? as usize;
+    .map_err(Error::Io)? as usize;
     // A child of a storage engine does not inherit its cache mappings: a
     // forked child touching an uncached page would otherwise fault it in
     // as a zero page of the shared memfd (the uffd registration is not
@@ -511,16 +531,29 @@ pub(crate) fn do_mmap(
         vma.arm_cached(vma.pgoff(), vma.pgoff().add((plen >> PAGE_SHIFT) as u64));
     }
     if mode == UffdMode::Missing && mapping.ra.min_order > 0 {
-        // The cached folio holding the end of file may reach past it; its
-        // pages there are present and must raise SIGBUS here too. Folios
-        // added from now on poison themselves (`filemap_add_folio` lists
-        // `i_mmap` after inserting; this mapping is in it).
-        let eof = PgOff(mapping.size().div_ceil(PAGE_SIZE as u64));
-        if let Some(g) = mapping.filemap_lock_folio(eof) {
-            // Read again under the folio lock (a write may have grown the
-            // file into this folio meanwhile).
-            let eof = PgOff(mapping.size().div_ceil(PAGE_SIZE as u64)).max(g.index());
-            mapping.poison_past_eof(eof, g.index().add(g.nr_pages()), Some(&vma));
+        // Cached folios may reach past end of file (the last one, or one a
+        // failed write left); their pages there are present and must raise
+        // SIGBUS here too. `i_rwsem` shared keeps the size still (only
+        // `write_at` and truncate change it, holding it exclusive), so no
+        // growth races this walk. Folios added from now on poison
+        // themselves: `filemap_add_folio` lists `i_mmap` after inserting
+        // (this mapping is in it, and registered), and the xa_lock round
+        // trip orders this walk after any insert that listed it earlier,
+        // before it was registered.
+        let _i = mapping.inode_lock_shared();
+        drop(mapping.i_pages.lock());
+        let eof = mapping.size().div_ceil(PAGE_SIZE as u64);
+        let end = vma.pgoff().0 + (plen >> PAGE_SHIFT) as u64;
+        let mut i = eof.max(vma.pgoff().0);
+        while let Some((j, _)) = mapping.i_pages.find_from(i, end) {
+            match mapping.filemap_get_folio(PgOff(j)) {
+                Some(f) => {
+                    let fend = f.index().0 + f.nr_pages();
+                    vma.poison_range(PgOff(j.max(eof)), PgOff(fend));
+                    i = fend;
+                }
+                None => i = j + 1,
+            }
         }
     }
     Ok(vma)
@@ -1093,26 +1126,53 @@ impl AddressSpace {
         // of an async-tracked write to it).
         let first = PgOff(old.div_ceil(PAGE_SIZE as u64));
         let end = PgOff(new.div_ceil(PAGE_SIZE as u64));
-        // With large folios the folio holding the first such page may be
-        // cached, its pages present in the page store: once zapped, a
-        // `Missing`-mode mapping maps them itself, and a write-notifying
-        // one re-arms them only after the zap (`VmArea::zap`), so a write
-        // in between would go unseen. Dirty the folio first: such a write
-        // then lands in a dirty folio, and its writeback write-protects
-        // the pages again. Its lock, held across the zap, also orders this
-        // against `poison_past_eof` of the same folio by a new mapping.
-        let held = if self.ra.min_order > 0 && first < end {
-            self.filemap_lock_folio(first)
-        } else {
-            None
-        };
-        if let Some(g) = &held {
-            if self.nr_wp_armed.load(Ordering::Relaxed) != 0 && g.is_uptodate() && !g.is_dirty() {
-                self.folio_mark_dirty(g);
+        if self.ra.min_order == 0 || first >= end {
+            self.zap_mappings(first, end, true);
+            return;
+        }
+        // With large folios the pages may belong to cached folios, present
+        // in the page store: once zapped, a `Missing`-mode mapping maps
+        // them itself, and a write-notifying one re-arms them only after
+        // the zap (`VmArea::zap`), so a write in between would go unseen.
+        // So each cached folio is zapped locked and dirty: such a write
+        // lands in a dirty folio that no writeback can clean meanwhile,
+        // and the next writeback write-protects its pages again. The gaps
+        // between cached folios are zapped as they are (their next access
+        // is a miss, whose new folio arms itself before its fill).
+        let armed = self.nr_wp_armed.load(Ordering::Relaxed) != 0;
+        let mut i = first.0;
+        while i < end.0 {
+            let Some((j, _)) = self.i_pages.find_from(i, end.0) else {
+                self.zap_mappings(PgOff(i), end, true);
+                break;
+            };
+            if j > i {
+                self.zap_mappings(PgOff(i), PgOff(j), true);
+            }
+            match self.filemap_lock_folio(PgOff(j)) {
+                Some(g) => {
+                    if armed && g.is_uptodate() && !g.is_dirty() {
+                        self.folio_mark_dirty(&g);
+                    }
+                    let fend = g.index().0 + g.nr_pages();
+                    self.zap_mappings(PgOff(j), PgOff(fend.min(end.0)), true);
+                    i = fend;
+                }
+                // Being removed: its pages become holes.
+                None => {
+                    self.zap_mappings(PgOff(j), PgOff(j + 1), true);
+                    i = j + 1;
+                }
             }
         }
+    }
+
+    /// Clear SIGBUS poison from file pages `[first, end)` in every mapping
+    /// that installed some (a zap). With large folios the caller holds
+    /// the folio of those pages locked and about to be dirtied
+    /// (`write_at`, before its `write_end` publishes the new size).
+    pub(crate) fn zap_poison(&self, first: PgOff, end: PgOff) {
         self.zap_mappings(first, end, true);
-        drop(held);
     }
 
     /// Poison file pages `[first, end)`, past end of file inside a large

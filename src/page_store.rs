@@ -40,6 +40,63 @@ const MAX_REGIONS: u64 = (1u64 << 62) / MAX_FILE_SIZE;
 #[cfg(loom)]
 const MAX_REGIONS: u64 = 16;
 
+/// A 2 MiB folio is mapped with one PMD only at a virtual address
+/// congruent to its memfd offset modulo this.
+pub(crate) const PMD_SIZE: usize = 2 << 20;
+
+/// `mmap(2)` of `fd` at `off` at an address congruent to `off` modulo
+/// [`PMD_SIZE`], so that 2 MiB shmem folios can be mapped with PMDs
+/// whatever the system's shmem THP setting was when the mapping was made
+/// (the kernel aligns shmem mappings itself only while it is on): reserve
+/// `len + PMD_SIZE` of address space, map over the aligned part with
+/// `MAP_FIXED`, give back the rest.
+///
+/// # Safety
+/// As `mmap` with a null hint: the new mapping lies inside a reservation
+/// made here, so it aliases no Rust object.
+pub(crate) unsafe fn mmap_pmd_aligned(
+    len: usize,
+    prot: ProtFlags,
+    flags: MapFlags,
+    fd: BorrowedFd<'_>,
+    off: u64,
+) -> io::Result<*mut libc::c_void> {
+    let span = len + PMD_SIZE;
+    // SAFETY: a fresh anonymous PROT_NONE reservation (null hint).
+    let res = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            span,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )
+    }?;
+    let r = res as usize;
+    let want = (off % PMD_SIZE as u64) as usize;
+    let a = r + (want + PMD_SIZE - r % PMD_SIZE) % PMD_SIZE;
+    // SAFETY: `[a, a + len)` lies inside our own reservation (a < r +
+    // PMD_SIZE), which nothing else uses; MAP_FIXED replaces only it.
+    let p = match unsafe { mmap(a as *mut _, len, prot, flags | MapFlags::FIXED, fd, off) } {
+        Ok(p) => p,
+        Err(e) => {
+            // SAFETY: our own reservation, unused.
+            let _ = unsafe { munmap(res, span) };
+            return Err(e.into());
+        }
+    };
+    // SAFETY: the parts of our reservation before and after the mapping,
+    // unused.
+    unsafe {
+        if a > r {
+            let _ = munmap(res, a - r);
+        }
+        if r + span > a + len {
+            let _ = munmap((a + len) as *mut _, r + span - (a + len));
+        }
+    }
+    Ok(p)
+}
+
 /// A cache's memfd, its view and its region allocator.
 pub(crate) struct PageMemfd {
     memfd: OwnedFd,
@@ -80,17 +137,17 @@ impl PageMemfd {
         if let Some(&base) = chunks.get(&chunk) {
             return Ok((base + inner) as *mut u8);
         }
-        // SAFETY: a fresh mapping (null hint, no MAP_FIXED) cannot alias any
-        // Rust object; the memfd is MAX_REGIONS regions long, so the chunk
-        // is backed; it stays mapped until `Drop`, after every region (and
-        // so every folio) is gone.
+        // SAFETY: a fresh mapping (inside its own reservation) cannot alias
+        // any Rust object; the memfd is MAX_REGIONS regions long, so the
+        // chunk is backed; it stays mapped until `Drop`, after every region
+        // (and so every folio) is gone. PMD-aligned: large folios that are
+        // huge pages are read and filled through PMD mappings here.
         let p = unsafe {
-            mmap(
-                std::ptr::null_mut(),
+            mmap_pmd_aligned(
                 CHUNK_SIZE as usize,
                 ProtFlags::READ | ProtFlags::WRITE,
                 MapFlags::SHARED | MapFlags::NORESERVE,
-                &self.memfd,
+                self.memfd.as_fd(),
                 chunk << CHUNK_SHIFT,
             )
         }?;

@@ -51,7 +51,16 @@ impl AddressSpace {
     /// `EFBIG` past the largest file; the store's error from resizing.
     pub fn truncate(&self, new_size: u64) -> Result<()> {
         check_range_max(new_size, 0)?;
-        crate::page_ref::check_range_unheld(self.id(), new_size, u64::MAX)?;
+        // Growing a file of large folios locks the folio holding the old
+        // end (`unpoison_growth`): a page guard of it held by this thread
+        // is an error too, before anything changes.
+        let folio = self.ra.min_pages() << crate::types::PAGE_SHIFT;
+        let from = if self.ra.min_order > 0 {
+            new_size.min(self.size() / folio * folio)
+        } else {
+            new_size
+        };
+        crate::page_ref::check_range_unheld(self.id(), from, u64::MAX)?;
         let _sb = self.start_write();
         let _i = self.inode_lock();
         let _inv = self.invalidate_lock_exclusive();

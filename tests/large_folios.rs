@@ -180,7 +180,7 @@ fn shmem_pmd_mapped_kib() -> u64 {
 
 #[test]
 fn with_shmem_thp_on_missing_mode_maps_huge_pages_and_loses_nothing() {
-    let Some(_thp) = ShmemThp::always() else {
+    let Some(thp) = ShmemThp::always() else {
         let msg = "SKIPPED: cannot set /sys/kernel/mm/transparent_hugepage/shmem_enabled (needs root and THP); \
                    the large-folio THP path is NOT tested";
         eprintln!("\n*** {msg} ***\n");
@@ -217,6 +217,12 @@ fn with_shmem_thp_on_missing_mode_maps_huge_pages_and_loses_nothing() {
     std::fs::write(&path, &content).unwrap();
     let cache = large(None, UffdMode::Missing);
     let file = cache.open(&path).unwrap();
+    let mut back = vec![0u8; size];
+    file.read_at(&mut back, 0).unwrap();
+    assert!(back == content);
+    // The folios are huge pages now; the mapping is made with shmem THP
+    // off again (the kernel would not align it then): upcache aligns it.
+    drop(thp);
     // SAFETY: the mapping is only read, through short-lived borrows.
     let map = unsafe { file.mmap(0, size, Share::Shared) }.unwrap();
     let before = shmem_pmd_mapped_kib();
@@ -234,5 +240,35 @@ fn with_shmem_thp_on_missing_mode_maps_huge_pages_and_loses_nothing() {
     drop(map);
     drop(file);
     // And the same reclaim, write and truncate work as with 4 KiB pages.
+    let _thp = ShmemThp::always().expect("shmem_enabled writable a moment ago");
     drop(reclaim_scenario(UffdMode::Missing, 6));
+}
+
+/// Growing a file of large folios locks the folio holding the old end:
+/// a thread holding a page guard of it gets `PageHeld` (EDEADLK) before
+/// anything changes, not a panic or a hang; so does a `Missing`-mode
+/// mapping of the file (its past-EOF walk takes `i_rwsem`).
+#[test]
+fn growth_and_mmap_under_a_page_guard_of_the_last_folio_fail_cleanly() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![3u8; 3 * PAGE_SIZE]).unwrap();
+    let cache = large(None, UffdMode::Missing);
+    let file = cache.open(&path).unwrap();
+    // SAFETY: nothing maps the file while the guard lives.
+    let page = unsafe { file.get_page_mut(0) }.unwrap();
+    let held = |r: upcache::Result<()>| matches!(r, Err(upcache::Error::PageHeld { .. }));
+    assert!(held(file.truncate(3 * MIB)), "truncate up");
+    assert!(
+        held(file.write_at(&[1; 10], 5 * MIB).map(drop)),
+        "write_at past the end"
+    );
+    // SAFETY: never dereferenced (refused).
+    let mapped = unsafe { file.mmap(0, 4 * PAGE_SIZE, Share::Shared) };
+    assert!(held(mapped.map(drop)), "mmap");
+    assert_eq!(file.len().unwrap(), 3 * PAGE_SIZE as u64, "nothing changed");
+    drop(page);
+    file.truncate(3 * MIB).unwrap();
+    file.write_at(&[1; 10], 5 * MIB).unwrap();
+    assert_eq!(file.len().unwrap(), 5 * MIB + 10);
 }

@@ -116,6 +116,54 @@ fn child_entry() {
             assert_eq!(map[size - 1], byte(size - 1));
             let _ = std::hint::black_box(map[5 * PAGE_SIZE]);
         }
+        "append_while_reading" => {
+            // A reader of the bytes a long append has made visible so far
+            // (i_size grows folio by folio) must never get SIGBUS.
+            std::fs::write(&path, vec![1u8; 1000]).unwrap();
+            let file = Arc::new(cache.open(&path).unwrap());
+            let len = 32 << 20;
+            // SAFETY: the mapping is only read, through short-lived borrows, of bytes below the end of file.
+            let map = Arc::new(unsafe { file.mmap(0, len, Share::Shared) }.unwrap());
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let reader = {
+                let (file, map, done) = (file.clone(), map.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut reads = 0u64;
+                    while !done.load(std::sync::atomic::Ordering::Acquire) {
+                        let size = file.len().unwrap() as usize;
+                        if size > 1000 {
+                            assert_eq!(map[size - 1], 2, "last visible byte");
+                            reads += 1;
+                        }
+                    }
+                    reads
+                })
+            };
+            file.write_at(&vec![2u8; len - 1000], 1000).unwrap();
+            done.store(true, std::sync::atomic::Ordering::Release);
+            reader.join().unwrap();
+            assert_eq!(map[len - 1], 2);
+            std::process::exit(0);
+        }
+        "append_past_a_gap" => {
+            // A write far past the end, into a folio it creates: the pages
+            // of that folio below the write (a hole) and the old last
+            // folio's tail read zeros, no SIGBUS.
+            let size = 2 * PAGE_SIZE + 1000;
+            std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
+            let file = cache.open(&path).unwrap();
+            let mib = 1 << 20;
+            // SAFETY: the mapping is read only through short-lived borrows, never while another writer changes the same bytes.
+            let map = unsafe { file.mmap(0, 8 * mib, Share::Shared) }.unwrap();
+            assert_eq!(map[size - 1], byte(size - 1));
+            let at = 3 * mib + 5 * PAGE_SIZE;
+            file.write_at(&[0xCD; 10], at as u64).unwrap();
+            assert_eq!(map[at + 9], 0xCD);
+            assert_eq!(map[3 * mib], 0, "hole inside the new folio");
+            assert_eq!(map[size + 2 * PAGE_SIZE], 0, "old last folio's tail");
+            assert_eq!(map[2 * mib + 7], 0, "hole between");
+            std::process::exit(0);
+        }
         "grow" => {
             let size = 2 * PAGE_SIZE + 1000;
             std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
@@ -167,6 +215,36 @@ fn truncate_under_readers_raises_sigbus_past_eof_only() {
 #[test]
 fn page_beyond_eof_inside_a_large_folio_raises_sigbus() {
     assert_sigbus_with("beyond_eof", true);
+}
+
+/// Growth past a gap unpoisons every page below the new end.
+#[test]
+fn append_past_a_gap_reads_zeros_below_it() {
+    for large in [true, false] {
+        for mode in [UffdMode::Minor, UffdMode::Missing] {
+            let dir = tempdir();
+            let st = run_child("append_past_a_gap", mode, large, &dir.path().join("f"));
+            assert!(
+                st.success(),
+                "append_past_a_gap ({mode:?}, large folios: {large}): child should exit cleanly, got {st:?}"
+            );
+        }
+    }
+}
+
+/// A reader of an append in progress never sees SIGBUS below the end.
+#[test]
+fn reading_an_append_in_progress_never_raises_sigbus() {
+    for large in [true, false] {
+        for mode in [UffdMode::Minor, UffdMode::Missing] {
+            let dir = tempdir();
+            let st = run_child("append_while_reading", mode, large, &dir.path().join("f"));
+            assert!(
+                st.success(),
+                "append_while_reading ({mode:?}, large folios: {large}): child should exit cleanly, got {st:?}"
+            );
+        }
+    }
 }
 
 #[test]
