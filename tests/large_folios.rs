@@ -238,6 +238,22 @@ fn with_shmem_thp_on_missing_mode_maps_huge_pages_and_loses_nothing() {
         "no PMD mapping of a 2 MiB shmem folio: ShmemPmdMapped {before} -> {after} KiB"
     );
     drop(map);
+    // A mapping at a file offset that is not 2 MiB-aligned is placed at an
+    // address congruent to it, so the folios after it still map with PMDs.
+    let off = 3 * PAGE_SIZE;
+    // SAFETY: the mapping is only read, through short-lived borrows.
+    let map = unsafe { file.mmap(off as u64, size - off, Share::Shared) }.unwrap();
+    assert_eq!(
+        map.as_ptr() as usize % FOLIO as usize,
+        off,
+        "mapping address not congruent to its file offset modulo 2 MiB"
+    );
+    let before = shmem_pmd_mapped_kib();
+    for o in (0..size - off).step_by(PAGE_SIZE) {
+        assert_eq!(map[o], content[o + off]);
+    }
+    assert!(shmem_pmd_mapped_kib() >= before + 2048, "offset mapping got no PMD");
+    drop(map);
     drop(file);
     // And the same reclaim, write and truncate work as with 4 KiB pages.
     let _thp = ShmemThp::always().expect("shmem_enabled writable a moment ago");
