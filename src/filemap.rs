@@ -462,13 +462,16 @@ impl AddressSpace {
             unpoisoned = pos;
         }
         let mut done = 0usize;
+        let mut first_err = None;
         while done < buf.len() {
             let p = pos + done as u64;
             let left = buf.len() - done;
             let mut g = match self.ops.write_begin(self, p, left) {
                 Ok(g) => g,
-                Err(e) if done == 0 => return Err(Error::Io(e)),
-                Err(_) => break,
+                Err(e) => {
+                    first_err = (done == 0).then_some(e);
+                    break;
+                }
             };
             // Stable pages, always: the bytes of a folio under writeback
             // are being read by the store; wait rather than change them.
@@ -480,9 +483,7 @@ impl AddressSpace {
                 // page-atomically, or a kernel-mapped reader could see the
                 // fresh zero page instead of old or new data.
                 if let Err(e) = self.fill_folio(&mut g, &buf[done..done + n]) {
-                    if done == 0 {
-                        return Err(Error::Io(e));
-                    }
+                    first_err = (done == 0).then_some(e);
                     break;
                 }
             } else {
@@ -507,8 +508,25 @@ impl AddressSpace {
                 break;
             }
         }
-        if self.size() > unpoisoned {
-            self.unpoison_growth(unpoisoned, self.size());
+        let size = self.size();
+        if large {
+            if pos > old_size && size > old_size {
+                // Pages below the write may have been poisoned while it ran
+                // (a fault or readahead that still saw the old size).
+                self.unpoison_growth(old_size, pos.min(size));
+            }
+            if unpoisoned > size {
+                // Cleared ahead of a size that did not come (a failed
+                // `write_begin` or fill, a short `write_end`): its pages
+                // past the end are present and must raise SIGBUS again.
+                self.poison_cached_past_eof(PgOff(unpoisoned.div_ceil(PAGE_SIZE as u64)));
+            }
+        }
+        if size > unpoisoned {
+            self.unpoison_growth(unpoisoned, size);
+        }
+        if let Some(e) = first_err {
+            return Err(Error::Io(e));
         }
         if let Some(wb) = &self.wb {
             wb.balance_dirty_pages(self);

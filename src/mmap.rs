@@ -1167,6 +1167,24 @@ impl AddressSpace {
         }
     }
 
+    /// Poison again the pages past end of file of every cached folio from
+    /// the end of file up to page `upto` (each locked meanwhile): poison
+    /// cleared ahead of a growth that did not happen.
+    pub(crate) fn poison_cached_past_eof(&self, upto: PgOff) {
+        let eof = self.size().div_ceil(PAGE_SIZE as u64);
+        let mut i = eof;
+        while let Some((j, _)) = self.i_pages.find_from(i, upto.0) {
+            match self.filemap_lock_folio(PgOff(j)) {
+                Some(g) => {
+                    let fend = g.index().0 + g.nr_pages();
+                    self.poison_past_eof(PgOff(j.max(eof)), PgOff(fend), None);
+                    i = fend;
+                }
+                None => i = j + 1,
+            }
+        }
+    }
+
     /// Clear SIGBUS poison from file pages `[first, end)` in every mapping
     /// that installed some (a zap). With large folios the caller holds
     /// the folio of those pages locked and about to be dirtied
@@ -1182,10 +1200,9 @@ impl AddressSpace {
     /// must raise SIGBUS as the kernel's own past-EOF pages do. `Minor`
     /// mode maps only below end of file by itself.
     ///
-    /// A write growing the file meanwhile (`unpoison_growth`, which locks
-    /// this folio only if it holds the old end) may have looked for poison
-    /// before this installed it: the end is read again afterwards and
-    /// pages now below it are cleared.
+    /// A write growing the file meanwhile (`unpoison_growth`) may have
+    /// looked for poison before this installed it: the end is read again
+    /// afterwards and pages now below it are cleared.
     pub(crate) fn poison_past_eof(&self, first: PgOff, end: PgOff, only: Option<&VmArea>) {
         {
             let vmas = self.i_mmap.lock();

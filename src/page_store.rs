@@ -79,8 +79,34 @@ pub(crate) unsafe fn mmap_pmd_aligned(
     let p = match unsafe { mmap(a as *mut _, len, prot, flags | MapFlags::FIXED, fd, off) } {
         Ok(p) => p,
         Err(e) => {
-            // SAFETY: our own reservation, unused.
-            let _ = unsafe { munmap(res, span) };
+            // Older kernels may have unmapped `[a, a + len)` before failing,
+            // and another thread may have mapped something there since:
+            // give back only what is certainly still ours.
+            // SAFETY: the parts of our reservation around `[a, a + len)`,
+            // untouched by the failed call.
+            unsafe {
+                if a > r {
+                    let _ = munmap(res, a - r);
+                }
+                if r + span > a + len {
+                    let _ = munmap((a + len) as *mut _, r + span - (a + len));
+                }
+            }
+            // Take `[a, a + len)` back if it is free, then give it back;
+            // if someone else has it now, leave it to them (our reservation
+            // there, if still present, leaks address space only).
+            // SAFETY: NOREPLACE maps only where nothing is mapped.
+            if let Ok(q) = unsafe {
+                rustix::mm::mmap_anonymous(
+                    a as *mut _,
+                    len,
+                    ProtFlags::empty(),
+                    MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
+                )
+            } {
+                // SAFETY: the mapping just made, ours alone.
+                let _ = unsafe { munmap(q, len) };
+            }
             return Err(e.into());
         }
     };

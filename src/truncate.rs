@@ -88,6 +88,14 @@ impl AddressSpace {
             self.truncate_inode_pages_range(new_size, u64::MAX, true)?;
         } else {
             self.ops.set_size(new_size)?;
+            if self.ra.min_order > 0 {
+                // Large folios: the old last folio's pages past the old end
+                // are present and poisoned; clear them before the new size
+                // lets anyone read them (no folio can be created meanwhile:
+                // `invalidate_lock` is held exclusive). The second clear,
+                // after the size, takes pages a fault poisoned meanwhile.
+                self.unpoison_growth(old, new_size);
+            }
             self.set_size_locked(new_size);
             self.unpoison_growth(old, new_size);
         }

@@ -13,6 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::{tempdir, HookStore, Rng, StoreOp};
+use upcache::aops::{AddressSpace, AddressSpaceOps, FolioGuard, WritebackControl};
 use upcache::{PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 const SIGBUS: i32 = 7;
@@ -164,6 +165,23 @@ fn child_entry() {
             assert_eq!(map[2 * mib + 7], 0, "hole between");
             std::process::exit(0);
         }
+        "failed_append" => {
+            // A write past the end that fails after the old last folio's
+            // tail was cleared for it: the tail must raise SIGBUS again.
+            let size = 2 * PAGE_SIZE + 1000;
+            std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
+            let ops = FailingAppend {
+                inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
+                from: 3 << 20,
+            };
+            let file = cache.open_with_ops("failing-append", ops).unwrap();
+            // SAFETY: the mapping is read only through short-lived borrows, never while another writer changes the same bytes.
+            let map = unsafe { file.mmap(0, 8 << 20, Share::Shared) }.unwrap();
+            assert_eq!(map[size - 1], byte(size - 1));
+            assert!(file.write_at(&[7; 10], 3 << 20).is_err(), "the store refuses the write");
+            assert_eq!(file.len().unwrap(), size as u64);
+            let _ = std::hint::black_box(map[5 * PAGE_SIZE]);
+        }
         "grow" => {
             let size = 2 * PAGE_SIZE + 1000;
             std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
@@ -215,6 +233,47 @@ fn truncate_under_readers_raises_sigbus_past_eof_only() {
 #[test]
 fn page_beyond_eof_inside_a_large_folio_raises_sigbus() {
     assert_sigbus_with("beyond_eof", true);
+}
+
+/// Operations whose `write_begin` fails from byte `from` on (a store out
+/// of space), over a plain file.
+struct FailingAppend {
+    inner: StoreOps<upcache::FileStore>,
+    from: u64,
+}
+
+impl AddressSpaceOps for FailingAppend {
+    fn read_folio(&self, m: &AddressSpace, f: FolioGuard) -> io::Result<()> {
+        self.inner.read_folio(m, f)
+    }
+    fn writepage(&self, m: &AddressSpace, f: FolioGuard, wbc: &mut WritebackControl) -> io::Result<()> {
+        self.inner.writepage(m, f, wbc)
+    }
+    fn write_begin(&self, m: &AddressSpace, pos: u64, len: usize) -> io::Result<FolioGuard> {
+        if pos >= self.from {
+            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        upcache::aops::generic_write_begin(m, pos, len)
+    }
+    fn initial_size(&self) -> io::Result<u64> {
+        self.inner.initial_size()
+    }
+    fn set_size(&self, size: u64) -> io::Result<()> {
+        self.inner.set_size(size)
+    }
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(off, len)
+    }
+    fn fsync(&self) -> io::Result<()> {
+        self.inner.fsync()
+    }
+}
+
+/// A failed write past the end leaves the pages past the end poisoned.
+#[test]
+fn failed_append_leaves_the_old_tail_raising_sigbus() {
+    assert_sigbus_with("failed_append", true);
+    assert_sigbus_with("failed_append", false);
 }
 
 /// Growth past a gap unpoisons every page below the new end.

@@ -214,6 +214,14 @@ MUTANTS = [
      "                let first = PgOff(old_size.div_ceil(PAGE_SIZE as u64)).max(g.index());",
      "                let first = PgOff(unpoisoned.div_ceil(PAGE_SIZE as u64)).max(g.index());",
      "cargo test --test sigbus append_past_a_gap"),
+    ("52-append-skips-clearing-poison-set-during-the-write", "src/filemap.rs",
+     "            if pos > old_size && size > old_size {\n                // Pages below",
+     "            if false && pos > old_size && size > old_size {\n                // Pages below",
+     f"{LOOM} loom_large_folios growth_racing"),
+    ("53-failed-append-leaves-old-tail-unpoisoned", "src/filemap.rs",
+     "            if unpoisoned > size {\n                // Cleared ahead",
+     "            if false && unpoisoned > size {\n                // Cleared ahead",
+     "cargo test --test sigbus failed_append"),
 ]
 
 
