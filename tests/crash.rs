@@ -32,12 +32,13 @@ fn record(run: u64, g: u64) -> Vec<u8> {
 }
 
 /// Run `run`'s configuration: `Missing`, `Minor`, `Minor` with async dirty
-/// tracking, in turn.
-fn run_config(run: u64) -> (UffdMode, DirtyTracking) {
-    match run % 3 {
-        0 => (UffdMode::Missing, DirtyTracking::WriteFault),
-        1 => (UffdMode::Minor, DirtyTracking::WriteFault),
-        _ => (UffdMode::Minor, DirtyTracking::Async),
+/// tracking, `Missing` with large folios, in turn.
+fn run_config(run: u64) -> (UffdMode, DirtyTracking, bool) {
+    match run % 4 {
+        0 => (UffdMode::Missing, DirtyTracking::WriteFault, false),
+        1 => (UffdMode::Minor, DirtyTracking::WriteFault, false),
+        2 => (UffdMode::Minor, DirtyTracking::Async, false),
+        _ => (UffdMode::Missing, DirtyTracking::WriteFault, true),
     }
 }
 
@@ -48,8 +49,12 @@ fn crash_child_entry() {
         return;
     };
     let run: u64 = std::env::var("UPCACHE_CRASH_RUN").unwrap().parse().unwrap();
-    let (mode, tracking) = run_config(run);
-    let cache = PageCache::builder().mmap_mode(mode).dirty_tracking(tracking).build();
+    let (mode, tracking, large) = run_config(run);
+    let cache = PageCache::builder()
+        .mmap_mode(mode)
+        .dirty_tracking(tracking)
+        .large_folios(large)
+        .build();
     cache.start_fault_engine().expect("userfaultfd");
     let file = cache.open(&path).unwrap();
     let map = file.mmap_raw(0, SIZE as usize).unwrap();

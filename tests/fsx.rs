@@ -623,3 +623,18 @@ fn fsx_minor_large_folios_direct() {
         22,
     );
 }
+
+#[test]
+fn fsx_minor_async_large_folios() {
+    run_config(
+        "fsx minor, async dirty tracking, large folios",
+        Config {
+            mode: UffdMode::Minor,
+            tracking: DirtyTracking::Async,
+            limit: None,
+            direct: false,
+            large: true,
+        },
+        23,
+    );
+}

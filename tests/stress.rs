@@ -21,7 +21,6 @@ use upcache::{Advice, DirtyTracking, PageCache, UffdMode, PAGE_SIZE};
 
 const THREADS: usize = 8;
 const REGION: u64 = 1 << 20;
-const SIZE: u64 = THREADS as u64 * REGION;
 const LIMIT: u64 = 4 << 20;
 
 fn secs() -> u64 {
@@ -36,20 +35,29 @@ fn run(mode: UffdMode, seed: u64) {
 }
 
 fn run_with(mode: UffdMode, tracking: DirtyTracking, seed: u64) {
+    run_cfg(mode, tracking, false, seed)
+}
+
+/// With `large`: 2 MiB folios, each thread's region 4 MiB and the limit
+/// 16 MiB (the large-folio floor), so reclaim still runs.
+fn run_cfg(mode: UffdMode, tracking: DirtyTracking, large: bool, seed: u64) {
+    let (region, limit) = if large { (4 * REGION, 16 << 20) } else { (REGION, LIMIT) };
+    let size = THREADS as u64 * region;
     let t0 = Instant::now();
     let dir = tempdir();
     let path = dir.path().join("stress");
-    std::fs::write(&path, vec![0u8; SIZE as usize]).unwrap();
+    std::fs::write(&path, vec![0u8; size as usize]).unwrap();
     let cache = PageCache::builder()
         .mmap_mode(mode)
         .dirty_tracking(tracking)
-        .memory_limit(LIMIT)
+        .memory_limit(limit)
+        .large_folios(large)
         .build();
     cache
         .start_fault_engine()
         .expect("userfaultfd must be available (see README)");
     let file = cache.open(&path).unwrap();
-    let map = file.mmap_raw(0, SIZE as usize).unwrap();
+    let map = file.mmap_raw(0, size as usize).unwrap();
     eprintln!("{mode:?}: setup took {:?}", t0.elapsed());
     let deadline = Instant::now() + Duration::from_secs(secs());
     let models: Vec<Vec<u8>> = std::thread::scope(|s| {
@@ -57,9 +65,9 @@ fn run_with(mode: UffdMode, tracking: DirtyTracking, seed: u64) {
             .map(|t| {
                 let (file, map) = (&file, &map);
                 s.spawn(move || {
-                    let base = t as u64 * REGION;
+                    let base = t as u64 * region;
                     let last = t == THREADS - 1;
-                    let mut model = vec![0u8; REGION as usize];
+                    let mut model = vec![0u8; region as usize];
                     let mut rng = Rng::new(seed * 31 + t as u64);
                     let mut buf = vec![0u8; 5 * PAGE_SIZE];
                     let mut ops = 0u64;
@@ -103,13 +111,13 @@ fn run_with(mode: UffdMode, tracking: DirtyTracking, seed: u64) {
                                 } else {
                                     Advice::WillNeed
                                 };
-                                let o = rng.below(SIZE);
+                                let o = rng.below(size);
                                 file.advise(adv, o, 1 + rng.below(512 * 1024)).unwrap();
                             }
                             93..=99 if last => {
                                 // Down (inside the region, often inside a
                                 // large folio) or back up to full size.
-                                let new = if rng.below(2) == 0 { rng.below(REGION) } else { REGION };
+                                let new = if rng.below(2) == 0 { rng.below(region) } else { region };
                                 file.truncate(base + new).unwrap();
                                 model.resize(new as usize, 0);
                             }
@@ -117,8 +125,8 @@ fn run_with(mode: UffdMode, tracking: DirtyTracking, seed: u64) {
                         }
                     }
                     if last {
-                        file.truncate(SIZE).unwrap();
-                        model.resize(REGION as usize, 0);
+                        file.truncate(size).unwrap();
+                        model.resize(region as usize, 0);
                     }
                     (model, ops)
                 })
@@ -140,12 +148,12 @@ fn run_with(mode: UffdMode, tracking: DirtyTracking, seed: u64) {
     });
     let t_end = std::time::Instant::now();
     let want: Vec<u8> = models.concat();
-    let mut got = vec![0u8; SIZE as usize];
-    assert_eq!(file.read_at(&mut got, 0).unwrap(), SIZE as usize);
+    let mut got = vec![0u8; size as usize];
+    assert_eq!(file.read_at(&mut got, 0).unwrap(), size as usize);
     if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
         panic!(
             "{mode:?}: byte {i} (thread {}) is {} through the cache, model {}",
-            i as u64 / REGION,
+            i as u64 / region,
             got[i],
             want[i]
         );
@@ -153,7 +161,7 @@ fn run_with(mode: UffdMode, tracking: DirtyTracking, seed: u64) {
     drop(map);
     file.fsync().unwrap();
     let disk = std::fs::read(&path).unwrap();
-    assert_eq!(disk.len() as u64, SIZE);
+    assert_eq!(disk.len() as u64, size);
     if let Some(i) = (0..disk.len()).find(|&i| disk[i] != want[i]) {
         panic!("{mode:?}: byte {i} is {} on disk, model {}", disk[i], want[i]);
     }
@@ -179,5 +187,12 @@ fn stress_8_threads_4mib_limit_minor() {
 fn stress_8_threads_4mib_limit_minor_async_tracking() {
     watchdog("stress (Minor, async dirty tracking)", secs() + 120, || {
         run_with(UffdMode::Minor, DirtyTracking::Async, common::seed(103))
+    });
+}
+
+#[test]
+fn stress_8_threads_16mib_limit_missing_large_folios() {
+    watchdog("stress (Missing, large folios)", secs() + 120, || {
+        run_cfg(UffdMode::Missing, DirtyTracking::WriteFault, true, common::seed(104))
     });
 }
