@@ -8,6 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
+use common::thp::{shmem_pmd_mapped_kib, ShmemThp};
 use common::{tempdir, watchdog, Rng};
 use upcache::{PageCache, Share, UffdMode, PAGE_SIZE};
 
@@ -143,39 +144,6 @@ fn reclaim_in_2mib_folios_keeps_every_write() {
     for (mode, seed) in [(UffdMode::Missing, 3), (UffdMode::Minor, 4)] {
         watchdog("large-folio reclaim", 300, move || drop(reclaim_scenario(mode, seed)));
     }
-}
-
-/// Restores `shmem_enabled` when dropped (also on a failed assertion).
-struct ShmemThp {
-    path: &'static str,
-    old: String,
-}
-
-impl ShmemThp {
-    /// Switch shmem THP to `always`. `None` where the knob cannot be
-    /// written (not root, no THP).
-    fn always() -> Option<ShmemThp> {
-        let path = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
-        let s = std::fs::read_to_string(path).ok()?;
-        let old = s.split(['[', ']']).nth(1)?.to_string();
-        std::fs::write(path, "always").ok()?;
-        Some(ShmemThp { path, old })
-    }
-}
-
-impl Drop for ShmemThp {
-    fn drop(&mut self) {
-        std::fs::write(self.path, &self.old).expect("restore shmem_enabled");
-    }
-}
-
-/// `ShmemPmdMapped` of this process, in KiB (`/proc/self/smaps_rollup`).
-fn shmem_pmd_mapped_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

@@ -9,7 +9,6 @@ mod common;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use common::{tempdir, HookStore, Rng, StoreOp};
@@ -18,15 +17,18 @@ use upcache::{PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 const SIGBUS: i32 = 7;
 
+/// Run `case` in a child (killed, and the test failed, after 120 s).
 fn run_child(case: &str, mode: UffdMode, large: bool, path: &Path) -> std::process::ExitStatus {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env("UPCACHE_CHILD", case)
-        .env("UPCACHE_CHILD_MODE", format!("{mode:?}"))
-        .env("UPCACHE_CHILD_LARGE", if large { "1" } else { "0" })
-        .env("UPCACHE_CHILD_PATH", path)
-        .status()
-        .expect("spawn child")
+    common::run_child(
+        "child_entry",
+        case,
+        &[
+            ("UPCACHE_CHILD_MODE", format!("{mode:?}")),
+            ("UPCACHE_CHILD_LARGE", if large { "1" } else { "0" }.to_string()),
+            ("UPCACHE_CHILD_PATH", path.display().to_string()),
+        ],
+        120,
+    )
 }
 
 fn assert_sigbus_with(case: &str, large: bool) {
@@ -44,6 +46,21 @@ fn assert_sigbus_with(case: &str, large: bool) {
 
 fn assert_sigbus(case: &str) {
     assert_sigbus_with(case, false);
+}
+
+/// `case` runs to its end (exit 0, no SIGBUS) in every mode, with and
+/// without large folios.
+fn assert_clean_exit(case: &str) {
+    for large in [true, false] {
+        for mode in [UffdMode::Minor, UffdMode::Missing] {
+            let dir = tempdir();
+            let st = run_child(case, mode, large, &dir.path().join("f"));
+            assert!(
+                st.success(),
+                "{case} ({mode:?}, large folios: {large}): child should exit cleanly, got {st:?}"
+            );
+        }
+    }
 }
 
 fn byte(o: usize) -> u8 {
@@ -279,31 +296,13 @@ fn failed_append_leaves_the_old_tail_raising_sigbus() {
 /// Growth past a gap unpoisons every page below the new end.
 #[test]
 fn append_past_a_gap_reads_zeros_below_it() {
-    for large in [true, false] {
-        for mode in [UffdMode::Minor, UffdMode::Missing] {
-            let dir = tempdir();
-            let st = run_child("append_past_a_gap", mode, large, &dir.path().join("f"));
-            assert!(
-                st.success(),
-                "append_past_a_gap ({mode:?}, large folios: {large}): child should exit cleanly, got {st:?}"
-            );
-        }
-    }
+    assert_clean_exit("append_past_a_gap");
 }
 
 /// A reader of an append in progress never sees SIGBUS below the end.
 #[test]
 fn reading_an_append_in_progress_never_raises_sigbus() {
-    for large in [true, false] {
-        for mode in [UffdMode::Minor, UffdMode::Missing] {
-            let dir = tempdir();
-            let st = run_child("append_while_reading", mode, large, &dir.path().join("f"));
-            assert!(
-                st.success(),
-                "append_while_reading ({mode:?}, large folios: {large}): child should exit cleanly, got {st:?}"
-            );
-        }
-    }
+    assert_clean_exit("append_while_reading");
 }
 
 #[test]

@@ -212,36 +212,7 @@ pub fn child_time(env: &[(&str, std::ffi::OsString)]) -> std::time::Duration {
     std::time::Duration::from_nanos(ns)
 }
 
-/// Shmem transparent huge pages switched to `always` while alive (root),
-/// restored on drop: the `*_large_folios` sides run with it, every other
-/// side with the system's setting. `None` where the knob cannot be
-/// written; the caller says so in its output.
-pub struct ShmemThp {
-    old: String,
-}
-
-const SHMEM_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
-
-impl ShmemThp {
-    pub fn always() -> Option<ShmemThp> {
-        let s = std::fs::read_to_string(SHMEM_ENABLED).ok()?;
-        let old = s.split(['[', ']']).nth(1)?.to_string();
-        std::fs::write(SHMEM_ENABLED, "always").ok()?;
-        Some(ShmemThp { old })
-    }
-}
-
-impl Drop for ShmemThp {
-    fn drop(&mut self) {
-        std::fs::write(SHMEM_ENABLED, &self.old).expect("restore shmem_enabled");
-    }
-}
-
-/// `ShmemPmdMapped` of this process (KiB): shmem mapped with PMDs.
-pub fn shmem_pmd_mapped_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
+#[path = "../../tests/common/thp.rs"]
+mod thp;
+#[allow(unused_imports)]
+pub use thp::{shmem_pmd_mapped_kib, ShmemThp};

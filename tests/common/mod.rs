@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod thp;
+
 use std::io;
 use std::path::{Path, PathBuf};
 
