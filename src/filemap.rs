@@ -436,11 +436,12 @@ impl AddressSpace {
             let bounce = buf.to_vec();
             return self.write_at(&bounce, pos);
         }
-        if self.ra.min_order > 0 && pos + buf.len() as u64 > self.size() {
-            // Growing a file of large folios locks the folio holding the
-            // old end (`unpoison_growth`), which may be one this thread
+        if pos + buf.len() as u64 > self.size() {
+            // Growing a file locks the folio holding the old end (large
+            // folios: `unpoison_growth`; a gap before `pos`:
+            // `pagecache_isize_extended`), which may be one this thread
             // holds a page guard of: say so before changing anything.
-            let folio = self.ra.min_pages() << PAGE_SHIFT;
+            let folio = (self.ra.min_pages() << PAGE_SHIFT).max(PAGE_SIZE as u64);
             let from = (self.size() / folio * folio).min(pos);
             crate::page_ref::check_range_unheld(self.id(), from, u64::MAX)?;
         }
@@ -455,6 +456,11 @@ impl AddressSpace {
         // tail, the gap), then for each folio just before its `write_end`.
         // A racing access past the old end may then map zeros instead of
         // raising SIGBUS while the write is in progress.
+        // A write that starts past the end leaves a gap, which must read
+        // as zeros: clear what mapped stores left past the old end.
+        if pos > old_size {
+            self.pagecache_isize_extended(old_size, pos);
+        }
         let large = self.ra.min_order > 0;
         let mut unpoisoned = old_size;
         if large && pos > old_size {

@@ -54,11 +54,13 @@ impl AddressSpace {
         // Growing a file of large folios locks the folio holding the old
         // end (`unpoison_growth`): a page guard of it held by this thread
         // is an error too, before anything changes.
+        // Growing any file locks the page holding the old end
+        // (`pagecache_isize_extended`) as well.
         let folio = self.ra.min_pages() << crate::types::PAGE_SHIFT;
         let from = if self.ra.min_order > 0 {
             new_size.min(self.size() / folio * folio)
         } else {
-            new_size
+            new_size.min(self.size() / PAGE_SIZE as u64 * PAGE_SIZE as u64)
         };
         crate::page_ref::check_range_unheld(self.id(), from, u64::MAX)?;
         let _sb = self.start_write();
@@ -88,6 +90,9 @@ impl AddressSpace {
             self.truncate_inode_pages_range(new_size, u64::MAX, true)?;
         } else {
             self.ops.set_size(new_size)?;
+            // Before the new size is seen: the old end's page reads zeros
+            // past it.
+            self.pagecache_isize_extended(old, new_size);
             if self.ra.min_order > 0 {
                 // Large folios: the old last folio's pages past the old end
                 // are present and poisoned; clear them before the new size
@@ -100,6 +105,34 @@ impl AddressSpace {
             self.unpoison_growth(old, new_size);
         }
         Ok(())
+    }
+
+    /// `pagecache_isize_extended`: the file grows from `from` to `to`.
+    /// Zero the bytes of the page holding the old end that lie past it, up
+    /// to `to`: stores through a mapping (or a page guard) may have put
+    /// bytes there while they were past end of file, and the grown range
+    /// must read as zeros, as the kernel guarantees. Only that page can
+    /// hold such bytes: a mapping raises SIGBUS past it, and pages past it
+    /// inside a large folio are poisoned or not mapped.
+    ///
+    /// # Locking
+    /// `i_rwsem` exclusive, and the new size not yet published; locks the
+    /// folio and waits for the page's pins (the caller has checked that
+    /// this thread holds no guard of it: `PageHeld`).
+    pub(crate) fn pagecache_isize_extended(&self, from: u64, to: u64) {
+        let page = PAGE_SIZE as u64;
+        if to <= from || from % page == 0 {
+            return;
+        }
+        let end = to.min(from / page * page + page);
+        let Some(g) = self.filemap_lock_folio(PgOff(from / page)) else {
+            return;
+        };
+        // A write-back in flight writes only below the old end (it clips
+        // to the size), but the store may be reading the folio: stable
+        // pages, as for every other change of folio bytes.
+        g.wait_writeback();
+        g.zero_raw((from - g.pos()) as usize, (end - from) as usize);
     }
 
     /// Deallocate `[off, off + len)`: it reads as zeros afterwards, the file

@@ -62,6 +62,11 @@ struct World {
     model: Vec<u8>,
     log: VecDeque<String>,
     counts: [usize; 16],
+    /// The size at which a mapped store put bytes past end of file (in
+    /// its page): mapped reads of that page past the end are unspecified
+    /// until the size changes (the kernel zeroes them at write-back,
+    /// upcache keeps them), and growing must read zeros there.
+    eof_garbage_at: Option<u64>,
 }
 
 impl World {
@@ -180,7 +185,11 @@ impl World {
         // Bytes a mapping may touch without SIGBUS: up to the end of EOF's
         // page for reads, up to EOF for writes (bytes past EOF in the last
         // page are not file data, for the kernel either).
-        let map_read_end = size.next_multiple_of(PAGE_SIZE as u64);
+        let map_read_end = if self.eof_garbage_at == Some(size) {
+            size
+        } else {
+            size.next_multiple_of(PAGE_SIZE as u64)
+        };
         let ctx = format!("op {op}");
         match rng.below(100) {
             0..=17 => {
@@ -359,12 +368,48 @@ impl World {
                 self.cache = Some(cache);
                 self.reopen_map();
             }
+            86..=87 if size % PAGE_SIZE as u64 != 0 && size < MAP as u64 => {
+                // A store past end of file, inside its page (allowed: the
+                // page is mapped). Not file data: a later growth must read
+                // zeros there (the kernel's `pagecache_isize_extended`).
+                self.counts[15] += 1;
+                let len = (size.next_multiple_of(PAGE_SIZE as u64) - size) as usize;
+                let mut buf = vec![0u8; len];
+                rng.fill(&mut buf);
+                self.note(format!("{ctx}: mapped store past EOF {size}+{len}"));
+                self.map().write(size as usize, &buf);
+                // SAFETY: in bounds of the twin mapping, inside the page of
+                // the twin's EOF (mapped); only this thread touches it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(buf.as_ptr(), self.twin_map.as_mut_ptr().add(size as usize), len)
+                };
+                self.eof_garbage_at = Some(size);
+                self.check_range(size.saturating_sub(100), 200, &ctx);
+            }
             _ => {
                 self.counts[14] += 1;
                 let off = rng.below(size + 1);
                 self.note(format!("{ctx}: read_at 64 KiB at {off}"));
                 self.check_range(off, 64 * 1024, &ctx);
             }
+        }
+        if let Some(at) = self.eof_garbage_at.filter(|&at| at != self.size()) {
+            // The size changed since a store past the old end: what the
+            // file now holds there (zeros if it grew) must match, in
+            // upcache and in the kernel twin.
+            let page_end = at.next_multiple_of(PAGE_SIZE as u64);
+            // Growth inside the same page leaves the stored bytes past the
+            // new end (not file data, for the kernel either); any other
+            // change clears them.
+            let size = self.size();
+            self.eof_garbage_at = (size > at && size < page_end).then_some(size);
+            let len = (page_end - at) as usize;
+            let what = format!("{ctx}: the bytes a mapped store left past the old end {at}");
+            self.check_range(at, len, &what);
+            let mut twin = vec![0u8; len];
+            let n = self.twin.read_at(&mut twin, at).unwrap();
+            let model = &self.model[(at as usize).min(self.model.len())..];
+            assert!(twin[..n] == model[..n.min(model.len())], "{what}: the kernel twin");
         }
         if op % 512 == 511 {
             self.check_all(&format!("{ctx}: periodic whole-file check"));
@@ -400,6 +445,7 @@ fn run(cfg: Config, seed: u64, ops: usize) {
         model,
         log: VecDeque::new(),
         counts: [0; 16],
+        eof_garbage_at: None,
     };
     w.file = Some(w.open(&cache));
     w.cache = Some(cache);
@@ -426,10 +472,10 @@ fn run(cfg: Config, seed: u64, ops: usize) {
         }
         std::panic::resume_unwind(e);
     }
-    eprintln!("fsx {cfg:?} seed {seed}: {ops} ops, mix {:?}", &w.counts[..15]);
+    eprintln!("fsx {cfg:?} seed {seed}: {ops} ops, mix {:?}", &w.counts[..16]);
     if ops >= 5000 {
         assert!(
-            w.counts[..15].iter().all(|&c| c > 0),
+            w.counts[..16].iter().all(|&c| c > 0),
             "every kind of operation ran: {:?}",
             w.counts
         );

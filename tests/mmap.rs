@@ -271,3 +271,75 @@ fn bad_mmap_arguments_are_einval() {
         Err(upcache::Error::Closed)
     ));
 }
+
+/// Bytes a program stores through a mapping past end of file, inside the
+/// page that holds it, never become file data: when the file grows (by
+/// `truncate` or by a write that starts further on), the range between the
+/// old and the new end reads as zeros, as the kernel guarantees
+/// (`pagecache_isize_extended` zeroes the post-EOF part of a dirty EOF
+/// folio). Checked on a kernel twin (ext4, memmap2) first.
+#[test]
+fn mapped_stores_past_eof_read_as_zeros_after_the_file_grows() {
+    let dir = tempdir();
+    for grow_by_write in [false, true] {
+        let old = 1000usize;
+        let new = 10_000usize;
+        let expect = |buf: &[u8], who: &str| {
+            assert!(buf[..old].iter().all(|&b| b == 7), "{who}: data below the old end");
+            if let Some(o) = (old..new - 1).find(|&o| buf[o] != 0) {
+                panic!(
+                    "{who} (grow by write: {grow_by_write}): byte {o} is {:#x} after growth, not 0",
+                    buf[o]
+                );
+            }
+        };
+        let grow = |f: &dyn Fn(u64), w: &dyn Fn(&[u8], u64)| {
+            if grow_by_write {
+                w(&[9], new as u64 - 1);
+            } else {
+                f(new as u64);
+            }
+        };
+        // The kernel twin.
+        {
+            let path = dir.path().join(format!("twin-{grow_by_write}"));
+            std::fs::write(&path, vec![7u8; old]).unwrap();
+            let twin = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            // SAFETY: only this thread touches the twin's mapping.
+            let mut map = unsafe { memmap2::MmapOptions::new().len(4096).map_mut(&twin) }.unwrap();
+            map[old..4096].fill(0xAB);
+            use std::os::unix::fs::FileExt;
+            grow(&|n| twin.set_len(n).unwrap(), &|b, o| twin.write_all_at(b, o).unwrap());
+            let mut buf = vec![0u8; new];
+            twin.read_exact_at(&mut buf, 0).unwrap();
+            expect(&buf, "kernel");
+        }
+        for mode in modes() {
+            let path = dir.path().join(format!("f-{grow_by_write}-{mode:?}"));
+            std::fs::write(&path, vec![7u8; old]).unwrap();
+            let cache = cache_with(mode);
+            let file = cache.open(&path).unwrap();
+            // SAFETY: only this thread touches the mapping, through short-lived borrows.
+            let mut map = unsafe { file.mmap_mut(0, 4096, Share::Shared) }.unwrap();
+            map[old..4096].fill(0xAB);
+            grow(&|n| file.truncate(n).unwrap(), &|b, o| {
+                assert_eq!(file.write_at(b, o).unwrap(), b.len())
+            });
+            let mut buf = vec![0u8; new];
+            file.read_exact_at(&mut buf, 0).unwrap();
+            expect(&buf, &format!("upcache {mode:?} read_at"));
+            expect(
+                &map[..4096]
+                    .iter()
+                    .chain(buf[4096..].iter())
+                    .copied()
+                    .collect::<Vec<_>>(),
+                &format!("upcache {mode:?} mapping"),
+            );
+            drop(map);
+            file.fsync().unwrap();
+            let on_disk = std::fs::read(&path).unwrap();
+            expect(&on_disk, &format!("upcache {mode:?} file on disk"));
+        }
+    }
+}

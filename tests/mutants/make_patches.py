@@ -218,6 +218,10 @@ MUTANTS = [
      "            if unpoisoned > size {\n                // Cleared ahead",
      "            if false && unpoisoned > size {\n                // Cleared ahead",
      "cargo test --test sigbus failed_append"),
+    ("54-growth-keeps-stores-past-old-eof", "src/truncate.rs",
+     "        if to <= from || from % page == 0 {",
+     "        if true || to <= from || from % page == 0 {",
+     "cargo test --test mmap mapped_stores_past_eof"),
 ]
 
 
