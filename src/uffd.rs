@@ -431,10 +431,11 @@ impl Uffd {
         Ok(())
     }
 
-    /// Read up to `msgs.len()` messages; 0 when none is pending.
+    /// Read up to `msgs.len()` messages; 0 when none is pending or a
+    /// signal interrupted the read.
     ///
     /// # Errors
-    /// `read(2)`'s error other than EAGAIN.
+    /// `read(2)`'s error other than EAGAIN and EINTR.
     pub fn read_msgs(&self, msgs: &mut [RawMsg]) -> io::Result<usize> {
         let sz = std::mem::size_of::<RawMsg>();
         // SAFETY: `msgs` is a buffer of plain-old-data structs of the
@@ -443,7 +444,10 @@ impl Uffd {
         if n < 0 {
             let e = errno();
             return match e.raw_os_error() {
-                Some(libc::EAGAIN) => Ok(0),
+                // EINTR: a signal for this thread arrived during the read
+                // (a handler installed without SA_RESTART, a profiler's);
+                // nothing was consumed, the caller reads again.
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(0),
                 _ => Err(e),
             };
         }

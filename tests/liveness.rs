@@ -241,6 +241,18 @@ fn read_at_larger_than_the_memory_limit_completes() {
     });
 }
 
+/// A program that installs a signal handler without `SA_RESTART` (a
+/// profiler's `SIGPROF`) and gets signals into the fault handler threads:
+/// a `read(2)` of the userfaultfd interrupted by one fails with `EINTR`.
+/// A handler thread used to exit on it, and once every one had, each
+/// fault hung. Runs in a child (signals to its handler threads only).
+#[test]
+fn fault_handlers_survive_signals_that_interrupt_their_reads() {
+    for (mode, st) in run_child_per_mode("signals") {
+        assert!(st.success(), "{mode}: the child failed or hung: {st:?}");
+    }
+}
+
 #[test]
 fn child_entry() {
     let Ok(case) = std::env::var("UPCACHE_CHILD") else {
@@ -268,6 +280,60 @@ fn child_entry() {
             file.read_at(&mut b, 40 * PAGE_SIZE as u64).unwrap();
             file.truncate(8 * PAGE_SIZE as u64).unwrap();
             let _ = std::hint::black_box(map[40 * PAGE_SIZE]);
+        }
+        "signals" => {
+            extern "C" fn ignore(_: libc::c_int) {}
+            // SAFETY: a handler that does nothing is async-signal-safe;
+            // flags 0: no SA_RESTART, so interrupted calls fail with EINTR.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = ignore as extern "C" fn(libc::c_int) as usize;
+                sa.sa_flags = 0;
+                assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+            }
+            let len = 32 << 20;
+            std::fs::write(&path, (0..len).map(byte).collect::<Vec<_>>()).unwrap();
+            let file = cache.open(&path).unwrap();
+            // One fault per page: many reads of the userfaultfd.
+            file.advise(Advice::Random, 0, len as u64).unwrap();
+            let handlers: Vec<i32> = std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|e| {
+                    let e = e.unwrap();
+                    let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+                    comm.starts_with("upcache-fault")
+                        .then(|| e.file_name().to_str().unwrap().parse().unwrap())
+                })
+                .collect();
+            assert!(!handlers.is_empty(), "no fault handler threads found");
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flood = {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut sent = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        for &tid in &handlers {
+                            // SAFETY: signals a thread of this process; its
+                            // handler (above) does nothing.
+                            unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1) };
+                            sent += 1;
+                        }
+                    }
+                    sent
+                })
+            };
+            // SAFETY: only this thread touches the mapping.
+            let map = unsafe { file.mmap(0, len, Share::Shared) }.unwrap();
+            for p in (0..len).step_by(PAGE_SIZE) {
+                assert_eq!(map[p + 7], byte(p + 7), "{mode:?}: page {}", p / PAGE_SIZE);
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let sent = flood.join().unwrap();
+            assert!(sent > 0);
+            eprintln!(
+                "{mode:?}: {sent} signals sent to the fault handlers, {} faults served",
+                len / PAGE_SIZE
+            );
         }
         other => panic!("unknown child case {other}"),
     }

@@ -222,6 +222,10 @@ MUTANTS = [
      "        if to <= from || from % page == 0 {",
      "        if true || to <= from || from % page == 0 {",
      "cargo test --test mmap mapped_stores_past_eof"),
+    ("55-fault-handler-exits-on-eintr", "src/uffd.rs",
+     "                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(0),",
+     "                Some(libc::EAGAIN) => Ok(0),",
+     "cargo test --test liveness fault_handlers_survive"),
 ]
 
 
