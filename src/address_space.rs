@@ -426,8 +426,15 @@ impl AddressSpace {
     /// not uptodate) if absent (`__filemap_get_folio(FGP_LOCK | FGP_CREAT)`).
     ///
     /// # Errors
-    /// Mapping the page store's view failed.
+    /// `EFBIG` for an index past the largest file
+    /// ([`MAX_FILE_SIZE`](crate::MAX_FILE_SIZE)); mapping the page store's
+    /// view failed.
     pub fn filemap_grab_folio(&self, index: PgOff) -> io::Result<FolioGuard> {
+        if index.0 >= crate::types::MAX_FILE_SIZE >> crate::types::PAGE_SHIFT {
+            // Past the largest file: no folio can exist there (its memory
+            // would be another file's).
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
         loop {
             if let Some(g) = self.filemap_lock_folio(index) {
                 return Ok(g);
@@ -510,8 +517,16 @@ impl AddressSpace {
     /// uptodate.
     ///
     /// # Errors
-    /// The memfd write's error.
+    /// `InvalidInput` if the folio is uptodate; the memfd write's error.
     pub fn fill_folio(&self, folio: &mut FolioGuard, data: &[u8]) -> io::Result<()> {
+        if folio.is_uptodate() {
+            // Its bytes are shared (page guards, writeback, mappings): only
+            // the write paths may change them.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "fill_folio of an uptodate folio",
+            ));
+        }
         let n = data.len().min(folio.size());
         if self.needs_atomic_fill() {
             if n == folio.size() {
@@ -544,7 +559,7 @@ impl AddressSpace {
     }
 
     /// `sb_start_write`: enter a dirtying operation (sleeps while frozen).
-    pub(crate) fn start_write(&self) -> Option<crate::sync::RwLockReadGuard<'_, ()>> {
+    pub(crate) fn start_write(&self) -> Option<crate::fs_writeback::GateGuard<'_>> {
         self.wb.as_ref().map(|w| w.gate.start_write())
     }
 
@@ -585,7 +600,18 @@ impl AddressSpace {
     /// # Locking
     /// Folio locked on entry; unlocked on return, under writeback until the
     /// returned handle ends it.
+    ///
+    /// # Panics
+    /// If the folio is not uptodate (only valid data is written back; and
+    /// [`Writeback::data`] shares bytes that [`FolioGuard::data_mut`] may
+    /// hand out only while the folio is not uptodate), or is already under
+    /// writeback.
     pub fn folio_start_writeback(&self, folio: FolioGuard) -> Writeback<'_> {
+        assert!(
+            folio.is_uptodate(),
+            "folio_start_writeback of a folio that is not uptodate (index {})",
+            folio.index().0
+        );
         folio.set_writeback_bit();
         let idx = folio.index().0;
         {

@@ -64,6 +64,12 @@ pub struct WritebackControl {
     pub range_end: u64,
     /// Pages written by this call (output).
     pub pages_written: u64,
+    /// Background writeback (the flusher, dirty throttling; the kernel's
+    /// `for_background`): a folio that is locked is skipped, never waited
+    /// for. Such writeback may run in a thread that holds a page guard
+    /// (`PageMut` holds its folio's lock while the engine runs), or for a
+    /// thread that waits for one.
+    pub for_background: bool,
 }
 
 impl WritebackControl {
@@ -75,6 +81,7 @@ impl WritebackControl {
             range_start,
             range_end,
             pages_written: 0,
+            for_background: false,
         }
     }
 
@@ -86,6 +93,7 @@ impl WritebackControl {
             range_start: 0,
             range_end: u64::MAX,
             pages_written: 0,
+            for_background: false,
         }
     }
 }

@@ -533,6 +533,7 @@ pub fn read_full<S: BackingStore + ?Sized>(store: &S, buf: &mut [u8], off: u64) 
     while done < buf.len() {
         match store.read_at(&mut buf[done..], off + done as u64) {
             Ok(0) => break,
+            Ok(n) if n > buf.len() - done => return Err(more_than_asked(n, buf.len() - done)),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -540,6 +541,15 @@ pub fn read_full<S: BackingStore + ?Sized>(store: &S, buf: &mut [u8], off: u64) 
     }
     buf[done..].fill(0);
     Ok(done)
+}
+
+/// A store's read reported more bytes than its buffer holds (a bug in the
+/// store): an error, never a slice past the buffer.
+fn more_than_asked(n: usize, asked: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("the store's read returned {n} bytes for a {asked}-byte buffer"),
+    )
 }
 
 /// The generic [`AddressSpaceOps`] over a [`BackingStore`] (the kernel's
@@ -627,6 +637,7 @@ impl<S: BackingStore> StoreOps<S> {
                 // Retry short reads below EOF by reading the remainder.
                 match self.read_remaining(&mut bufs, pos, done) {
                     Ok(0) => break Ok(done),
+                    Ok(n) if n > total - done => break Err(more_than_asked(n, total - done)),
                     Ok(n) => {
                         done += n;
                         if done >= total || pos + done as u64 >= isize {

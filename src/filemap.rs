@@ -406,6 +406,7 @@ impl AddressSpace {
                     range_start: off,
                     range_end: last,
                     pages_written: 0,
+                    for_background: false,
                 };
                 let written = self.writepages(&mut wbc);
                 self.invalidate_clean_range(PgOff::of_byte(off), last.div_ceil(1 << PAGE_SHIFT).max(1));
@@ -489,6 +490,9 @@ impl AddressSpace {
                 // page-atomically, or a kernel-mapped reader could see the
                 // fresh zero page instead of old or new data.
                 if let Err(e) = self.fill_folio(&mut g, &buf[done..done + n]) {
+                    // Free what the failed fill installed: those bytes were
+                    // never written (the next access reads the folio).
+                    g.set_error();
                     first_err = (done == 0).then_some(e);
                     break;
                 }
@@ -586,14 +590,29 @@ pub fn generic_write_begin(mapping: &AddressSpace, pos: u64, len: usize) -> io::
 ///
 /// # Locking
 /// `i_rwsem` exclusive; folio locked on entry, unlocked on return.
+///
+/// # Panics
+/// If `[pos, pos + copied)` is not inside the folio.
 pub fn generic_write_end(mapping: &AddressSpace, pos: u64, copied: usize, folio: FolioGuard) -> usize {
     if !folio.is_uptodate() {
         // Only a whole-folio overwrite gets here not uptodate.
         debug_assert_eq!(copied, folio.size());
         folio.mark_uptodate();
     }
+    // The bytes written lie inside the folio (so below the largest file):
+    // a size past it would let readahead create folios whose memory is
+    // another file's.
+    let end = pos
+        .checked_add(copied as u64)
+        .filter(|&e| pos >= folio.pos() && e <= folio.pos() + folio.size() as u64);
+    let Some(end) = end else {
+        panic!(
+            "generic_write_end: {copied} bytes at {pos} are not inside the folio at {} ({} bytes)",
+            folio.pos(),
+            folio.size()
+        );
+    };
     mapping.folio_mark_dirty(&folio);
-    let end = pos + copied as u64;
     if end > mapping.size() {
         mapping.set_size_locked(end);
     }

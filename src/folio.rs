@@ -918,8 +918,23 @@ impl FolioGuard {
     }
 
     /// `folio_set_error`: the fill failed; the folio stays not uptodate.
+    /// What the failed fill put in the page store is freed: a `Missing`-mode
+    /// mapping maps any page present there without asking upcache, and
+    /// would show those torn bytes instead of faulting (and re-reading, or
+    /// raising SIGBUS). The next fill starts from holes.
     pub fn set_error(&self) {
         self.folio.flags.fetch_or(ERROR, Ordering::Release);
+        if !self.folio.is_uptodate() {
+            if let Some(store) = &self.folio._store {
+                // Nobody can hold a reference to the bytes of a locked folio
+                // that is not uptodate (`data_mut` borrows this guard). A
+                // failed punch leaves the torn pages; nothing better to do
+                // here than say so.
+                if let Err(e) = store.punch(self.pos(), self.size() as u64) {
+                    eprintln!("upcache: freeing a failed fill's pages: {e}");
+                }
+            }
+        }
     }
 
     /// The bytes of a folio being filled (`read_folio`, `readahead`).

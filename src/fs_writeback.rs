@@ -66,13 +66,55 @@ pub(crate) struct FreezeGate {
     parked: Mutex<Vec<ParkedFault>>,
 }
 
+crate::sync::thread_local! {
+    /// The freeze gates this thread is inside (one entry per
+    /// [`GateGuard`]): a page guard holds its cache's gate while the
+    /// engine runs, and the engine may enter the gate again.
+    #[allow(clippy::missing_const_for_thread_local)]
+    static GATES_HELD: std::cell::RefCell<Vec<usize>> = std::cell::RefCell::new(Vec::new());
+}
+
+/// Inside the freeze gate (`sb_start_write` .. `sb_end_write`).
+pub(crate) struct GateGuard<'a> {
+    _g: RwLockReadGuard<'a, ()>,
+    gate: usize,
+}
+
+impl<'a> GateGuard<'a> {
+    fn new(g: RwLockReadGuard<'a, ()>, gate: &FreezeGate) -> GateGuard<'a> {
+        let gate = gate as *const FreezeGate as usize;
+        GATES_HELD.with(|h| h.borrow_mut().push(gate));
+        GateGuard { _g: g, gate }
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        let _ = GATES_HELD.try_with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(i) = h.iter().rposition(|&g| g == self.gate) {
+                h.swap_remove(i);
+            }
+        });
+    }
+}
+
 impl FreezeGate {
     /// Enter a dirtying operation; sleeps while the cache is frozen.
-    pub(crate) fn start_write(&self) -> RwLockReadGuard<'_, ()> {
+    ///
+    /// A thread already inside this gate enters again at once, even while
+    /// a `freeze` waits (`read_recursive`): the freeze waits for it to
+    /// leave, so it cannot be frozen yet, and the lock's preference for a
+    /// waiting writer would make it wait for the freeze that waits for it.
+    pub(crate) fn start_write(&self) -> GateGuard<'_> {
+        let me = self as *const FreezeGate as usize;
+        if GATES_HELD.with(|h| h.borrow().contains(&me)) {
+            return GateGuard::new(self.lock.read_recursive(), self);
+        }
         loop {
             let g = self.lock.read();
             if !self.frozen.load(Ordering::Acquire) {
-                return g;
+                return GateGuard::new(g, self);
             }
             drop(g);
             self.wq
@@ -80,10 +122,13 @@ impl FreezeGate {
         }
     }
 
-    /// Enter without sleeping: `None` while frozen (write faults).
-    pub(crate) fn try_start_write(&self) -> Option<RwLockReadGuard<'_, ()>> {
-        let g = self.lock.read();
-        (!self.frozen.load(Ordering::Acquire)).then_some(g)
+    /// Enter without sleeping on the freeze: `None` while frozen (write
+    /// faults, on the handler threads). Not behind a waiting `freeze`
+    /// either (`read_recursive`): the thread the freeze waits for may be
+    /// waiting for this very fault.
+    pub(crate) fn try_start_write(&self) -> Option<GateGuard<'_>> {
+        let g = self.lock.read_recursive();
+        (!self.frozen.load(Ordering::Acquire)).then(|| GateGuard::new(g, self))
     }
 
     /// Park a write fault until thaw. Returns it back if the cache was
@@ -241,6 +286,7 @@ impl Writeback {
         m.stats.throttled();
         let over = (dirty - self.cfg.limit_bytes) / crate::types::PAGE_SIZE as u64;
         let mut wbc = WritebackControl::none((over as i64).max(32));
+        wbc.for_background = true;
         let _ = m.writepages(&mut wbc);
         self.kick();
     }
@@ -260,6 +306,7 @@ impl Writeback {
             }
             if over_background || now.saturating_sub(when) >= expire {
                 let mut wbc = WritebackControl::none(i64::MAX);
+                wbc.for_background = true;
                 let _ = m.writepages(&mut wbc);
                 m.reset_dirtied_when(when, now);
             }

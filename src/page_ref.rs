@@ -52,7 +52,6 @@ use std::ops::{Deref, DerefMut};
 use crate::address_space::AddressSpace;
 use crate::error::{Error, Result};
 use crate::folio::{Folio, FolioGuard, FolioRef};
-use crate::sync::RwLockReadGuard;
 use crate::types::{PgOff, PAGE_SHIFT, PAGE_SIZE};
 
 /// One page guard this thread holds.
@@ -226,7 +225,7 @@ pub struct PageMut<'a> {
     off: usize,
     index: u64,
     written: bool,
-    _sb: Option<RwLockReadGuard<'a, ()>>,
+    _sb: Option<crate::fs_writeback::GateGuard<'a>>,
     _not_send: PhantomData<*const ()>,
 }
 

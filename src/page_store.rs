@@ -316,13 +316,13 @@ impl PageStore {
     /// The memfd offset of file offset `pos` (where a user mapping of the
     /// file at `pos` maps the memfd).
     pub(crate) fn memfd_offset(&self, pos: u64) -> u64 {
-        debug_assert!(pos <= MAX_FILE_SIZE);
+        assert!(pos <= MAX_FILE_SIZE, "page store offset past the largest file");
         self.base + pos
     }
 
     /// Engine-view address of file offset `pos`; maps its chunk on first use.
     pub(crate) fn view_ptr(&self, pos: u64) -> io::Result<*mut u8> {
-        debug_assert!(pos < MAX_FILE_SIZE);
+        assert!(pos < MAX_FILE_SIZE, "page store offset past the largest file");
         self.memfd.view_ptr(self.base + pos)
     }
 
@@ -330,7 +330,10 @@ impl PageStore {
     /// page under its own page lock and marks it uptodate only when full,
     /// so a kernel fault on a user mapping never maps a half-filled page.
     pub(crate) fn pwrite(&self, pos: u64, mut data: &[u8]) -> io::Result<()> {
-        debug_assert!(pos + data.len() as u64 <= MAX_FILE_SIZE);
+        assert!(
+            pos + data.len() as u64 <= MAX_FILE_SIZE,
+            "page store write past the largest file"
+        );
         let mut off = self.base + pos;
         while !data.is_empty() {
             match rustix::io::pwrite(&self.memfd.memfd, data, off) {
@@ -351,7 +354,7 @@ impl PageStore {
         if len == 0 {
             return Ok(());
         }
-        debug_assert!(pos + len <= MAX_FILE_SIZE);
+        assert!(pos + len <= MAX_FILE_SIZE, "page store punch past the largest file");
         fallocate(
             &self.memfd.memfd,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,

@@ -49,11 +49,14 @@ fn tag_pages_for_writeback(mapping: &AddressSpace, start: u64, end: u64) {
 ///
 /// [`SyncMode::None`] skips folios under writeback and stops after
 /// `nr_to_write` pages; [`SyncMode::All`] writes every folio tagged TOWRITE
-/// at the start, waiting for writeback already in flight.
+/// at the start, waiting for writeback already in flight. Background
+/// writeback ([`WritebackControl::for_background`]) also skips locked
+/// folios.
 ///
 /// # Locking
-/// Nothing held on entry. Locks each folio (may sleep); `writepage`
-/// unlocks it. No folio reference is held while sleeping on another folio.
+/// Nothing held on entry. Locks each folio (may sleep, except for
+/// background writeback, which only try-locks); `writepage` unlocks it. No
+/// folio reference is held while sleeping on another folio.
 ///
 /// # Errors
 /// The first error `writepage` returned; later folios are still written.
@@ -79,7 +82,20 @@ pub fn write_cache_pages(
         }
         for i in batch {
             index = index.max(i + 1);
-            let Some(g) = mapping.filemap_lock_folio(PgOff(i)) else {
+            let g = if wbc.for_background {
+                // Background writeback never sleeps on a folio lock: a page
+                // guard (`PageMut`) holds one while the engine runs, and
+                // the engine may be the thread throttled here
+                // (`balance_dirty_pages`), or wait for the thread that is.
+                // The folio stays dirty for a later pass.
+                match mapping.filemap_get_folio(PgOff(i)).map(|f| f.trylock()) {
+                    Some(Ok(g)) if g.mapping_id() == mapping.id() => Some(g),
+                    _ => None,
+                }
+            } else {
+                mapping.filemap_lock_folio(PgOff(i))
+            };
+            let Some(g) = g else {
                 continue;
             };
             index = index.max(g.index().0 + g.nr_pages());

@@ -179,6 +179,12 @@ mod imp {
         pub fn try_read(&self) -> Option<RwLockReadGuard<'_, T>> {
             self.0.try_read().ok()
         }
+        /// Take shared even while a writer waits (parking_lot's
+        /// `read_recursive`; loom's rwlock has no writer preference to
+        /// bypass, so this is its `read`).
+        pub fn read_recursive(&self) -> RwLockReadGuard<'_, T> {
+            self.0.read().unwrap()
+        }
         /// Take exclusive without sleeping.
         pub fn try_write(&self) -> Option<RwLockWriteGuard<'_, T>> {
             self.0.try_write().ok()

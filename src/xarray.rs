@@ -112,7 +112,11 @@ impl XArray {
     /// must hold an epoch guard for as long as it dereferences the result.
     #[inline]
     pub(crate) fn load(&self, index: u64) -> *const Folio {
-        debug_assert!(index < (1u64 << INDEX_BITS));
+        // Past the largest file nothing is cached (the slot arithmetic
+        // below would wrap onto a low index).
+        if index >= 1u64 << INDEX_BITS {
+            return ptr::null();
+        }
         let mut node: &Node = &self.root;
         for level in 0..LEVELS - 1 {
             // Acquire: pairs with the Release that published the child node

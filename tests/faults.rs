@@ -26,6 +26,11 @@ struct Switches {
     /// writes attempted
     writes: AtomicUsize,
     sync_fails: AtomicBool,
+    /// reads claim one byte more than asked (a store bug)
+    over_read: AtomicBool,
+    /// a read at a page-aligned offset returns 2000 bytes, any other
+    /// read fails with EIO (a read that tears: data, then an error)
+    torn: AtomicBool,
 }
 
 struct Faulty {
@@ -38,6 +43,16 @@ impl BackingStore for Faulty {
         let e = self.sw.read_err.load(Relaxed);
         if e != 0 {
             return Err(io::Error::from_raw_os_error(e));
+        }
+        if self.sw.over_read.load(Relaxed) {
+            return self.inner.read_at(buf, off).map(|n| n + 1);
+        }
+        if self.sw.torn.load(Relaxed) {
+            if off % PAGE_SIZE as u64 != 0 {
+                return Err(io::Error::from_raw_os_error(EIO));
+            }
+            let n = buf.len().min(2000);
+            return self.inner.read_at(&mut buf[..n], off);
         }
         let max = self.sw.short_read.load(Relaxed);
         let n = if max == 0 { buf.len() } else { buf.len().min(max) };
@@ -109,6 +124,42 @@ fn read_error_reaches_caller_and_folio_stays_not_uptodate() {
     sw.read_err.store(0, Relaxed);
     assert_eq!(file.read_at(&mut buf, 5000).unwrap(), 100);
     assert_eq!(&buf[..], &content[5000..5100]);
+}
+
+/// A store that reports more bytes than it was asked for is buggy; the
+/// read fails with an error naming that, instead of a panic (slicing past
+/// the buffer) in the reading thread or a fault handler.
+#[test]
+fn a_store_reporting_more_bytes_than_asked_is_an_error_not_a_panic() {
+    let (_d, _p, _c, file, sw) = setup(&vec![3u8; 64 * 1024]);
+    sw.over_read.store(true, Relaxed);
+    let mut buf = [0u8; 100];
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| file.read_at(&mut buf, 0)));
+    let e = r.expect("no panic").unwrap_err();
+    assert!(
+        matches!(&e, Error::Io(io) if io.kind() == io::ErrorKind::InvalidData),
+        "{e}"
+    );
+}
+
+/// A read that returned part of a folio and then failed leaves nothing of
+/// that folio in the page store: a `Missing`-mode mapping created later
+/// maps any page present there without asking upcache, and would show the
+/// torn bytes (zeros where the file has data) instead of re-reading.
+#[test]
+fn a_torn_read_leaves_no_bytes_a_mapping_can_see() {
+    let content: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+    let (_d, _p, _c, file, sw) = setup(&content);
+    sw.torn.store(true, Relaxed);
+    let mut buf = [0u8; 100];
+    let e = file.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(errno(&e), EIO, "{e}");
+    sw.torn.store(false, Relaxed);
+    // SAFETY: only this thread touches the mapping.
+    let map = unsafe { file.mmap(0, content.len(), upcache::Share::Shared) }.unwrap();
+    for o in [0, 1999, 2000, 3000, 4095, 4096, 40_000] {
+        assert_eq!(map[o], content[o], "mapped byte {o} after a torn read");
+    }
 }
 
 #[test]

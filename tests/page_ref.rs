@@ -387,3 +387,98 @@ fn writeback_waits_for_the_log_up_to_each_page_lsn() {
         assert_eq!(disk[i * 4096], 0xa0 + i as u8);
     }
 }
+
+/// Dirty throttling never waits for a folio lock: a `PageMut` holds its
+/// folio's lock while the engine runs, and the engine may dirty more
+/// pages meanwhile (a B-tree split holds the parent while it writes the
+/// children). Throttled past the dirty limit, the cleansing writeback used
+/// to lock every dirty folio of the file in turn: the guard's own thread
+/// panicked ("would wait for itself"), and two such threads deadlocked.
+#[test]
+fn throttling_skips_folios_that_page_guards_hold() {
+    watchdog("throttling vs page guards", 60, || {
+        let (_d, path) = file_of(16 << 20);
+        let cache = PageCache::builder().dirty_limit_bytes(256 * 1024).build();
+        let file = Arc::new(cache.open(&path).unwrap());
+        let go = Arc::new(std::sync::Barrier::new(2));
+        let threads: Vec<_> = (0..2u64)
+            .map(|t| {
+                let file = file.clone();
+                let go = go.clone();
+                std::thread::spawn(move || {
+                    // Each holds a dirty page of its own (dirtied before:
+                    // a guard dirties its page only when dropped), then
+                    // dirties many more (every one past the limit is
+                    // throttled).
+                    file.write_at(&[9], t * 1024 * PAGE_SIZE as u64 + 100).unwrap();
+                    let mut held = pin_mut(&file, t * 1024).unwrap();
+                    held[0] = 0xA0 + t as u8;
+                    go.wait();
+                    for i in 0..200u64 {
+                        let mut p = pin_mut(&file, 2048 + t * 1024 + i * 4).unwrap();
+                        p[1] = t as u8 + 1;
+                    }
+                    drop(held);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join()
+                .expect("a thread holding a page guard was throttled into a panic");
+        }
+        file.fsync().unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        for t in 0..2usize {
+            assert_eq!(on_disk[t * 1024 * PAGE_SIZE], 0xA0 + t as u8);
+            for i in 0..200usize {
+                assert_eq!(on_disk[(2048 + t * 1024 + i * 4) * PAGE_SIZE + 1], t as u8 + 1);
+            }
+        }
+        assert!(
+            cache.stats().throttled > 0,
+            "the dirty limit was reached: {}",
+            cache.stats()
+        );
+    });
+}
+
+/// A thread that holds a `PageMut` (which holds the cache's freeze gate
+/// shared) can take more guards and write while another thread waits in
+/// `freeze`: the freeze waits for it, not the other way round. The gate
+/// used to be a writer-preferring lock taken again by the same thread: it
+/// blocked behind the waiting freeze, which waited for it.
+#[test]
+fn a_page_guard_holder_goes_on_while_a_freeze_waits_for_it() {
+    watchdog("page guards vs a waiting freeze", 60, || {
+        let (_d, path) = file_of(8 << 20);
+        let cache = Arc::new(PageCache::new());
+        let file = cache.open(&path).unwrap();
+        let freezing = Arc::new(AtomicBool::new(false));
+        let held = pin_mut(&file, 0).unwrap();
+        let freezer = {
+            let cache = cache.clone();
+            let freezing = freezing.clone();
+            std::thread::spawn(move || {
+                freezing.store(true, Ordering::SeqCst);
+                cache.freeze().unwrap();
+                cache.thaw();
+            })
+        };
+        // Go on working until the freezer has certainly queued (it does
+        // so a few microseconds after raising the flag).
+        let mut i = 1u64;
+        let mut after = 0;
+        while after < 2000 {
+            if freezing.load(Ordering::SeqCst) {
+                after += 1;
+            }
+            let mut p = pin_mut(&file, 1000 + i % 1000).unwrap();
+            p[0] = 7;
+            drop(p);
+            i += 1;
+        }
+        file.write_at(b"still writing", 1500 * PAGE_SIZE as u64).unwrap();
+        drop(held);
+        freezer.join().unwrap();
+    });
+}

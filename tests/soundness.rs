@@ -396,3 +396,54 @@ fn drop_during_fault_once(mode: UffdMode, path: &std::path::Path) {
     file.read_at(&mut got, 0).unwrap();
     assert!(got == want, "{mode:?}: read_at served wrong bytes");
 }
+
+/// The engine-facing `aops` surface cannot alias folio bytes from safe
+/// code: writeback (which shares the bytes as `&[u8]`) needs an uptodate
+/// folio, `FolioGuard::data_mut` (`&mut [u8]`) a folio that is not, and
+/// `fill_folio` refuses an uptodate one (its bytes may be borrowed by page
+/// guards and writeback). Before, a folio just created could be put under
+/// writeback, relocked and handed out as `&mut [u8]` while `Writeback::data`
+/// was alive.
+#[test]
+fn the_aops_surface_cannot_alias_folio_bytes() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, content(16 * PAGE_SIZE)).unwrap();
+    let cache = PageCache::new();
+    let file = cache.open(&path).unwrap();
+    let m = file.address_space().unwrap();
+    let g = m.filemap_grab_folio(PgOff(0)).unwrap();
+    assert!(!g.is_uptodate());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(m.folio_start_writeback(g))));
+    assert!(r.is_err(), "writeback of a folio that is not uptodate must be refused");
+    let mut b = [0u8; 1];
+    file.read_at(&mut b, 0).unwrap();
+    let mut g = m.filemap_lock_folio(PgOff(0)).unwrap();
+    assert!(g.is_uptodate());
+    let e = m.fill_folio(&mut g, &[9u8; 16]).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+    drop(g);
+    file.read_at(&mut b, 0).unwrap();
+    assert_eq!(b[0], byte(0), "the refused fill changed nothing");
+}
+
+/// Page indices past the largest file reach no folio: the index's slot
+/// arithmetic used to wrap (index 2^32 is slot 0) and the folio's memory
+/// was the next file's, in release builds.
+#[test]
+fn page_indices_past_the_largest_file_reach_no_folio() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, content(16 * PAGE_SIZE)).unwrap();
+    let cache = PageCache::new();
+    let file = cache.open(&path).unwrap();
+    let mut b = [0u8; 1];
+    file.read_at(&mut b, 0).unwrap();
+    let m = file.address_space().unwrap();
+    let past = upcache::MAX_FILE_SIZE >> 12;
+    assert!(m.filemap_get_folio(PgOff(0)).is_some());
+    assert!(m.filemap_get_folio(PgOff(past)).is_none(), "index {past} found folio 0");
+    assert!(m.filemap_lock_folio(PgOff(past)).is_none());
+    let e = m.filemap_grab_folio(PgOff(past)).map(|_| ()).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(27), "EFBIG: {e}");
+}
