@@ -462,7 +462,26 @@ impl AddressSpace {
         }
         self.stats.folio_removed(n);
         self.ops.free_folio(self, folio);
+        if folio.has_error() {
+            // Mapped accesses to it got SIGBUS (poison): with the folio
+            // gone, the next access faults again and reads afresh.
+            self.clear_read_error_poison(folio.index(), n);
+        }
         index_put_ref(folio);
+    }
+
+    /// Clear the SIGBUS a mapped access to a folio whose read failed got
+    /// (`UFFDIO_POISON` stays in the mapping): once the folio is read
+    /// again, or gone, the page is served again, as the kernel retries a
+    /// failed read at the next fault. Only below end of file (pages past it
+    /// keep raising SIGBUS).
+    pub(crate) fn clear_read_error_poison(&self, index: PgOff, nr: u64) {
+        let eof = PgOff(self.size().div_ceil(crate::types::PAGE_SIZE as u64));
+        let end = index.add(nr);
+        let end = if end < eof { end } else { eof };
+        if index < end {
+            self.zap_poison(index, end);
+        }
     }
 
     // ----- dirty / writeback --------------------------------------------------

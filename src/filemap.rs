@@ -175,6 +175,7 @@ impl AddressSpace {
     /// still not uptodate. `invalidate_lock` held shared; folio locked.
     pub(crate) fn read_folio_sync(&self, g: FolioGuard) -> io::Result<()> {
         let f = g.folio().clone();
+        let had_error = f.has_error();
         self.stats.read_io();
         let r = self.ops.read_folio(self, g);
         // An asynchronous store unlocks at completion.
@@ -188,7 +189,12 @@ impl AddressSpace {
                 self.stats.read_error();
                 Err(eio())
             }
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if had_error {
+                    self.clear_read_error_poison(f.index(), f.nr_pages());
+                }
+                Ok(())
+            }
         }
     }
 

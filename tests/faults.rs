@@ -301,3 +301,33 @@ fn many_threads_with_failing_store_neither_hang_nor_panic() {
     file.fsync().unwrap();
     assert!(sw.writes.load(Relaxed) > 0);
 }
+
+/// A read error answered a mapped access with SIGBUS (`UFFDIO_POISON` of
+/// the page); once the store heals and the folio is read again, the page
+/// is served again in that mapping, as the kernel retries a failed read
+/// at the next fault. The poison used to stay for the mapping's life.
+/// (`MADV_POPULATE_READ` faults the page in from a syscall, which reports
+/// the SIGBUS as an error instead of killing the test.)
+#[test]
+fn a_page_poisoned_by_a_read_error_is_served_once_the_store_heals() {
+    let content: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+    let (_d, _p, _c, file, sw) = setup(&content);
+    // SAFETY: only this thread touches the mapping.
+    let map = unsafe { file.mmap(0, content.len(), upcache::Share::Shared) }.unwrap();
+    let page = 40 * PAGE_SIZE;
+    let populate = || {
+        // SAFETY: a range inside our live mapping; POPULATE_READ only
+        // faults it in.
+        let r = unsafe { libc::madvise(map.as_ptr().add(page) as *mut _, PAGE_SIZE, libc::MADV_POPULATE_READ) };
+        (r == 0).then_some(()).ok_or_else(io::Error::last_os_error)
+    };
+    sw.read_err.store(EIO, Relaxed);
+    let e = populate().expect_err("a read error must fail the access");
+    eprintln!("access during the read error: {e}");
+    sw.read_err.store(0, Relaxed);
+    let mut b = [0u8; 1];
+    file.read_at(&mut b, page as u64).unwrap();
+    assert_eq!(b[0], content[page]);
+    populate().expect("the page is served again after the store healed");
+    assert_eq!(map[page + 5], content[page + 5]);
+}
