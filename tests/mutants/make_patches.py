@@ -250,6 +250,10 @@ MUTANTS = [
      "        if GATES_HELD.with(|h| h.borrow().contains(&me)) {",
      "        if false && GATES_HELD.with(|h| h.borrow().contains(&me)) {",
      "cargo test --test page_ref a_page_guard_holder"),
+    ("62-read-error-poison-never-cleared", "src/filemap.rs",
+     "                if had_error {\n                    self.clear_read_error_poison",
+     "                if false && had_error {\n                    self.clear_read_error_poison",
+     "cargo test --test faults a_page_poisoned"),
 ]
 
 
