@@ -23,8 +23,9 @@
 //!   new `i_size`, so the store ends at the new size, never grown back by
 //!   a write of a folio past it;
 //! - a `PageRef` vs `write_at`: pinned bytes never change and the writer
-//!   is woken when the pin goes; two `PageMut`s of one page exclude each
-//!   other and neither update is lost;
+//!   is woken when the pin goes; a second pin of the same folio by the
+//!   reader does not wait for the writer that waits for its first pin; two
+//!   `PageMut`s of one page exclude each other and neither update is lost;
 //! - `filemap_map_pages` vs a folio lock holder that waits for the mapper:
 //!   map_pages never blocks on a folio lock, and maps only locked, attached,
 //!   uptodate folios.
@@ -337,6 +338,41 @@ fn real_page_ref_vs_write_at_never_changes_pinned_bytes() {
         reader.join().unwrap();
         let mut b = [0u8; 1];
         m.read_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], 0xcd, "the write was lost");
+    });
+}
+
+/// Two `PageRef`s of one folio taken in turn by a reader while `write_at`
+/// of another page of that folio waits for the first pin: the second pin
+/// does not wait for the folio lock (the writer holds it and waits for the
+/// reader: loom reports the deadlock when the nested pin is removed), and
+/// neither pinned page changes while pinned.
+#[test]
+fn real_second_pin_of_a_folio_vs_a_writer_waiting_for_the_first() {
+    loom::model(|| {
+        let store = std::sync::Arc::new(MemStore::filled(2 * PAGE_SIZE, BYTE));
+        let m = upcache::loom_support::address_space_min_order(store, 1);
+        match filemap_fault(&m, 0) {
+            Fault::Locked(g) => assert!(g.is_uptodate() && g.nr_pages() == 2),
+            _ => panic!("populating fault failed"),
+        }
+        let reader = {
+            let m = m.clone();
+            thread::spawn(move || {
+                // SAFETY: nothing maps the file.
+                let p0 = unsafe { m.read_cache_page(0) }.unwrap();
+                let a = p0[0];
+                // SAFETY: as above.
+                let p1 = unsafe { m.read_cache_page(1) }.unwrap();
+                let b = p1[0];
+                thread::yield_now();
+                assert_eq!((p0[0], p1[0]), (a, b), "pinned bytes changed under a PageRef");
+            })
+        };
+        m.write_at(&[0xcd], PAGE_SIZE as u64).unwrap();
+        reader.join().unwrap();
+        let mut b = [0u8; 1];
+        m.read_at(&mut b, PAGE_SIZE as u64).unwrap();
         assert_eq!(b[0], 0xcd, "the write was lost");
     });
 }

@@ -530,6 +530,16 @@ impl Folio {
         false
     }
 
+    /// Pin again a folio the caller already pins, without looking at the
+    /// lock: the caller's pin keeps every writer waiting in
+    /// `wait_pins_drained` (the count cannot reach zero before it is
+    /// dropped), so the bytes cannot change, and waiting for the lock could
+    /// mean waiting for a writer that waits for the caller's own pin.
+    pub(crate) fn pin_nested(&self) {
+        let old = self.pins.fetch_add(1, Ordering::Relaxed);
+        debug_assert!(old & PIN_COUNT > 0, "pin_nested without a pin");
+    }
+
     /// Drop a page pin, waking the writer that waits for the last one.
     /// The caller holds a reference, so the folio is alive.
     pub(crate) fn unpin(&self) {

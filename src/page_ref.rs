@@ -397,8 +397,18 @@ impl AddressSpace {
     fn read_cache_page_fast(&self, index: u64) -> Option<PageRef<'_>> {
         let idx = PgOff(index);
         let folio = self.filemap_get_folio(idx)?;
-        if !folio.is_uptodate() || !folio.try_pin_unlocked() {
+        if !folio.is_uptodate() {
             return None;
+        }
+        if !folio.try_pin_unlocked() {
+            // Locked. A thread that already pins this folio (another page
+            // of it) pins it again without the lock: the lock's holder may
+            // be a writer waiting for that very pin to drain (B-tree
+            // pages sharing a folio), and the first pin keeps it waiting.
+            if !held_by_me(&folio, Some(false)) {
+                return None;
+            }
+            folio.pin_nested();
         }
         // Re-check after pinning, as the slow path does under the lock:
         // truncate lowers i_size, then detaches the folio under its lock.

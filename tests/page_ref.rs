@@ -482,3 +482,38 @@ fn a_page_guard_holder_goes_on_while_a_freeze_waits_for_it() {
         freezer.join().unwrap();
     });
 }
+
+/// Pages of one folio pinned in turn by a thread while another thread's
+/// write to a third page of that folio waits for the pins: the second pin
+/// does not wait for the writer (which waits for the first pin). Before,
+/// the second `get_page` slept on the folio lock the writer held: a
+/// deadlock (reported as "would wait for itself").
+#[test]
+fn a_second_pin_of_a_folio_does_not_wait_for_a_writer_waiting_for_the_first() {
+    watchdog("pins of one folio vs a waiting writer", 60, || {
+        let (_d, path) = file_of(1 << 20);
+        let cache = PageCache::new();
+        let file = Arc::new(cache.open(&path).unwrap());
+        let first = pin(&file, 0).unwrap();
+        let m = file.address_space().unwrap();
+        let folio = m.filemap_get_folio(upcache::aops::PgOff(0)).unwrap();
+        assert!(folio.nr_pages() >= 4, "pages 0-2 share a folio");
+        let writer = {
+            let file = file.clone();
+            std::thread::spawn(move || file.write_at(b"W", 2 * PAGE_SIZE as u64).unwrap())
+        };
+        // The writer locks the folio, then waits for the pin to drain.
+        while !folio.is_locked() {
+            std::hint::spin_loop();
+        }
+        let second = pin(&file, 1).unwrap();
+        assert_eq!(second[0], byte(PAGE_SIZE));
+        assert_eq!(first[0], byte(0));
+        drop(first);
+        drop(second);
+        writer.join().unwrap();
+        let mut b = [0u8; 1];
+        file.read_at(&mut b, 2 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(&b, b"W");
+    });
+}
