@@ -254,6 +254,14 @@ MUTANTS = [
      "                if had_error {\n                    self.clear_read_error_poison",
      "                if false && had_error {\n                    self.clear_read_error_poison",
      "cargo test --test faults a_page_poisoned"),
+    ("63-second-pin-waits-for-the-folio-lock", "src/page_ref.rs",
+     "            if !held_by_me(&folio, Some(false)) {\n                return None;",
+     "            if true || !held_by_me(&folio, Some(false)) {\n                return None;",
+     f"{LOOM} loom_filemap real_second_pin"),
+    ("64-nested-pin-without-a-first-pin", "src/page_ref.rs",
+     "            if !held_by_me(&folio, Some(false)) {\n                return None;",
+     "            if false && !held_by_me(&folio, Some(false)) {\n                return None;",
+     f"{LOOM} loom_filemap real_page_ref_vs_write_at"),
 ]
 
 
