@@ -811,8 +811,15 @@ impl Writeback<'_> {
 }
 
 impl Drop for Writeback<'_> {
+    /// Dropped without [`end`](Writeback::end) or
+    /// [`end_with_error`](Writeback::end_with_error) (an early return, a
+    /// panic in the store): the write is not known to have happened, so it
+    /// ends as a failure (`EIO`) and the data stays dirty.
     fn drop(&mut self) {
         if let Some(f) = self.folio.take() {
+            self.mapping.mark_dirty_raw(&f);
+            self.mapping.set_error(libc::EIO);
+            self.mapping.stats.write_error();
             self.mapping.end_writeback(f);
         }
     }

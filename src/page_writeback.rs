@@ -5,7 +5,7 @@ use std::io;
 
 use crate::address_space::AddressSpace;
 use crate::aops::{SyncMode, WritebackControl};
-use crate::folio::FolioGuard;
+use crate::folio::{FolioGuard, FolioRef};
 use crate::types::{PgOff, PAGE_SHIFT};
 use crate::xarray::Tag;
 
@@ -128,8 +128,10 @@ pub fn write_cache_pages(
             }
             let nr = g.nr_pages() as i64;
             mapping.stats.write_io();
+            let folio = g.folio().clone();
             if let Err(e) = writepage(g, wbc) {
                 first_err.get_or_insert(e);
+                keep_dirty_after_failed_writepage(mapping, &folio, wbc);
             }
             wbc.pages_written += nr as u64;
             wbc.nr_to_write = wbc.nr_to_write.saturating_sub(nr);
@@ -139,6 +141,29 @@ pub fn write_cache_pages(
         }
     }
     first_err.map_or(Ok(()), Err)
+}
+
+/// A `writepage` that failed must leave its folio dirty (redirtied, or
+/// ended with `end_with_error`) or under writeback; one that dropped it
+/// clean would lose its data (its DIRTY bit is gone, and nothing writes a
+/// clean folio again). Dirty it again in that case.
+fn keep_dirty_after_failed_writepage(mapping: &AddressSpace, folio: &FolioRef, wbc: &WritebackControl) {
+    if folio.is_dirty() || folio.is_writeback() || folio.mapping_id() != mapping.id() {
+        return;
+    }
+    let g = if wbc.for_background {
+        match folio.clone().trylock() {
+            Ok(g) => g,
+            // Busy: whoever holds it may dirty it; if not, the data is
+            // still in the cache and the caller got the error.
+            Err(_) => return,
+        }
+    } else {
+        folio.clone().lock()
+    };
+    if !g.is_dirty() && !g.is_writeback() && g.mapping_id() == mapping.id() {
+        mapping.mark_dirty_raw(&g);
+    }
 }
 
 impl AddressSpace {

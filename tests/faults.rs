@@ -331,3 +331,73 @@ fn a_page_poisoned_by_a_read_error_is_served_once_the_store_heals() {
     populate().expect("the page is served again after the store healed");
     assert_eq!(map[page + 5], content[page + 5]);
 }
+
+/// An engine whose `writepage` fails without keeping the folio dirty: it
+/// drops the folio with nothing submitted and returns the error, or
+/// starts writeback and returns early (`?`) without ending it. Neither
+/// may lose the data: the folio stays dirty, `fsync` reports the error,
+/// and once the engine works again the data reaches the file. Before,
+/// the dropped `Writeback` ended as a success and the dropped folio was
+/// left clean (its DIRTY tag set, so nothing wrote it again).
+#[test]
+fn a_writepage_that_fails_without_redirtying_loses_nothing() {
+    use upcache::aops::{AddressSpace, AddressSpaceOps, FolioGuard, WritebackControl};
+    struct Sloppy {
+        inner: StoreOps<FileStore>,
+        /// 0: healthy; 1: drop the folio; 2: start writeback, then drop it
+        mode: Arc<AtomicUsize>,
+    }
+    impl AddressSpaceOps for Sloppy {
+        fn read_folio(&self, m: &AddressSpace, f: FolioGuard) -> io::Result<()> {
+            self.inner.read_folio(m, f)
+        }
+        fn writepage(&self, m: &AddressSpace, f: FolioGuard, wbc: &mut WritebackControl) -> io::Result<()> {
+            match self.mode.load(Relaxed) {
+                0 => self.inner.writepage(m, f, wbc),
+                1 => {
+                    drop(f);
+                    Err(io::Error::from_raw_os_error(EIO))
+                }
+                _ => {
+                    let wb = m.folio_start_writeback(f);
+                    drop(wb);
+                    Err(io::Error::from_raw_os_error(EIO))
+                }
+            }
+        }
+        fn initial_size(&self) -> io::Result<u64> {
+            self.inner.initial_size()
+        }
+        fn set_size(&self, size: u64) -> io::Result<()> {
+            self.inner.set_size(size)
+        }
+        fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+            self.inner.punch_hole(off, len)
+        }
+        fn fsync(&self) -> io::Result<()> {
+            self.inner.fsync()
+        }
+    }
+    for bad in [1usize, 2] {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
+        let mode = Arc::new(AtomicUsize::new(bad));
+        let cache = PageCache::new();
+        let ops = Sloppy {
+            inner: StoreOps::new(FileStore::open(&path).unwrap()),
+            mode: mode.clone(),
+        };
+        let file = cache.open_with_ops("sloppy", ops).unwrap();
+        file.write_at(b"precious", 100).unwrap();
+        assert!(file.fsync().is_err(), "mode {bad}: the failed write is reported");
+        assert!(cache.stats().dirty_bytes > 0, "mode {bad}: the data is still dirty");
+        mode.store(0, Relaxed);
+        file.fsync().unwrap();
+        assert_eq!(
+            &std::fs::read(&path).unwrap()[100..108],
+            b"precious",
+            "mode {bad}: data lost"
+        );
+    }
+}
