@@ -262,6 +262,10 @@ MUTANTS = [
      "            if !held_by_me(&folio, Some(false)) {\n                return None;",
      "            if false && !held_by_me(&folio, Some(false)) {\n                return None;",
      f"{LOOM} loom_filemap real_page_ref_vs_write_at"),
+    ("65-failed-writepage-leaves-folio-clean", "src/page_writeback.rs",
+     "    if folio.is_dirty() || folio.is_writeback() || folio.mapping_id() != mapping.id() {\n        return;",
+     "    if true || folio.is_dirty() || folio.is_writeback() || folio.mapping_id() != mapping.id() {\n        return;",
+     "cargo test --test faults a_writepage_that_fails"),
 ]
 
 
