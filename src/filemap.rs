@@ -574,8 +574,14 @@ pub fn generic_write_begin(mapping: &AddressSpace, pos: u64, len: usize) -> io::
             return Ok(g);
         }
         if g.pos() >= mapping.size() {
-            // Entirely past EOF: zeros, no read.
-            g.data_mut().fill(0);
+            // Entirely past EOF: zeros, no read. Through `fill_folio`:
+            // with `Missing` mappings the pages must appear page-atomically
+            // (`pwrite`), never through a `&mut` to memory the kernel may
+            // already map.
+            if let Err(e) = mapping.fill_folio(&mut g, &[]) {
+                g.set_error();
+                return Err(e);
+            }
             g.mark_uptodate();
             return Ok(g);
         }

@@ -445,6 +445,14 @@ impl AddressSpace {
     /// # Panics
     /// If this thread pins or locks the same folio through another guard.
     ///
+    /// # Hangs
+    /// The guard locks the page's whole folio (up to the readahead size,
+    /// 2 MiB with large folios): a first touch through a mapping of any
+    /// page of that folio waits in a fault handler until the guard drops.
+    /// The guard's own thread must not touch the folio's other pages
+    /// through a mapping (it would wait for itself); other threads that do
+    /// wait, and each holds a fault handler thread meanwhile.
+    ///
     /// # Safety
     /// While the returned guard lives, no mapping of this file may read or
     /// write the page's bytes (`MmapRaw::read`/`write`, a `Mmap`/`MmapMut`
