@@ -53,6 +53,7 @@
 //! |---|---|---|---|
 //! | pin (fast) | reader | a reference | `pins += 1` (Relaxed), then `flags.fetch_or(0)` (AcqRel): `LOCKED` set → `unpin` and take the slow path; else re-check mapping, uptodate, size |
 //! | pin (slow) | reader | folio lock | `pins += 1` (Relaxed: the lock's Release/Acquire orders it before any later lock holder's check) |
+//! | pin (nested) | reader that already pins this folio | its pin | `pins += 1` (Relaxed), lock not looked at: its first pin keeps every writer before the drain (the count cannot reach 0), and waiting for the lock would wait for a writer that waits for that pin |
 //! | unpin | reader | a reference | `pins -= 1` (Release); old value `PIN_WAITERS \| 1` wakes the waiter |
 //! | drain | writer | folio lock | load `pins` (Acquire); non-zero: set `PIN_WAITERS` by CAS and sleep until the count is zero |
 //!
