@@ -307,6 +307,43 @@ fn real_writeback_vs_truncate_never_grows_the_store_back() {
     });
 }
 
+/// `punch_hole` of the first page of a two-page folio vs a mapped write
+/// to its second page (`filemap_page_mkwrite`, which needs no
+/// `invalidate_lock`) followed by background writeback (the flusher): no
+/// writeback of the folio may run between punch's own writeback and the
+/// zeroing of the folio's punched part, or it writes the old bytes of the
+/// punched range back to the store after the store's punch (fsx found it
+/// in CI: "on-disk byte 131072 is 148, model 0"). Punch holds `wb_lock`
+/// exclusive across that window, as shrinking truncate does.
+#[test]
+fn real_punch_vs_mapped_write_and_flusher_leaves_the_hole_in_the_store() {
+    loom::model(|| {
+        let store = std::sync::Arc::new(MemStore::filled(2 * PAGE_SIZE, BYTE));
+        let m = upcache::loom_support::address_space_min_order(store.clone(), 1);
+        match filemap_fault(&m, 0) {
+            Fault::Locked(g) => assert!(g.is_uptodate() && g.nr_pages() == 2),
+            _ => panic!("populating fault failed"),
+        }
+        let writer = {
+            let m = m.clone();
+            thread::spawn(move || {
+                if let Fault::Locked(g) = filemap_page_mkwrite(&m, 1) {
+                    drop(g);
+                }
+                let mut wbc = upcache::aops::WritebackControl::none(i64::MAX);
+                wbc.for_background = true;
+                let _ = m.writepages(&mut wbc);
+            })
+        };
+        m.punch_hole(0, PAGE_SIZE as u64).unwrap();
+        writer.join().unwrap();
+        m.write_and_wait_range(0, u64::MAX).unwrap();
+        let c = store.contents();
+        assert_eq!(c[0], 0, "the punched page came back in the store");
+        assert_eq!(c[PAGE_SIZE], BYTE);
+    });
+}
+
 /// A `PageRef` (pinned page, `&[u8]` to folio memory) vs `write_at` of the
 /// same bytes: the writer waits for the pin (`copy_in_raw` →
 /// `wait_pins_drained`), so the pinned bytes never change under the

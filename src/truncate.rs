@@ -168,9 +168,46 @@ impl AddressSpace {
         // only once the store's punch succeeded.
         self.write_and_wait_range(off, end - 1).map_err(Error::Writeback)?;
         self.truncate_inode_pages_range(off, end, false)?;
+        // The folios straddling the edges stay locked from before the
+        // store's punch until their punched part is zeroed: a writeback of
+        // one in between (dirtied meanwhile through a mapping:
+        // page_mkwrite and async harvests take no `invalidate_lock`) would
+        // write its old bytes of the range back over the store's hole.
+        // Each waits for writeback already in flight first.
+        let edges = self.lock_edge_folios(off, end);
         self.ops.punch_hole(off, end - off)?;
-        self.truncate_inode_pages_range(off, end, true)?;
+        for g in edges {
+            let zs = (off.max(g.pos()) - g.pos()) as usize;
+            let ze = (end.min(g.pos() + g.size() as u64) - g.pos()) as usize;
+            if g.is_uptodate() {
+                g.zero_raw(zs, ze - zs);
+            }
+            self.ops.invalidate_folio(self, &g, zs, ze - zs);
+        }
         Ok(())
+    }
+
+    /// The cached folios holding byte `off` and byte `end - 1` that reach
+    /// outside `[off, end)` (at most two), locked in index order, with no
+    /// writeback in flight.
+    ///
+    /// # Locking
+    /// `i_rwsem` and `invalidate_lock` exclusive (no folio can appear in
+    /// the range).
+    fn lock_edge_folios(&self, off: u64, end: u64) -> Vec<FolioGuard> {
+        let mut edges: Vec<FolioGuard> = Vec::with_capacity(2);
+        for pos in [off, end - 1] {
+            if edges.iter().any(|g| g.pos() <= pos && pos < g.pos() + g.size() as u64) {
+                continue;
+            }
+            if let Some(g) = self.filemap_lock_folio(PgOff(pos / PAGE_SIZE as u64)) {
+                if g.pos() < off || g.pos() + g.size() as u64 > end {
+                    g.wait_writeback();
+                    edges.push(g);
+                }
+            }
+        }
+        edges
     }
 
     /// `truncate_inode_pages_range`: drop the folios inside `[start, end)`,
