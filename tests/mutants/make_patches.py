@@ -266,6 +266,10 @@ MUTANTS = [
      "    if folio.is_dirty() || folio.is_writeback() || folio.mapping_id() != mapping.id() {\n        return;",
      "    if true || folio.is_dirty() || folio.is_writeback() || folio.mapping_id() != mapping.id() {\n        return;",
      "cargo test --test faults a_writepage_that_fails"),
+    ("66-punch-before-locking-its-edge-folios", "src/truncate.rs",
+     "        let edges = self.lock_edge_folios(off, end);\n        self.ops.punch_hole(off, end - off)?;\n",
+     "        self.ops.punch_hole(off, end - off)?;\n        let edges = self.lock_edge_folios(off, end);\n",
+     f"{LOOM} loom_filemap real_punch_vs"),
 ]
 
 
