@@ -561,8 +561,10 @@ impl PageCache {
     /// read faults go on.
     ///
     /// # Errors
-    /// `EBUSY` if already frozen; the sync's error (the cache is then
-    /// thawed); [`Error::Unsupported`] in a cache built with
+    /// `EBUSY` if already frozen; `EDEADLK` if this thread holds a
+    /// [`PageMut`](crate::PageMut) of the cache (the freeze would wait for
+    /// it); the sync's error (the cache is then thawed);
+    /// [`Error::Unsupported`] in a cache built with
     /// [`DirtyTracking::Async`].
     pub fn freeze(&self) -> Result<()> {
         if self.inner.fault_cfg.wp_async {

@@ -96,12 +96,16 @@ impl Error {
     }
 }
 
-/// The errno of an `io::Error`; errors std makes without one (a NUL byte
-/// in a path, an invalid argument) map to `EINVAL`, the rest to `EIO`.
+/// The errno of an `io::Error`; errors made without one map by kind:
+/// invalid input (a NUL byte in a path) to `EINVAL`, busy (a second
+/// `freeze`) to `EBUSY`, would-block (a write barrier's refusal in an
+/// integrity sync) to `EAGAIN`, the rest (a store's invalid data) to `EIO`.
 fn errno_of(e: &io::Error) -> i32 {
     use rustix::io::Errno;
     e.raw_os_error().unwrap_or(match e.kind() {
-        io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => Errno::INVAL.raw_os_error(),
+        io::ErrorKind::InvalidInput => Errno::INVAL.raw_os_error(),
+        io::ErrorKind::ResourceBusy => Errno::BUSY.raw_os_error(),
+        io::ErrorKind::WouldBlock => Errno::AGAIN.raw_os_error(),
         _ => Errno::IO.raw_os_error(),
     })
 }

@@ -415,7 +415,7 @@ impl AddressSpace {
                     for_background: false,
                 };
                 let written = self.writepages(&mut wbc);
-                self.invalidate_clean_range(PgOff::of_byte(off), last.div_ceil(1 << PAGE_SHIFT).max(1));
+                self.invalidate_clean_range(PgOff::of_byte(off), PgOff::of_byte(last).0 + 1);
                 written.map_err(Error::Writeback)
             }
         }
@@ -443,6 +443,9 @@ impl AddressSpace {
             let bounce = buf.to_vec();
             return self.write_at(&bounce, pos);
         }
+        // A page guard of this thread over the range: the write would wait
+        // for it (its pins, or its lock).
+        crate::page_ref::check_range_unheld(self.id(), pos, pos + buf.len() as u64)?;
         if pos + buf.len() as u64 > self.size() {
             // Growing a file locks the folio holding the old end (large
             // folios: `unpoison_growth`; a gap before `pos`:

@@ -771,8 +771,19 @@ impl Folio {
     ///
     /// Readers copy without the folio lock (as `filemap_read` does): a
     /// concurrent writer may be observed partially, never out of bounds.
+    ///
+    /// # Panics
+    /// If the range is not inside the folio, or the folio is not uptodate
+    /// (its bytes may then be a fill's `&mut [u8]`,
+    /// [`FolioGuard::data_mut`]).
     pub fn copy_out(&self, off: usize, dst: &mut [u8]) {
-        assert!(off + dst.len() <= self.size());
+        assert!(
+            off.checked_add(dst.len()).is_some_and(|e| e <= self.size()),
+            "copy_out of {} bytes at {off} outside a folio of {} bytes",
+            dst.len(),
+            self.size()
+        );
+        assert!(self.is_uptodate(), "copy_out of a folio that is not uptodate");
         // SAFETY: `data..data+size` lies in the page store's view, mapped for
         // the life of the store, which outlives its folios; the range was
         // bounds-checked above; `dst` is a distinct Rust allocation.

@@ -107,8 +107,7 @@ impl FreezeGate {
     /// leave, so it cannot be frozen yet, and the lock's preference for a
     /// waiting writer would make it wait for the freeze that waits for it.
     pub(crate) fn start_write(&self) -> GateGuard<'_> {
-        let me = self as *const FreezeGate as usize;
-        if GATES_HELD.with(|h| h.borrow().contains(&me)) {
+        if self.held_here() {
             return GateGuard::new(self.lock.read_recursive(), self);
         }
         loop {
@@ -120,6 +119,12 @@ impl FreezeGate {
             self.wq
                 .park(self as *const _ as usize, 0, 0, || self.frozen.load(Ordering::Acquire));
         }
+    }
+
+    /// Is this thread inside the gate (a page guard, a write in progress)?
+    pub(crate) fn held_here(&self) -> bool {
+        let me = self as *const FreezeGate as usize;
+        GATES_HELD.with(|h| h.borrow().contains(&me))
     }
 
     /// Enter without sleeping on the freeze: `None` while frozen (write
@@ -294,14 +299,18 @@ impl Writeback {
     /// One flusher pass.
     fn flush_pass(&self) {
         let now = self.now_ms();
-        let expire = self.cfg.expire.as_millis() as u64;
+        let expire = u64::try_from(self.cfg.expire.as_millis()).unwrap_or(u64::MAX);
         let over_background = self.dirty_bytes() > self.cfg.background_bytes;
         for m in self.spaces.all() {
             // Mapped writes of async-tracked mappings count as dirty from
             // here on (`Stats`, expiry, the background threshold).
             let _ = m.harvest_mapped_writes(PgOff(0), PgOff(u64::MAX), crate::wp_async::HarvestMode::Background);
             let when = m.dirtied_when();
-            if when == 0 {
+            if when == 0 && (m.nr_dirty_folios() == 0 || !over_background) {
+                // Clean (or marked clean by a pass that raced a new
+                // dirtying: past the background level it is written
+                // anyway, and the next dirtying of a clean folio sets the
+                // time again).
                 continue;
             }
             if over_background || now.saturating_sub(when) >= expire {
@@ -329,6 +338,10 @@ impl Writeback {
     /// everything. On a sync error the cache is thawed and the error
     /// returned.
     pub(crate) fn freeze(&self) -> io::Result<()> {
+        if self.gate.held_here() {
+            // The freeze would wait for this very thread to leave the gate.
+            return Err(io::Error::from_raw_os_error(libc::EDEADLK));
+        }
         {
             let _w = self.gate.lock.write();
             if self.is_stopped() {
@@ -350,6 +363,12 @@ impl Writeback {
 
     /// `thaw_super`: let writers in again and replay parked write faults.
     pub(crate) fn thaw(&self) -> bool {
+        if self.gate.held_here() {
+            // Inside the gate, so not frozen (a freeze waits for every
+            // thread inside to leave); taking it exclusive would wait for
+            // this thread.
+            return false;
+        }
         let was = {
             let _w = self.gate.lock.write();
             self.gate.frozen.swap(false, Ordering::AcqRel)

@@ -24,9 +24,13 @@
 //!
 //! Guards are `!Send`, like `MutexGuard`: a thread that waits for a page it
 //! pins or locks itself would wait forever, so each thread records what it
-//! holds, and such a wait panics with a message instead of hanging
-//! (`write_at` on a page this thread pins, `truncate` over it, a second
-//! `PageMut` of the same folio, ...). Across threads, the engine orders its
+//! holds. Calls that would wait for the caller's own guard return an error
+//! (`PageHeld`/`EDEADLK`: `write_at`, `truncate` or `punch_hole` over it,
+//! growth that locks it, `freeze`, an integrity writeback such as `fsync`
+//! that reaches a dirty folio this thread's `PageMut` holds; background
+//! writeback skips locked folios); the rest panic with a message instead
+//! of hanging (a second `PageMut` of the same folio, a `PageRef` of a folio
+//! this thread's `PageMut` holds). Across threads, the engine orders its
 //! page guards as it would any latches.
 //!
 //! # Why the constructors are `unsafe`
@@ -312,6 +316,13 @@ impl AddressSpace {
     /// The folio covering page `index`, locked, uptodate, still in this
     /// file and inside `i_size`; read in (with readahead) if needed.
     fn lock_uptodate_folio(&self, index: u64) -> Result<FolioGuard> {
+        if index >= crate::types::MAX_FILE_SIZE >> PAGE_SHIFT {
+            // Past the largest file (and `byte()` would wrap).
+            return Err(Error::BeyondEof {
+                offset: index.saturating_mul(crate::types::PAGE_SIZE as u64),
+                size: self.size(),
+            });
+        }
         let idx = PgOff(index);
         let mut counted = false;
         loop {

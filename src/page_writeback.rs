@@ -93,7 +93,17 @@ pub fn write_cache_pages(
                     _ => None,
                 }
             } else {
-                mapping.filemap_lock_folio(PgOff(i))
+                match mapping.filemap_get_folio(PgOff(i)) {
+                    // This thread's `PageMut` holds it: waiting for its lock
+                    // would wait for ourselves. The folio stays dirty; the
+                    // caller learns why.
+                    Some(f) if crate::page_ref::locked_by_this_thread(&f) => {
+                        first_err.get_or_insert(io::Error::from_raw_os_error(libc::EDEADLK));
+                        continue;
+                    }
+                    Some(_) => mapping.filemap_lock_folio(PgOff(i)),
+                    None => None,
+                }
             };
             let Some(g) = g else {
                 continue;
@@ -147,7 +157,7 @@ pub fn write_cache_pages(
 /// ended with `end_with_error`) or under writeback; one that dropped it
 /// clean would lose its data (its DIRTY bit is gone, and nothing writes a
 /// clean folio again). Dirty it again in that case.
-fn keep_dirty_after_failed_writepage(mapping: &AddressSpace, folio: &FolioRef, wbc: &WritebackControl) {
+pub(crate) fn keep_dirty_after_failed_writepage(mapping: &AddressSpace, folio: &FolioRef, wbc: &WritebackControl) {
     if folio.is_dirty() || folio.is_writeback() || folio.mapping_id() != mapping.id() {
         return;
     }

@@ -29,7 +29,10 @@ impl AddressSpace {
         if self.folio_clear_dirty_for_io(&g) {
             self.stats.write_io();
             let mut wbc = WritebackControl::all(g.pos(), g.pos() + g.size() as u64 - 1);
-            let _ = self.ops.writepage(self, g, &mut wbc);
+            let f = g.folio().clone();
+            if self.ops.writepage(self, g, &mut wbc).is_err() {
+                crate::page_writeback::keep_dirty_after_failed_writepage(self, &f, &wbc);
+            }
         } else {
             drop(g);
         }

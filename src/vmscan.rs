@@ -341,7 +341,11 @@ impl Reclaimer {
             match m.try_get_folio_pinned(PgOff(index), &guard) {
                 crate::address_space::Lookup::Found(f) => f,
                 crate::address_space::Lookup::Absent => return Outcome::Gone,
-                crate::address_space::Lookup::Busy => return Outcome::Gone,
+                // Frozen by someone evicting it (this reclaimer, for a
+                // stale duplicate entry; or `advise(DontNeed)`): look again
+                // later. Dropping the entry would lose the folio for good
+                // if that eviction fails and unfreezes it.
+                crate::address_space::Lookup::Busy => return Outcome::Keep,
             }
         };
         if f.index().0 != index || &*f as *const _ as usize != ident {
@@ -393,7 +397,11 @@ impl AddressSpace {
                 {
                     self.stats.write_io();
                     let mut wbc = WritebackControl::none(g.nr_pages() as i64);
-                    let _ = self.ops.writepage(self, g, &mut wbc);
+                    wbc.for_background = true;
+                    let folio = g.folio().clone();
+                    if self.ops.writepage(self, g, &mut wbc).is_err() {
+                        crate::page_writeback::keep_dirty_after_failed_writepage(self, &folio, &wbc);
+                    }
                 }
             }
         }

@@ -62,3 +62,35 @@ fn willneed_prefetches_and_dontneed_drops() {
     assert_eq!(buf[10], 10);
     assert_eq!(file.advise(Advice::DontNeed, 0, 0).unwrap_err().raw_os_error(), 22);
 }
+
+/// `DontNeed` of a range whose last byte is the first byte of a page drops
+/// that page too (its end page was computed one short: `(4096, 1)` dropped
+/// nothing while `(4096, 2)` dropped page 1).
+#[test]
+fn dontneed_of_one_byte_drops_its_page() {
+    let dir = common::tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![5u8; 16 * 4096]).unwrap();
+    let cache = upcache::PageCache::builder()
+        .readahead_bytes(4096)
+        .readahead_max_bytes(4096)
+        .build();
+    let file = cache.open(&path).unwrap();
+    let mut b = [0u8; 1];
+    for p in 0..4u64 {
+        file.read_at(&mut b, p * 4096).unwrap();
+    }
+    let m = file.address_space().unwrap();
+    assert!(m
+        .filemap_get_folio(upcache::aops::PgOff(1))
+        .is_some_and(|f| f.nr_pages() == 1));
+    file.advise(upcache::Advice::DontNeed, 4096, 1).unwrap();
+    assert!(
+        m.filemap_get_folio(upcache::aops::PgOff(1)).is_none(),
+        "page 1 still cached"
+    );
+    assert!(
+        m.filemap_get_folio(upcache::aops::PgOff(2)).is_some(),
+        "page 2 was not asked for"
+    );
+}

@@ -269,12 +269,10 @@ fn own_guard_gives_an_error_or_a_panic_never_a_hang() {
         // Beyond the pinned folio both work.
         file.truncate(2 * 4096 + 10).unwrap();
         file.punch_hole(2 * 4096, 10).unwrap();
-        // write_at into the pinned page from the same thread: a panic
-        // with a message, not a hang.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| file.write_at(&[1], 4096)));
-        let msg = r.expect_err("write_at over an own pin returned");
-        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
-        assert!(msg.contains("would wait for itself"), "{msg}");
+        // write_at into the pinned page from the same thread: EDEADLK too,
+        // not a hang (it used to be a panic with a message).
+        let e = file.write_at(&[1], 4096).unwrap_err();
+        assert!(matches!(e, Error::PageHeld { .. }), "{e}");
         assert_eq!(page[0], byte(4096));
         drop(page);
         // A PageMut, then a second PageMut or a pin of the same page.
@@ -515,5 +513,75 @@ fn a_second_pin_of_a_folio_does_not_wait_for_a_writer_waiting_for_the_first() {
         let mut b = [0u8; 1];
         file.read_at(&mut b, 2 * PAGE_SIZE as u64).unwrap();
         assert_eq!(&b, b"W");
+    });
+}
+
+/// Bad calls by a page-guard holder are errors, not hangs: `freeze` from
+/// a thread holding a `PageMut` would wait for that thread (`EDEADLK`),
+/// and `thaw` from it returns at once (not frozen: the freeze would have
+/// waited for it). A second `freeze` is `EBUSY`, not `EIO`.
+#[test]
+fn freeze_and_thaw_by_a_page_guard_holder_return() {
+    watchdog("freeze by a PageMut holder", 60, || {
+        let (_d, path) = file_of(1 << 20);
+        let cache = PageCache::new();
+        let file = cache.open(&path).unwrap();
+        let g = pin_mut(&file, 3).unwrap();
+        let e = cache.freeze().unwrap_err();
+        assert_eq!(e.raw_os_error(), 35, "EDEADLK: {e}");
+        assert!(!cache.thaw());
+        drop(g);
+        cache.freeze().unwrap();
+        assert_eq!(cache.freeze().unwrap_err().raw_os_error(), 16, "EBUSY");
+        assert!(cache.thaw());
+    });
+}
+
+/// A page index past the largest file is `BeyondEof`, at once: its byte
+/// offset used to wrap to a small one inside the file, and `get_page`
+/// looked for a folio there forever (holding the freeze gate, for
+/// `get_page_mut`).
+#[test]
+fn page_indices_past_the_largest_file_are_beyond_eof() {
+    watchdog("get_page of a huge index", 60, || {
+        let (_d, path) = file_of(1 << 20);
+        let cache = PageCache::new();
+        let file = cache.open(&path).unwrap();
+        for index in [1u64 << 32, 1 << 52, u64::MAX / 2] {
+            assert!(matches!(pin(&file, index), Err(Error::BeyondEof { .. })), "{index}");
+            assert!(matches!(pin_mut(&file, index), Err(Error::BeyondEof { .. })), "{index}");
+        }
+    });
+}
+
+/// Calls that would wait for the caller's own page guard return errors,
+/// never panic or hang: `write_at` over a page this thread pins
+/// (`PageHeld`), `fsync` while this thread's `PageMut` holds a dirty folio
+/// (`EDEADLK`; the folio stays dirty and the next `fsync` writes it).
+#[test]
+fn writes_and_syncs_over_own_page_guards_are_errors() {
+    watchdog("writes over own guards", 60, || {
+        let (_d, path) = file_of(1 << 20);
+        let cache = PageCache::new();
+        let file = cache.open(&path).unwrap();
+        let p = pin(&file, 2).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            file.write_at(b"x", 2 * PAGE_SIZE as u64 + 9)
+        }));
+        assert!(
+            matches!(r, Ok(Err(Error::PageHeld { .. }))),
+            "write_at over a pinned page: {r:?}"
+        );
+        drop(p);
+        file.write_at(b"y", 5 * PAGE_SIZE as u64).unwrap();
+        let mut g = pin_mut(&file, 5).unwrap();
+        g[1] = b'z';
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| file.fsync()));
+        let e = r.expect("fsync must not panic").unwrap_err();
+        assert_eq!(e.raw_os_error(), 35, "EDEADLK: {e}");
+        drop(g);
+        file.fsync().unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[5 * PAGE_SIZE..5 * PAGE_SIZE + 2], b"yz");
     });
 }

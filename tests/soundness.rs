@@ -447,3 +447,26 @@ fn page_indices_past_the_largest_file_reach_no_folio() {
     let e = m.filemap_grab_folio(PgOff(past)).map(|_| ()).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(27), "EFBIG: {e}");
 }
+
+/// `Folio::copy_out` checks its range without overflow: `off + len`
+/// wrapped in release builds, and the copy read before the folio
+/// (another file's memory).
+#[test]
+fn folio_copy_out_range_cannot_wrap() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, content(16 * PAGE_SIZE)).unwrap();
+    let cache = PageCache::new();
+    let file = cache.open(&path).unwrap();
+    let mut b = [0u8; 1];
+    file.read_at(&mut b, 0).unwrap();
+    let f = file.address_space().unwrap().filemap_get_folio(PgOff(0)).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut dst = [0u8; 4096];
+        f.copy_out(usize::MAX - 4094, &mut dst);
+    }));
+    assert!(r.is_err(), "an overflowing range must be refused");
+    let mut dst = [0u8; 4];
+    f.copy_out(100, &mut dst);
+    assert_eq!(dst, [byte(100), byte(101), byte(102), byte(103)]);
+}
