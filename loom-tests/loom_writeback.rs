@@ -138,3 +138,34 @@ fn flusher_vs_truncate_never_writes_a_truncated_folio() {
         );
     });
 }
+
+/// An integrity sync without a handle's error cursor (`sync_all`,
+/// `freeze`, a mapping's `flush`) vs a background writeback of the same
+/// folio whose store write fails: the sync either wrote the data itself or
+/// reports the error. The background writeback may start before the sync
+/// tags the folio (then the sync skips it and only waits for it), and its
+/// failure redirties the folio: before `sync_range_checked` looked at the
+/// error word, the sync returned Ok with the data not in the store.
+#[test]
+fn real_sync_vs_a_failing_background_writeback_reports_or_writes() {
+    loom::model(|| {
+        let store = std::sync::Arc::new(upcache::loom_support::MemStore::filled(upcache::PAGE_SIZE, 0));
+        let m = upcache::loom_support::address_space(store.clone());
+        assert_eq!(m.write_at(&[7], 0).unwrap(), 1);
+        store.fail_next_write();
+        let bg = {
+            let m = m.clone();
+            loom::thread::spawn(move || {
+                let mut wbc = upcache::aops::WritebackControl::none(i64::MAX);
+                wbc.for_background = true;
+                let _ = m.writepages(&mut wbc);
+            })
+        };
+        let r = m.sync_range_checked(0, u64::MAX);
+        bg.join().unwrap();
+        assert!(
+            r.is_err() || store.contents()[0] == 7,
+            "the sync returned Ok but the data is not in the store"
+        );
+    });
+}

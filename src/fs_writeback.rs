@@ -326,7 +326,7 @@ impl Writeback {
     pub(crate) fn sync_all(&self) -> io::Result<()> {
         let mut first = Ok(());
         for m in self.spaces.all() {
-            let r = m.write_and_wait_range(0, u64::MAX).and_then(|_| m.ops.fsync());
+            let r = m.sync_range_checked(0, u64::MAX);
             if first.is_ok() {
                 first = r;
             }

@@ -179,12 +179,19 @@ pub mod loom_support {
     use crate::vm_ops::VmFaultResult;
 
     /// A file in memory: the backing store of the models' address spaces.
-    pub struct MemStore(crate::sync::Mutex<Vec<u8>>);
+    pub struct MemStore(crate::sync::Mutex<Vec<u8>>, crate::sync::AtomicBool);
 
     impl MemStore {
         /// A store of `len` bytes of `byte`.
         pub fn filled(len: usize, byte: u8) -> MemStore {
-            MemStore(crate::sync::Mutex::new(vec![byte; len]))
+            MemStore(
+                crate::sync::Mutex::new(vec![byte; len]),
+                crate::sync::AtomicBool::new(false),
+            )
+        }
+        /// The next write fails with `EIO`.
+        pub fn fail_next_write(&self) {
+            self.1.store(true, crate::sync::Ordering::Relaxed);
         }
         /// A copy of the bytes.
         pub fn contents(&self) -> Vec<u8> {
@@ -201,6 +208,9 @@ pub mod loom_support {
             Ok(n)
         }
         fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            if self.1.swap(false, crate::sync::Ordering::Relaxed) {
+                return Err(io::Error::from_raw_os_error(5));
+            }
             let mut d = self.0.lock();
             let end = off as usize + buf.len();
             if d.len() < end {

@@ -846,9 +846,7 @@ fn flush_vma_range(vma: &VmArea, off: usize, len: usize) -> Result<()> {
     let Some((start, end)) = flush_file_range(vma, off, len)? else {
         return Ok(());
     };
-    let m = vma.mapping();
-    m.write_and_wait_range(start, end).map_err(Error::Writeback)?;
-    m.ops.fsync().map_err(Error::Io)
+    vma.mapping().sync_range_checked(start, end).map_err(Error::Writeback)
 }
 
 impl Mmap {

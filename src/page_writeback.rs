@@ -240,6 +240,26 @@ impl AddressSpace {
         r.and(harvested)
     }
 
+    /// An integrity sync of `[start, end]` for callers without a handle's
+    /// error cursor (`sync_all`, `freeze`, a mapping's `flush`): write and
+    /// wait, sync the store, and fail if a write error was recorded for the
+    /// file meanwhile. A write the walk did not start itself (a background
+    /// writeback in flight, which it waited for) may have failed: its
+    /// folio is dirty again and only the error word says so.
+    ///
+    /// # Errors
+    /// The first write error, one recorded during the call, or the store's
+    /// sync error.
+    pub fn sync_range_checked(&self, start: u64, end: u64) -> io::Result<()> {
+        let since = crate::sync::AtomicU64::new(self.wb_err.now());
+        let written = self.write_and_wait_range(start, end);
+        let synced = self.ops.fsync();
+        if let Some(errno) = self.wb_err.check_and_advance(&since) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        written.and(synced)
+    }
+
     /// Writes through async-tracked mappings become dirty folios here
     /// (wp_async.rs), before any writeback walk looks for dirty folios.
     fn harvest_wbc_range(&self, wbc: &WritebackControl) -> io::Result<()> {
