@@ -290,6 +290,10 @@ MUTANTS = [
      "PgOff::of_byte(last).0 + 1);",
      "last.div_ceil(1 << PAGE_SHIFT).max(1));",
      "cargo test --test advise dontneed_of_one_byte"),
+    ("72-sync-all-ignores-errors-of-writeback-it-waited-for", "src/page_writeback.rs",
+     "        if let Some(errno) = self.wb_err.check_and_advance(&since) {\n            return Err(io::Error::from_raw_os_error(errno));\n        }\n        written.and(synced)",
+     "        written.and(synced)",
+     f"{LOOM} loom_writeback real_sync_vs_a_failing"),
 ]
 
 
