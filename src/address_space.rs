@@ -834,13 +834,20 @@ impl Drop for AddressSpace {
         // (Pages an async mapping wrote and a harvest left pending count:
         // `has_wp_async` stays true for them.)
         if self.nr_dirty_folios() > 0 || self.has_wp_async() {
-            let r = self.write_and_wait_range(0, u64::MAX).and_then(|_| self.ops.fsync());
-            if let Err(e) = r {
+            // Checked against the error word too: a writeback that ended
+            // with an error after the walk (an engine's asynchronous
+            // `writepage`) left its folio dirty without failing the call.
+            let r = self.sync_range_checked(0, u64::MAX);
+            let left = self.nr_dirty_folios();
+            if r.is_err() || left > 0 {
+                let why = r.err().map_or_else(
+                    || "folios still dirty after the write-back".to_string(),
+                    |e| e.to_string(),
+                );
                 eprintln!(
-                    "upcache: {}: writing back dirty data of the last user failed ({e}); \
-                     {} dirty folios are lost",
+                    "upcache: {}: writing back dirty data of the last user failed ({why}); \
+                     {left} dirty folios are lost",
                     self.name,
-                    self.nr_dirty_folios()
                 );
             }
         }
