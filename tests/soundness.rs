@@ -397,6 +397,16 @@ fn drop_during_fault_once(mode: UffdMode, path: &std::path::Path) {
     assert!(got == want, "{mode:?}: read_at served wrong bytes");
 }
 
+/// A cache holding a 16-page file (nothing cached yet).
+fn sixteen_pages() -> (tempfile::TempDir, PageCache, upcache::File) {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, content(16 * PAGE_SIZE)).unwrap();
+    let cache = PageCache::new();
+    let file = cache.open(&path).unwrap();
+    (dir, cache, file)
+}
+
 /// The engine-facing `aops` surface cannot alias folio bytes from safe
 /// code: writeback (which shares the bytes as `&[u8]`) needs an uptodate
 /// folio, `FolioGuard::data_mut` (`&mut [u8]`) a folio that is not, and
@@ -406,11 +416,7 @@ fn drop_during_fault_once(mode: UffdMode, path: &std::path::Path) {
 /// was alive.
 #[test]
 fn the_aops_surface_cannot_alias_folio_bytes() {
-    let dir = tempdir();
-    let path = dir.path().join("f");
-    std::fs::write(&path, content(16 * PAGE_SIZE)).unwrap();
-    let cache = PageCache::new();
-    let file = cache.open(&path).unwrap();
+    let (_dir, _cache, file) = sixteen_pages();
     let m = file.address_space().unwrap();
     let g = m.filemap_grab_folio(PgOff(0)).unwrap();
     assert!(!g.is_uptodate());
@@ -432,11 +438,7 @@ fn the_aops_surface_cannot_alias_folio_bytes() {
 /// was the next file's, in release builds.
 #[test]
 fn page_indices_past_the_largest_file_reach_no_folio() {
-    let dir = tempdir();
-    let path = dir.path().join("f");
-    std::fs::write(&path, content(16 * PAGE_SIZE)).unwrap();
-    let cache = PageCache::new();
-    let file = cache.open(&path).unwrap();
+    let (_dir, _cache, file) = sixteen_pages();
     let mut b = [0u8; 1];
     file.read_at(&mut b, 0).unwrap();
     let m = file.address_space().unwrap();
@@ -453,11 +455,7 @@ fn page_indices_past_the_largest_file_reach_no_folio() {
 /// (another file's memory).
 #[test]
 fn folio_copy_out_range_cannot_wrap() {
-    let dir = tempdir();
-    let path = dir.path().join("f");
-    std::fs::write(&path, content(16 * PAGE_SIZE)).unwrap();
-    let cache = PageCache::new();
-    let file = cache.open(&path).unwrap();
+    let (_dir, _cache, file) = sixteen_pages();
     let mut b = [0u8; 1];
     file.read_at(&mut b, 0).unwrap();
     let f = file.address_space().unwrap().filemap_get_folio(PgOff(0)).unwrap();
