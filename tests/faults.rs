@@ -8,7 +8,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use common::{tempdir, Rng};
+use common::{tempdir, watchdog, Rng};
 use upcache::aops::PgOff;
 use upcache::{BackingStore, Error, FileStore, PageCache, StoreOps, PAGE_SIZE};
 
@@ -148,6 +148,15 @@ fn a_store_reporting_more_bytes_than_asked_is_an_error_not_a_panic() {
 /// torn bytes (zeros where the file has data) instead of re-reading.
 #[test]
 fn a_torn_read_leaves_no_bytes_a_mapping_can_see() {
+    // Mapped accesses block on faults: a hang fails with a message.
+    watchdog(
+        "a_torn_read_leaves_no_bytes_a_mapping_can_see",
+        60,
+        a_torn_read_leaves_no_bytes_a_mapping_can_see_body,
+    );
+}
+
+fn a_torn_read_leaves_no_bytes_a_mapping_can_see_body() {
     let content: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8 + 1).collect();
     let (_d, _p, _c, file, sw) = setup(&content);
     sw.torn.store(true, Relaxed);
@@ -310,6 +319,15 @@ fn many_threads_with_failing_store_neither_hang_nor_panic() {
 /// the SIGBUS as an error instead of killing the test.)
 #[test]
 fn a_page_poisoned_by_a_read_error_is_served_once_the_store_heals() {
+    // Mapped accesses block on faults: a hang fails with a message.
+    watchdog(
+        "a_page_poisoned_by_a_read_error_is_served_once_the_store_heals",
+        60,
+        a_page_poisoned_by_a_read_error_is_served_once_the_store_heals_body,
+    );
+}
+
+fn a_page_poisoned_by_a_read_error_is_served_once_the_store_heals_body() {
     let content: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8 + 1).collect();
     let (_d, _p, _c, file, sw) = setup(&content);
     // SAFETY: only this thread touches the mapping.

@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{tempdir, Rng};
+use common::{tempdir, watchdog, Rng};
 use upcache::{PageCache, Share, UffdMode};
 
 /// Userfaultfd must work here; if it does not, fail loudly with the reason
@@ -280,6 +280,15 @@ fn bad_mmap_arguments_are_einval() {
 /// folio). Checked on a kernel twin (ext4, memmap2) first.
 #[test]
 fn mapped_stores_past_eof_read_as_zeros_after_the_file_grows() {
+    // Mapped accesses block on faults: a hang fails with a message.
+    watchdog(
+        "mapped_stores_past_eof_read_as_zeros_after_the_file_grows",
+        60,
+        mapped_stores_past_eof_read_as_zeros_after_the_file_grows_body,
+    );
+}
+
+fn mapped_stores_past_eof_read_as_zeros_after_the_file_grows_body() {
     let dir = tempdir();
     for grow_by_write in [false, true] {
         let old = 1000usize;
