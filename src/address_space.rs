@@ -72,7 +72,7 @@ use crate::mmap::VmArea;
 use crate::page_store::{PageMemfd, PageStore};
 use crate::rwsem::{RwSem, RwSemReadGuard, RwSemWriteGuard};
 use crate::stats::{CacheStats, FileStats, Stats};
-use crate::sync::{epoch, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
+use crate::sync::{epoch, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock, WaitQueue};
 use crate::types::{PgOff, MAX_ORDER};
 use crate::vmscan::Reclaimer;
 use crate::xarray::{Tag, XArray};
@@ -114,6 +114,8 @@ pub enum LockState {
 /// One cached file.
 pub struct AddressSpace {
     id: u64,
+    /// Signalled when this address space's drop is over (see [`Eviction`]).
+    pub(crate) eviction: Arc<Eviction>,
     name: String,
     pub(crate) i_pages: XArray,
     i_size: AtomicU64,
@@ -226,6 +228,7 @@ impl AddressSpace {
             dirtied_when: AtomicU64::new(0),
             wb_lock: RwLock::new(()),
             atomic_fill: AtomicBool::new(false),
+            eviction: Arc::new(Eviction::default()),
         })
     }
 
@@ -862,5 +865,50 @@ impl Drop for AddressSpace {
                 None => index = i + 1,
             }
         }
+        // Last: an open of this file, or a `sync_all`, waiting for the
+        // write-back above goes on.
+        self.eviction.finish();
+    }
+}
+
+/// The kernel's `I_FREEING` and `__wait_on_freeing_inode`: set once an
+/// address space's last user is gone and its drop has finished writing
+/// back and dropping its folios. The file table and the cache's list of
+/// address spaces keep it after their `Weak` stops upgrading, so that a
+/// reopen of the file waits rather than building a second address space
+/// over a store the dying one is still writing (the dying one's late
+/// write would overwrite what the new one wrote and synced), and
+/// `sync_all` waits rather than returning before that write is in the
+/// store (`tests/integrity.rs`).
+#[derive(Debug, Default)]
+pub(crate) struct Eviction {
+    done: AtomicBool,
+    wq: WaitQueue,
+}
+
+impl Eviction {
+    /// Has the drop finished?
+    pub(crate) fn is_done(&self) -> bool {
+        // Acquire: pairs with the Release in `finish`; the waiter then
+        // sees the drop's store writes as done.
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Wait until the drop has finished.
+    ///
+    /// # Locking
+    /// Sleeps: hold nothing the dropping thread may need (the file table's
+    /// lock, a folio of the file).
+    pub(crate) fn wait(&self) {
+        let key = self as *const Eviction as usize;
+        while !self.is_done() {
+            self.wq.park(key, 0, 0, || !self.done.load(Ordering::Relaxed));
+        }
+    }
+
+    fn finish(&self) {
+        // Release: pairs with the Acquire in `is_done`.
+        self.done.store(true, Ordering::Release);
+        WaitQueue::unpark_all(self as *const Eviction as usize, 0);
     }
 }

@@ -213,6 +213,9 @@ impl<T: BackingStore + ?Sized> BackingStore for std::sync::Arc<T> {
 #[derive(Debug)]
 pub struct FileStore {
     file: fs::File,
+    /// The descriptor was opened `O_APPEND`: `pwrite(2)` would ignore the
+    /// offset and append (Linux), so writes are refused.
+    append: bool,
 }
 
 impl FileStore {
@@ -222,12 +225,15 @@ impl FileStore {
     /// `open(2)`'s error.
     pub fn open(path: impl AsRef<Path>) -> io::Result<FileStore> {
         let file = fs::OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(FileStore { file })
+        Ok(FileStore { file, append: false })
     }
 
     /// Use an already open file (it must be open for reading and writing).
+    /// A descriptor opened `O_APPEND` reads, but its writes fail with
+    /// `EINVAL`: `pwrite(2)` on it ignores the offset and appends.
     pub fn from_file(file: fs::File) -> FileStore {
-        FileStore { file }
+        let append = rustix::fs::fcntl_getfl(&file).is_ok_and(|f| f.contains(rustix::fs::OFlags::APPEND));
+        FileStore { file, append }
     }
 
     /// The underlying file.
@@ -246,6 +252,12 @@ impl BackingStore for FileStore {
     }
 
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        if self.append {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "FileStore over an O_APPEND descriptor: pwrite would append instead of writing at the offset (EINVAL)",
+            ));
+        }
         // std's write_all_at retries short writes and EINTR.
         self.file.write_all_at(buf, off)
     }
@@ -782,6 +794,15 @@ impl<S: BackingStore> StoreOps<S> {
     }
 
     fn do_launder_folio(&self, mapping: &AddressSpace, folio: &mut FolioGuard) -> io::Result<()> {
+        // The engine's write barrier first, as for `writepage`: a WAL
+        // engine's log must be durable up to the folio's LSN. Laundering
+        // must clean the folio, so it asks as an integrity write.
+        if !self.store.write_barrier(folio.private(), crate::aops::SyncMode::All)? {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "launder_folio: the engine's write barrier refused the write (EAGAIN)",
+            ));
+        }
         let pos = folio.pos();
         let len = folio.size().min(mapping.size().saturating_sub(pos) as usize);
         // A copy: the folio's bytes stay shared with user mappings.

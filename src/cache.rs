@@ -312,9 +312,49 @@ enum FileKey {
     Name(String),
 }
 
-/// Each file's address space, and whether its store can write (a store
-/// opened read-only serves only read-only handles).
-type FileTable = HashMap<FileKey, (Weak<AddressSpace>, bool)>;
+/// Each file's address space, whether its store can write (a store
+/// opened read-only serves only read-only handles), and its eviction
+/// signal: an entry stays while its address space's drop is writing back,
+/// and an open waits for that drop to end.
+type FileTable = HashMap<FileKey, FileEntry>;
+
+struct FileEntry {
+    space: Weak<AddressSpace>,
+    writable: bool,
+    eviction: Arc<crate::address_space::Eviction>,
+}
+
+/// What an open finds in the file table.
+enum Found {
+    Live(Arc<AddressSpace>, bool),
+    /// The last user is gone and its drop is still writing back: wait for
+    /// it, then look again.
+    Dying(Arc<crate::address_space::Eviction>),
+    Absent,
+}
+
+fn lookup_file(files: &FileTable, key: &FileKey) -> Found {
+    match files.get(key) {
+        None => Found::Absent,
+        Some(e) => match e.space.upgrade() {
+            Some(m) => Found::Live(m, e.writable),
+            None if !e.eviction.is_done() => Found::Dying(e.eviction.clone()),
+            None => Found::Absent,
+        },
+    }
+}
+
+fn insert_file(files: &mut FileTable, key: FileKey, m: &Arc<AddressSpace>, writable: bool) {
+    files.retain(|_, e| e.space.strong_count() > 0 || !e.eviction.is_done());
+    files.insert(
+        key,
+        FileEntry {
+            space: Arc::downgrade(m),
+            writable,
+            eviction: m.eviction.clone(),
+        },
+    );
+}
 
 struct CacheInner {
     /// Present with a memory limit.
@@ -442,7 +482,8 @@ impl PageCache {
     /// store serves it.
     ///
     /// # Errors
-    /// `EINVAL` for a write-only descriptor (the cache must read); `EACCES`
+    /// `EINVAL` for a write-only descriptor (the cache must read) or one
+    /// opened `O_APPEND` or `O_DIRECT`; `EACCES`
     /// for a read-write descriptor of a file cached from a read-only one;
     /// `fstat`'s error.
     pub fn open_file(&self, file: std::fs::File) -> Result<File> {
@@ -457,6 +498,13 @@ impl PageCache {
                 what: "open_file needs a descriptor open for reading (O_RDONLY or O_RDWR)",
             });
         };
+        if flags.intersects(rustix::fs::OFlags::APPEND | rustix::fs::OFlags::DIRECT) {
+            // pwrite(2) on an O_APPEND descriptor appends whatever the
+            // offset; the buffered store's buffers are not O_DIRECT-aligned.
+            return Err(Error::InvalidArgument {
+                what: "open_file needs a descriptor without O_APPEND (writes would append) or O_DIRECT (use DirectFileStore)",
+            });
+        }
         let name = format!("fd:{}", std::os::fd::AsRawFd::as_raw_fd(&file));
         self.attach(file, &name, writable, writable)
     }
@@ -469,22 +517,32 @@ impl PageCache {
         };
         let md = file.metadata().map_err(open_err)?;
         let key = FileKey::Inode(md.dev(), md.ino());
-        let mut files = self.inner.files.lock();
-        // One address space per file while anything (a handle or a
-        // mapping) still uses it.
-        if let Some((m, w)) = files.get(&key).and_then(|(w, sw)| w.upgrade().map(|m| (m, *sw))) {
-            if handle_writable && !w {
-                return Err(open_err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "the file is cached from a read-only open; a read-write handle cannot write it back (EACCES)",
-                )));
+        loop {
+            let mut files = self.inner.files.lock();
+            // One address space per file while anything (a handle or a
+            // mapping) still uses it, or its last user's drop still
+            // writes it back.
+            match lookup_file(&files, &key) {
+                Found::Live(m, w) => {
+                    if handle_writable && !w {
+                        return Err(open_err(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            "the file is cached from a read-only open; a read-write handle cannot write it back (EACCES)",
+                        )));
+                    }
+                    return Ok(File::new(m, self.inner.clone(), handle_writable));
+                }
+                Found::Dying(ev) => {
+                    drop(files);
+                    ev.wait();
+                    continue;
+                }
+                Found::Absent => {}
             }
+            let m = self.new_mapping(name.to_string(), Box::new(StoreOps::new(FileStore::from_file(file))))?;
+            insert_file(&mut files, key, &m, store_writable);
             return Ok(File::new(m, self.inner.clone(), handle_writable));
         }
-        let m = self.new_mapping(name.to_string(), Box::new(StoreOps::new(FileStore::from_file(file))))?;
-        files.retain(|_, (w, _)| w.strong_count() > 0);
-        files.insert(key, (Arc::downgrade(&m), store_writable));
-        Ok(File::new(m, self.inner.clone(), handle_writable))
     }
 
     /// Start the fault engine now (it starts on the first mmap otherwise),
@@ -508,14 +566,21 @@ impl PageCache {
     /// The operations' `initial_size` error; memfd creation failure.
     pub fn open_with_ops(&self, name: &str, ops: impl AddressSpaceOps) -> Result<File> {
         let key = FileKey::Name(name.to_string());
-        let mut files = self.inner.files.lock();
-        if let Some(m) = files.get(&key).and_then(|(w, _)| w.upgrade()) {
+        loop {
+            let mut files = self.inner.files.lock();
+            match lookup_file(&files, &key) {
+                Found::Live(m, _) => return Ok(File::new(m, self.inner.clone(), true)),
+                Found::Dying(ev) => {
+                    drop(files);
+                    ev.wait();
+                    continue;
+                }
+                Found::Absent => {}
+            }
+            let m = self.new_mapping(name.to_string(), Box::new(ops))?;
+            insert_file(&mut files, key, &m, true);
             return Ok(File::new(m, self.inner.clone(), true));
         }
-        let m = self.new_mapping(name.to_string(), Box::new(ops))?;
-        files.retain(|_, (w, _)| w.strong_count() > 0);
-        files.insert(key, (Arc::downgrade(&m), true));
-        Ok(File::new(m, self.inner.clone(), true))
     }
 
     fn new_mapping(&self, name: String, ops: Box<dyn crate::aops::OpsAny>) -> Result<Arc<AddressSpace>> {
@@ -932,7 +997,7 @@ impl File {
         }
         let m = self.mapping()?;
         let written = m.write_and_wait_range(start, end);
-        let synced = m.ops.fsync();
+        let synced = m.store_sync();
         if let Some(errno) = m.wb_err.check_and_advance(&self.wb_err) {
             return Err(Error::Writeback(io::Error::from_raw_os_error(errno)));
         }

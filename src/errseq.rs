@@ -47,12 +47,6 @@ impl ErrSeq {
         }
     }
 
-    /// The current value as a cursor: `check_and_advance` against it
-    /// reports only errors recorded after this call.
-    pub(crate) fn now(&self) -> u64 {
-        self.0.load(Ordering::Acquire) & !SEEN
-    }
-
     /// `errseq_sample`: the cursor for a new file handle. An error nobody
     /// has seen yet is reported to the new handle too (cursor 0).
     pub(crate) fn sample(&self) -> u64 {

@@ -137,7 +137,15 @@ impl Drop for FaultEngine {
 }
 
 fn handler_main(sh: &EngineShared) {
-    let mut msgs = [RawMsg::default(); 16];
+    // One message per read: serving a fault may block (a folio lock a page
+    // guard holds, a store read), and messages read with it would wait in
+    // this thread's batch while other handlers sit idle. The fault they
+    // stand for may be the one whose progress unblocks this handler (the
+    // guard holder's own fault): a deadlock with a free handler
+    // (tests/liveness.rs,
+    // `a_handler_blocked_on_one_fault_does_not_strand_the_others`). A
+    // read costs well under a microsecond; a fault round trip 7-47 us.
+    let mut msgs = [RawMsg::default(); 1];
     loop {
         if sh.stop.load(Ordering::Acquire) {
             return;
@@ -268,12 +276,18 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
                         let eof = PgOff(m.size().div_ceil(PAGE_SIZE as u64));
                         let end = if folio_end < eof { folio_end } else { eof };
                         let wp = vma.tracks_writes() && !g.is_dirty();
-                        let out = match vma.user_range(g.index(), end) {
+                        let range = vma.user_range(g.index(), end);
+                        let covers = range.as_ref().is_some_and(|r| r.contains(&vmf.address));
+                        let out = match range {
                             Some(r) => continue_range(vma, r, wp),
                             None => Continued::Failed,
                         };
                         drop(g);
-                        if out != Continued::Clean {
+                        // Not covered: a truncate published a size below
+                        // the faulting page after the fault checked it;
+                        // the CONTINUE (which wakes only its range) left
+                        // the thread asleep. It faults again (SIGBUS).
+                        if out != Continued::Clean || !covers {
                             wake_page(sh, vmf.address);
                         }
                         if sh.cfg.map_ahead {
@@ -381,6 +395,14 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
                 }
             }
             drop(g);
+            if !r.contains(&vmf.address) {
+                // A truncate published a size below the faulting page
+                // after page_mkwrite checked it: the unprotect (which
+                // wakes only its own range) did not cover it. Wake the
+                // thread to fault again and get SIGBUS (tests/sigbus.rs,
+                // `a_write_fault_cut_off_by_a_racing_truncate_raises_sigbus`).
+                wake_page(sh, vmf.address);
+            }
         }
         VmFaultResult::Retry => wake_page(sh, vmf.address),
         VmFaultResult::SigBus => sigbus(sh, vmf),

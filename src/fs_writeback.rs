@@ -23,7 +23,7 @@ use std::io;
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use crate::address_space::AddressSpace;
+use crate::address_space::{AddressSpace, Eviction};
 use crate::aops::WritebackControl;
 use crate::mmap::VmArea;
 use crate::stats::CacheStats;
@@ -32,22 +32,38 @@ use crate::types::PgOff;
 
 /// Every address space of a cache, by id (for the flusher, reclaim,
 /// sync_all).
+/// An address space's entry stays while its drop writes it back (its
+/// [`Eviction`] not done), so that `sync_all` can wait for that write.
 #[derive(Default)]
-pub(crate) struct Spaces(Mutex<HashMap<u64, Weak<AddressSpace>>>);
+pub(crate) struct Spaces(Mutex<HashMap<u64, SpaceEntry>>);
+
+/// An address space and its eviction signal.
+type SpaceEntry = (Weak<AddressSpace>, Arc<Eviction>);
 
 impl Spaces {
     pub(crate) fn register(&self, m: &Arc<AddressSpace>) {
         let mut t = self.0.lock();
-        t.retain(|_, w| w.strong_count() > 0);
-        t.insert(m.id(), Arc::downgrade(m));
+        t.retain(|_, (w, ev)| w.strong_count() > 0 || !ev.is_done());
+        t.insert(m.id(), (Arc::downgrade(m), m.eviction.clone()));
     }
 
     pub(crate) fn get(&self, id: u64) -> Option<Arc<AddressSpace>> {
-        self.0.lock().get(&id).and_then(|w| w.upgrade())
+        self.0.lock().get(&id).and_then(|(w, _)| w.upgrade())
     }
 
     pub(crate) fn all(&self) -> Vec<Arc<AddressSpace>> {
-        self.0.lock().values().filter_map(|w| w.upgrade()).collect()
+        self.0.lock().values().filter_map(|(w, _)| w.upgrade()).collect()
+    }
+
+    /// The address spaces whose last user is gone and whose drop is still
+    /// writing them back.
+    pub(crate) fn dying(&self) -> Vec<Arc<Eviction>> {
+        self.0
+            .lock()
+            .values()
+            .filter(|(w, ev)| w.strong_count() == 0 && !ev.is_done())
+            .map(|(_, ev)| ev.clone())
+            .collect()
     }
 }
 
@@ -330,6 +346,12 @@ impl Writeback {
             if first.is_ok() {
                 first = r;
             }
+        }
+        // Files whose last user is gone write themselves back in their
+        // drop (and report a failure there): wait for those writes to be
+        // in the store.
+        for ev in self.spaces.dying() {
+            ev.wait();
         }
         first
     }

@@ -251,13 +251,32 @@ impl AddressSpace {
     /// The first write error, one recorded during the call, or the store's
     /// sync error.
     pub fn sync_range_checked(&self, start: u64, end: u64) -> io::Result<()> {
-        let since = crate::sync::AtomicU64::new(self.wb_err.now());
+        // `sample`, not `now`: an error nobody has seen yet is reported
+        // too. With `now`, a failure of the same errno while an earlier one
+        // is still unseen would leave the word unchanged (`errseq_set`
+        // bumps nothing then) and this sync would return `Ok` with the
+        // folio dirty (`tests/faults.rs`).
+        let since = crate::sync::AtomicU64::new(self.wb_err.sample());
         let written = self.write_and_wait_range(start, end);
-        let synced = self.ops.fsync();
+        let synced = self.store_sync();
         if let Some(errno) = self.wb_err.check_and_advance(&since) {
             return Err(io::Error::from_raw_os_error(errno));
         }
         written.and(synced)
+    }
+
+    /// The store's sync (`ops.fsync`). A failure is recorded in the error
+    /// word like a failed write, so that it reaches every handle's next
+    /// `fsync` once and the cache-wide syncs that have not seen it — as
+    /// the kernel records a failed journal commit or device flush. (The
+    /// bytes were handed to the store and upcache's folios are clean: it
+    /// cannot know which of them the store lost.)
+    pub(crate) fn store_sync(&self) -> io::Result<()> {
+        let r = self.ops.fsync();
+        if let Err(e) = &r {
+            self.set_error(e.raw_os_error().unwrap_or(libc::EIO));
+        }
+        r
     }
 
     /// Writes through async-tracked mappings become dirty folios here

@@ -166,6 +166,51 @@ fn open_file_shares_the_address_space_of_a_path_open() {
     assert_eq!(cache.open_file(wo).unwrap_err().raw_os_error(), libc::EINVAL);
 }
 
+/// `pwrite(2)` on an `O_APPEND` descriptor ignores its offset and appends
+/// (Linux): a store over such a descriptor would write every folio at the
+/// end of the file. Refused up front, as is `O_DIRECT` (the buffered store
+/// hands it unaligned buffers; `DirectFileStore` is the O_DIRECT store).
+#[test]
+fn open_file_refuses_append_and_direct_descriptors() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![0u8; 8192]).unwrap();
+    let cache = PageCache::new();
+    let fd = std::fs::OpenOptions::new().read(true).append(true).open(&path).unwrap();
+    match cache.open_file(fd) {
+        Err(e) => assert_eq!(e.raw_os_error(), libc::EINVAL, "{e}"),
+        Ok(f) => {
+            // What the bug did: the write lands at the end of the file.
+            f.write_at(b"X", 0).unwrap();
+            f.fsync().unwrap();
+            let disk = std::fs::read(&path).unwrap();
+            panic!(
+                "O_APPEND descriptor accepted: byte 0 is {}, file {} bytes",
+                disk[0],
+                disk.len()
+            );
+        }
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let fd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .unwrap();
+    assert_eq!(cache.open_file(fd).unwrap_err().raw_os_error(), libc::EINVAL);
+    // A store built from an O_APPEND descriptor refuses to write rather
+    // than append.
+    let fd = std::fs::OpenOptions::new().read(true).append(true).open(&path).unwrap();
+    let f = cache
+        .open_with_ops("appending", StoreOps::new(FileStore::from_file(fd)))
+        .unwrap();
+    f.write_at(b"X", 0).unwrap();
+    assert!(f.fsync().is_err(), "a write through an O_APPEND descriptor must fail");
+    assert_eq!(std::fs::read(&path).unwrap(), vec![0u8; 8192], "the file is untouched");
+    drop(f);
+}
+
 #[test]
 fn ops_downcast_back_to_the_engine_type() {
     let dir = tempdir();

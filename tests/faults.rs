@@ -268,6 +268,69 @@ fn store_sync_failure_is_reported() {
     file.fsync().unwrap();
 }
 
+/// A failed store sync is a writeback error like any other (the kernel
+/// records a failed journal commit or device flush in the errseq word): it
+/// reaches every handle of the file once, not only the handle whose
+/// `fsync` happened to call the store.
+#[test]
+fn a_failed_store_sync_reaches_every_handle_once() {
+    let (_d, _p, cache, h1, sw) = setup(&[0u8; 4096]);
+    let h2 = cache.open_with_ops("faulty", StoreOps::new(NeverUsed)).unwrap();
+    h1.write_at(b"y", 1).unwrap();
+    sw.sync_fails.store(true, Relaxed);
+    assert_eq!(errno(&h1.fsync().unwrap_err()), EIO);
+    sw.sync_fails.store(false, Relaxed);
+    let e = h2
+        .fsync()
+        .expect_err("the other handle's fsync must report the failed store sync");
+    assert_eq!(errno(&e), EIO);
+    // Once per handle.
+    h1.fsync().unwrap();
+    h2.fsync().unwrap();
+    // And to the cache-wide syncs that had not seen it.
+    cache.sync_all().unwrap();
+}
+
+/// `sync_all` reports a write error that nobody has seen yet, even when
+/// its own walk then writes the data: the error word is the only record of
+/// a failure in a writeback the sync did not start (a background
+/// writeback it waited for), and a failure of the same errno while an
+/// earlier one is unseen does not move the word.
+#[test]
+fn sync_all_reports_a_write_error_nobody_has_seen() {
+    let (_d, path, cache, file, sw) = setup(&[0u8; 4096]);
+    file.write_at(b"y", 1).unwrap();
+    sw.write_err.store(EIO, Relaxed);
+    assert!(file.writeback(16).is_err());
+    sw.write_err.store(0, Relaxed);
+    let e = cache.sync_all().expect_err("an unseen write error must reach sync_all");
+    assert_eq!(e.raw_os_error(), EIO);
+    assert_eq!(std::fs::read(&path).unwrap()[1], b'y', "the retry wrote the data");
+    cache.sync_all().unwrap();
+}
+
+/// Operations that must never be called: the second open of a name gets
+/// the first open's address space and drops these unused.
+struct NeverUsed;
+
+impl BackingStore for NeverUsed {
+    fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<usize> {
+        unreachable!("a second open's store is never used")
+    }
+    fn write_all_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+        unreachable!("a second open's store is never used")
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        unreachable!("a second open's store is never used")
+    }
+    fn len(&self) -> io::Result<u64> {
+        unreachable!("a second open's store is never used")
+    }
+    fn set_len(&self, _: u64) -> io::Result<()> {
+        unreachable!("a second open's store is never used")
+    }
+}
+
 #[test]
 fn many_threads_with_failing_store_neither_hang_nor_panic() {
     let mut content = vec![0u8; 256 * 1024];

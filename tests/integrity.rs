@@ -194,3 +194,70 @@ fn extreme_arguments_are_validated_or_saturate() {
 fn page_size_is_4k() {
     assert_eq!(PAGE_SIZE, 4096);
 }
+
+/// The last user of a file (here a mapping that outlived its handle) writes
+/// its dirty folios back while its address space is being dropped. An open
+/// of the same file meanwhile must wait for that write, as the kernel's
+/// `iget` waits for an inode being freed: a fresh address space would read
+/// the old bytes from the store, and the dying one's late write would then
+/// overwrite what the new handle writes. `sync_all` must wait for it too,
+/// or it returns with the data not in the store.
+///
+/// The store's write blocks at a gate; the reopen and the `sync_all` run
+/// in threads. The bounded wait below only decides when to open the gate:
+/// a correct cache passes whatever the timing (both threads wait for the
+/// gate), the old one failed because the reopen returned at once and read
+/// the old byte.
+#[test]
+fn reopen_and_sync_all_wait_for_the_last_users_writeback() {
+    watchdog("reopen vs the last user's writeback", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 4 * PAGE_SIZE]).unwrap();
+        let gate = common::Gate::new(false);
+        let armed = Arc::new(AtomicBool::new(false));
+        let (g, a) = (gate.clone(), armed.clone());
+        let store = HookStore::new(&path, move |op, _, _| {
+            if op == StoreOp::Write && a.swap(false, Ordering::SeqCst) {
+                g.pass();
+            }
+            Ok(())
+        });
+        let cache = Arc::new(PageCache::new());
+        let file = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+        let map = file.mmap_raw(0, 4 * PAGE_SIZE).unwrap();
+        drop(file);
+        map.write(100, &[9]);
+        // The next store write (the dying address space's) waits.
+        armed.store(true, Ordering::SeqCst);
+        let dropper = std::thread::spawn(move || drop(map));
+        gate.wait_arrived();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (c, p, t) = (cache.clone(), path.clone(), tx.clone());
+        let reopen = std::thread::spawn(move || {
+            let f = c
+                .open_with_ops("f", StoreOps::new(upcache::FileStore::open(&p).unwrap()))
+                .unwrap();
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, 100).unwrap();
+            let _ = t.send(("reopen", b[0]));
+        });
+        let (c, p, t) = (cache.clone(), path.clone(), tx);
+        let syncer = std::thread::spawn(move || {
+            c.sync_all().unwrap();
+            let _ = t.send(("sync_all", std::fs::read(&p).unwrap()[100]));
+        });
+        let early = rx.recv_timeout(Duration::from_millis(500)).ok();
+        gate.open();
+        dropper.join().unwrap();
+        reopen.join().unwrap();
+        syncer.join().unwrap();
+        let mut seen: Vec<_> = early.into_iter().chain(rx.try_iter()).collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![("reopen", 9), ("sync_all", 9)],
+            "a reopen or sync_all did not wait for the last user's write-back"
+        );
+    });
+}

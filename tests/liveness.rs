@@ -5,6 +5,7 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
 
 use common::{run_child_per_mode, tempdir, watchdog, Gate, HookStore, StoreOp};
 use upcache::{Advice, PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
@@ -338,4 +339,117 @@ fn child_entry() {
         other => panic!("unknown child case {other}"),
     }
     std::process::exit(0);
+}
+
+/// The tid of the calling thread.
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Wait until thread `tid` of this process sleeps in a userfault.
+fn wait_in_userfault(tid: i32) {
+    let path = format!("/proc/self/task/{tid}/wchan");
+    loop {
+        let w = std::fs::read_to_string(&path).unwrap_or_default();
+        if w.trim() == "handle_userfault" {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// A handler thread that blocks while serving one fault must not hold
+/// other threads' faults it read in the same batch: another handler is
+/// idle and would serve them. Here P holds a `PageMut` of page 0 of a
+/// 2 MiB folio and faults on an uncached page; Q reads page 1 of the
+/// guarded folio through the mapping (allowed: it waits for the guard).
+/// Both faults are queued while the two handlers are busy; the first
+/// handler to come free used to read both messages, block on Q's folio,
+/// and strand P's fault — P never dropped its guard: deadlock, with the
+/// second handler idle.
+#[test]
+fn a_handler_blocked_on_one_fault_does_not_strand_the_others() {
+    watchdog("handler batch vs a blocked fault", 60, || {
+        const MIB: usize = 1 << 20;
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![3u8; 64 * MIB]).unwrap();
+        let (x1, x2, p_at) = (16 * MIB + 4096, 40 * MIB + 4096, 56 * MIB + 4096);
+        let (gate1, gate2) = (Gate::new(false), Gate::new(false));
+        let (g1, g2) = (gate1.clone(), gate2.clone());
+        let covers = |off: u64, len: u64, at: usize| off <= at as u64 && (at as u64) < off + len;
+        let store = HookStore::new(&path, move |op, off, len| {
+            if op == StoreOp::Read && covers(off, len, x1) {
+                g1.pass();
+            }
+            if op == StoreOp::Read && covers(off, len, x2) {
+                g2.pass();
+            }
+            Ok(())
+        });
+        let cache = PageCache::builder()
+            .mmap_mode(UffdMode::Minor)
+            .large_folios(true)
+            .fault_threads(2)
+            .build();
+        let file = Arc::new(cache.open_with_ops("batch", StoreOps::new(store)).unwrap());
+        let map = Arc::new(file.mmap_raw(0, 64 * MIB).unwrap());
+        let touch = |map: &Arc<upcache::MmapRaw>, at: usize| {
+            let map = map.clone();
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                map.read(at, &mut b);
+                b[0]
+            })
+        };
+        // Both handlers busy in the store.
+        let t1 = touch(&map, x1);
+        gate1.wait_arrived();
+        let t2 = touch(&map, x2);
+        gate2.wait_arrived();
+        // P: a guard on page 0, then a fault elsewhere.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let p = {
+            let (file, map) = (file.clone(), map.clone());
+            std::thread::spawn(move || {
+                // SAFETY: no mapping reads or writes page 0 while the guard
+                // lives (Q reads page 1 of the same folio).
+                let mut g = unsafe { file.get_page_mut(0) }.unwrap();
+                g[0] = 9;
+                held_tx.send(gettid()).unwrap();
+                go_rx.recv().unwrap();
+                let mut b = [0u8; 1];
+                map.read(p_at, &mut b);
+                drop(g);
+                b[0]
+            })
+        };
+        let p_tid = held_rx.recv().unwrap();
+        // Q: waits for P's guard inside its fault.
+        let (q_tx, q_rx) = std::sync::mpsc::channel();
+        let q = {
+            let map = map.clone();
+            std::thread::spawn(move || {
+                q_tx.send(gettid()).unwrap();
+                let mut b = [0u8; 1];
+                map.read(4096, &mut b);
+                b[0]
+            })
+        };
+        wait_in_userfault(q_rx.recv().unwrap());
+        go_tx.send(()).unwrap();
+        wait_in_userfault(p_tid);
+        // One handler comes free with Q's and P's faults both queued.
+        gate1.open();
+        assert_eq!(t1.join().unwrap(), 3);
+        gate2.open();
+        assert_eq!(t2.join().unwrap(), 3);
+        assert_eq!(p.join().unwrap(), 3);
+        assert_eq!(q.join().unwrap(), 3);
+        let mut b = [0u8; 1];
+        map.read(0, &mut b);
+        assert_eq!(b[0], 9);
+    });
 }

@@ -386,6 +386,54 @@ fn writeback_waits_for_the_log_up_to_each_page_lsn() {
     }
 }
 
+/// `launder_folio` writes a folio's bytes to the store like `writepage`:
+/// the engine's write barrier (its log durable up to the folio's LSN) comes
+/// first there too, and a refusal leaves the store untouched.
+#[test]
+fn launder_folio_waits_for_the_log_too() {
+    use upcache::aops::AddressSpaceOps;
+    let (_d, path) = file_of(4 * 4096);
+    let store = Arc::new(WalStore {
+        file: upcache::FileStore::open(&path).unwrap(),
+        durable: 0.into(),
+        log_syncs: 0.into(),
+        page_lsn: Default::default(),
+        violations: 0.into(),
+        written: 0.into(),
+        refuse: 2.into(),
+    });
+    let ops = Arc::new(upcache::StoreOps::new(store.clone()));
+    let cache = PageCache::new();
+    let file = cache.open_with_ops("wal-launder", ops.clone()).unwrap();
+    {
+        let mut p = pin_mut(&file, 1).unwrap();
+        p[0] = 0x5a;
+        p.set_lsn(77);
+        store.page_lsn.lock().unwrap().insert(1, 77);
+    }
+    let m = file.address_space().unwrap();
+    let mut g = m.filemap_lock_folio(upcache::aops::PgOff(1)).expect("cached");
+    assert!(
+        ops.launder_folio(m, &mut g).is_err(),
+        "a refused barrier must fail the launder"
+    );
+    assert_eq!(
+        store.written.load(Ordering::SeqCst),
+        0,
+        "laundered past a refused barrier"
+    );
+    store.refuse.store(0, Ordering::SeqCst);
+    ops.launder_folio(m, &mut g).unwrap();
+    drop(g);
+    assert_eq!(
+        store.violations.load(Ordering::SeqCst),
+        0,
+        "a page reached the store before its log"
+    );
+    assert!(store.durable.load(Ordering::SeqCst) >= 77);
+    assert_eq!(std::fs::read(&path).unwrap()[4096], 0x5a);
+}
+
 /// Dirty throttling never waits for a folio lock: a `PageMut` holds its
 /// folio's lock while the engine runs, and the engine may dirty more
 /// pages meanwhile (a B-tree split holds the parent while it writes the

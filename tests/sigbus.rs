@@ -229,6 +229,36 @@ fn child_entry() {
             let map = unsafe { file.mmap(0, 8 * PAGE_SIZE, Share::Shared) }.unwrap();
             let _ = std::hint::black_box(map[3 * PAGE_SIZE]);
         }
+        "write_fault_vs_truncate" => {
+            // A write fault on page 100 of a 2 MiB folio; while the handler
+            // marks the folio dirty, a truncate to one page publishes the
+            // new size. The handler then makes writable only the pages
+            // below the new end: the faulting page is past it and its
+            // thread must be woken to fault again (and get SIGBUS), not
+            // left asleep in the kernel.
+            let size = 2 << 20;
+            std::fs::write(&path, vec![5u8; size]).unwrap();
+            let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let ops = ShrinkWatch {
+                inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
+                old: size as u64,
+                entered: entered.clone(),
+            };
+            let file = Arc::new(cache.open_with_ops("shrinking", ops).unwrap());
+            let map = Arc::new(file.mmap_raw(0, size).unwrap());
+            let mut b = [0u8; 1];
+            map.read(100 * PAGE_SIZE, &mut b);
+            assert_eq!(b[0], 5);
+            let writer = {
+                let map = map.clone();
+                std::thread::spawn(move || map.write(100 * PAGE_SIZE, &[7]))
+            };
+            while !entered.load(std::sync::atomic::Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+            file.truncate(PAGE_SIZE as u64).unwrap();
+            writer.join().unwrap();
+        }
         other => panic!("unknown child case {other}"),
     }
     // Reaching this line means no SIGBUS: exit normally so the parent fails.
@@ -284,6 +314,51 @@ impl AddressSpaceOps for FailingAppend {
     fn fsync(&self) -> io::Result<()> {
         self.inner.fsync()
     }
+}
+
+/// Operations whose `dirty_folio` waits, the first time, until the file
+/// shrinks below `old` (a truncate has published its new size).
+struct ShrinkWatch {
+    inner: StoreOps<upcache::FileStore>,
+    old: u64,
+    entered: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AddressSpaceOps for ShrinkWatch {
+    fn read_folio(&self, m: &AddressSpace, f: FolioGuard) -> io::Result<()> {
+        self.inner.read_folio(m, f)
+    }
+    fn writepage(&self, m: &AddressSpace, f: FolioGuard, wbc: &mut WritebackControl) -> io::Result<()> {
+        self.inner.writepage(m, f, wbc)
+    }
+    fn dirty_folio(&self, m: &AddressSpace, _f: &upcache::aops::Folio) {
+        if !self.entered.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            while m.size() >= self.old {
+                std::hint::spin_loop();
+            }
+        }
+    }
+    fn initial_size(&self) -> io::Result<u64> {
+        self.inner.initial_size()
+    }
+    fn set_size(&self, size: u64) -> io::Result<()> {
+        self.inner.set_size(size)
+    }
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(off, len)
+    }
+    fn fsync(&self) -> io::Result<()> {
+        self.inner.fsync()
+    }
+}
+
+/// A write fault whose page a racing truncate cuts off while the fault is
+/// being served ends in SIGBUS; it used to leave the faulting thread asleep
+/// in the kernel for ever (`Minor` mode: only the pages below the new end
+/// were made writable and woken).
+#[test]
+fn a_write_fault_cut_off_by_a_racing_truncate_raises_sigbus() {
+    assert_sigbus_with("write_fault_vs_truncate", true);
 }
 
 /// A failed write past the end leaves the pages past the end poisoned.
