@@ -18,9 +18,12 @@
 //! without the second read of the size.
 #![cfg(loom)]
 
+use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::sync::{Arc, Mutex};
 use loom::thread;
-use upcache::loom_support::{address_space_min_order, set_poison_table, MemStore};
+use upcache::loom_support::{
+    address_space_min_order, filemap_map_pages, on_punch, on_unmap, set_async_mapping, set_poison_table, MemStore,
+};
 use upcache::PAGE_SIZE;
 
 const P: u64 = PAGE_SIZE as u64;
@@ -94,5 +97,59 @@ fn the_page_past_the_end_of_a_large_folio_is_poisoned() {
         assert_eq!(m.read_at(&mut b, 2 * P).unwrap(), 1);
         let t = table.lock().unwrap();
         assert_eq!(t[..4], [false, false, false, true], "{t:?}");
+    });
+}
+
+/// `map_pages` racing a truncate that keeps the large folio straddling the
+/// new end (a file with async-tracked mappings keeps it, its tail zeroed):
+/// no page past the new end may stay mapped once truncate returns. The
+/// mapper reads the size before it locks the folio; the truncate zaps the
+/// pages past the end before it locks the folio. So the mapper must read
+/// the size again under the folio lock, and the truncate must zap again
+/// with the kept folio locked (the kernel's second `unmap_mapping_range`).
+#[test]
+fn map_pages_vs_truncate_keeping_the_folio_maps_nothing_past_the_end() {
+    loom::model(|| {
+        let store = std::sync::Arc::new(MemStore::filled(2 * PAGE_SIZE, 7));
+        let m = address_space_min_order(store, 1);
+        // An async-tracked mapping that saw no writes: truncate keeps the
+        // straddling folio.
+        set_async_mapping(&m, |_| Vec::new(), |_, _| {});
+        // The modelled PTE of page 1 (past the new end).
+        let pte1 = Arc::new(AtomicBool::new(false));
+        {
+            let pte1 = pte1.clone();
+            on_unmap(&m, move |pos, len| {
+                if pos <= P && P < pos + len {
+                    pte1.store(false, Ordering::Release);
+                }
+            });
+        }
+        {
+            let pte1 = pte1.clone();
+            on_punch(&m, move |pos, len| {
+                if pos <= P && P < pos + len {
+                    pte1.store(false, Ordering::Release);
+                }
+            });
+        }
+        let mut b = [0u8; 1];
+        assert_eq!(m.read_at(&mut b, 0).unwrap(), 1);
+        let mapper = {
+            let (m, pte1) = (m.clone(), pte1.clone());
+            thread::spawn(move || {
+                filemap_map_pages(&m, 0..2, false, &mut |run, _, _| {
+                    if run.contains(&1) {
+                        pte1.store(true, Ordering::Release);
+                    }
+                });
+            })
+        };
+        m.truncate(P).unwrap();
+        mapper.join().unwrap();
+        assert!(
+            !pte1.load(Ordering::Acquire),
+            "page 1 is past the end (1 page) but still mapped after truncate returned"
+        );
     });
 }

@@ -371,6 +371,13 @@ pub mod loom_support {
         );
     }
 
+    /// Tell `f(pos, len)` of every zap of a file range from every mapping
+    /// (`unmap_mapping_range`: truncate's zap of the pages past the new
+    /// end, for real `MADV_DONTNEED` in each mapping).
+    pub fn on_unmap(m: &AddressSpace, f: impl Fn(u64, u64) + Send + Sync + 'static) {
+        assert!(m.store.on_unmap.set(std::sync::Arc::new(f)).is_ok(), "one unmap hook");
+    }
+
     /// The flusher's harvest of every async-tracked write of `m`
     /// (background: a folio locked by another thread stays pending).
     pub fn harvest(m: &AddressSpace) {

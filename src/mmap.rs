@@ -1097,6 +1097,10 @@ impl AddressSpace {
         if only_poisoned && end > first {
             crate::page_store::call_pte_hook(&self.store.on_unpoison, first.byte(), (end.0 - first.0) << PAGE_SHIFT);
         }
+        #[cfg(loom)]
+        if !only_poisoned && end > first {
+            crate::page_store::call_pte_hook(&self.store.on_unmap, first.byte(), (end.0 - first.0) << PAGE_SHIFT);
+        }
         for v in vmas
             .iter()
             .filter(|v| !only_poisoned || v.poisoned.load(Ordering::Relaxed))

@@ -226,6 +226,10 @@ pub(crate) struct PageStore {
     /// poisoned mappings (`unpoison_growth`), under `i_mmap`.
     #[cfg(loom)]
     pub(crate) on_unpoison: std::sync::OnceLock<PteHook>,
+    /// Loom models' page table: a zap of every mapping of a range
+    /// (`unmap_mapping_range`), under `i_mmap`.
+    #[cfg(loom)]
+    pub(crate) on_unmap: std::sync::OnceLock<PteHook>,
 }
 
 /// A loom model's `PAGEMAP_SCAN`: file pages in, written runs out.
@@ -305,6 +309,8 @@ impl PageStore {
             on_poison: std::sync::OnceLock::new(),
             #[cfg(loom)]
             on_unpoison: std::sync::OnceLock::new(),
+            #[cfg(loom)]
+            on_unmap: std::sync::OnceLock::new(),
         })
     }
 

@@ -273,9 +273,16 @@ impl AddressSpace {
                         let zs = (start - fstart) as usize;
                         g.zero_raw(zs, g.size() - zs);
                         self.ops.invalidate_folio(self, &g, zs, g.size() - zs);
+                        let first = PgOff(start.div_ceil(PAGE_SIZE as u64));
+                        // Zap its pages past the end again, now that it is
+                        // locked (the kernel's second `unmap_mapping_range`):
+                        // a `map_pages` that read the old size and locked
+                        // the folio before us may have mapped them after
+                        // the first zap (`loom_large_folios`,
+                        // `map_pages_vs_truncate_keeping_the_folio_...`).
+                        self.unmap_mapping_range(first, g.index().add(g.nr_pages()));
                         // Its pages past the end stay present in the page
                         // store: `Missing`-mode mappings need poison there.
-                        let first = PgOff(start.div_ceil(PAGE_SIZE as u64));
                         self.poison_past_eof(first, g.index().add(g.nr_pages()), None);
                         continue;
                     }

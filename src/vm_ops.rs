@@ -242,10 +242,17 @@ impl crate::address_space::AddressSpace {
                 let g = f.trylock().ok()?;
                 (g.mapping_id() == m.id() && g.is_uptodate()).then_some(g)
             });
+            // The size again, now that the folio is locked: a truncate
+            // that published a smaller size before we locked it zapped the
+            // pages past its end already and must not find them mapped
+            // again (it zaps once more under the lock of a folio it keeps,
+            // for a mapper that locked it first).
+            let eof_now = ready.as_ref().map_or(end, |_| m.size().div_ceil(PAGE_SIZE as u64));
+            let ready = ready.filter(|_| i < eof_now);
             match ready {
                 Some(g) => {
                     let wp = tracks_writes && !g.is_dirty();
-                    let b = next.min(end);
+                    let b = next.min(end).min(eof_now);
                     if !run.folios.is_empty() && (wp != run.wp || i != run.end) {
                         run.flush(map);
                     }
