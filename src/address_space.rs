@@ -597,8 +597,12 @@ impl AddressSpace {
         if folio.test_clear_dirty() {
             self.stats.dirty_sub(folio.nr_pages());
             // Write-protect it in every shared-writable mapping first, so a
-            // write during writeback faults and re-dirties it.
-            self.page_mkclean(folio);
+            // write during writeback faults and re-dirties it. Where that
+            // failed, a later write would reach the folio unseen: it is
+            // written now and stays dirty, to be written again.
+            if !self.page_mkclean(folio) {
+                self.mark_dirty_raw(folio);
+            }
             true
         } else {
             false

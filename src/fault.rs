@@ -255,6 +255,7 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
     let m = vma.mapping();
     let around = sh.cfg.fault_around_pages.max(1);
     for _ in 0..64 {
+        let size_before = m.size();
         if vma.mode() == UffdMode::Minor {
             // Fast path: map what is ready around the fault.
             let start = PgOff(vmf.pgoff.0 & !(around - 1));
@@ -322,6 +323,7 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
             VmFaultResult::Retry => continue,
             VmFaultResult::SigBus => {
                 sigbus(sh, vmf);
+                unpoison_if_cleared(sh, vmf, size_before);
                 return;
             }
         }
@@ -451,6 +453,32 @@ fn sigbus(sh: &EngineShared, vmf: &VmFault<'_>) {
     vmf.vma.poisoned.store(true, Ordering::Relaxed);
     vmf.vma.mapping().stats.sigbus();
     poison_page(sh, vmf.address);
+}
+
+/// After [`sigbus`] answered a read fault: if what made the page
+/// unservable has gone meanwhile, take the poison off again (the thread
+/// faults again and is served). The one who made it go — a read that
+/// brought the folio uptodate (`clear_read_error_poison`), a growth of the
+/// file over the page (`unpoison_growth`) — looked for poison to clear
+/// under `i_mmap`, maybe before this poison was installed; so look at the
+/// page's state under `i_mmap` too: one of the two sees the other.
+///
+/// Only the two reasons that can go are undone: the folio is now cached
+/// and uptodate, or the page was past the end when the fault began and is
+/// below it now. A failure that stays (the store still fails, the page
+/// store cannot be grown) keeps its poison, so this never loops.
+fn unpoison_if_cleared(sh: &EngineShared, vmf: &VmFault<'_>, size_before: u64) {
+    let m = vmf.vma.mapping();
+    let _vmas = m.i_mmap.lock();
+    if vmf.pgoff.byte() >= m.size() {
+        return;
+    }
+    let grown = vmf.pgoff.byte() >= size_before;
+    let cached = m.filemap_get_folio(vmf.pgoff).is_some_and(|f| f.is_uptodate());
+    if grown || cached {
+        vmf.vma.zap(vmf.pgoff, vmf.pgoff.add(1));
+        wake_page(sh, vmf.address);
+    }
 }
 
 /// `UFFDIO_POISON` one page; the faulting thread gets SIGBUS.

@@ -317,13 +317,19 @@ impl VmArea {
     }
 
     /// Write-protect the folio's pages in this mapping (`page_mkclean_one`).
-    pub(crate) fn mkclean(&self, folio: &Folio) {
+    /// False if the kernel refused (`ENOMEM` for the page tables of the
+    /// markers, `EAGAIN`): pages may still be mapped writable.
+    pub(crate) fn mkclean(&self, folio: &Folio) -> bool {
         if let Some(r) = self.user_range(folio.index(), folio.index().add(folio.nr_pages())) {
             match self.engine.uffd.writeprotect(r.start, r.len(), true) {
                 Ok(()) | Err(UffdError::Gone(_)) => {}
-                Err(e) => eprintln!("upcache: page_mkclean failed: {e}"),
+                Err(e) => {
+                    eprintln!("upcache: page_mkclean failed, the folio stays dirty: {e}");
+                    return false;
+                }
             }
         }
+        true
     }
 }
 
@@ -1069,13 +1075,15 @@ impl AddressSpace {
     /// `page_mkclean`: write-protect the folio in every shared-writable
     /// mapping, so the next write faults into page_mkwrite and re-dirties
     /// it. Folio locked (called from `folio_clear_dirty_for_io`).
-    pub(crate) fn page_mkclean(&self, folio: &Folio) {
+    pub(crate) fn page_mkclean(&self, folio: &Folio) -> bool {
         #[cfg(loom)]
         crate::page_store::call_pte_hook(&self.store.on_mkclean, folio.pos(), folio.size() as u64);
         let vmas = self.i_mmap.lock();
+        let mut all = true;
         for v in vmas.iter().filter(|v| v.tracks_writes()) {
-            v.mkclean(folio);
+            all &= v.mkclean(folio);
         }
+        all
     }
 
     /// `unmap_mapping_range`: zap file pages `[first, end)` from every user

@@ -259,6 +259,61 @@ fn child_entry() {
             file.truncate(PAGE_SIZE as u64).unwrap();
             writer.join().unwrap();
         }
+        "read_error_cleared_meanwhile" => {
+            // A fault's read fails; before the handler answers it with
+            // poison, another thread's read_at reads the folio again and
+            // succeeds (finding no poison to clear yet). The poison must
+            // not stay on a page whose data is now cached: later accesses
+            // are served. Accesses are kernel-mode (`write(2)` from the
+            // mapping into a pipe), so poison shows as EFAULT, not SIGBUS.
+            std::fs::write(&path, vec![9u8; 8 * PAGE_SIZE]).unwrap();
+            let latch = Arc::new((std::sync::Mutex::new((false, false)), std::sync::Condvar::new()));
+            let ops = Arc::new(FailOnceLatched {
+                inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
+                fail: true.into(),
+                latched: false.into(),
+                latch: latch.clone(),
+            });
+            let file = Arc::new(cache.open_with_ops("fail-once", ops.clone()).unwrap());
+            // The folio of page 3 stays cached, failed, not uptodate.
+            let mut b = [0u8; 1];
+            assert!(file.read_at(&mut b, 3 * PAGE_SIZE as u64).is_err());
+            // The fault's read of it fails, and waits before answering.
+            ops.latched.store(true, std::sync::atomic::Ordering::SeqCst);
+            let map = file.mmap_raw(0, 8 * PAGE_SIZE).unwrap();
+            let addr = map.as_ptr() as usize + 3 * PAGE_SIZE;
+            let mut fds = [0i32; 2];
+            // SAFETY: `fds` has room for the two descriptors.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            let (rd, wr) = (fds[0], fds[1]);
+            let kernel_read = move || {
+                // SAFETY: `addr` lies in the live mapping; write(2) only
+                // reads one byte from it.
+                unsafe { libc::write(wr, addr as *const libc::c_void, 1) }
+            };
+            let first = std::thread::spawn(kernel_read);
+            {
+                let (m, cv) = &*latch;
+                let mut st = m.lock().unwrap();
+                while !st.0 {
+                    st = cv.wait(st).unwrap();
+                }
+            }
+            file.read_at(&mut b, 3 * PAGE_SIZE as u64).unwrap();
+            assert_eq!(b[0], 9);
+            {
+                let (m, cv) = &*latch;
+                m.lock().unwrap().1 = true;
+                cv.notify_all();
+            }
+            let _ = first.join().unwrap();
+            assert_eq!(kernel_read(), 1, "the page stays poisoned though its data is cached");
+            let mut got = [0u8; 1];
+            // SAFETY: `rd` is the pipe's read end, `got` one writable byte.
+            while unsafe { libc::read(rd, got.as_mut_ptr() as *mut libc::c_void, 1) } == 1 && got[0] != 9 {}
+            assert_eq!(got[0], 9);
+            std::process::exit(0);
+        }
         other => panic!("unknown child case {other}"),
     }
     // Reaching this line means no SIGBUS: exit normally so the parent fails.
@@ -314,6 +369,62 @@ impl AddressSpaceOps for FailingAppend {
     fn fsync(&self) -> io::Result<()> {
         self.inner.fsync()
     }
+}
+
+/// Operations whose `read_folio` fails while `fail` is set, and whose
+/// first failure with `latched` set first says so through the latch
+/// (`.0`), unlocks the folio, and returns its error only once the latch
+/// opens (`.1`).
+struct FailOnceLatched {
+    inner: StoreOps<upcache::FileStore>,
+    fail: std::sync::atomic::AtomicBool,
+    latched: std::sync::atomic::AtomicBool,
+    latch: Arc<(std::sync::Mutex<(bool, bool)>, std::sync::Condvar)>,
+}
+
+impl AddressSpaceOps for FailOnceLatched {
+    fn read_folio(&self, m: &AddressSpace, f: FolioGuard) -> io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.fail.load(SeqCst) {
+            return self.inner.read_folio(m, f);
+        }
+        f.set_error();
+        drop(f);
+        if self.latched.swap(false, SeqCst) {
+            self.fail.store(false, SeqCst);
+            let (lock, cv) = &*self.latch;
+            let mut st = lock.lock().unwrap();
+            st.0 = true;
+            cv.notify_all();
+            while !st.1 {
+                st = cv.wait(st).unwrap();
+            }
+        }
+        Err(io::Error::from_raw_os_error(5))
+    }
+    fn writepage(&self, m: &AddressSpace, f: FolioGuard, wbc: &mut WritebackControl) -> io::Result<()> {
+        self.inner.writepage(m, f, wbc)
+    }
+    fn initial_size(&self) -> io::Result<u64> {
+        self.inner.initial_size()
+    }
+    fn set_size(&self, size: u64) -> io::Result<()> {
+        self.inner.set_size(size)
+    }
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(off, len)
+    }
+    fn fsync(&self) -> io::Result<()> {
+        self.inner.fsync()
+    }
+}
+
+/// Poison answering a failed read must not outlive the failure: a read
+/// that succeeded meanwhile (before the poison was installed) leaves the
+/// page served, not raising SIGBUS until the mapping goes.
+#[test]
+fn poison_for_a_read_error_cleared_meanwhile_does_not_stay() {
+    assert_clean_exit("read_error_cleared_meanwhile");
 }
 
 /// Operations whose `dirty_folio` waits, the first time, until the file
