@@ -790,7 +790,13 @@ impl File {
     /// # Safety
     /// As [`mmap_mut`](Self::mmap_mut).
     pub unsafe fn mmap_mut_with_mode(&self, offset: u64, len: usize, share: Share, mode: UffdMode) -> Result<MmapMut> {
-        self.mapping_w()?;
+        // A private mapping's writes are copies that never reach the file:
+        // a read-only handle may make one, as mmap(2) allows MAP_PRIVATE
+        // with PROT_WRITE on an O_RDONLY descriptor.
+        match share {
+            Share::Shared => self.mapping_w()?,
+            Share::Private => self.mapping()?,
+        };
         let engine = self.cache.engine()?;
         let vma = do_mmap(&engine, &self.mapping, offset, len, true, share, mode)?;
         Ok(MmapMut::new(vma, engine))

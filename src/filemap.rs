@@ -380,14 +380,14 @@ impl AddressSpace {
     /// readahead behaviour; `WillNeed` reads `[off, off + len)` into the
     /// cache now; `DontNeed` starts writeback of the range and drops its
     /// clean folios that nobody is using (mapped pages are zapped and fault
-    /// back in).
+    /// back in). A zero `len` means to the end of the file, as in
+    /// posix_fadvise(2).
     ///
     /// # Locking
     /// `WillNeed` takes `invalidate_lock` shared; `DontNeed` trylocks folios.
     ///
     /// # Errors
-    /// `EINVAL` for a zero length with `WillNeed`/`DontNeed`; write errors
-    /// of `DontNeed`'s writeback (also kept for fsync).
+    /// Write errors of `DontNeed`'s writeback (also kept for fsync).
     pub fn advise(&self, advice: Advice, off: u64, len: u64) -> Result<()> {
         match advice {
             Advice::Normal | Advice::Sequential | Advice::Random => {
@@ -397,9 +397,11 @@ impl AddressSpace {
                 st.size = 0;
                 Ok(())
             }
-            Advice::WillNeed | Advice::DontNeed if len == 0 => Err(Error::InvalidArgument {
-                what: "advise of zero length",
-            }),
+            // Length 0: to the end of the file (posix_fadvise(2)).
+            Advice::WillNeed | Advice::DontNeed if len == 0 => {
+                let end = self.size().max(off.saturating_add(1));
+                self.advise(advice, off, end - off)
+            }
             Advice::WillNeed => {
                 let end = off.saturating_add(len).div_ceil(1 << PAGE_SHIFT);
                 self.page_cache_ra_range(PgOff::of_byte(off), end)
@@ -428,14 +430,22 @@ impl AddressSpace {
     /// Takes `i_rwsem` exclusive; `write_begin` / `write_end` lock each folio.
     ///
     /// # Errors
-    /// `EFBIG` past the largest file; a read error of a partial-folio
+    /// `EFBIG` when `pos` is at or past the largest file (a write starting
+    /// below it and crossing it is cut short there and returns the shorter
+    /// length, as the kernel's); a read error of a partial-folio
     /// read-modify-write (bytes already copied stay written: the returned
     /// error says nothing was written only when it came first).
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize> {
-        check_range_max(pos, buf.len() as u64)?;
+        // As the kernel's generic_write_checks: an empty write succeeds
+        // wherever it points; one starting below the largest file and
+        // crossing it is cut short there.
         if buf.is_empty() {
             return Ok(0);
         }
+        if pos < MAX_FILE_SIZE && buf.len() as u64 > MAX_FILE_SIZE - pos {
+            return self.write_at(&buf[..(MAX_FILE_SIZE - pos) as usize], pos);
+        }
+        check_range_max(pos, buf.len() as u64)?;
         if crate::mmap::overlaps_user_mapping(buf.as_ptr(), buf.len()) {
             // The source is an upcache mapping: copying from it under the
             // folio lock could fault on that very folio. Fault it in now,

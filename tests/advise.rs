@@ -60,7 +60,18 @@ fn willneed_prefetches_and_dontneed_drops() {
     file.read_at(&mut buf, 0).unwrap();
     assert_eq!(&buf[4096..4104], b"dontneed");
     assert_eq!(buf[10], 10);
-    assert_eq!(file.advise(Advice::DontNeed, 0, 0).unwrap_err().raw_os_error(), 22);
+    // Length 0 means "to the end of the file", as posix_fadvise(2) has it.
+    file.write_at(b"tail", 3 << 20).unwrap();
+    file.advise(Advice::DontNeed, 1 << 20, 0).unwrap();
+    let s = cache.stats();
+    assert_eq!(s.dirty_bytes, 0, "DontNeed to the end wrote the tail back: {s}");
+    assert_eq!(&std::fs::read(&path).unwrap()[3 << 20..(3 << 20) + 4], b"tail");
+    let before = cache.stats().bytes_cached;
+    file.advise(Advice::WillNeed, 2 << 20, 0).unwrap();
+    assert!(
+        cache.stats().bytes_cached >= before + (2 << 20),
+        "WillNeed to the end read the rest of the file"
+    );
 }
 
 /// `DontNeed` of a range whose last byte is the first byte of a page drops

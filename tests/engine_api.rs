@@ -132,6 +132,19 @@ fn options_create_truncate_and_read_only() {
         assert_eq!(e.raw_os_error(), libc::EBADF);
     }
     assert!(cache.options().write(false).create(true).open(&path).is_err());
+    // A private writable mapping of a read-only handle is allowed, as
+    // mmap(2) allows MAP_PRIVATE + PROT_WRITE on an O_RDONLY descriptor:
+    // its writes are copies that never reach the file.
+    {
+        // SAFETY: the mapping is read and written only through short-lived
+        // borrows, never while another writer changes the same bytes.
+        let mut p =
+            unsafe { ro.mmap_mut(0, 4096, upcache::Share::Private) }.expect("private mapping of a read-only handle");
+        p[0] = b'J';
+        assert_eq!(p[0], b'J');
+    }
+    ro.read_exact_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"hello world", "a private write reached the file");
     // truncate(true) goes through the cache: the other handles see it.
     let t = cache.options().truncate(true).open(&path).unwrap();
     assert_eq!(t.len().unwrap(), 0);
