@@ -169,3 +169,35 @@ fn real_sync_vs_a_failing_background_writeback_reports_or_writes() {
         );
     });
 }
+
+/// Reclaim's eviction racing a writeback that fails: the eviction checks
+/// DIRTY and WRITEBACK with the folio locked, but the writeback holds no
+/// lock — it may fail, redirty the folio and end after those checks, then
+/// drop its reference just before the eviction freezes the count. The
+/// eviction must look again after the freeze: before, it punched the
+/// folio whose write had just failed, and the data was gone (neither
+/// cached nor in the store).
+#[test]
+fn real_evict_vs_a_failing_writeback_never_discards_the_data() {
+    loom::model(|| {
+        let store = std::sync::Arc::new(upcache::loom_support::MemStore::filled(upcache::PAGE_SIZE, 0));
+        let m = upcache::loom_support::address_space(store.clone());
+        assert_eq!(m.write_at(&[7], 0).unwrap(), 1);
+        store.fail_next_write();
+        let wb = {
+            let m = m.clone();
+            loom::thread::spawn(move || {
+                let mut wbc = upcache::aops::WritebackControl::none(i64::MAX);
+                wbc.for_background = true;
+                let _ = m.writepages(&mut wbc);
+            })
+        };
+        let evicted = upcache::loom_support::evict_folio(&m, 0);
+        wb.join().unwrap();
+        assert!(
+            !evicted,
+            "a folio whose write failed was evicted (store holds {})",
+            store.contents()[0]
+        );
+    });
+}

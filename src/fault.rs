@@ -469,15 +469,37 @@ fn sigbus(sh: &EngineShared, vmf: &VmFault<'_>) {
 /// store cannot be grown) keeps its poison, so this never loops.
 fn unpoison_if_cleared(sh: &EngineShared, vmf: &VmFault<'_>, size_before: u64) {
     let m = vmf.vma.mapping();
-    let _vmas = m.i_mmap.lock();
-    if vmf.pgoff.byte() >= m.size() {
+    // The lookup must not spin on a frozen folio while `i_mmap` is held:
+    // reclaim keeps a folio frozen while it takes `i_mmap` (the async
+    // eviction check), so drop the lock and look again instead. A bounded
+    // number of times: a folio still frozen after that is being evicted,
+    // and the poison stays (the mapping's next fault past it is served
+    // from a new folio only after the poison is cleared by a read or a
+    // removal of an errored folio).
+    for _ in 0..1000 {
+        let vmas = m.i_mmap.lock();
+        if vmf.pgoff.byte() >= m.size() {
+            return;
+        }
+        let grown = vmf.pgoff.byte() >= size_before;
+        let cached = {
+            let guard = crate::sync::epoch::pin();
+            match m.try_get_folio_pinned(vmf.pgoff, &guard) {
+                crate::address_space::Lookup::Found(f) => f.is_uptodate(),
+                crate::address_space::Lookup::Absent => false,
+                crate::address_space::Lookup::Busy => {
+                    drop(guard);
+                    drop(vmas);
+                    std::thread::yield_now();
+                    continue;
+                }
+            }
+        };
+        if grown || cached {
+            vmf.vma.zap(vmf.pgoff, vmf.pgoff.add(1));
+            wake_page(sh, vmf.address);
+        }
         return;
-    }
-    let grown = vmf.pgoff.byte() >= size_before;
-    let cached = m.filemap_get_folio(vmf.pgoff).is_some_and(|f| f.is_uptodate());
-    if grown || cached {
-        vmf.vma.zap(vmf.pgoff, vmf.pgoff.add(1));
-        wake_page(sh, vmf.address);
     }
 }
 

@@ -162,11 +162,23 @@ pub(crate) fn keep_dirty_after_failed_writepage(mapping: &AddressSpace, folio: &
         return;
     }
     let g = if wbc.for_background {
-        match folio.clone().trylock() {
-            Ok(g) => g,
-            // Busy: whoever holds it may dirty it; if not, the data is
-            // still in the cache and the caller got the error.
-            Err(_) => return,
+        // Never wait for the lock here (a throttled thread's own page
+        // guard, or one another thread holds while it waits for this
+        // thread, may hold it), but do not give up at once either:
+        // reclaim try-locks folios and lets go as soon as it sees our
+        // reference, and if we gave up it could evict the clean folio on
+        // its next pass. A holder that keeps it past the retries (a page
+        // guard) is left the data, clean; the caller got the error.
+        let mut tries = 0;
+        loop {
+            match folio.clone().trylock() {
+                Ok(g) => break g,
+                Err(_) if tries < 1000 => {
+                    tries += 1;
+                    std::thread::yield_now();
+                }
+                Err(_) => return,
+            }
         }
     } else {
         folio.clone().lock()

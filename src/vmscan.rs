@@ -375,7 +375,7 @@ impl Reclaimer {
             // `shrinking` mutex); it is evicted on a later pass once clean.
             return Outcome::WriteBack(m, f);
         }
-        match m.freeze_for_eviction(f) {
+        match m.freeze_for_eviction(f, false) {
             Some(g) => Outcome::Frozen(m, g),
             None => Outcome::Keep,
         }
@@ -428,14 +428,36 @@ impl AddressSpace {
     /// releasable, freeze its count from "index + ours" to zero. The folio
     /// stays indexed (lookups spin on the frozen count) until
     /// `finish_eviction`, after its memory is punched.
-    fn freeze_for_eviction(&self, f: crate::folio::FolioRef) -> Option<FolioGuard> {
+    fn freeze_for_eviction(&self, f: crate::folio::FolioRef, errored_too: bool) -> Option<FolioGuard> {
         let g = f.trylock().ok()?;
-        if g.mapping_id() != self.id() || g.is_dirty() || g.is_writeback() || !self.ops.release_folio(self, &g) {
+        // A folio whose read failed carries the record that mappings may
+        // hold SIGBUS poison for its pages, which its re-read or its
+        // removal clears (`clear_read_error_poison`); evicting it without
+        // that would leave the poison for the mapping's life. Reclaim keeps
+        // it (its memory was freed when the read failed,
+        // `FolioGuard::set_error`, and reclaim must not zap mappings while
+        // it holds other folios frozen); `evict_folio` (DontNeed) drops it
+        // and clears the poison after.
+        if g.mapping_id() != self.id()
+            || g.is_dirty()
+            || g.is_writeback()
+            || (g.has_error() && !errored_too)
+            || !self.ops.release_folio(self, &g)
+        {
             return None;
         }
         // Index + ours: anyone else (a reader mid-copy, a fault, a waiter)
         // keeps it.
         if !g.freeze_refs(2) {
+            return None;
+        }
+        // Dirty and writeback again, now that nobody else holds it: a
+        // writeback that failed after the checks above (it holds no lock)
+        // redirtied the folio and ended before it dropped its reference,
+        // which the freeze saw gone (the kernel's re-check after
+        // `folio_ref_freeze` in `__remove_mapping`).
+        if g.is_dirty() || g.is_writeback() {
+            g.unfreeze_refs(2);
             return None;
         }
         // Writes through async-tracked mappings that no harvest has seen
@@ -462,7 +484,7 @@ impl AddressSpace {
     /// Evict one clean folio (see the module docs). `Ok(None)` if it is in
     /// use, locked, dirty, under writeback or its private state stays.
     pub(crate) fn evict_folio(&self, f: crate::folio::FolioRef) -> io::Result<Option<u64>> {
-        let Some(g) = self.freeze_for_eviction(f) else {
+        let Some(g) = self.freeze_for_eviction(f, true) else {
             return Ok(None);
         };
         // Punch while still indexed, so no new folio can be created at
@@ -471,6 +493,13 @@ impl AddressSpace {
             g.unfreeze_refs(2);
             return Err(e);
         }
-        Ok(Some(self.finish_eviction(g)))
+        let (errored, index) = (g.has_error(), g.index());
+        let n = self.finish_eviction(g);
+        if errored {
+            // Gone from the index (nothing frozen any more): its pages'
+            // next fault reads them again.
+            self.clear_read_error_poison(index, n);
+        }
+        Ok(Some(n))
     }
 }

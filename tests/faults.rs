@@ -413,6 +413,33 @@ fn a_page_poisoned_by_a_read_error_is_served_once_the_store_heals_body() {
     assert_eq!(map[page + 5], content[page + 5]);
 }
 
+/// The same, when the failed folio leaves the cache (`DontNeed`, reclaim)
+/// before anything reads it again: the poison must not outlive it.
+/// Reclaim used to evict the failed folio without clearing the poison its
+/// failure had left, so the page raised SIGBUS for the mapping's life.
+#[test]
+fn a_page_poisoned_by_a_read_error_is_served_after_its_folio_is_dropped() {
+    watchdog("poisoned page after DontNeed", 60, || {
+        let content: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+        let (_d, _p, _c, file, sw) = setup(&content);
+        // SAFETY: only this thread touches the mapping.
+        let map = unsafe { file.mmap(0, content.len(), upcache::Share::Shared) }.unwrap();
+        let page = 40 * PAGE_SIZE;
+        let populate = || {
+            // SAFETY: a range inside our live mapping; POPULATE_READ only
+            // faults it in.
+            let r = unsafe { libc::madvise(map.as_ptr().add(page) as *mut _, PAGE_SIZE, libc::MADV_POPULATE_READ) };
+            (r == 0).then_some(()).ok_or_else(io::Error::last_os_error)
+        };
+        sw.read_err.store(EIO, Relaxed);
+        populate().expect_err("a read error must fail the access");
+        sw.read_err.store(0, Relaxed);
+        file.advise(upcache::Advice::DontNeed, 0, content.len() as u64).unwrap();
+        populate().expect("the page is served again after the store healed");
+        assert_eq!(map[page + 5], content[page + 5]);
+    });
+}
+
 /// An engine whose `writepage` fails without keeping the folio dirty: it
 /// drops the folio with nothing submitted and returns the error, or
 /// starts writeback and returns early (`?`) without ending it. Neither
