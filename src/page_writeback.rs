@@ -175,7 +175,7 @@ pub(crate) fn keep_dirty_after_failed_writepage(mapping: &AddressSpace, folio: &
                 Ok(g) => break g,
                 Err(_) if tries < 1000 => {
                     tries += 1;
-                    std::thread::yield_now();
+                    crate::sync::yield_now();
                 }
                 Err(_) => return,
             }

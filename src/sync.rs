@@ -46,6 +46,11 @@ mod imp {
         std::hint::spin_loop();
     }
 
+    /// Give the CPU to another thread (a bounded retry loop's back-off).
+    pub fn yield_now() {
+        std::thread::yield_now();
+    }
+
     /// Address-keyed wait queue: the kernel's page wait table.
     ///
     /// Normally it holds no state at all: sleepers park in
@@ -193,6 +198,11 @@ mod imp {
 
     /// Spin-loop hint: a yield point for loom.
     pub fn spin_loop() {
+        loom::thread::yield_now();
+    }
+
+    /// Give the CPU to another thread: a yield point for loom.
+    pub fn yield_now() {
         loom::thread::yield_now();
     }
 
