@@ -834,6 +834,16 @@ impl Drop for Writeback<'_> {
 
 impl Drop for AddressSpace {
     fn drop(&mut self) {
+        // Signal the end of the drop on every path, unwinding included (a
+        // panicking engine `writepage`): an open of this file or a
+        // `sync_all` waiting for it would wait for ever otherwise.
+        struct Finish(Arc<Eviction>);
+        impl Drop for Finish {
+            fn drop(&mut self) {
+                self.0.finish();
+            }
+        }
+        let _finish = Finish(self.eviction.clone());
         // The last user (a handle, a mapping, a FolioRef's owner) is gone:
         // write back what is still dirty (mapped writes after close, a
         // handle dropped after a failed flush) before dropping the folios.
@@ -869,9 +879,8 @@ impl Drop for AddressSpace {
                 None => index = i + 1,
             }
         }
-        // Last: an open of this file, or a `sync_all`, waiting for the
-        // write-back above goes on.
-        self.eviction.finish();
+        // Last (`_finish`): an open of this file, or a `sync_all`, waiting
+        // for the write-back above goes on.
     }
 }
 

@@ -322,8 +322,7 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
             }
             VmFaultResult::Retry => continue,
             VmFaultResult::SigBus => {
-                sigbus(sh, vmf);
-                unpoison_if_cleared(sh, vmf, size_before);
+                sigbus_read(sh, vmf, size_before);
                 return;
             }
         }
@@ -455,52 +454,51 @@ fn sigbus(sh: &EngineShared, vmf: &VmFault<'_>) {
     poison_page(sh, vmf.address);
 }
 
-/// After [`sigbus`] answered a read fault: if what made the page
-/// unservable has gone meanwhile, take the poison off again (the thread
-/// faults again and is served). The one who made it go — a read that
-/// brought the folio uptodate (`clear_read_error_poison`), a growth of the
-/// file over the page (`unpoison_growth`) — looked for poison to clear
-/// under `i_mmap`, maybe before this poison was installed; so look at the
-/// page's state under `i_mmap` too: one of the two sees the other.
+/// [`sigbus`] for a read fault, decided again under `i_mmap`: if what
+/// made the page unservable has gone meanwhile, wake the thread to fault
+/// again instead. The one who made it go — a read that brought the folio
+/// uptodate (`clear_read_error_poison`), a growth of the file over the
+/// page (`unpoison_growth`) — clears poison under `i_mmap` after the
+/// change: either it runs after this and finds the poison (the mapping is
+/// marked poisoned first), or it ran before and this sees the change.
+/// Poison is never taken off here afterwards: that zap could drop a real
+/// page mapped and written in between (tests/sigbus.rs,
+/// `poison_for_a_read_error_cleared_meanwhile_does_not_stay`).
 ///
-/// Only the two reasons that can go are undone: the folio is now cached
+/// Only the two reasons that can go are looked at: the folio is now cached
 /// and uptodate, or the page was past the end when the fault began and is
 /// below it now. A failure that stays (the store still fails, the page
-/// store cannot be grown) keeps its poison, so this never loops.
-fn unpoison_if_cleared(sh: &EngineShared, vmf: &VmFault<'_>, size_before: u64) {
+/// store cannot be grown) is answered with poison, so this never loops.
+fn sigbus_read(sh: &EngineShared, vmf: &VmFault<'_>, size_before: u64) {
     let m = vmf.vma.mapping();
     // The lookup must not spin on a frozen folio while `i_mmap` is held:
     // reclaim keeps a folio frozen while it takes `i_mmap` (the async
-    // eviction check), so drop the lock and look again instead. A bounded
-    // number of times: a folio still frozen after that is being evicted,
-    // and the poison stays (the mapping's next fault past it is served
-    // from a new folio only after the poison is cleared by a read or a
-    // removal of an errored folio).
+    // eviction check), so drop the lock and look again instead (bounded:
+    // past that, poison as decided).
     for _ in 0..1000 {
-        let vmas = m.i_mmap.lock();
-        if vmf.pgoff.byte() >= m.size() {
-            return;
-        }
-        let grown = vmf.pgoff.byte() >= size_before;
-        let cached = {
+        let _vmas = m.i_mmap.lock();
+        if vmf.pgoff.byte() < m.size() {
+            let grown = vmf.pgoff.byte() >= size_before;
             let guard = crate::sync::epoch::pin();
-            match m.try_get_folio_pinned(vmf.pgoff, &guard) {
+            let cached = match m.try_get_folio_pinned(vmf.pgoff, &guard) {
                 crate::address_space::Lookup::Found(f) => f.is_uptodate(),
                 crate::address_space::Lookup::Absent => false,
                 crate::address_space::Lookup::Busy => {
                     drop(guard);
-                    drop(vmas);
+                    drop(_vmas);
                     std::thread::yield_now();
                     continue;
                 }
+            };
+            if grown || cached {
+                wake_page(sh, vmf.address);
+                return;
             }
-        };
-        if grown || cached {
-            vmf.vma.zap(vmf.pgoff, vmf.pgoff.add(1));
-            wake_page(sh, vmf.address);
         }
+        sigbus(sh, vmf);
         return;
     }
+    sigbus(sh, vmf);
 }
 
 /// `UFFDIO_POISON` one page; the faulting thread gets SIGBUS.

@@ -398,10 +398,10 @@ impl AddressSpace {
                 Ok(())
             }
             // Length 0: to the end of the file (posix_fadvise(2)).
-            Advice::WillNeed | Advice::DontNeed if len == 0 => {
-                let end = self.size().max(off.saturating_add(1));
-                self.advise(advice, off, end - off)
-            }
+            Advice::WillNeed | Advice::DontNeed if len == 0 => match self.size() {
+                end if end > off => self.advise(advice, off, end - off),
+                _ => Ok(()),
+            },
             Advice::WillNeed => {
                 let end = off.saturating_add(len).div_ceil(1 << PAGE_SHIFT);
                 self.page_cache_ra_range(PgOff::of_byte(off), end)
@@ -432,7 +432,9 @@ impl AddressSpace {
     /// # Errors
     /// `EFBIG` when `pos` is at or past the largest file (a write starting
     /// below it and crossing it is cut short there and returns the shorter
-    /// length, as the kernel's); a read error of a partial-folio
+    /// length, as the kernel's); past the dirty limit, the error of this
+    /// file's write-back when it failed and left dirty memory past the
+    /// limit (nothing written); a read error of a partial-folio
     /// read-modify-write (bytes already copied stay written: the returned
     /// error says nothing was written only when it came first).
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize> {
@@ -464,6 +466,11 @@ impl AddressSpace {
             let folio = (self.ra.min_pages() << PAGE_SHIFT).max(PAGE_SIZE as u64);
             let from = (self.size() / folio * folio).min(pos);
             crate::page_ref::check_range_unheld(self.id(), from, u64::MAX)?;
+        }
+        if let Some(wb) = &self.wb {
+            // Past the dirty limit with this file's write-back failing:
+            // refuse to dirty more (nothing is written).
+            wb.balance_dirty_pages(self).map_err(Error::Writeback)?;
         }
         let _sb = self.start_write();
         let _i = self.inode_lock();
@@ -558,7 +565,9 @@ impl AddressSpace {
             return Err(Error::Io(e));
         }
         if let Some(wb) = &self.wb {
-            wb.balance_dirty_pages(self);
+            // After the write: a failure is reported by the next write
+            // (below) and by fsync.
+            let _ = wb.balance_dirty_pages(self);
         }
         Ok(done)
     }

@@ -298,18 +298,28 @@ impl Writeback {
 
     /// `balance_dirty_pages`: past the dirty limit, the writer cleans part
     /// of its own file before dirtying more.
-    pub(crate) fn balance_dirty_pages(&self, m: &AddressSpace) {
+    ///
+    /// # Errors
+    /// The write-back's error when it failed and dirty memory is still past
+    /// the limit: a `write_at` about to dirty more then fails instead
+    /// (a store that fails every write must not let writers grow dirty
+    /// memory without bound).
+    pub(crate) fn balance_dirty_pages(&self, m: &AddressSpace) -> io::Result<()> {
         let dirty = self.dirty_bytes();
         if dirty <= self.cfg.limit_bytes {
             self.kick();
-            return;
+            return Ok(());
         }
         m.stats.throttled();
         let over = (dirty - self.cfg.limit_bytes) / crate::types::PAGE_SIZE as u64;
         let mut wbc = WritebackControl::none((over as i64).max(32));
         wbc.for_background = true;
-        let _ = m.writepages(&mut wbc);
+        let r = m.writepages(&mut wbc);
         self.kick();
+        match r {
+            Err(e) if self.dirty_bytes() > self.cfg.limit_bytes => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// One flusher pass.

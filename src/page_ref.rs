@@ -300,7 +300,9 @@ impl Drop for PageMut<'_> {
         drop(g);
         if self.written {
             if let Some(wb) = &self.mapping.wb {
-                wb.balance_dirty_pages(self.mapping);
+                // A failure is the write-back's (kept for fsync); the
+                // guard's write is done.
+                let _ = wb.balance_dirty_pages(self.mapping);
             }
         }
     }

@@ -271,8 +271,6 @@ impl AddressSpace {
                         // The write failed, or unharvested mapped writes
                         // may be in it: keep the data below the end.
                         let zs = (start - fstart) as usize;
-                        g.zero_raw(zs, g.size() - zs);
-                        self.ops.invalidate_folio(self, &g, zs, g.size() - zs);
                         let first = PgOff(start.div_ceil(PAGE_SIZE as u64));
                         // Zap its pages past the end again, now that it is
                         // locked (the kernel's second `unmap_mapping_range`):
@@ -280,7 +278,11 @@ impl AddressSpace {
                         // the folio before us may have mapped them after
                         // the first zap (`loom_large_folios`,
                         // `map_pages_vs_truncate_keeping_the_folio_...`).
+                        // Before the zeroing: a store through such a stale
+                        // mapping must not land after it.
                         self.unmap_mapping_range(first, g.index().add(g.nr_pages()));
+                        g.zero_raw(zs, g.size() - zs);
+                        self.ops.invalidate_folio(self, &g, zs, g.size() - zs);
                         // Its pages past the end stay present in the page
                         // store: `Missing`-mode mappings need poison there.
                         self.poison_past_eof(first, g.index().add(g.nr_pages()), None);

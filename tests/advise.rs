@@ -66,6 +66,9 @@ fn willneed_prefetches_and_dontneed_drops() {
     let s = cache.stats();
     assert_eq!(s.dirty_bytes, 0, "DontNeed to the end wrote the tail back: {s}");
     assert_eq!(&std::fs::read(&path).unwrap()[3 << 20..(3 << 20) + 4], b"tail");
+    // From the end or past it: nothing to do.
+    file.advise(Advice::DontNeed, u64::MAX, 0).unwrap();
+    file.advise(Advice::WillNeed, u64::MAX, 0).unwrap();
     let before = cache.stats().bytes_cached;
     file.advise(Advice::WillNeed, 2 << 20, 0).unwrap();
     assert!(

@@ -309,6 +309,49 @@ fn sync_all_reports_a_write_error_nobody_has_seen() {
     cache.sync_all().unwrap();
 }
 
+/// A store that fails every write cannot let writers dirty memory without
+/// bound: past the dirty limit, with the writer's own write-back failing,
+/// `write_at` returns that error (nothing written) instead of caching
+/// more. Before, every write succeeded and dirty memory grew to the whole
+/// 8 MiB written, 8 times the limit.
+#[test]
+fn writes_past_the_dirty_limit_fail_while_write_back_fails() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, []).unwrap();
+    let sw = Arc::new(Switches::default());
+    let limit = 1 << 20;
+    let cache = PageCache::builder().dirty_limit_bytes(limit).build();
+    let store = Faulty {
+        inner: FileStore::open(&path).unwrap(),
+        sw: sw.clone(),
+    };
+    let file = cache.open_with_ops("failing-writes", StoreOps::new(store)).unwrap();
+    sw.write_err.store(EIO, Relaxed);
+    let chunk = vec![7u8; 64 * 1024];
+    let mut refused = None;
+    for i in 0..128u64 {
+        match file.write_at(&chunk, i * chunk.len() as u64) {
+            Ok(n) => assert_eq!(n, chunk.len()),
+            Err(e) => {
+                refused = Some(e.raw_os_error());
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some(EIO), "every write succeeded while write-back failed");
+    let dirty = cache.stats().dirty_bytes;
+    assert!(
+        dirty <= limit + 2 * chunk.len() as u64,
+        "dirty memory {dirty} past the limit {limit}"
+    );
+    // Healed: the data written so far reaches the store.
+    sw.write_err.store(0, Relaxed);
+    assert!(file.fsync().is_err(), "the failures are reported once");
+    file.fsync().unwrap();
+    assert_eq!(cache.stats().dirty_bytes, 0);
+}
+
 /// Operations that must never be called: the second open of a name gets
 /// the first open's address space and drops these unused.
 struct NeverUsed;

@@ -261,3 +261,39 @@ fn reopen_and_sync_all_wait_for_the_last_users_writeback() {
         );
     });
 }
+
+/// The last user's drop signals its end even when it unwinds (an engine
+/// `writepage` that panics during the drop's write-back): a later open of
+/// the file and `sync_all` must not wait for it for ever.
+#[test]
+fn a_drop_that_unwinds_does_not_block_reopen_or_sync_all() {
+    watchdog("reopen after a panicking drop", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 4 * PAGE_SIZE]).unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let a = armed.clone();
+        let store = HookStore::new(&path, move |op, _, _| {
+            if op == StoreOp::Write && a.load(Ordering::SeqCst) {
+                panic!("the engine's write panics (planted)");
+            }
+            Ok(())
+        });
+        let cache = PageCache::new();
+        let file = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+        let map = file.mmap_raw(0, 4 * PAGE_SIZE).unwrap();
+        drop(file);
+        map.write(100, &[9]);
+        armed.store(true, Ordering::SeqCst);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(map)));
+        assert!(r.is_err(), "the planted panic reached the dropper");
+        armed.store(false, Ordering::SeqCst);
+        cache.sync_all().unwrap();
+        let f = cache
+            .open_with_ops("f", StoreOps::new(upcache::FileStore::open(&path).unwrap()))
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], 1);
+    });
+}

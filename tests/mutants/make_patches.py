@@ -339,8 +339,8 @@ MUTANTS = [
      "            let _ = (index, n);\n",
      "cargo test --test faults a_page_poisoned_by_a_read_error_is_served_after_its_folio_is_dropped"),
     ("84-poison-for-a-cleared-reason-stays", "src/fault.rs",
-     "                unpoison_if_cleared(sh, vmf, size_before);\n",
-     "                let _ = size_before;\n",
+     "            if grown || cached {\n                wake_page(sh, vmf.address);\n                return;\n            }\n",
+     "            let _ = (grown, cached);\n",
      "cargo test --test sigbus poison_for_a_read_error_cleared_meanwhile_does_not_stay"),
     ("85-write-crossing-the-largest-file-is-efbig", "src/filemap.rs",
      "if pos < MAX_FILE_SIZE && buf.len() as u64 > MAX_FILE_SIZE - pos {",
@@ -350,6 +350,10 @@ MUTANTS = [
      "            Share::Private => self.mapping()?,",
      "            Share::Private => self.mapping_w()?,",
      "cargo test --test engine_api options_create_truncate_and_read_only"),
+    ("87-write-past-dirty-limit-ignores-failing-write-back", "src/fs_writeback.rs",
+     "            Err(e) if self.dirty_bytes() > self.cfg.limit_bytes => Err(e),\n",
+     "",
+     "cargo test --test faults writes_past_the_dirty_limit_fail_while_write_back_fails"),
 ]
 
 
