@@ -116,6 +116,11 @@ pub struct AddressSpace {
     id: u64,
     /// Signalled when this address space's drop is over (see [`Eviction`]).
     pub(crate) eviction: Arc<Eviction>,
+    /// Bumped under `i_mmap` by every clear of SIGBUS poison
+    /// (`zap_mappings` of poisoned mappings), found or not: a fault that
+    /// decided SIGBUS before a clear answers with a retry instead
+    /// (`fault::sigbus_read`).
+    pub(crate) poison_clears: AtomicU64,
     name: String,
     pub(crate) i_pages: XArray,
     i_size: AtomicU64,
@@ -229,6 +234,7 @@ impl AddressSpace {
             wb_lock: RwLock::new(()),
             atomic_fill: AtomicBool::new(false),
             eviction: Arc::new(Eviction::default()),
+            poison_clears: AtomicU64::new(0),
         })
     }
 

@@ -256,6 +256,7 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
     let around = sh.cfg.fault_around_pages.max(1);
     for _ in 0..64 {
         let size_before = m.size();
+        let clears_before = m.poison_clears.load(Ordering::Relaxed);
         if vma.mode() == UffdMode::Minor {
             // Fast path: map what is ready around the fault.
             let start = PgOff(vmf.pgoff.0 & !(around - 1));
@@ -322,7 +323,7 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
             }
             VmFaultResult::Retry => continue,
             VmFaultResult::SigBus => {
-                sigbus_read(sh, vmf, size_before);
+                sigbus_read(sh, vmf, size_before, clears_before);
                 return;
             }
         }
@@ -465,18 +466,25 @@ fn sigbus(sh: &EngineShared, vmf: &VmFault<'_>) {
 /// page mapped and written in between (tests/sigbus.rs,
 /// `poison_for_a_read_error_cleared_meanwhile_does_not_stay`).
 ///
-/// Only the two reasons that can go are looked at: the folio is now cached
-/// and uptodate, or the page was past the end when the fault began and is
-/// below it now. A failure that stays (the store still fails, the page
-/// store cannot be grown) is answered with poison, so this never loops.
-fn sigbus_read(sh: &EngineShared, vmf: &VmFault<'_>, size_before: u64) {
+/// The reasons that can go are looked at: the folio is now cached and
+/// uptodate, the page was past the end when the fault began and is below
+/// it now, or a clear of poison ran since the fault began (`poison_clears`:
+/// an errored folio dropped or re-read, a growth). A failure that stays
+/// (the store still fails, the page store cannot be grown) is answered
+/// with poison once no clear intervenes, so this never loops.
+fn sigbus_read(sh: &EngineShared, vmf: &VmFault<'_>, size_before: u64, clears_before: u64) {
     let m = vmf.vma.mapping();
     // The lookup must not spin on a frozen folio while `i_mmap` is held:
     // reclaim keeps a folio frozen while it takes `i_mmap` (the async
     // eviction check), so drop the lock and look again instead (bounded:
-    // past that, poison as decided).
+    // past that, let the thread fault again; its fault waits for the
+    // frozen folio outside any lock).
     for _ in 0..1000 {
         let _vmas = m.i_mmap.lock();
+        if m.poison_clears.load(Ordering::Relaxed) != clears_before && vmf.pgoff.byte() < m.size() {
+            wake_page(sh, vmf.address);
+            return;
+        }
         if vmf.pgoff.byte() < m.size() {
             let grown = vmf.pgoff.byte() >= size_before;
             let guard = crate::sync::epoch::pin();
@@ -498,7 +506,7 @@ fn sigbus_read(sh: &EngineShared, vmf: &VmFault<'_>, size_before: u64) {
         sigbus(sh, vmf);
         return;
     }
-    sigbus(sh, vmf);
+    wake_page(sh, vmf.address);
 }
 
 /// `UFFDIO_POISON` one page; the faulting thread gets SIGBUS.

@@ -316,8 +316,17 @@ impl Writeback {
         wbc.for_background = true;
         let r = m.writepages(&mut wbc);
         self.kick();
+        // Refused only when this file holds a good part of the dirty
+        // memory: a file whose one folio keeps failing must not see its
+        // writes refused because another, healthy file keeps the cache
+        // over the limit.
         match r {
-            Err(e) if self.dirty_bytes() > self.cfg.limit_bytes => Err(e),
+            Err(e)
+                if self.dirty_bytes() > self.cfg.limit_bytes
+                    && m.stats.own_dirty_bytes() > self.cfg.limit_bytes / 4 =>
+            {
+                Err(e)
+            }
             _ => Ok(()),
         }
     }

@@ -1099,6 +1099,10 @@ impl AddressSpace {
     fn zap_mappings(&self, first: PgOff, end: PgOff, only_poisoned: bool) {
         let mut st = self.has_wp_async().then(|| self.harvest_lock.lock());
         let vmas = self.i_mmap.lock();
+        if only_poisoned {
+            // Under `i_mmap`, as `fault::sigbus_read` reads it.
+            self.poison_clears.fetch_add(1, Ordering::Relaxed);
+        }
         // The loom models' one `Missing`-mode mapping, which poisons
         // (`poison_past_eof`) under the same lock.
         #[cfg(loom)]

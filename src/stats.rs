@@ -179,6 +179,13 @@ pub(crate) struct FileStats {
     own: CacheStats,
 }
 
+impl FileStats {
+    /// This file's own dirty bytes.
+    pub(crate) fn own_dirty_bytes(&self) -> u64 {
+        self.own.dirty_bytes()
+    }
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         $(

@@ -285,6 +285,9 @@ impl Reclaimer {
     fn evict_batch(&self, mut batch: Vec<(Entry, bool, Arc<AddressSpace>, FolioGuard)>) -> u64 {
         batch.sort_by_key(|(_, _, m, g)| (m.id(), g.pos()));
         let mut freed = 0;
+        // Evicted folios whose read had failed: their poison is cleared
+        // once the whole batch is done (nothing frozen any more).
+        let mut errored = Vec::new();
         // Runs are taken off the front of the sorted batch.
         let i = 0;
         while !batch.is_empty() {
@@ -302,7 +305,12 @@ impl Reclaimer {
             let punched = m.punch_memory(start, end - start).is_ok();
             for (key, from_small, m, g) in batch.drain(i..j).collect::<Vec<_>>() {
                 if punched {
-                    freed += m.finish_eviction(g);
+                    let (had_error, index) = (g.has_error(), g.index());
+                    let n = m.finish_eviction(g);
+                    freed += n;
+                    if had_error {
+                        errored.push((m, index, n));
+                    }
                     if from_small {
                         self.remember_ghost(key.0);
                     }
@@ -313,6 +321,9 @@ impl Reclaimer {
                     self.requeue(key, from_small);
                 }
             }
+        }
+        for (m, index, n) in errored {
+            m.clear_read_error_poison(index, n);
         }
         freed
     }
@@ -375,7 +386,7 @@ impl Reclaimer {
             // `shrinking` mutex); it is evicted on a later pass once clean.
             return Outcome::WriteBack(m, f);
         }
-        match m.freeze_for_eviction(f, false) {
+        match m.freeze_for_eviction(f) {
             Some(g) => Outcome::Frozen(m, g),
             None => Outcome::Keep,
         }
@@ -428,22 +439,14 @@ impl AddressSpace {
     /// releasable, freeze its count from "index + ours" to zero. The folio
     /// stays indexed (lookups spin on the frozen count) until
     /// `finish_eviction`, after its memory is punched.
-    fn freeze_for_eviction(&self, f: crate::folio::FolioRef, errored_too: bool) -> Option<FolioGuard> {
+    fn freeze_for_eviction(&self, f: crate::folio::FolioRef) -> Option<FolioGuard> {
         let g = f.trylock().ok()?;
         // A folio whose read failed carries the record that mappings may
         // hold SIGBUS poison for its pages, which its re-read or its
-        // removal clears (`clear_read_error_poison`); evicting it without
-        // that would leave the poison for the mapping's life. Reclaim keeps
-        // it (its memory was freed when the read failed,
-        // `FolioGuard::set_error`, and reclaim must not zap mappings while
-        // it holds other folios frozen); `evict_folio` (DontNeed) drops it
-        // and clears the poison after.
-        if g.mapping_id() != self.id()
-            || g.is_dirty()
-            || g.is_writeback()
-            || (g.has_error() && !errored_too)
-            || !self.ops.release_folio(self, &g)
-        {
+        // removal clears (`clear_read_error_poison`): its evictor clears it
+        // once no folio is frozen any more (a zap must not wait for
+        // `harvest_lock` while a harvest may spin on a frozen folio).
+        if g.mapping_id() != self.id() || g.is_dirty() || g.is_writeback() || !self.ops.release_folio(self, &g) {
             return None;
         }
         // Index + ours: anyone else (a reader mid-copy, a fault, a waiter)
@@ -484,7 +487,7 @@ impl AddressSpace {
     /// Evict one clean folio (see the module docs). `Ok(None)` if it is in
     /// use, locked, dirty, under writeback or its private state stays.
     pub(crate) fn evict_folio(&self, f: crate::folio::FolioRef) -> io::Result<Option<u64>> {
-        let Some(g) = self.freeze_for_eviction(f, true) else {
+        let Some(g) = self.freeze_for_eviction(f) else {
             return Ok(None);
         };
         // Punch while still indexed, so no new folio can be created at

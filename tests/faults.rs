@@ -352,6 +352,69 @@ fn writes_past_the_dirty_limit_fail_while_write_back_fails() {
     assert_eq!(cache.stats().dirty_bytes, 0);
 }
 
+/// The refusal is the failing file's own: a file whose one folio keeps
+/// failing still writes while another file (here one whose engine holds
+/// its write-back back) keeps the cache over the dirty limit.
+#[test]
+fn a_failing_file_with_little_dirty_data_is_not_refused_for_another_files_dirt() {
+    struct HoldBack(FileStore);
+    impl upcache::BackingStore for HoldBack {
+        fn read_at(&self, b: &mut [u8], o: u64) -> io::Result<usize> {
+            self.0.read_at(b, o)
+        }
+        fn write_all_at(&self, b: &[u8], o: u64) -> io::Result<()> {
+            self.0.write_all_at(b, o)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.0.sync_data()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, n: u64) -> io::Result<()> {
+            self.0.set_len(n)
+        }
+        fn write_barrier(&self, _lsn: u64, mode: upcache::aops::SyncMode) -> io::Result<bool> {
+            // Cleansing write-back waits for the engine's log; fsync goes.
+            Ok(mode == upcache::aops::SyncMode::All)
+        }
+    }
+    let dir = tempdir();
+    let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::write(&pa, []).unwrap();
+    std::fs::write(&pb, vec![0u8; 4096]).unwrap();
+    let limit = 1 << 20;
+    let cache = PageCache::builder().dirty_limit_bytes(limit).build();
+    let a = cache
+        .open_with_ops("held-back", StoreOps::new(HoldBack(FileStore::open(&pa).unwrap())))
+        .unwrap();
+    let sw = Arc::new(Switches::default());
+    let b = cache
+        .open_with_ops(
+            "failing",
+            StoreOps::new(Faulty {
+                inner: FileStore::open(&pb).unwrap(),
+                sw: sw.clone(),
+            }),
+        )
+        .unwrap();
+    sw.write_err.store(EIO, Relaxed);
+    b.write_at(b"x", 0).unwrap();
+    a.write_at(&vec![1u8; 2 << 20], 0).unwrap();
+    assert!(
+        cache.stats().dirty_bytes > limit,
+        "the held-back file keeps the cache over the limit"
+    );
+    for i in 1..8u64 {
+        b.write_at(b"y", i * 100)
+            .expect("the failing file's own dirty data is small");
+    }
+    sw.write_err.store(0, Relaxed);
+    a.fsync().unwrap();
+    let _ = b.fsync();
+    b.fsync().unwrap();
+}
+
 /// Operations that must never be called: the second open of a name gets
 /// the first open's address space and drops these unused.
 struct NeverUsed;
@@ -479,6 +542,61 @@ fn a_page_poisoned_by_a_read_error_is_served_after_its_folio_is_dropped() {
         sw.read_err.store(0, Relaxed);
         file.advise(upcache::Advice::DontNeed, 0, content.len() as u64).unwrap();
         populate().expect("the page is served again after the store healed");
+        assert_eq!(map[page + 5], content[page + 5]);
+    });
+}
+
+/// And when reclaim evicts the failed folio under memory pressure (from
+/// another file): its poison goes with it. Reclaim once evicted it and
+/// left the poison; a later version kept failed folios for good (counted
+/// against the limit, and still poisoned).
+#[test]
+fn a_page_poisoned_by_a_read_error_is_served_after_reclaim_evicts_its_folio() {
+    watchdog("poisoned page after reclaim", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("faulty");
+        let content: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&path, &content).unwrap();
+        let other = dir.path().join("other");
+        std::fs::write(&other, vec![3u8; 8 << 20]).unwrap();
+        let sw = Arc::new(Switches::default());
+        let cache = PageCache::builder()
+            .memory_limit(512 * 1024)
+            .readahead_bytes(4096)
+            .readahead_max_bytes(4096)
+            .build();
+        let store = Faulty {
+            inner: FileStore::open(&path).unwrap(),
+            sw: sw.clone(),
+        };
+        let file = cache.open_with_ops("faulty", StoreOps::new(store)).unwrap();
+        // SAFETY: only this thread touches the mapping.
+        let map = unsafe { file.mmap(0, content.len(), upcache::Share::Shared) }.unwrap();
+        let page = 40 * PAGE_SIZE;
+        let populate = || {
+            // SAFETY: a range inside our live mapping; POPULATE_READ only
+            // faults it in.
+            let r = unsafe { libc::madvise(map.as_ptr().add(page) as *mut _, PAGE_SIZE, libc::MADV_POPULATE_READ) };
+            (r == 0).then_some(()).ok_or_else(io::Error::last_os_error)
+        };
+        sw.read_err.store(EIO, Relaxed);
+        populate().expect_err("a read error must fail the access");
+        sw.read_err.store(0, Relaxed);
+        // Pressure from another file: the failed folio is the coldest.
+        let o = cache.open(&other).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        for i in 0..128u64 {
+            let at = i * buf.len() as u64;
+            o.read_at(&mut buf, at).unwrap();
+        }
+        assert!(
+            file.address_space()
+                .unwrap()
+                .filemap_get_folio(upcache::aops::PgOff(40))
+                .is_none(),
+            "reclaim evicted the failed folio"
+        );
+        populate().expect("the page is served again after its failed folio was evicted");
         assert_eq!(map[page + 5], content[page + 5]);
     });
 }

@@ -354,6 +354,18 @@ MUTANTS = [
      "            Err(e) if self.dirty_bytes() > self.cfg.limit_bytes => Err(e),\n",
      "",
      "cargo test --test faults writes_past_the_dirty_limit_fail_while_write_back_fails"),
+    ("88-reclaim-evicts-errored-folio-keeping-poison", "src/vmscan.rs",
+     "            m.clear_read_error_poison(index, n);\n",
+     "            let _ = (&m, index, n);\n",
+     "cargo test --test faults a_page_poisoned_by_a_read_error_is_served_after_reclaim_evicts_its_folio"),
+    ("89-sigbus-ignores-poison-clears", "src/fault.rs",
+     "        if m.poison_clears.load(Ordering::Relaxed) != clears_before && vmf.pgoff.byte() < m.size() {",
+     "        if false && m.poison_clears.load(Ordering::Relaxed) != clears_before && vmf.pgoff.byte() < m.size() {",
+     "cargo test --test sigbus poison_for_a_read_error_cleared_meanwhile_does_not_stay"),
+    ("90-write-refused-for-another-files-dirt", "src/fs_writeback.rs",
+     "                    && m.stats.own_dirty_bytes() > self.cfg.limit_bytes / 4",
+     "                    && m.stats.own_dirty_bytes() < u64::MAX",
+     "cargo test --test faults a_failing_file_with_little_dirty_data_is_not_refused_for_another_files_dirt"),
 ]
 
 
