@@ -265,6 +265,12 @@ fn reopen_and_sync_all_wait_for_the_last_users_writeback() {
 /// The last user's drop signals its end even when it unwinds (an engine
 /// `writepage` that panics during the drop's write-back): a later open of
 /// the file and `sync_all` must not wait for it for ever.
+///
+/// Async dirty tracking, so that the write before the drop takes no
+/// userfault (the kernel resolves it) and no handler thread holds the
+/// mapping when it goes: the drop's write-back is the first store write
+/// after the hook is armed. The hook panics once only (a second panic
+/// while unwinding would abort the test binary).
 #[test]
 fn a_drop_that_unwinds_does_not_block_reopen_or_sync_all() {
     watchdog("reopen after a panicking drop", 60, || {
@@ -274,26 +280,27 @@ fn a_drop_that_unwinds_does_not_block_reopen_or_sync_all() {
         let armed = Arc::new(AtomicBool::new(false));
         let a = armed.clone();
         let store = HookStore::new(&path, move |op, _, _| {
-            if op == StoreOp::Write && a.load(Ordering::SeqCst) {
+            if op == StoreOp::Write && a.swap(false, Ordering::SeqCst) {
                 panic!("the engine's write panics (planted)");
             }
             Ok(())
         });
-        let cache = PageCache::new();
+        let cache = PageCache::builder()
+            .mmap_mode(upcache::UffdMode::Minor)
+            .dirty_tracking(upcache::DirtyTracking::Async)
+            .build();
         let file = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
         let map = file.mmap_raw(0, 4 * PAGE_SIZE).unwrap();
+        map.write(100, &[8]);
+        file.fsync().unwrap();
         drop(file);
         map.write(100, &[9]);
         armed.store(true, Ordering::SeqCst);
-        // The last reference may go in this thread or in a fault handler
-        // that still held the mapping (its panic is caught there); either
-        // way the drop unwinds.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(map)));
         cache.sync_all().unwrap();
         let f = cache
             .open_with_ops("f", StoreOps::new(upcache::FileStore::open(&path).unwrap()))
             .unwrap();
-        armed.store(false, Ordering::SeqCst);
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, 0).unwrap();
         assert_eq!(b[0], 1);
