@@ -502,12 +502,7 @@ fn a_page_poisoned_by_a_read_error_is_served_once_the_store_heals_body() {
     // SAFETY: only this thread touches the mapping.
     let map = unsafe { file.mmap(0, content.len(), upcache::Share::Shared) }.unwrap();
     let page = 40 * PAGE_SIZE;
-    let populate = || {
-        // SAFETY: a range inside our live mapping; POPULATE_READ only
-        // faults it in.
-        let r = unsafe { libc::madvise(map.as_ptr().add(page) as *mut _, PAGE_SIZE, libc::MADV_POPULATE_READ) };
-        (r == 0).then_some(()).ok_or_else(io::Error::last_os_error)
-    };
+    let populate = || populate_page(&map, page);
     sw.read_err.store(EIO, Relaxed);
     let e = populate().expect_err("a read error must fail the access");
     eprintln!("access during the read error: {e}");
@@ -531,12 +526,7 @@ fn a_page_poisoned_by_a_read_error_is_served_after_its_folio_is_dropped() {
         // SAFETY: only this thread touches the mapping.
         let map = unsafe { file.mmap(0, content.len(), upcache::Share::Shared) }.unwrap();
         let page = 40 * PAGE_SIZE;
-        let populate = || {
-            // SAFETY: a range inside our live mapping; POPULATE_READ only
-            // faults it in.
-            let r = unsafe { libc::madvise(map.as_ptr().add(page) as *mut _, PAGE_SIZE, libc::MADV_POPULATE_READ) };
-            (r == 0).then_some(()).ok_or_else(io::Error::last_os_error)
-        };
+        let populate = || populate_page(&map, page);
         sw.read_err.store(EIO, Relaxed);
         populate().expect_err("a read error must fail the access");
         sw.read_err.store(0, Relaxed);
@@ -573,12 +563,7 @@ fn a_page_poisoned_by_a_read_error_is_served_after_reclaim_evicts_its_folio() {
         // SAFETY: only this thread touches the mapping.
         let map = unsafe { file.mmap(0, content.len(), upcache::Share::Shared) }.unwrap();
         let page = 40 * PAGE_SIZE;
-        let populate = || {
-            // SAFETY: a range inside our live mapping; POPULATE_READ only
-            // faults it in.
-            let r = unsafe { libc::madvise(map.as_ptr().add(page) as *mut _, PAGE_SIZE, libc::MADV_POPULATE_READ) };
-            (r == 0).then_some(()).ok_or_else(io::Error::last_os_error)
-        };
+        let populate = || populate_page(&map, page);
         sw.read_err.store(EIO, Relaxed);
         populate().expect_err("a read error must fail the access");
         sw.read_err.store(0, Relaxed);
@@ -599,6 +584,16 @@ fn a_page_poisoned_by_a_read_error_is_served_after_reclaim_evicts_its_folio() {
         populate().expect("the page is served again after its failed folio was evicted");
         assert_eq!(map[page + 5], content[page + 5]);
     });
+}
+
+/// Fault page `page` of `map` in from a syscall (`MADV_POPULATE_READ`),
+/// which reports SIGBUS poison as an error instead of killing the test.
+fn populate_page(map: &upcache::Mmap, page: usize) -> io::Result<()> {
+    assert!(page + PAGE_SIZE <= map.len());
+    // SAFETY: the range lies inside the live mapping (checked above);
+    // POPULATE_READ only faults it in.
+    let r = unsafe { libc::madvise(map.as_ptr().add(page) as *mut _, PAGE_SIZE, libc::MADV_POPULATE_READ) };
+    (r == 0).then_some(()).ok_or_else(io::Error::last_os_error)
 }
 
 /// An engine whose `writepage` fails without keeping the folio dirty: it

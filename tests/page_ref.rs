@@ -300,6 +300,21 @@ struct WalStore {
     refuse: std::sync::atomic::AtomicU8,
 }
 
+impl WalStore {
+    /// Over the file at `path`, with nothing logged yet; `refuse` as the field.
+    fn new(path: &std::path::Path, refuse: u8) -> WalStore {
+        WalStore {
+            file: upcache::FileStore::open(path).unwrap(),
+            durable: 0.into(),
+            log_syncs: 0.into(),
+            page_lsn: Default::default(),
+            violations: 0.into(),
+            written: 0.into(),
+            refuse: refuse.into(),
+        }
+    }
+}
+
 impl upcache::BackingStore for WalStore {
     fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
         self.file.read_at(buf, off)
@@ -341,15 +356,7 @@ impl upcache::BackingStore for WalStore {
 #[test]
 fn writeback_waits_for_the_log_up_to_each_page_lsn() {
     let (_d, path) = file_of(16 * 4096);
-    let store = Arc::new(WalStore {
-        file: upcache::FileStore::open(&path).unwrap(),
-        durable: 0.into(),
-        log_syncs: 0.into(),
-        page_lsn: Default::default(),
-        violations: 0.into(),
-        written: 0.into(),
-        refuse: 1.into(),
-    });
+    let store = Arc::new(WalStore::new(&path, 1));
     let cache = PageCache::new();
     let file = cache
         .open_with_ops("wal", upcache::StoreOps::new(store.clone()))
@@ -393,15 +400,7 @@ fn writeback_waits_for_the_log_up_to_each_page_lsn() {
 fn launder_folio_waits_for_the_log_too() {
     use upcache::aops::AddressSpaceOps;
     let (_d, path) = file_of(4 * 4096);
-    let store = Arc::new(WalStore {
-        file: upcache::FileStore::open(&path).unwrap(),
-        durable: 0.into(),
-        log_syncs: 0.into(),
-        page_lsn: Default::default(),
-        violations: 0.into(),
-        written: 0.into(),
-        refuse: 2.into(),
-    });
+    let store = Arc::new(WalStore::new(&path, 2));
     let ops = Arc::new(upcache::StoreOps::new(store.clone()));
     let cache = PageCache::new();
     let file = cache.open_with_ops("wal-launder", ops.clone()).unwrap();

@@ -337,6 +337,25 @@ fn page_beyond_eof_inside_a_large_folio_raises_sigbus() {
     assert_sigbus_with("beyond_eof", true);
 }
 
+/// The `AddressSpaceOps` methods the test operations below pass to their
+/// `inner` `StoreOps` unchanged.
+macro_rules! delegate_to_inner {
+    () => {
+        fn initial_size(&self) -> io::Result<u64> {
+            self.inner.initial_size()
+        }
+        fn set_size(&self, size: u64) -> io::Result<()> {
+            self.inner.set_size(size)
+        }
+        fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+            self.inner.punch_hole(off, len)
+        }
+        fn fsync(&self) -> io::Result<()> {
+            self.inner.fsync()
+        }
+    };
+}
+
 /// Operations whose `write_begin` fails from byte `from` on (a store out
 /// of space), over a plain file.
 struct FailingAppend {
@@ -357,18 +376,7 @@ impl AddressSpaceOps for FailingAppend {
         }
         upcache::aops::generic_write_begin(m, pos, len)
     }
-    fn initial_size(&self) -> io::Result<u64> {
-        self.inner.initial_size()
-    }
-    fn set_size(&self, size: u64) -> io::Result<()> {
-        self.inner.set_size(size)
-    }
-    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
-        self.inner.punch_hole(off, len)
-    }
-    fn fsync(&self) -> io::Result<()> {
-        self.inner.fsync()
-    }
+    delegate_to_inner!();
 }
 
 /// Operations whose `read_folio` fails while `fail` is set, and whose
@@ -405,18 +413,7 @@ impl AddressSpaceOps for FailOnceLatched {
     fn writepage(&self, m: &AddressSpace, f: FolioGuard, wbc: &mut WritebackControl) -> io::Result<()> {
         self.inner.writepage(m, f, wbc)
     }
-    fn initial_size(&self) -> io::Result<u64> {
-        self.inner.initial_size()
-    }
-    fn set_size(&self, size: u64) -> io::Result<()> {
-        self.inner.set_size(size)
-    }
-    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
-        self.inner.punch_hole(off, len)
-    }
-    fn fsync(&self) -> io::Result<()> {
-        self.inner.fsync()
-    }
+    delegate_to_inner!();
 }
 
 /// Poison answering a failed read must not outlive the failure: a read
@@ -449,18 +446,7 @@ impl AddressSpaceOps for ShrinkWatch {
             }
         }
     }
-    fn initial_size(&self) -> io::Result<u64> {
-        self.inner.initial_size()
-    }
-    fn set_size(&self, size: u64) -> io::Result<()> {
-        self.inner.set_size(size)
-    }
-    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
-        self.inner.punch_hole(off, len)
-    }
-    fn fsync(&self) -> io::Result<()> {
-        self.inner.fsync()
-    }
+    delegate_to_inner!();
 }
 
 /// A write fault whose page a racing truncate cuts off while the fault is
