@@ -307,7 +307,7 @@ impl PageCacheBuilder {
 /// What identifies a file to the cache: its inode for `open`, the
 /// engine's name for `open_with_ops`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum FileKey {
+pub(crate) enum FileKey {
     Inode(u64, u64),
     Name(String),
 }
@@ -316,9 +316,9 @@ enum FileKey {
 /// opened read-only serves only read-only handles), and its eviction
 /// signal: an entry stays while its address space's drop is writing back,
 /// and an open waits for that drop to end.
-type FileTable = HashMap<FileKey, FileEntry>;
+pub(crate) type FileTable = HashMap<FileKey, FileEntry>;
 
-struct FileEntry {
+pub(crate) struct FileEntry {
     space: Weak<AddressSpace>,
     writable: bool,
     eviction: Arc<crate::address_space::Eviction>,
@@ -341,6 +341,40 @@ fn lookup_file(files: &FileTable, key: &FileKey) -> Found {
             None if !e.eviction.is_done() => Found::Dying(e.eviction.clone()),
             None => Found::Absent,
         },
+    }
+}
+
+/// The file-table half of every open (`iget5_locked`): share the live
+/// address space of `key`, wait for a dying one's drop to end and look
+/// again (`__wait_on_freeing_inode`), or build one with `new` and enter it.
+/// Returns the address space and whether its store can write.
+///
+/// # Locking
+/// Takes the file table's lock; never sleeps holding it (the dying
+/// address space's drop does not take it, but a drop of another of the
+/// table's files may run under it: `insert_file` drops dead entries).
+pub(crate) fn open_in_table(
+    files: &Mutex<FileTable>,
+    key: FileKey,
+    store_writable: bool,
+    new: impl FnOnce() -> Result<Arc<AddressSpace>>,
+) -> Result<(Arc<AddressSpace>, bool)> {
+    let mut new = Some(new);
+    loop {
+        let mut table = files.lock();
+        match lookup_file(&table, &key) {
+            Found::Live(m, w) => return Ok((m, w)),
+            Found::Dying(ev) => {
+                drop(table);
+                ev.wait();
+                continue;
+            }
+            Found::Absent => {}
+        }
+        let new = new.take().expect("an open builds at most one address space");
+        let m = new()?;
+        insert_file(&mut table, key, &m, store_writable);
+        return Ok((m, store_writable));
     }
 }
 
@@ -517,32 +551,19 @@ impl PageCache {
         };
         let md = file.metadata().map_err(open_err)?;
         let key = FileKey::Inode(md.dev(), md.ino());
-        loop {
-            let mut files = self.inner.files.lock();
-            // One address space per file while anything (a handle or a
-            // mapping) still uses it, or its last user's drop still
-            // writes it back.
-            match lookup_file(&files, &key) {
-                Found::Live(m, w) => {
-                    if handle_writable && !w {
-                        return Err(open_err(io::Error::new(
-                            io::ErrorKind::PermissionDenied,
-                            "the file is cached from a read-only open; a read-write handle cannot write it back (EACCES)",
-                        )));
-                    }
-                    return Ok(File::new(m, self.inner.clone(), handle_writable));
-                }
-                Found::Dying(ev) => {
-                    drop(files);
-                    ev.wait();
-                    continue;
-                }
-                Found::Absent => {}
-            }
-            let m = self.new_mapping(name.to_string(), Box::new(StoreOps::new(FileStore::from_file(file))))?;
-            insert_file(&mut files, key, &m, store_writable);
-            return Ok(File::new(m, self.inner.clone(), handle_writable));
+        // One address space per file while anything (a handle or a
+        // mapping) still uses it, or its last user's drop still writes it
+        // back.
+        let (m, w) = open_in_table(&self.inner.files, key, store_writable, || {
+            self.new_mapping(name.to_string(), Box::new(StoreOps::new(FileStore::from_file(file))))
+        })?;
+        if handle_writable && !w {
+            return Err(open_err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the file is cached from a read-only open; a read-write handle cannot write it back (EACCES)",
+            )));
         }
+        Ok(File::new(m, self.inner.clone(), handle_writable))
     }
 
     /// Start the fault engine now (it starts on the first mmap otherwise),
@@ -566,21 +587,10 @@ impl PageCache {
     /// The operations' `initial_size` error; memfd creation failure.
     pub fn open_with_ops(&self, name: &str, ops: impl AddressSpaceOps) -> Result<File> {
         let key = FileKey::Name(name.to_string());
-        loop {
-            let mut files = self.inner.files.lock();
-            match lookup_file(&files, &key) {
-                Found::Live(m, _) => return Ok(File::new(m, self.inner.clone(), true)),
-                Found::Dying(ev) => {
-                    drop(files);
-                    ev.wait();
-                    continue;
-                }
-                Found::Absent => {}
-            }
-            let m = self.new_mapping(name.to_string(), Box::new(ops))?;
-            insert_file(&mut files, key, &m, true);
-            return Ok(File::new(m, self.inner.clone(), true));
-        }
+        let (m, _) = open_in_table(&self.inner.files, key, true, || {
+            self.new_mapping(name.to_string(), Box::new(ops))
+        })?;
+        Ok(File::new(m, self.inner.clone(), true))
     }
 
     fn new_mapping(&self, name: String, ops: Box<dyn crate::aops::OpsAny>) -> Result<Arc<AddressSpace>> {

@@ -163,7 +163,7 @@ fn handler_main(sh: &EngineShared) {
             let now = Instant::now();
             let deadline = now.checked_add(sh.cfg.spin).unwrap_or(now + Duration::from_secs(3600));
             while n == 0 && Instant::now() < deadline && !sh.stop.load(Ordering::Relaxed) {
-                std::hint::spin_loop();
+                crate::sync::spin_loop();
                 n = sh.uffd.read_msgs(&mut msgs).unwrap_or(0);
             }
         }
@@ -387,7 +387,7 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
                 match sh.uffd.writeprotect(r.start, r.len(), false) {
                     Err(UffdError::Again { .. }) if tries < 1000 => {
                         tries += 1;
-                        std::thread::yield_now();
+                        crate::sync::yield_now();
                     }
                     Ok(()) => break,
                     Err(_) => {
@@ -411,10 +411,12 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
     }
 }
 
-std::thread_local! {
+crate::sync::thread_local! {
     /// Set while the flusher replays throttled faults: they already waited
     /// for one flusher pass and go through now.
-    static REPLAYING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// (Not a `const` initializer: loom's `thread_local!` takes none.)
+    #[allow(clippy::missing_const_for_thread_local)]
+    static REPLAYING: std::cell::Cell<bool> = std::cell::Cell::new(false);
 }
 
 fn replaying_throttled() -> bool {
@@ -494,7 +496,7 @@ fn sigbus_read(sh: &EngineShared, vmf: &VmFault<'_>, size_before: u64, clears_be
                 crate::address_space::Lookup::Busy => {
                     drop(guard);
                     drop(_vmas);
-                    std::thread::yield_now();
+                    crate::sync::yield_now();
                     continue;
                 }
             };

@@ -810,7 +810,7 @@ impl Folio {
         // Loom: a scheduling point between the drain and the copy, which
         // real threads have, so the models can put a new pin there.
         #[cfg(loom)]
-        loom::thread::yield_now();
+        crate::sync::yield_now();
         // SAFETY: in bounds (checked), inside the store view kept mapped
         // by `_store`; `src` is a distinct allocation. Other readers copy
         // without the lock as the kernel's filemap_read does.

@@ -55,6 +55,27 @@ impl Spaces {
         self.0.lock().values().filter_map(|(w, _)| w.upgrade()).collect()
     }
 
+    /// `sync_filesystem` over these address spaces: integrity writeback
+    /// and store sync of every live one, then a wait for every dying one's
+    /// drop (which writes it back and reports a failure itself), so that
+    /// on return every write made before the call is in the store.
+    ///
+    /// # Errors
+    /// The first live address space's write or sync error.
+    pub(crate) fn sync_all(&self) -> io::Result<()> {
+        let mut first = Ok(());
+        for m in self.all() {
+            let r = m.sync_range_checked(0, u64::MAX);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        for ev in self.dying() {
+            ev.wait();
+        }
+        first
+    }
+
     /// The address spaces whose last user is gone and whose drop is still
     /// writing them back.
     pub(crate) fn dying(&self) -> Vec<Arc<Eviction>> {
@@ -359,20 +380,7 @@ impl Writeback {
 
     /// `sync_filesystem`: integrity writeback and store sync of every file.
     pub(crate) fn sync_all(&self) -> io::Result<()> {
-        let mut first = Ok(());
-        for m in self.spaces.all() {
-            let r = m.sync_range_checked(0, u64::MAX);
-            if first.is_ok() {
-                first = r;
-            }
-        }
-        // Files whose last user is gone write themselves back in their
-        // drop (and report a failure there): wait for those writes to be
-        // in the store.
-        for ev in self.spaces.dying() {
-            ev.wait();
-        }
-        first
+        self.spaces.sync_all()
     }
 
     /// `freeze_super`: block new dirtying, wait for dirtiers in flight, sync

@@ -388,6 +388,41 @@ pub mod loom_support {
     pub fn get_folio(m: &AddressSpace, index: u64) -> Option<FolioRef> {
         m.filemap_get_folio(PgOff(index))
     }
+
+    /// A cache's file table (what `PageCache::open_with_ops` looks names
+    /// up in), for the eviction models.
+    #[derive(Default)]
+    pub struct Files(crate::sync::Mutex<crate::cache::FileTable>);
+
+    impl Files {
+        /// The real `open_in_table` of `open_with_ops(name, ..)`: the live
+        /// address space of `name`, after waiting for a dying one's drop,
+        /// or `new()` entered in the table.
+        pub fn open(&self, name: &str, new: impl FnOnce() -> Arc<AddressSpace>) -> Arc<AddressSpace> {
+            let key = crate::cache::FileKey::Name(name.to_string());
+            crate::cache::open_in_table(&self.0, key, true, || Ok(new()))
+                .expect("the model's constructor does not fail")
+                .0
+        }
+    }
+
+    /// A cache's list of address spaces (the flusher's, `sync_all`'s).
+    #[derive(Default)]
+    pub struct Spaces(crate::fs_writeback::Spaces);
+
+    impl Spaces {
+        /// Enter `m` (as every open does).
+        pub fn register(&self, m: &Arc<AddressSpace>) {
+            self.0.register(m)
+        }
+        /// The real `PageCache::sync_all` over these address spaces.
+        ///
+        /// # Errors
+        /// As `PageCache::sync_all`.
+        pub fn sync_all(&self) -> io::Result<()> {
+            self.0.sync_all()
+        }
+    }
 }
 
 /// The README's examples, compiled by `cargo test --doc`.

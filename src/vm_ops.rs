@@ -326,7 +326,7 @@ pub(crate) fn continue_range(vma: &VmArea, r: Range<usize>, wp: bool) -> Continu
                 if tries > 1000 {
                     return Continued::Failed;
                 }
-                std::thread::yield_now();
+                crate::sync::yield_now();
             }
             Err(UffdError::Gone(_)) => return Continued::Failed,
             Err(UffdError::Os(e)) => {
