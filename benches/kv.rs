@@ -171,6 +171,9 @@ fn kv_update(c: &mut Criterion) {
     let adata = dir.path().join("kv.async");
     std::fs::copy(&udata, &kdata).unwrap();
     std::fs::copy(&udata, &adata).unwrap();
+    for p in [&udata, &kdata, &adata] {
+        common::sync_file(p);
+    }
 
     // The kernel's dirty thresholds (see benches/update.rs).
     let (bg, limit) = common::kernel_dirty_thresholds();
@@ -204,6 +207,7 @@ fn kv_update(c: &mut Criterion) {
     // Large folios, shmem THP on while the cache fills (restored after).
     let ldata = dir.path().join("kv.large");
     std::fs::copy(&udata, &ldata).unwrap();
+    common::sync_file(&ldata);
     let (lcache, lfile, mut lmap) = {
         let _thp = ShmemThp::always().expect("shmem THP knob (root)");
         let lcache = PageCache::builder()

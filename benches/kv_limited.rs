@@ -79,9 +79,7 @@ fn kv_limited(c: &mut Criterion) {
         (buckets * PAGE_SIZE as u64) >> 20,
         budget >> 20
     );
-    let _ = std::fs::remove_dir(CGROUP);
-    std::fs::create_dir(CGROUP).expect("create the cgroup (root and cgroup v1 memory needed)");
-    std::fs::write(format!("{CGROUP}/memory.limit_in_bytes"), budget.to_string()).unwrap();
+    let group = common::MemCgroup::create(CGROUP, budget);
 
     let mut g = c.benchmark_group("kv_limited");
     g.sample_size(10)
@@ -129,7 +127,7 @@ fn kv_limited(c: &mut Criterion) {
     });
     report("kv_limited/upcache_pinned", &last);
     g.finish();
-    let _ = std::fs::remove_dir(CGROUP);
+    drop(group);
 }
 
 fn main() {

@@ -138,9 +138,7 @@ fn oversubscribed_random(c: &mut Criterion) {
     let dir = tempfile::tempdir_in(bench_dir()).unwrap();
     let path = dir.path().join("oversub");
     make_file(&path);
-    let _ = std::fs::remove_dir(CGROUP);
-    std::fs::create_dir(CGROUP).expect("create the cgroup (root and cgroup v1 memory needed)");
-    std::fs::write(format!("{CGROUP}/memory.limit_in_bytes"), BUDGET.to_string()).unwrap();
+    let group = common::MemCgroup::create(CGROUP, BUDGET);
 
     let mut g = c.benchmark_group("oversubscribed_random");
     g.sample_size(10)
@@ -189,7 +187,7 @@ fn oversubscribed_random(c: &mut Criterion) {
         report(&format!("oversubscribed_random/{id}"), &last);
     }
     g.finish();
-    let _ = std::fs::remove_dir(CGROUP);
+    drop(group);
 
     for policy in [ReplacementPolicy::S3Fifo, ReplacementPolicy::Clock] {
         let (cache, file, store) = upcache_cache(&path, policy, upcache::PageCacheBuilder::DEFAULT_MMAP_MODE);

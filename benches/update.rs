@@ -85,6 +85,7 @@ fn mapped_update_random(c: &mut Criterion) {
     let k4path = dir.path().join("kernel_4k");
     for p in [&upath, &apath, &kpath, &k4path] {
         std::fs::write(p, vec![7u8; SIZE]).unwrap();
+        common::sync_file(p);
     }
     // The kernel's dirty thresholds, so neither side writes back during a
     // pass when the other would not (upcache's defaults without a memory
@@ -137,6 +138,7 @@ fn mapped_update_random(c: &mut Criterion) {
     // then makes a whole folio writable.
     let lpath = dir.path().join("upcache_large");
     std::fs::write(&lpath, vec![7u8; SIZE]).unwrap();
+    common::sync_file(&lpath);
     let (lcache, lfile, mut lmap) = {
         let _thp = common::ShmemThp::always().expect("shmem THP knob (root)");
         let lcache = PageCache::builder()

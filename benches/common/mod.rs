@@ -29,20 +29,35 @@ pub fn file_cached_bytes(path: &Path) -> u64 {
     vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * 4096
 }
 
-/// A cgroup v1 memory group's usage and the page-cache part of it.
+/// A cgroup v1 memory group's usage and the page-cache part of it. Panics
+/// when the group cannot be read: a side whose limit cannot be checked is
+/// not a result.
 pub fn cgroup_usage(group: &str) -> (u64, u64) {
     let usage = std::fs::read_to_string(format!("{group}/memory.usage_in_bytes"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
+        .unwrap_or_else(|| panic!("{group}/memory.usage_in_bytes unreadable"));
     let cache = std::fs::read_to_string(format!("{group}/memory.stat"))
         .ok()
         .and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("cache ").and_then(|v| v.trim().parse().ok()))
         })
-        .unwrap_or(0);
+        .unwrap_or_else(|| panic!("{group}/memory.stat has no cache line"));
     (usage, cache)
+}
+
+/// The shmem THP knob as the kernel reports it (the bracketed choice of
+/// `/sys/kernel/mm/transparent_hugepage/shmem_enabled`).
+pub fn shmem_thp_state() -> String {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .ok()
+        .and_then(|s| {
+            let a = s.find('[')?;
+            let b = s[a..].find(']')? + a;
+            Some(s[a + 1..b].to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn mib(b: u64) -> f64 {
@@ -78,15 +93,33 @@ impl Residency {
                 why.push(format!("cgroup {:.1} MiB > budget {:.1} MiB", mib(u), mib(b)));
             }
         }
+        // A cgroup-limited kernel side: the file's cached pages are charged
+        // to the group, so more of them than the budget means some were
+        // charged elsewhere (cached before the side joined the group).
+        if let (Some(b), Some(_)) = (self.budget, self.cgroup) {
+            if self.file_cached > b + self.slack() {
+                why.push(format!(
+                    "{:.1} MiB of the file cached, over the group's budget {:.1} MiB",
+                    mib(self.file_cached),
+                    mib(b)
+                ));
+            }
+        }
         // O_DIRECT side: the kernel's page cache of the file must stay
-        // (almost) empty; 1 MiB of slack for unaligned tails and metadata.
-        if self.direct && self.file_cached > 1 << 20 {
+        // (almost) empty: slack for unaligned tails and metadata.
+        if self.direct && self.file_cached > self.slack() {
             why.push(format!(
                 "O_DIRECT side left {:.1} MiB of the file in the kernel page cache",
                 mib(self.file_cached)
             ));
         }
         (!why.is_empty()).then(|| why.join("; "))
+    }
+
+    /// Slack for the checks: 1 MiB, or 1/64 of a small budget (at least
+    /// 64 KiB), so that a leak of a few percent of a small budget fails.
+    fn slack(&self) -> u64 {
+        self.budget.map_or(1 << 20, |b| (b / 64).clamp(64 << 10, 1 << 20))
     }
 
     /// Print one line for `id` (the criterion ID).
@@ -104,6 +137,7 @@ impl Residency {
         if let Some(b) = self.budget {
             s += &format!(", budget {:.1} MiB", mib(b));
         }
+        s += &format!(", shmem THP {}", shmem_thp_state());
         match self.invalid() {
             Some(why) => println!("{s}  INVALID: {why}"),
             None => println!("{s}  valid"),
@@ -112,9 +146,14 @@ impl Residency {
 }
 
 /// Print `r` for `id` if the side ran (criterion's filter may skip it).
+/// An INVALID side fails the run: its time, already printed by criterion,
+/// does not measure what its ID says.
 pub fn report(id: &str, r: &Option<Residency>) {
     if let Some(r) = r {
         r.print(id);
+        if let Some(why) = r.invalid() {
+            panic!("{id}: INVALID result ({why})");
+        }
     }
 }
 
@@ -162,6 +201,54 @@ pub fn drop_kernel_cache(path: &Path) {
     let f = std::fs::File::open(path).unwrap();
     f.sync_all().unwrap();
     rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    // DONTNEED silently keeps pages that are mapped, locked, dirty or under
+    // writeback: a "cold" side that starts warm measures nothing.
+    let left = file_cached_bytes(path);
+    assert!(
+        left <= 1 << 20,
+        "{}: {:.1} MiB still in the kernel page cache after dropping it (mapped somewhere?)",
+        path.display(),
+        mib(left)
+    );
+}
+
+/// A cgroup v1 memory group limited to `limit` bytes (read back and
+/// checked), removed when dropped, unwinding included (its processes, the
+/// benches' children, have exited by then).
+pub struct MemCgroup(&'static str);
+
+impl MemCgroup {
+    /// Create `path` (replacing an empty leftover) with `limit`.
+    pub fn create(path: &'static str, limit: u64) -> MemCgroup {
+        let _ = std::fs::remove_dir(path);
+        std::fs::create_dir(path).expect("create the cgroup (root and cgroup v1 memory needed)");
+        let g = MemCgroup(path);
+        std::fs::write(format!("{path}/memory.limit_in_bytes"), limit.to_string()).unwrap();
+        let set: u64 = std::fs::read_to_string(format!("{path}/memory.limit_in_bytes"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            set,
+            limit & !4095,
+            "{path}: the limit reads back as {set}, not the budget {limit}"
+        );
+        g
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(self.0);
+    }
+}
+
+/// Write `path`'s dirty pages to disk now, so that the kernel's
+/// background writeback of a freshly made file cannot run inside a later
+/// side's timed pass.
+pub fn sync_file(path: &Path) {
+    std::fs::File::open(path).unwrap().sync_all().unwrap();
 }
 
 /// `n` pseudo-random values below `max` (xorshift64 from `seed`).
