@@ -268,36 +268,38 @@ impl PageCacheBuilder {
                 .unwrap_or(self.memory_limit.map_or(256 << 20, |l| l / 5)),
         };
         let wb = CacheWriteback::new(spaces.clone(), stats.clone(), dirty);
+        let inner = Arc::new(CacheInner {
+            reclaim,
+            spaces,
+            wb,
+            ra: RaConfig {
+                window_pages: self
+                    .readahead_bytes
+                    .div_ceil(PAGE_SIZE as u64)
+                    .max(1)
+                    .next_multiple_of(min_pages),
+                // With large folios the marker hole of an async
+                // window is its first folio: a window of one folio
+                // would read nothing ahead, so allow four.
+                max_pages: self
+                    .readahead_max_bytes
+                    .div_ceil(PAGE_SIZE as u64)
+                    .max(1)
+                    .next_multiple_of(min_pages)
+                    .max(if min_pages > 1 { 4 * min_pages } else { 1 }),
+                max_order,
+                min_order,
+            },
+            stats,
+            files: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            fault_cfg: self.fault,
+            engine: Mutex::new(None),
+            memfd: Mutex::new(None),
+        });
         PageCache {
-            inner: Arc::new(CacheInner {
-                reclaim,
-                spaces,
-                wb,
-                ra: RaConfig {
-                    window_pages: self
-                        .readahead_bytes
-                        .div_ceil(PAGE_SIZE as u64)
-                        .max(1)
-                        .next_multiple_of(min_pages),
-                    // With large folios the marker hole of an async
-                    // window is its first folio: a window of one folio
-                    // would read nothing ahead, so allow four.
-                    max_pages: self
-                        .readahead_max_bytes
-                        .div_ceil(PAGE_SIZE as u64)
-                        .max(1)
-                        .next_multiple_of(min_pages)
-                        .max(if min_pages > 1 { 4 * min_pages } else { 1 }),
-                    max_order,
-                    min_order,
-                },
-                stats,
-                files: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(1),
-                fault_cfg: self.fault,
-                engine: Mutex::new(None),
-                memfd: Mutex::new(None),
-            }),
+            _handles: Arc::new(LastHandle(Arc::downgrade(&inner))),
+            inner,
         }
     }
 }
@@ -455,6 +457,22 @@ impl CacheInner {
 #[derive(Clone)]
 pub struct PageCache {
     inner: Arc<CacheInner>,
+    /// Shared by every clone of this handle: its drop (the last
+    /// `PageCache` gone) thaws a frozen cache, since only a `PageCache`
+    /// can call [`thaw`](PageCache::thaw) and `File`s and mappings may
+    /// outlive it.
+    _handles: Arc<LastHandle>,
+}
+
+/// Thaws the cache when the last [`PageCache`] handle is dropped.
+struct LastHandle(std::sync::Weak<CacheInner>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.wb.thaw();
+        }
+    }
 }
 
 impl std::fmt::Debug for PageCache {

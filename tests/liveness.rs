@@ -254,6 +254,29 @@ fn fault_handlers_survive_signals_that_interrupt_their_reads() {
     }
 }
 
+/// `freeze`, then the last `PageCache` handle goes while a `File` lives:
+/// nothing could thaw the cache any more (`thaw` is a `PageCache` method),
+/// and the next write parked for ever. The last handle's drop thaws.
+#[test]
+fn dropping_the_last_page_cache_handle_thaws_a_frozen_cache() {
+    watchdog("write after the frozen cache's handle is gone", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [1u8; 4096]).unwrap();
+        let cache = PageCache::new();
+        let file = cache.open(&path).unwrap();
+        let clone = cache.clone();
+        cache.freeze().unwrap();
+        drop(cache);
+        // Another handle lives: still frozen.
+        assert!(clone.is_frozen());
+        drop(clone);
+        assert_eq!(file.write_at(b"x", 0).unwrap(), 1);
+        file.fsync().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap()[0], b'x');
+    });
+}
+
 #[test]
 fn child_entry() {
     let Ok(case) = std::env::var("UPCACHE_CHILD") else {
