@@ -477,9 +477,13 @@ impl AddressSpace {
         // Stable pages: the store may be reading these bytes.
         g.wait_writeback();
         let off = ((index - g.index().0) << PAGE_SHIFT) as usize;
-        held_push(&g, true);
-        // Readers of the page that pinned it before we took the lock.
+        // Readers of the page that pinned it before we took the lock. Before
+        // this guard's own record exists: the drain's self-check must see
+        // only this thread's earlier guards, not take the new one for a pin
+        // it would wait for (it panicked when another thread pinned the
+        // page, `tests/page_ref.rs`).
         g.wait_pins_drained();
+        held_push(&g, true);
         Ok(PageMut {
             mapping: self,
             folio: Some(g),

@@ -224,6 +224,54 @@ fn write_at_waits_for_a_pin_of_another_thread() {
     });
 }
 
+/// Wait until thread `tid` of this process sleeps on a futex (a page
+/// guard's wait), or `done` says it ended (a panic ends it too).
+fn wait_parked_or_done(tid: i32, done: &AtomicBool) {
+    let path = format!("/proc/self/task/{tid}/wchan");
+    while !done.load(Ordering::SeqCst) {
+        if std::fs::read_to_string(&path).unwrap_or_default().contains("futex") {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// A `PageMut` of a page another thread pins waits for that pin. It used
+/// to panic ("would wait for itself"): the waiting thread's own new guard
+/// record was taken for a pin of its own.
+#[test]
+fn page_mut_waits_for_a_pin_of_another_thread() {
+    watchdog("get_page_mut vs another thread's pin", 60, || {
+        let (_d, path) = file_of(8192);
+        let cache = PageCache::new();
+        let file = Arc::new(cache.open(&path).unwrap());
+        let page = pin(&file, 0).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let writer = {
+            let (file, done) = (file.clone(), done.clone());
+            std::thread::spawn(move || {
+                // SAFETY: the calling thread's own tid, no preconditions.
+                tid_tx.send(unsafe { libc::syscall(libc::SYS_gettid) } as i32).unwrap();
+                struct Done(Arc<AtomicBool>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        self.0.store(true, Ordering::SeqCst);
+                    }
+                }
+                let _done = Done(done);
+                let mut g = pin_mut(&file, 0).unwrap();
+                g[0] = 0x22;
+            })
+        };
+        wait_parked_or_done(tid_rx.recv().unwrap(), &done);
+        assert_eq!(page[0], byte(0), "a PageMut changed pinned bytes");
+        drop(page);
+        writer.join().expect("get_page_mut panicked instead of waiting for the pin");
+        assert_eq!(pin(&file, 0).unwrap()[0], 0x22, "the write did not land");
+    });
+}
+
 #[test]
 fn truncate_waits_for_a_pin_of_another_thread_and_never_frees_it_early() {
     watchdog("truncate vs pin", 60, || {
