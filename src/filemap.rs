@@ -506,6 +506,17 @@ impl AddressSpace {
                     break;
                 }
             };
+            // The engine's folio must hold byte `p` and be this file's: the
+            // copy below is at `p - folio.pos()` in its memory.
+            if g.mapping_id() != self.id() || p < g.pos() || p - g.pos() >= g.size() as u64 {
+                drop(g);
+                first_err = (done == 0).then(|| {
+                    io::Error::other(format!(
+                        "write_begin returned a folio that does not hold byte {p} of this file (EIO)"
+                    ))
+                });
+                break;
+            }
             // Stable pages, always: the bytes of a folio under writeback
             // are being read by the store; wait rather than change them.
             g.wait_writeback();
@@ -538,7 +549,9 @@ impl AddressSpace {
                 }
                 unpoisoned = p + n as u64;
             }
-            let copied = self.ops.write_end(self, p, n, g);
+            // Never more than was copied in (an engine's count past it would
+            // skip bytes of `buf` and overstate the result).
+            let copied = self.ops.write_end(self, p, n, g).min(n);
             done += copied;
             if copied < n {
                 break;

@@ -803,7 +803,7 @@ impl Folio {
     /// to folio memory is formed). Folio locked by the caller (crate use:
     /// write_at, truncate's zeroing).
     pub(crate) fn copy_in_raw(&self, off: usize, src: &[u8]) {
-        assert!(off + src.len() <= self.size());
+        assert!(off.checked_add(src.len()).is_some_and(|e| e <= self.size()));
         debug_assert!(self.is_locked());
         // A `PageRef` may be reading these bytes as `&[u8]`.
         self.wait_pins_drained();
@@ -819,7 +819,7 @@ impl Folio {
 
     /// Zero `len` bytes at `off` with a raw write. Folio locked.
     pub(crate) fn zero_raw(&self, off: usize, len: usize) {
-        assert!(off + len <= self.size());
+        assert!(off.checked_add(len).is_some_and(|e| e <= self.size()));
         debug_assert!(self.is_locked());
         // A `PageRef` may be reading these bytes as `&[u8]`.
         self.wait_pins_drained();

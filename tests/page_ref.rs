@@ -267,7 +267,9 @@ fn page_mut_waits_for_a_pin_of_another_thread() {
         wait_parked_or_done(tid_rx.recv().unwrap(), &done);
         assert_eq!(page[0], byte(0), "a PageMut changed pinned bytes");
         drop(page);
-        writer.join().expect("get_page_mut panicked instead of waiting for the pin");
+        writer
+            .join()
+            .expect("get_page_mut panicked instead of waiting for the pin");
         assert_eq!(pin(&file, 0).unwrap()[0], 0x22, "the write did not land");
     });
 }

@@ -468,3 +468,84 @@ fn folio_copy_out_range_cannot_wrap() {
     f.copy_out(100, &mut dst);
     assert_eq!(dst, [byte(100), byte(101), byte(102), byte(103)]);
 }
+
+/// Engine operations whose `write_begin` hands back a folio that does not
+/// hold the byte being written (here the next page's, or another file's).
+/// `write_at` used to copy at `pos - folio.pos()`, which wrapped: in a
+/// release build the copy landed before the folio, in another page of the
+/// file or another file's region of the page store, from safe code.
+struct WrongFolio {
+    inner: StoreOps<upcache::FileStore>,
+    other: Option<upcache::File>,
+}
+
+impl upcache::aops::AddressSpaceOps for WrongFolio {
+    fn read_folio(&self, m: &upcache::aops::AddressSpace, f: upcache::aops::FolioGuard) -> std::io::Result<()> {
+        self.inner.read_folio(m, f)
+    }
+    fn writepage(
+        &self,
+        m: &upcache::aops::AddressSpace,
+        f: upcache::aops::FolioGuard,
+        wbc: &mut upcache::aops::WritebackControl,
+    ) -> std::io::Result<()> {
+        self.inner.writepage(m, f, wbc)
+    }
+    fn write_begin(
+        &self,
+        m: &upcache::aops::AddressSpace,
+        pos: u64,
+        _len: usize,
+    ) -> std::io::Result<upcache::aops::FolioGuard> {
+        match &self.other {
+            Some(o) => o
+                .address_space()
+                .unwrap()
+                .filemap_grab_folio(PgOff(pos / PAGE_SIZE as u64)),
+            None => m.filemap_grab_folio(PgOff(pos / PAGE_SIZE as u64 + 1)),
+        }
+    }
+    fn initial_size(&self) -> std::io::Result<u64> {
+        self.inner.initial_size()
+    }
+    fn set_size(&self, size: u64) -> std::io::Result<()> {
+        self.inner.set_size(size)
+    }
+    fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(off, len)
+    }
+    fn fsync(&self) -> std::io::Result<()> {
+        self.inner.fsync()
+    }
+}
+
+#[test]
+fn write_begin_returning_a_folio_without_the_byte_is_an_error() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    let other_path = dir.path().join("g");
+    std::fs::write(&path, [1u8; 3 * PAGE_SIZE]).unwrap();
+    std::fs::write(&other_path, [2u8; 3 * PAGE_SIZE]).unwrap();
+    let cache = PageCache::new();
+    let other = cache.open(&other_path).unwrap();
+    for wrong_file in [false, true] {
+        let ops = WrongFolio {
+            inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
+            other: wrong_file.then(|| cache.open(&other_path).unwrap()),
+        };
+        let file = cache.open_with_ops(&format!("wrong-{wrong_file}"), ops).unwrap();
+        let mut before = [0u8; 3 * PAGE_SIZE];
+        file.read_at(&mut before, 0).unwrap();
+        // Long enough that the wrapped offset plus the length wraps back
+        // into the folio's bounds (the release build's bounds check passed).
+        let r = file.write_at(&[9u8; 2 * PAGE_SIZE], PAGE_SIZE as u64 + 8);
+        let e = r.expect_err("a write through a folio without the byte succeeded");
+        assert_eq!(e.raw_os_error(), libc::EIO, "{e}");
+        let mut after = [0u8; 3 * PAGE_SIZE];
+        file.read_at(&mut after, 0).unwrap();
+        assert_eq!(before, after, "the write landed somewhere in the file");
+        let mut o = [0u8; 3 * PAGE_SIZE];
+        other.read_at(&mut o, 0).unwrap();
+        assert!(o.iter().all(|&b| b == 2), "the write landed in another file");
+    }
+}
