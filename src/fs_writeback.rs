@@ -444,10 +444,21 @@ fn flusher_main(w: Weak<Writeback>, period: Duration) {
             if w.stop.load(Ordering::Acquire) {
                 return;
             }
-            if !w.is_frozen() {
-                w.flush_pass();
+            // An engine panic in a pass (its `writepage` or write barrier)
+            // must not end the flusher: throttled write faults wait for it
+            // to replay them, and expiry writeback would stop for good.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if !w.is_frozen() {
+                    w.flush_pass();
+                }
+            }));
+            if r.is_err() {
+                eprintln!("upcache: a flusher pass panicked (an engine operation); the flusher goes on");
             }
-            w.release_throttled();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.release_throttled()));
+            if r.is_err() {
+                eprintln!("upcache: replaying throttled write faults panicked; the flusher goes on");
+            }
         }
         std::thread::park_timeout(period);
     }

@@ -36,7 +36,7 @@
 //! Past the high watermark a background thread reclaims down to the low
 //! watermark (95 %).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::thread::{JoinHandle, Thread};
 
@@ -190,7 +190,16 @@ impl Reclaimer {
         while !self.stop.load(Ordering::Acquire) {
             let now = self.cached_pages();
             if now > self.high_pages {
-                if self.shrink(now - self.low_pages, false) == 0 {
+                // An engine panic in background writeback (`writepage`, its
+                // write barrier) must not end kswapd: allocators wait for it.
+                let freed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.shrink(now - self.low_pages, false)
+                }))
+                .unwrap_or_else(|_| {
+                    eprintln!("upcache: a reclaim pass panicked (an engine operation); kswapd goes on");
+                    0
+                });
+                if freed == 0 {
                     // Nothing evictable now (locked, in use, dirty and
                     // being written): sleep until the next charge wakes
                     // us, rather than rescan the queues in a loop while
@@ -220,6 +229,11 @@ impl Reclaimer {
             2 * (q.small.len() + q.main.len()) + 64
         };
         let mut frozen: Vec<(Entry, bool, Arc<AddressSpace>, FolioGuard)> = Vec::new();
+        // Every address space this pass looked at, kept until `shrinking`
+        // is released: a file whose last user went meanwhile is dropped
+        // (and written back) here, after the batch, never under the mutex
+        // nor while other folios are frozen.
+        let mut seen: HashMap<u64, Arc<AddressSpace>> = HashMap::new();
         let mut to_write: Vec<(Arc<AddressSpace>, FolioRef)> = Vec::new();
         let mut frozen_pages = 0;
         while freed + frozen_pages < want && budget > 0 {
@@ -238,7 +252,7 @@ impl Reclaimer {
                     None => break,
                 }
             };
-            match self.consider(key, ident, from_small, direct) {
+            match self.consider(key, ident, from_small, direct, &mut seen) {
                 Outcome::Frozen(m, g) => {
                     frozen_pages += g.nr_pages();
                     frozen.push(((key, ident), from_small, m, g));
@@ -264,6 +278,7 @@ impl Reclaimer {
         }
         freed += self.evict_batch(frozen);
         drop(_one);
+        drop(seen);
         // Background reclaim's writeback, outside the mutex; the folios
         // are evicted on a later pass once clean.
         for (m, f) in to_write {
@@ -340,10 +355,18 @@ impl Reclaimer {
         }
     }
 
-    fn consider(&self, (id, index): Key, ident: usize, from_small: bool, direct: bool) -> Outcome {
+    fn consider(
+        &self,
+        (id, index): Key,
+        ident: usize,
+        from_small: bool,
+        direct: bool,
+        seen: &mut HashMap<u64, Arc<AddressSpace>>,
+    ) -> Outcome {
         let Some(m) = self.spaces.get(id) else {
             return Outcome::Gone;
         };
+        seen.entry(id).or_insert_with(|| m.clone());
         // Never wait on a frozen folio: it may be one this reclaimer froze
         // itself for another entry of the same index (a stale entry of a
         // folio that was dropped and re-added), still in this batch.
@@ -389,6 +412,20 @@ impl Reclaimer {
         match m.freeze_for_eviction(f) {
             Some(g) => Outcome::Frozen(m, g),
             None => Outcome::Keep,
+        }
+    }
+}
+
+/// Call an engine operation from reclaim, where other folios of the batch
+/// may be frozen: a panic must not unwind through them (their guards would
+/// drop a frozen count, leaving it wrapped and the pages stuck for every
+/// later truncate). The panic is reported and `fallback` used.
+fn engine_call<T>(file: &str, op: &str, fallback: T, f: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => v,
+        Err(_) => {
+            eprintln!("upcache: {file}: the engine's {op} panicked during reclaim; the folio is kept");
+            fallback
         }
     }
 }
@@ -446,7 +483,11 @@ impl AddressSpace {
         // removal clears (`clear_read_error_poison`): its evictor clears it
         // once no folio is frozen any more (a zap must not wait for
         // `harvest_lock` while a harvest may spin on a frozen folio).
-        if g.mapping_id() != self.id() || g.is_dirty() || g.is_writeback() || !self.ops.release_folio(self, &g) {
+        if g.mapping_id() != self.id()
+            || g.is_dirty()
+            || g.is_writeback()
+            || !engine_call(self.name(), "release_folio", false, || self.ops.release_folio(self, &g))
+        {
             return None;
         }
         // Index + ours: anyone else (a reader mid-copy, a fault, a waiter)
@@ -479,7 +520,7 @@ impl AddressSpace {
         self.nrpages_sub(n);
         self.stats.folio_removed(n);
         self.stats.evicted(n);
-        self.ops.free_folio(self, &g);
+        engine_call(self.name(), "free_folio", (), || self.ops.free_folio(self, &g));
         g.free_frozen();
         n
     }
