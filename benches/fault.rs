@@ -169,7 +169,9 @@ fn uffd_copy_peer(path: &Path, pages: &[usize], page: usize, fillers: usize, pol
     let len = RANDOM_SIZE as usize;
     let base = anon_region(len);
     let uffd = Uffd::open(0).expect("userfaultfd");
-    uffd.register(base, len, mode::MISSING).unwrap();
+    // SAFETY: `base..base + len` is the anonymous mapping made above for
+    // this engine alone.
+    unsafe { uffd.register_owned(base, len, mode::MISSING) }.unwrap();
     let file = std::fs::File::open(path).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let t = std::thread::scope(|s| {
@@ -310,7 +312,9 @@ fn uffd_sigbus_inthread(path: &Path, pages: &[usize], page: usize) -> Duration {
         uffd.features() & FEATURE_SIGBUS != 0,
         "UFFD_FEATURE_SIGBUS not granted: the probe would wait for a handler thread it does not have"
     );
-    uffd.register(base, len, mode::MISSING).unwrap();
+    // SAFETY: `base..base + len` is the anonymous mapping made above for
+    // this engine alone.
+    unsafe { uffd.register_owned(base, len, mode::MISSING) }.unwrap();
     let file = std::fs::File::open(path).unwrap();
     inthread::UFFD.store(uffd.raw_fd(), Relaxed);
     inthread::FILE.store(file.as_raw_fd(), Relaxed);

@@ -78,8 +78,10 @@ mod imp {
         /// same key or at once when `validate` fails. Spurious returns are
         /// allowed: callers re-check their condition in a loop.
         ///
-        /// `validate` must not panic nor park/unpark.
-        pub fn park(&self, owner: usize, tag: usize, token: usize, validate: impl FnOnce() -> bool) {
+        /// `validate` must not panic nor park/unpark. Crate-private for that
+        /// reason: every caller's closure only loads atomics (this module
+        /// is public only for `epoch`).
+        pub(crate) fn park(&self, owner: usize, tag: usize, token: usize, validate: impl FnOnce() -> bool) {
             // SAFETY: `validate` neither panics nor calls back into the parking
             // lot (documented contract of this method); the key is a plain
             // number, valid whatever the owner's lifetime.
@@ -98,7 +100,7 @@ mod imp {
         /// Wake sleepers on `(owner, tag)` chosen by `filter` (given each
         /// sleeper's token, in queue order); `callback(have_more)` runs under
         /// the queue lock once the choice is made. Returns how many woke.
-        pub fn unpark_filter(
+        pub(crate) fn unpark_filter(
             &self,
             owner: usize,
             tag: usize,
@@ -249,7 +251,7 @@ mod imp {
         }
 
         /// See the non-loom version.
-        pub fn park(&self, owner: usize, tag: usize, token: usize, validate: impl FnOnce() -> bool) {
+        pub(crate) fn park(&self, owner: usize, tag: usize, token: usize, validate: impl FnOnce() -> bool) {
             let mut q = TABLE.q.lock().unwrap();
             if !validate() {
                 return;
@@ -263,7 +265,7 @@ mod imp {
         }
 
         /// See the non-loom version.
-        pub fn unpark_filter(
+        pub(crate) fn unpark_filter(
             &self,
             owner: usize,
             tag: usize,

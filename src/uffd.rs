@@ -398,7 +398,7 @@ impl Uffd {
     ///
     /// # Errors
     /// The ioctl's error (EINVAL for an unsupported mode/memory type).
-    pub fn register(&self, start: usize, len: usize, modes: u64) -> io::Result<()> {
+    pub(crate) fn register(&self, start: usize, len: usize, modes: u64) -> io::Result<()> {
         let mut r = UffdioRegister {
             range: UffdioRange {
                 start: start as u64,
@@ -413,6 +413,21 @@ impl Uffd {
             return Err(errno());
         }
         Ok(())
+    }
+
+    /// [`register`](Self::register) for the reference engines in
+    /// `benches/fault.rs` (the crate registers only ranges it mapped).
+    ///
+    /// # Errors
+    /// As `UFFDIO_REGISTER`.
+    ///
+    /// # Safety
+    /// `[start, start + len)` must be an anonymous or shmem mapping the
+    /// caller owns and nothing else uses: once registered, an access to a
+    /// missing page there sleeps until this userfaultfd resolves it, and
+    /// the caller's handler then decides what memory the address shows.
+    pub unsafe fn register_owned(&self, start: usize, len: usize, modes: u64) -> io::Result<()> {
+        self.register(start, len, modes)
     }
 
     /// `UFFDIO_UNREGISTER`; wakes threads blocked on faults in the range.
@@ -470,7 +485,7 @@ impl Uffd {
     ///
     /// # Errors
     /// Classified per the module table.
-    pub fn continue_range(&self, start: usize, len: usize, wp: bool) -> Result<(), UffdError> {
+    pub(crate) fn continue_range(&self, start: usize, len: usize, wp: bool) -> Result<(), UffdError> {
         let mut c = UffdioContinue {
             range: UffdioRange {
                 start: start as u64,
@@ -492,7 +507,7 @@ impl Uffd {
     ///
     /// # Errors
     /// Classified per the module table.
-    pub fn writeprotect(&self, start: usize, len: usize, wp: bool) -> Result<(), UffdError> {
+    pub(crate) fn writeprotect(&self, start: usize, len: usize, wp: bool) -> Result<(), UffdError> {
         let mut w = UffdioWriteprotect {
             range: UffdioRange {
                 start: start as u64,
@@ -511,7 +526,7 @@ impl Uffd {
     ///
     /// # Errors
     /// Classified per the module table.
-    pub fn poison(&self, start: usize, len: usize) -> Result<(), UffdError> {
+    pub(crate) fn poison(&self, start: usize, len: usize) -> Result<(), UffdError> {
         let mut p = UffdioPoison {
             range: UffdioRange {
                 start: start as u64,
