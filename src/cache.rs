@@ -944,7 +944,8 @@ impl File {
     /// Read at `pos` ([`AddressSpace::read_at`]).
     ///
     /// # Errors
-    /// `Closed`; the store's read error.
+    /// `Closed`; the store's read error; `InvalidArgument` if `buf` is the
+    /// cache's own folio memory (a [`PageMut`](crate::PageMut)'s bytes).
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
         self.mapping()?.read_at(buf, pos)
     }

@@ -67,8 +67,18 @@ impl AddressSpace {
     /// and may sleep on folio locks and I/O.
     ///
     /// # Errors
-    /// The store's read error (the folio stays cached, not uptodate).
+    /// The store's read error (the folio stays cached, not uptodate);
+    /// [`Error::InvalidArgument`] if `buf` is the cache's own folio memory
+    /// (a [`PageMut`](crate::PageMut)'s bytes).
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
+        if self.store.overlaps_view(buf.as_ptr(), buf.len()) {
+            // The buffer is the cache's own folio memory (a `PageMut`'s
+            // bytes): the copy would read the bytes it writes, under the
+            // caller's `&mut`.
+            return Err(Error::InvalidArgument {
+                what: "read_at into the page cache's own memory (a PageMut's bytes): read into a separate buffer",
+            });
+        }
         if crate::mmap::overlaps_user_mapping(buf.as_ptr(), buf.len()) {
             // Copying into an upcache mapping can fault into this very
             // file while we hold a folio reference that truncate waits

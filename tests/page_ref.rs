@@ -682,3 +682,31 @@ fn writes_and_syncs_over_own_page_guards_are_errors() {
         assert_eq!(&on_disk[5 * PAGE_SIZE..5 * PAGE_SIZE + 2], b"yz");
     });
 }
+
+/// `read_at` into a `PageMut`'s own bytes copied the page onto itself with
+/// `copy_nonoverlapping` (undefined behaviour: overlapping, and a foreign
+/// read under the caller's live `&mut`). The cache's own memory is not a
+/// valid `read_at` destination: a clear error.
+#[test]
+fn read_at_into_the_page_cache_own_memory_is_an_error() {
+    let (_d, path) = file_of(4 * PAGE_SIZE);
+    let cache = PageCache::new();
+    let file = cache.open(&path).unwrap();
+    let mut pm = pin_mut(&file, 3).unwrap();
+    for pos in [3 * PAGE_SIZE as u64, 0, 3 * PAGE_SIZE as u64 + 100] {
+        let e = file
+            .read_at(&mut pm[..100], pos)
+            .expect_err("read_at into the cache's own memory");
+        assert_eq!(e.raw_os_error(), libc::EINVAL, "{e}");
+    }
+    drop(pm);
+    // Another file of the same cache: the same page store, also refused.
+    let (_d2, path2) = file_of(PAGE_SIZE);
+    let other = cache.open(&path2).unwrap();
+    let mut pm = pin_mut(&file, 1).unwrap();
+    assert!(other.read_at(&mut pm[..10], 0).is_err());
+    drop(pm);
+    // A plain buffer still works.
+    let mut b = [0u8; 10];
+    assert_eq!(file.read_at(&mut b, 0).unwrap(), 10);
+}
