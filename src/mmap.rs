@@ -369,7 +369,7 @@ pub(crate) fn do_mmap(
     mode: UffdMode,
 ) -> Result<Arc<VmArea>> {
     let plen = check_map_range(offset, len)?;
-    if mode == UffdMode::Missing && mapping.ra.min_order > 0 {
+    if mode == UffdMode::Missing {
         // The past-EOF walk below takes `i_rwsem`, which ranks above folio
         // locks and waits for writers that may wait for this thread's
         // page guards.
@@ -536,10 +536,13 @@ pub(crate) fn do_mmap(
         drop(mapping.i_pages.lock());
         vma.arm_cached(vma.pgoff(), vma.pgoff().add((plen >> PAGE_SHIFT) as u64));
     }
-    if mode == UffdMode::Missing && mapping.ra.min_order > 0 {
-        // Cached folios may reach past end of file (the last one, or one a
-        // failed write left); their pages there are present and must raise
-        // SIGBUS here too. `i_rwsem` shared keeps the size still (only
+    if mode == UffdMode::Missing {
+        // Cached folios may reach past end of file (the last one of a
+        // large-folio file, one a failed write left, one truncate kept for
+        // an async-tracked mapping or a failed write-back); their pages
+        // there are present and must raise SIGBUS here too (without large
+        // folios this read zeros after an async-tracked truncate,
+        // `tests/sigbus.rs`). `i_rwsem` shared keeps the size still (only
         // `write_at` and truncate change it, holding it exclusive), so no
         // growth races this walk. Folios added from now on poison
         // themselves: `filemap_add_folio` lists `i_mmap` after inserting

@@ -314,10 +314,41 @@ fn child_entry() {
             assert_eq!(got[0], 9);
             std::process::exit(0);
         }
+        "async_truncate_then_missing_map" => {
+            // An async-tracked mapping makes truncate keep the folio that
+            // straddles the new end (its tail zeroed, still present in the
+            // page store). A `Missing`-mode mapping made afterwards must
+            // still raise SIGBUS past the end: the kernel maps present
+            // pages itself there. It read zeros.
+            let size = 200 << 10;
+            std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
+            let cache = PageCache::builder()
+                .dirty_tracking(upcache::DirtyTracking::Async)
+                .build();
+            let file = cache.open(&path).unwrap();
+            let mut b = vec![0u8; 64 << 10];
+            file.read_at(&mut b, 0).unwrap();
+            let raw = file.mmap_raw(0, 64 << 10).unwrap();
+            file.truncate(5000).unwrap();
+            // SAFETY: read only, by this thread, while nothing writes the file.
+            let map = unsafe { file.mmap_with_mode(0, 64 << 10, Share::Shared, UffdMode::Missing) }.unwrap();
+            assert_eq!(map[100], byte(100));
+            drop(raw);
+            let _ = std::hint::black_box(map[2 * PAGE_SIZE]);
+        }
         other => panic!("unknown child case {other}"),
     }
     // Reaching this line means no SIGBUS: exit normally so the parent fails.
     std::process::exit(0);
+}
+
+/// Truncate with an async-tracked mapping keeps the folio straddling the
+/// new end; a `Missing`-mode mapping made afterwards read zeros past the
+/// end instead of raising SIGBUS (only large-folio files were poisoned
+/// when a mapping was made).
+#[test]
+fn missing_mapping_after_an_async_truncate_raises_sigbus_past_eof() {
+    assert_sigbus("async_truncate_then_missing_map");
 }
 
 #[test]
