@@ -469,8 +469,13 @@ struct LastHandle(std::sync::Weak<CacheInner>);
 
 impl Drop for LastHandle {
     fn drop(&mut self) {
+        // Only a frozen cache: `thaw` takes the freeze gate exclusive,
+        // which would wait for writers inside it (one may be waiting for
+        // this thread's page pin); while frozen, nobody is inside.
         if let Some(inner) = self.0.upgrade() {
-            inner.wb.thaw();
+            if inner.wb.is_frozen() {
+                inner.wb.thaw();
+            }
         }
     }
 }

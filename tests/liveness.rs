@@ -277,6 +277,43 @@ fn dropping_the_last_page_cache_handle_thaws_a_frozen_cache() {
     });
 }
 
+/// Dropping the last `PageCache` handle while another thread's `write_at`
+/// is inside the freeze gate, waiting for this thread's pin: the drop's
+/// thaw took the gate exclusive even though nothing was frozen, and waited
+/// for the writer, which waited for the pin (found reviewing the fix
+/// above). It thaws only a frozen cache now.
+#[test]
+fn dropping_the_last_page_cache_handle_never_waits_for_writers() {
+    watchdog("drop of the last PageCache handle during a write", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [1u8; 4096]).unwrap();
+        let cache = PageCache::new();
+        let file = Arc::new(cache.open(&path).unwrap());
+        // SAFETY: nothing maps the file.
+        let page = unsafe { file.get_page(0) }.unwrap();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let writer = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                tid_tx.send(gettid()).unwrap();
+                file.write_at(b"x", 0).unwrap();
+            })
+        };
+        // The writer waits for the pin, inside the gate.
+        let wchan = format!("/proc/self/task/{}/wchan", tid_rx.recv().unwrap());
+        while !std::fs::read_to_string(&wchan).unwrap_or_default().contains("futex") {
+            std::thread::yield_now();
+        }
+        drop(cache);
+        drop(page);
+        writer.join().unwrap();
+        let mut b = [0u8; 1];
+        file.read_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], b'x');
+    });
+}
+
 #[test]
 fn child_entry() {
     let Ok(case) = std::env::var("UPCACHE_CHILD") else {
