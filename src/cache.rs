@@ -949,8 +949,9 @@ impl File {
     /// Read at `pos` ([`AddressSpace::read_at`]).
     ///
     /// # Errors
-    /// `Closed`; the store's read error; `InvalidArgument` if `buf` is the
-    /// cache's own folio memory (a [`PageMut`](crate::PageMut)'s bytes).
+    /// `Closed`; the store's read error; `InvalidArgument` if `buf` shares
+    /// memory with the bytes it would receive (a
+    /// [`PageMut`](crate::PageMut) of the same page).
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
         self.mapping()?.read_at(buf, pos)
     }

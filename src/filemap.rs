@@ -68,17 +68,9 @@ impl AddressSpace {
     ///
     /// # Errors
     /// The store's read error (the folio stays cached, not uptodate);
-    /// [`Error::InvalidArgument`] if `buf` is the cache's own folio memory
-    /// (a [`PageMut`](crate::PageMut)'s bytes).
+    /// [`Error::InvalidArgument`] if `buf` shares memory with the bytes it
+    /// would receive (a [`PageMut`](crate::PageMut) of the same page).
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
-        if self.store.overlaps_view(buf.as_ptr(), buf.len()) {
-            // The buffer is the cache's own folio memory (a `PageMut`'s
-            // bytes): the copy would read the bytes it writes, under the
-            // caller's `&mut`.
-            return Err(Error::InvalidArgument {
-                what: "read_at into the page cache's own memory (a PageMut's bytes): read into a separate buffer",
-            });
-        }
         if crate::mmap::overlaps_user_mapping(buf.as_ptr(), buf.len()) {
             // Copying into an upcache mapping can fault into this very
             // file while we hold a folio reference that truncate waits
@@ -143,6 +135,14 @@ impl AddressSpace {
             }
             let off = (p - folio.pos()) as usize;
             let n = (folio.size() - off).min(buf.len() - done).min((size - p) as usize);
+            if folio.bytes_overlap(off, &buf[done..done + n]) {
+                // The buffer is these very bytes (a `PageMut` of the page):
+                // the copy would read what it writes, under the caller's
+                // `&mut`.
+                return Err(Error::InvalidArgument {
+                    what: "read_at into the bytes it reads (a PageMut of the same page): read into a separate buffer",
+                });
+            }
             folio.copy_out(off, &mut buf[done..done + n]);
             if !(folio.pos() <= last && last - folio.pos() < folio.size() as u64) {
                 folio.mark_accessed();

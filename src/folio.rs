@@ -773,9 +773,9 @@ impl Folio {
     /// concurrent writer may be observed partially, never out of bounds.
     ///
     /// # Panics
-    /// If the range is not inside the folio, or the folio is not uptodate
+    /// If the range is not inside the folio, if the folio is not uptodate
     /// (its bytes may then be a fill's `&mut [u8]`,
-    /// [`FolioGuard::data_mut`]).
+    /// [`FolioGuard::data_mut`]), or if `dst` is the folio's own bytes.
     pub fn copy_out(&self, off: usize, dst: &mut [u8]) {
         assert!(
             off.checked_add(dst.len()).is_some_and(|e| e <= self.size()),
@@ -784,10 +784,22 @@ impl Folio {
             self.size()
         );
         assert!(self.is_uptodate(), "copy_out of a folio that is not uptodate");
+        assert!(
+            !self.bytes_overlap(off, dst),
+            "copy_out into the folio's own bytes (a PageMut of the same page)"
+        );
         // SAFETY: `data..data+size` lies in the page store's view, mapped for
         // the life of the store, which outlives its folios; the range was
-        // bounds-checked above; `dst` is a distinct Rust allocation.
+        // bounds-checked above; `dst` does not overlap it (checked above).
         unsafe { std::ptr::copy_nonoverlapping(self.data.add(off), dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// Do the folio's bytes `[off, off + buf.len())` share memory with
+    /// `buf` (a `PageMut` of the same page handed to a copy)?
+    pub(crate) fn bytes_overlap(&self, off: usize, buf: &[u8]) -> bool {
+        let s = (self.data as usize).wrapping_add(off);
+        let d = buf.as_ptr() as usize;
+        !buf.is_empty() && s < d.saturating_add(buf.len()) && d < s.saturating_add(buf.len())
     }
 
     /// Pointer to the folio's bytes in the engine view (valid for

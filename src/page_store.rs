@@ -24,7 +24,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{fallocate, fstat, ftruncate, memfd_create, seek, FallocateFlags, MemfdFlags, SeekFrom};
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 
-use crate::sync::{Arc, AtomicUsize, Mutex, Ordering, RwLock};
+use crate::sync::{Arc, Mutex, RwLock};
 use crate::types::MAX_FILE_SIZE;
 
 #[cfg(not(loom))]
@@ -130,11 +130,6 @@ pub(crate) struct PageMemfd {
     /// view. Written only when a folio is created in a chunk not yet
     /// mapped; folios cache their data pointer.
     chunks: RwLock<HashMap<u64, usize>>,
-    /// Lowest and highest (exclusive) address of any chunk of the view,
-    /// `usize::MAX`/0 while none is mapped: the cheap first test of
-    /// [`overlaps_view`](Self::overlaps_view).
-    view_lo: AtomicUsize,
-    view_hi: AtomicUsize,
     /// Region allocator: regions given back, and the first never used.
     regions: Mutex<(Vec<u64>, u64)>,
 }
@@ -147,8 +142,6 @@ impl PageMemfd {
         Ok(Arc::new(PageMemfd {
             memfd,
             chunks: RwLock::new(HashMap::new()),
-            view_lo: AtomicUsize::new(usize::MAX),
-            view_hi: AtomicUsize::new(0),
             regions: Mutex::new((Vec::new(), 0)),
         }))
     }
@@ -190,24 +183,7 @@ impl PageMemfd {
         // treatment of it.
         unsafe { libc::madvise(p, CHUNK_SIZE as usize, libc::MADV_DONTFORK) };
         chunks.insert(chunk, p as usize);
-        // Under the chunks' write lock; Relaxed: `overlaps_view` asks about
-        // a buffer its caller already holds, so a chunk mapped after the
-        // buffer was made cannot hold it.
-        self.view_lo.fetch_min(p as usize, Ordering::Relaxed);
-        self.view_hi
-            .fetch_max(p as usize + CHUNK_SIZE as usize, Ordering::Relaxed);
         Ok((p as usize + inner) as *mut u8)
-    }
-
-    /// Does `[ptr, ptr + len)` overlap the engine view (the cache's own
-    /// folio memory, which `PageRef`/`PageMut` hand out)?
-    pub(crate) fn overlaps_view(&self, ptr: *const u8, len: usize) -> bool {
-        let (a, b) = (ptr as usize, (ptr as usize).saturating_add(len));
-        if len == 0 || b <= self.view_lo.load(Ordering::Relaxed) || a >= self.view_hi.load(Ordering::Relaxed) {
-            return false;
-        }
-        let chunk = CHUNK_SIZE as usize;
-        self.chunks.read().values().any(|&base| a < base + chunk && base < b)
     }
 }
 
@@ -348,12 +324,6 @@ impl PageStore {
     pub(crate) fn memfd_offset(&self, pos: u64) -> u64 {
         assert!(pos <= MAX_FILE_SIZE, "page store offset past the largest file");
         self.base + pos
-    }
-
-    /// Does `[ptr, ptr + len)` overlap the engine view of this cache's
-    /// memfd (any file's folio memory)?
-    pub(crate) fn overlaps_view(&self, ptr: *const u8, len: usize) -> bool {
-        self.memfd.overlaps_view(ptr, len)
     }
 
     /// Engine-view address of file offset `pos`; maps its chunk on first use.
