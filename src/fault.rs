@@ -212,15 +212,7 @@ fn handle_fault(sh: &EngineShared, pf: PageFault) {
         wake_page(sh, page);
         return;
     }
-    // Leave the fault on every path, panics included (teardown waits for
-    // faults in flight).
-    struct Exit<'a>(&'a VmArea);
-    impl Drop for Exit<'_> {
-        fn drop(&mut self) {
-            self.0.exit();
-        }
-    }
-    let _exit = Exit(&vma);
+    let _exit = FaultExit(&vma);
     let vmf = VmFault {
         vma: &vma,
         address: page,
@@ -425,11 +417,29 @@ fn replaying_throttled() -> bool {
 
 /// Handle again a write fault parked while the cache was frozen (called
 /// by `thaw`) or throttled (called by the flusher after a pass).
+///
+/// A panic while serving it (an engine operation) ends the fault in
+/// SIGBUS for its thread, as in the handlers, and does not stop the
+/// caller's loop over the other parked faults.
 pub(crate) fn replay_wp_fault(vma: &Arc<VmArea>, address: usize) {
     vma.grant_throttle_credit();
     REPLAYING.with(|r| r.set(true));
-    replay_wp_fault_inner(vma, address);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| replay_wp_fault_inner(vma, address)));
     REPLAYING.with(|r| r.set(false));
+    if r.is_err() {
+        eprintln!("upcache: panic while replaying a write fault at {address:#x}; the faulting thread gets SIGBUS");
+        poison_page(&vma.engine, page_down(address));
+    }
+}
+
+/// Leaves a fault entered with `VmArea::enter` on every path, panics
+/// included (teardown waits for faults in flight).
+struct FaultExit<'a>(&'a VmArea);
+
+impl Drop for FaultExit<'_> {
+    fn drop(&mut self) {
+        self.0.exit();
+    }
 }
 
 fn replay_wp_fault_inner(vma: &Arc<VmArea>, address: usize) {
@@ -438,6 +448,7 @@ fn replay_wp_fault_inner(vma: &Arc<VmArea>, address: usize) {
         wake_page(&sh, address);
         return;
     }
+    let _exit = FaultExit(vma);
     let vmf = VmFault {
         vma,
         address,
@@ -446,7 +457,6 @@ fn replay_wp_fault_inner(vma: &Arc<VmArea>, address: usize) {
         async_ra: Default::default(),
     };
     do_wp_page(&sh, vma, &vmf);
-    vma.exit();
 }
 
 /// Answer a fault that cannot be served with SIGBUS for the faulting

@@ -139,7 +139,7 @@ pub fn write_cache_pages(
             let nr = g.nr_pages() as i64;
             mapping.stats.write_io();
             let folio = g.folio().clone();
-            if let Err(e) = writepage(g, wbc) {
+            if let Err(e) = call_writepage(|| writepage(g, wbc)) {
                 first_err.get_or_insert(e);
                 keep_dirty_after_failed_writepage(mapping, &folio, wbc);
             }
@@ -151,6 +151,19 @@ pub fn write_cache_pages(
         }
     }
     first_err.map_or(Ok(()), Err)
+}
+
+/// Call an engine's `writepage`. A panic is its failure (`EIO`): by then
+/// `folio_clear_dirty_for_io` has cleaned the folio, and an unwind through
+/// the caller would leave it clean and unwritten; the folio's guard
+/// (unlocked, or its `Writeback`, which ends with an error) has dropped,
+/// and the caller keeps the folio dirty
+/// ([`keep_dirty_after_failed_writepage`]).
+pub(crate) fn call_writepage(f: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        eprintln!("upcache: an engine writepage panicked; the folio stays dirty");
+        Err(io::Error::other("the engine's writepage panicked (EIO)"))
+    })
 }
 
 /// A `writepage` that failed must leave its folio dirty (redirtied, or

@@ -30,7 +30,7 @@ impl AddressSpace {
             self.stats.write_io();
             let mut wbc = WritebackControl::all(g.pos(), g.pos() + g.size() as u64 - 1);
             let f = g.folio().clone();
-            if self.ops.writepage(self, g, &mut wbc).is_err() {
+            if crate::page_writeback::call_writepage(|| self.ops.writepage(self, g, &mut wbc)).is_err() {
                 crate::page_writeback::keep_dirty_after_failed_writepage(self, &f, &wbc);
             }
         } else {

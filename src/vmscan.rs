@@ -416,15 +416,15 @@ impl Reclaimer {
     }
 }
 
-/// Call an engine operation from reclaim, where other folios of the batch
-/// may be frozen: a panic must not unwind through them (their guards would
+/// Call an engine operation from eviction (reclaim, `DontNeed`), where
+/// other folios of a reclaim batch may be frozen: a panic must not unwind through them (their guards would
 /// drop a frozen count, leaving it wrapped and the pages stuck for every
 /// later truncate). The panic is reported and `fallback` used.
 fn engine_call<T>(file: &str, op: &str, fallback: T, f: impl FnOnce() -> T) -> T {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(v) => v,
         Err(_) => {
-            eprintln!("upcache: {file}: the engine's {op} panicked during reclaim; the folio is kept");
+            eprintln!("upcache: {file}: the engine's {op} panicked while a folio was evicted (release_folio: the folio is kept; free_folio: it is freed)");
             fallback
         }
     }
@@ -447,7 +447,7 @@ impl AddressSpace {
                     let mut wbc = WritebackControl::none(g.nr_pages() as i64);
                     wbc.for_background = true;
                     let folio = g.folio().clone();
-                    if self.ops.writepage(self, g, &mut wbc).is_err() {
+                    if crate::page_writeback::call_writepage(|| self.ops.writepage(self, g, &mut wbc)).is_err() {
                         crate::page_writeback::keep_dirty_after_failed_writepage(self, &folio, &wbc);
                     }
                 }

@@ -549,3 +549,65 @@ fn write_begin_returning_a_folio_without_the_byte_is_an_error() {
         assert!(o.iter().all(|&b| b == 2), "the write landed in another file");
     }
 }
+
+/// Engine operations whose first `writepage` panics (after
+/// `folio_clear_dirty_for_io` cleaned the folio), over a plain file.
+struct PanicOnceWritepage {
+    inner: StoreOps<upcache::FileStore>,
+    panicked: AtomicBool,
+}
+
+impl upcache::aops::AddressSpaceOps for PanicOnceWritepage {
+    fn read_folio(&self, m: &upcache::aops::AddressSpace, f: upcache::aops::FolioGuard) -> std::io::Result<()> {
+        self.inner.read_folio(m, f)
+    }
+    fn writepage(
+        &self,
+        m: &upcache::aops::AddressSpace,
+        f: upcache::aops::FolioGuard,
+        wbc: &mut upcache::aops::WritebackControl,
+    ) -> std::io::Result<()> {
+        if !self.panicked.swap(true, Ordering::SeqCst) {
+            panic!("writepage (planted by the test)");
+        }
+        self.inner.writepage(m, f, wbc)
+    }
+    fn initial_size(&self) -> std::io::Result<u64> {
+        self.inner.initial_size()
+    }
+    fn set_size(&self, size: u64) -> std::io::Result<()> {
+        self.inner.set_size(size)
+    }
+    fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(off, len)
+    }
+    fn fsync(&self) -> std::io::Result<()> {
+        self.inner.fsync()
+    }
+}
+
+/// A panicking engine `writepage` left its folio clean and unwritten (the
+/// panic unwound through `fsync` after the folio's DIRTY bit was cleared):
+/// the next `fsync` wrote nothing, and reclaim could drop the data. The
+/// panic is now the write's failure: `fsync` reports it, the folio stays
+/// dirty, and the next `fsync` writes it.
+#[test]
+fn a_panicking_writepage_fails_the_write_and_keeps_the_data_dirty() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, [1u8; PAGE_SIZE]).unwrap();
+    let cache = PageCache::new();
+    let ops = PanicOnceWritepage {
+        inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
+        panicked: AtomicBool::new(false),
+    };
+    let file = cache.open_with_ops("panic-once", ops).unwrap();
+    assert_eq!(file.write_at(b"new", 0).unwrap(), 3);
+    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| file.fsync()));
+    assert!(
+        matches!(first, Ok(Err(_))),
+        "the first fsync should fail with an error, not unwind: {first:?}"
+    );
+    file.fsync().unwrap();
+    assert_eq!(&std::fs::read(&path).unwrap()[..3], b"new", "the write was lost");
+}
