@@ -532,6 +532,19 @@ impl AddressSpace {
             g.wait_writeback();
             let off = (p - g.pos()) as usize;
             let n = (g.size() - off).min(left);
+            if !g.is_uptodate() && (off != 0 || n != g.size()) {
+                // A folio that is not uptodate may be returned only for a
+                // whole-folio overwrite (`generic_write_begin` reads it
+                // first otherwise): the rest of it would become file data
+                // unread (a page-atomic fill even writes `buf` at its start).
+                drop(g);
+                first_err = (done == 0).then(|| {
+                    io::Error::other(format!(
+                        "write_begin returned a folio that is not uptodate for a partial write at byte {p} (EIO)"
+                    ))
+                });
+                break;
+            }
             if !g.is_uptodate() && self.needs_atomic_fill() {
                 // A whole-folio overwrite of an uncached folio: install it
                 // page-atomically, or a kernel-mapped reader could see the

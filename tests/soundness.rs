@@ -519,6 +519,68 @@ impl upcache::aops::AddressSpaceOps for WrongFolio {
     }
 }
 
+/// Engine operations whose `write_begin` returns the right folio without
+/// reading it first (not uptodate) for a partial write.
+struct UnreadFolio {
+    inner: StoreOps<upcache::FileStore>,
+}
+
+impl upcache::aops::AddressSpaceOps for UnreadFolio {
+    fn read_folio(&self, m: &upcache::aops::AddressSpace, f: upcache::aops::FolioGuard) -> std::io::Result<()> {
+        self.inner.read_folio(m, f)
+    }
+    fn writepage(
+        &self,
+        m: &upcache::aops::AddressSpace,
+        f: upcache::aops::FolioGuard,
+        wbc: &mut upcache::aops::WritebackControl,
+    ) -> std::io::Result<()> {
+        self.inner.writepage(m, f, wbc)
+    }
+    fn write_begin(
+        &self,
+        m: &upcache::aops::AddressSpace,
+        pos: u64,
+        _len: usize,
+    ) -> std::io::Result<upcache::aops::FolioGuard> {
+        m.filemap_grab_folio(PgOff(pos / PAGE_SIZE as u64))
+    }
+    fn initial_size(&self) -> std::io::Result<u64> {
+        self.inner.initial_size()
+    }
+    fn set_size(&self, size: u64) -> std::io::Result<()> {
+        self.inner.set_size(size)
+    }
+    fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(off, len)
+    }
+    fn fsync(&self) -> std::io::Result<()> {
+        self.inner.fsync()
+    }
+}
+
+/// A partial write into a folio that `write_begin` did not read made the
+/// rest of the folio file data unread (zeros over the file's bytes); with
+/// page-atomic fills `buf` even landed at the folio's start.
+#[test]
+fn write_begin_returning_an_unread_folio_for_a_partial_write_is_an_error() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, [1u8; 2 * PAGE_SIZE]).unwrap();
+    let cache = PageCache::new();
+    let ops = UnreadFolio {
+        inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
+    };
+    let file = cache.open_with_ops("unread", ops).unwrap();
+    let e = file.write_at(&[9u8; 16], 8).expect_err("a partial write into an unread folio succeeded");
+    assert_eq!(e.raw_os_error(), libc::EIO, "{e}");
+    let mut b = [0u8; PAGE_SIZE];
+    file.read_at(&mut b, 0).unwrap();
+    assert!(b.iter().all(|&x| x == 1), "the file's bytes changed");
+    file.fsync().unwrap();
+    assert!(std::fs::read(&path).unwrap().iter().all(|&x| x == 1));
+}
+
 #[test]
 fn write_begin_returning_a_folio_without_the_byte_is_an_error() {
     let dir = tempdir();
