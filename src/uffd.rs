@@ -588,7 +588,7 @@ impl Uffd {
 /// registered with `UFFD_FEATURE_WP_ASYNC` were written since they were
 /// last write-protected, write-protecting them again in the same walk
 /// (`PM_SCAN_WP_MATCHING`).
-pub struct Pagemap {
+pub(crate) struct Pagemap {
     fd: OwnedFd,
 }
 
@@ -635,7 +635,7 @@ impl Pagemap {
     ///
     /// # Errors
     /// The open error.
-    pub fn open() -> io::Result<Pagemap> {
+    pub(crate) fn open() -> io::Result<Pagemap> {
         let f = std::fs::File::open("/proc/self/pagemap")?;
         Ok(Pagemap { fd: f.into() })
     }
@@ -648,7 +648,7 @@ impl Pagemap {
     /// # Errors
     /// `EPERM` if part of the range is not registered with a `WP_ASYNC`
     /// userfaultfd; other errors of the ioctl.
-    pub fn scan_written_and_protect(
+    pub(crate) fn scan_written_and_protect(
         &self,
         start: usize,
         end: usize,
