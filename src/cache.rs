@@ -763,7 +763,10 @@ impl File {
     /// # Errors
     /// `Closed`; `EINVAL` for a zero length or unaligned offset; `EFBIG`
     /// past the largest file; [`Error::Userfaultfd`] if userfaultfd is not
-    /// usable here; `mmap(2)`'s error.
+    /// usable here; [`Error::PageHeld`](crate::Error::PageHeld) for a
+    /// `Missing`-mode mapping made while this thread holds a page guard of
+    /// the file (making one takes `i_rwsem`, which a writer waiting for
+    /// the guard may hold); `mmap(2)`'s error.
     ///
     /// # Safety
     ///
