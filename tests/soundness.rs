@@ -572,7 +572,9 @@ fn write_begin_returning_an_unread_folio_for_a_partial_write_is_an_error() {
         inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
     };
     let file = cache.open_with_ops("unread", ops).unwrap();
-    let e = file.write_at(&[9u8; 16], 8).expect_err("a partial write into an unread folio succeeded");
+    let e = file
+        .write_at(&[9u8; 16], 8)
+        .expect_err("a partial write into an unread folio succeeded");
     assert_eq!(e.raw_os_error(), libc::EIO, "{e}");
     let mut b = [0u8; PAGE_SIZE];
     file.read_at(&mut b, 0).unwrap();
