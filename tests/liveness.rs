@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 
-use common::{run_child_per_mode, tempdir, watchdog, Gate, HookStore, StoreOp};
+use common::{gettid, run_child_per_mode, tempdir, watchdog, Gate, HookStore, StoreOp};
 use upcache::{Advice, PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
 
 const SIGBUS: i32 = 7;
@@ -301,10 +301,7 @@ fn dropping_the_last_page_cache_handle_never_waits_for_writers() {
             })
         };
         // The writer waits for the pin, inside the gate.
-        let wchan = format!("/proc/self/task/{}/wchan", tid_rx.recv().unwrap());
-        while !std::fs::read_to_string(&wchan).unwrap_or_default().contains("futex") {
-            std::thread::yield_now();
-        }
+        common::wait_until_parked(tid_rx.recv().unwrap(), || writer.is_finished());
         drop(cache);
         drop(page);
         writer.join().unwrap();
@@ -399,12 +396,6 @@ fn child_entry() {
         other => panic!("unknown child case {other}"),
     }
     std::process::exit(0);
-}
-
-/// The tid of the calling thread.
-fn gettid() -> i32 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
 /// Wait until thread `tid` of this process sleeps in a userfault.

@@ -224,18 +224,6 @@ fn write_at_waits_for_a_pin_of_another_thread() {
     });
 }
 
-/// Wait until thread `tid` of this process sleeps on a futex (a page
-/// guard's wait), or `done` says it ended (a panic ends it too).
-fn wait_parked_or_done(tid: i32, done: &AtomicBool) {
-    let path = format!("/proc/self/task/{tid}/wchan");
-    while !done.load(Ordering::SeqCst) {
-        if std::fs::read_to_string(&path).unwrap_or_default().contains("futex") {
-            return;
-        }
-        std::thread::yield_now();
-    }
-}
-
 /// A `PageMut` of a page another thread pins waits for that pin. It used
 /// to panic ("would wait for itself"): the waiting thread's own new guard
 /// record was taken for a pin of its own.
@@ -251,8 +239,7 @@ fn page_mut_waits_for_a_pin_of_another_thread() {
         let writer = {
             let (file, done) = (file.clone(), done.clone());
             std::thread::spawn(move || {
-                // SAFETY: the calling thread's own tid, no preconditions.
-                tid_tx.send(unsafe { libc::syscall(libc::SYS_gettid) } as i32).unwrap();
+                tid_tx.send(common::gettid()).unwrap();
                 struct Done(Arc<AtomicBool>);
                 impl Drop for Done {
                     fn drop(&mut self) {
@@ -264,7 +251,7 @@ fn page_mut_waits_for_a_pin_of_another_thread() {
                 g[0] = 0x22;
             })
         };
-        wait_parked_or_done(tid_rx.recv().unwrap(), &done);
+        common::wait_until_parked(tid_rx.recv().unwrap(), || done.load(Ordering::SeqCst));
         assert_eq!(page[0], byte(0), "a PageMut changed pinned bytes");
         drop(page);
         writer

@@ -4,6 +4,7 @@
 //! fails writes under pressure never loses dirty data; a one-pass scan does
 //! not flush a hot set.
 
+#[macro_use]
 mod common;
 
 use std::io;
@@ -237,17 +238,8 @@ struct PanickyRelease {
 }
 
 impl upcache::aops::AddressSpaceOps for PanickyRelease {
-    fn read_folio(&self, m: &upcache::aops::AddressSpace, f: upcache::aops::FolioGuard) -> io::Result<()> {
-        self.inner.read_folio(m, f)
-    }
-    fn writepage(
-        &self,
-        m: &upcache::aops::AddressSpace,
-        f: upcache::aops::FolioGuard,
-        wbc: &mut upcache::aops::WritebackControl,
-    ) -> io::Result<()> {
-        self.inner.writepage(m, f, wbc)
-    }
+    delegate_to_inner!(read_folio);
+    delegate_to_inner!(writepage);
     fn release_folio(&self, _m: &upcache::aops::AddressSpace, f: &upcache::aops::FolioGuard) -> bool {
         if (f.index().0..f.index().0 + f.nr_pages()).contains(&37) {
             panic!("release_folio of page 37 (planted by the test)");
@@ -259,18 +251,7 @@ impl upcache::aops::AddressSpaceOps for PanickyRelease {
             panic!("free_folio of page 41 (planted by the test)");
         }
     }
-    fn initial_size(&self) -> io::Result<u64> {
-        self.inner.initial_size()
-    }
-    fn set_size(&self, size: u64) -> io::Result<()> {
-        self.inner.set_size(size)
-    }
-    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
-        self.inner.punch_hole(off, len)
-    }
-    fn fsync(&self) -> io::Result<()> {
-        self.inner.fsync()
-    }
+    delegate_to_inner!();
 }
 
 /// A panic in an engine's `release_folio`/`free_folio` during reclaim used

@@ -4,6 +4,7 @@
 //! asserts the child died of SIGBUS — after the child checked everything
 //! that must still work (a failed check exits with a panic instead).
 
+#[macro_use]
 mod common;
 
 use std::io;
@@ -366,25 +367,6 @@ fn truncate_under_readers_raises_sigbus_past_eof_only() {
 #[test]
 fn page_beyond_eof_inside_a_large_folio_raises_sigbus() {
     assert_sigbus_with("beyond_eof", true);
-}
-
-/// The `AddressSpaceOps` methods the test operations below pass to their
-/// `inner` `StoreOps` unchanged.
-macro_rules! delegate_to_inner {
-    () => {
-        fn initial_size(&self) -> io::Result<u64> {
-            self.inner.initial_size()
-        }
-        fn set_size(&self, size: u64) -> io::Result<()> {
-            self.inner.set_size(size)
-        }
-        fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
-            self.inner.punch_hole(off, len)
-        }
-        fn fsync(&self) -> io::Result<()> {
-            self.inner.fsync()
-        }
-    };
 }
 
 /// Operations whose `write_begin` fails from byte `from` on (a store out

@@ -3,6 +3,7 @@
 //! faults. Each was seen to fail (crash, wrong bytes or hang) before its
 //! fix; every test that can block runs under a watchdog.
 
+#[macro_use]
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
@@ -480,17 +481,8 @@ struct WrongFolio {
 }
 
 impl upcache::aops::AddressSpaceOps for WrongFolio {
-    fn read_folio(&self, m: &upcache::aops::AddressSpace, f: upcache::aops::FolioGuard) -> std::io::Result<()> {
-        self.inner.read_folio(m, f)
-    }
-    fn writepage(
-        &self,
-        m: &upcache::aops::AddressSpace,
-        f: upcache::aops::FolioGuard,
-        wbc: &mut upcache::aops::WritebackControl,
-    ) -> std::io::Result<()> {
-        self.inner.writepage(m, f, wbc)
-    }
+    delegate_to_inner!(read_folio);
+    delegate_to_inner!(writepage);
     fn write_begin(
         &self,
         m: &upcache::aops::AddressSpace,
@@ -505,18 +497,7 @@ impl upcache::aops::AddressSpaceOps for WrongFolio {
             None => m.filemap_grab_folio(PgOff(pos / PAGE_SIZE as u64 + 1)),
         }
     }
-    fn initial_size(&self) -> std::io::Result<u64> {
-        self.inner.initial_size()
-    }
-    fn set_size(&self, size: u64) -> std::io::Result<()> {
-        self.inner.set_size(size)
-    }
-    fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
-        self.inner.punch_hole(off, len)
-    }
-    fn fsync(&self) -> std::io::Result<()> {
-        self.inner.fsync()
-    }
+    delegate_to_inner!();
 }
 
 /// Engine operations whose `write_begin` returns the right folio without
@@ -526,17 +507,8 @@ struct UnreadFolio {
 }
 
 impl upcache::aops::AddressSpaceOps for UnreadFolio {
-    fn read_folio(&self, m: &upcache::aops::AddressSpace, f: upcache::aops::FolioGuard) -> std::io::Result<()> {
-        self.inner.read_folio(m, f)
-    }
-    fn writepage(
-        &self,
-        m: &upcache::aops::AddressSpace,
-        f: upcache::aops::FolioGuard,
-        wbc: &mut upcache::aops::WritebackControl,
-    ) -> std::io::Result<()> {
-        self.inner.writepage(m, f, wbc)
-    }
+    delegate_to_inner!(read_folio);
+    delegate_to_inner!(writepage);
     fn write_begin(
         &self,
         m: &upcache::aops::AddressSpace,
@@ -545,18 +517,7 @@ impl upcache::aops::AddressSpaceOps for UnreadFolio {
     ) -> std::io::Result<upcache::aops::FolioGuard> {
         m.filemap_grab_folio(PgOff(pos / PAGE_SIZE as u64))
     }
-    fn initial_size(&self) -> std::io::Result<u64> {
-        self.inner.initial_size()
-    }
-    fn set_size(&self, size: u64) -> std::io::Result<()> {
-        self.inner.set_size(size)
-    }
-    fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
-        self.inner.punch_hole(off, len)
-    }
-    fn fsync(&self) -> std::io::Result<()> {
-        self.inner.fsync()
-    }
+    delegate_to_inner!();
 }
 
 /// A partial write into a folio that `write_begin` did not read made the
@@ -622,9 +583,7 @@ struct PanicOnceWritepage {
 }
 
 impl upcache::aops::AddressSpaceOps for PanicOnceWritepage {
-    fn read_folio(&self, m: &upcache::aops::AddressSpace, f: upcache::aops::FolioGuard) -> std::io::Result<()> {
-        self.inner.read_folio(m, f)
-    }
+    delegate_to_inner!(read_folio);
     fn writepage(
         &self,
         m: &upcache::aops::AddressSpace,
@@ -636,18 +595,7 @@ impl upcache::aops::AddressSpaceOps for PanicOnceWritepage {
         }
         self.inner.writepage(m, f, wbc)
     }
-    fn initial_size(&self) -> std::io::Result<u64> {
-        self.inner.initial_size()
-    }
-    fn set_size(&self, size: u64) -> std::io::Result<()> {
-        self.inner.set_size(size)
-    }
-    fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
-        self.inner.punch_hole(off, len)
-    }
-    fn fsync(&self) -> std::io::Result<()> {
-        self.inner.fsync()
-    }
+    delegate_to_inner!();
 }
 
 /// A panicking engine `writepage` left its folio clean and unwritten (the

@@ -3,6 +3,42 @@
 
 pub mod thp;
 
+/// `AddressSpaceOps` methods a test's operations pass unchanged to their
+/// `inner` (a `StoreOps`): `()` the inode-level ones, `(read_folio)`,
+/// `(writepage)`. Used inside an `impl AddressSpaceOps for ...` block.
+#[allow(unused_macros)]
+macro_rules! delegate_to_inner {
+    () => {
+        fn initial_size(&self) -> std::io::Result<u64> {
+            self.inner.initial_size()
+        }
+        fn set_size(&self, size: u64) -> std::io::Result<()> {
+            self.inner.set_size(size)
+        }
+        fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
+            self.inner.punch_hole(off, len)
+        }
+        fn fsync(&self) -> std::io::Result<()> {
+            self.inner.fsync()
+        }
+    };
+    (read_folio) => {
+        fn read_folio(&self, m: &upcache::aops::AddressSpace, f: upcache::aops::FolioGuard) -> std::io::Result<()> {
+            self.inner.read_folio(m, f)
+        }
+    };
+    (writepage) => {
+        fn writepage(
+            &self,
+            m: &upcache::aops::AddressSpace,
+            f: upcache::aops::FolioGuard,
+            wbc: &mut upcache::aops::WritebackControl,
+        ) -> std::io::Result<()> {
+            self.inner.writepage(m, f, wbc)
+        }
+    };
+}
+
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -226,5 +262,23 @@ impl Gate {
     pub fn open(&self) {
         self.state.lock().unwrap().1 = true;
         self.cv.notify_all();
+    }
+}
+
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Wait until thread `tid` of this process sleeps on a futex (a lock, pin
+/// or gate wait), or `done()` says it ended. A check loop, not a sleep.
+pub fn wait_until_parked(tid: i32, done: impl Fn() -> bool) {
+    let path = format!("/proc/self/task/{tid}/wchan");
+    while !done() {
+        if std::fs::read_to_string(&path).unwrap_or_default().contains("futex") {
+            return;
+        }
+        std::thread::yield_now();
     }
 }
