@@ -1,4 +1,4 @@
-//! `mapped_update_random/{memmap2, memmap2_4k_ptes, upcache, upcache_async, upcache_large_folios}` (issue #12): a 256 MiB file
+//! `mapped_update_random/{memmap2, memmap2_4k_ptes, upcache, upcache_async, upcache_large_folios, upcache_hugetlb}` (issue #12): a 256 MiB file
 //! on ext4, fully cached and mapped shared-writable, every page written
 //! once (8 bytes) in random order per iteration, from one thread. Before
 //! each iteration (untimed) the mapping is flushed, so every page starts
@@ -18,6 +18,12 @@
 //! while the bench holds shmem THP at `always` (root; restored after):
 //! its first write to a clean 2 MiB folio takes one write-protect
 //! userfault and unprotects the whole folio.
+//!
+//! `upcache_hugetlb` is a cache with `hugetlb(true)` (its folios are 2 MiB
+//! pages of the kernel's hugetlbfs pool, which the bench sizes as root and
+//! restores after): a user mapping protects and maps each folio with one
+//! page-table entry, so a first write after writeback is one write-protect
+//! userfault per 2 MiB, after which the folio stays mapped writable whole.
 //!
 //! The flush before each pass is not timed by criterion (its cost is the
 //! writeback of 256 MiB on every side); the run prints each side's mean
@@ -157,6 +163,27 @@ fn mapped_update_random(c: &mut Criterion) {
         (lcache, lfile, lmap)
     };
     let lmisses = lcache.stats().misses;
+    // hugetlb: 128 pages of 2 MiB for the file, a few spare.
+    let _pool = common::HugePool::with_free((SIZE >> 21) as u64 + 8).expect("hugetlb pool (root)");
+    let hpath = dir.path().join("upcache_hugetlb");
+    std::fs::write(&hpath, vec![7u8; SIZE]).unwrap();
+    common::sync_file(&hpath);
+    let hcache = PageCache::builder()
+        .hugetlb(true)
+        .dirty_background_bytes(bg)
+        .dirty_limit_bytes(limit)
+        .build();
+    let hfile = hcache.open(&hpath).unwrap();
+    // SAFETY: as above.
+    let mut hmap = unsafe { hfile.mmap_mut(0, SIZE, Share::Shared) }.unwrap();
+    let mut sum = 0u64;
+    for p in (0..SIZE).step_by(PAGE_SIZE) {
+        sum = sum.wrapping_add(hmap[p] as u64);
+    }
+    std::hint::black_box(sum);
+    let hmisses = hcache.stats().misses;
+    let hwp = hcache.stats().faults_wp;
+    let (mut hres, mut hflush) = (None, (Duration::ZERO, 0u32));
 
     let mut g = c.benchmark_group("mapped_update_random");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
@@ -224,7 +251,34 @@ fn mapped_update_random(c: &mut Criterion) {
             total
         })
     });
+    g.bench_function("upcache_hugetlb", |b| {
+        b.iter_custom(|iters| {
+            let total = timed_passes(&mut hmap, iters, |m| m.flush().unwrap(), &mut hflush);
+            hres = Some(common::Residency {
+                file_cached: common::file_cached_bytes(&hpath),
+                memfd: Some(hfile.memory_bytes()),
+                ..Default::default()
+            });
+            total
+        })
+    });
     g.finish();
+    common::report("mapped_update_random/upcache_hugetlb", &hres);
+    println!(
+        "mapped_update_random/upcache_hugetlb: {:.1} write-protect userfaults per pass; HugePages_Free {} after",
+        (hcache.stats().faults_wp - hwp) as f64 / hflush.1.max(1) as f64,
+        common::meminfo("HugePages_Free:")
+    );
+    assert_eq!(
+        hcache.stats().misses,
+        hmisses,
+        "upcache_hugetlb missed during the updates"
+    );
+    hmap.flush().unwrap();
+    assert!(
+        std::fs::read(&hpath).unwrap() == hmap[..],
+        "upcache_hugetlb: the flushed file is not what the mapping shows"
+    );
     common::report("mapped_update_random/upcache_large_folios", &lres);
     println!(
         "mapped_update_random/upcache_large_folios: {:.1} write-protect userfaults per pass",
@@ -250,6 +304,7 @@ fn mapped_update_random(c: &mut Criterion) {
         ("upcache", uflush),
         ("upcache_async", aflush),
         ("upcache_large_folios", lflush),
+        ("upcache_hugetlb", hflush),
     ] {
         println!(
             "mapped_update_random/{id}: untimed flush before each pass: {:.2} ms mean over {n}",

@@ -278,7 +278,23 @@ impl AddressSpace {
 
     /// Bytes of memory the folio store holds (memfd blocks).
     pub fn memory_bytes(&self) -> u64 {
+        if self.store.is_hugetlb() {
+            // hugetlbfs answers SEEK_DATA with "all data"; every folio of
+            // it holds its huge page from creation (`filemap_add_folio`).
+            return self.nrpages() << crate::types::PAGE_SHIFT;
+        }
         self.store.allocated_bytes()
+    }
+
+    /// Pages a user mapping of this file maps, write-protects and poisons
+    /// as one: 1, or 512 on a hugetlb page store (one 2 MiB page-table
+    /// entry; [`PageCacheBuilder::hugetlb`](crate::PageCacheBuilder::hugetlb)).
+    pub(crate) fn map_granule_pages(&self) -> u64 {
+        if self.store.is_hugetlb() {
+            1 << crate::types::MAX_ORDER
+        } else {
+            1
+        }
     }
 
     /// Number of folios tagged dirty.
@@ -402,6 +418,16 @@ impl AddressSpace {
             guard.detach();
             index_put_ref(&guard);
             return Ok(None);
+        }
+        // A hugetlb store's memory is taken now, not at the first touch
+        // (which raises SIGBUS when the pool is empty). Only once the
+        // folio is indexed: a folio of the same range being evicted
+        // punches before it leaves the index (vmscan.rs), so no punch
+        // can free this allocation.
+        if let Err(e) = self.store.allocate(index.byte(), n << crate::types::PAGE_SHIFT) {
+            index_delete_folio(&self.i_pages, &guard);
+            index_put_ref(&guard);
+            return Err(e);
         }
         self.nrpages.fetch_add(n, Ordering::Relaxed);
         self.stats.folio_added(n);
@@ -881,6 +907,17 @@ impl Drop for AddressSpace {
                     index = g.index().0 + g.nr_pages();
                     g.wait_writeback();
                     self.filemap_remove_folio(&g);
+                    // Give its memory back now, not when the epoch collector
+                    // frees the folio struct (which holds the region): the
+                    // memfd kept every byte of every closed file until then
+                    // (`tests/reclaim.rs`,
+                    // `closing_the_last_user_of_a_file_frees_its_memory`).
+                    // Only if no reference but ours is left (as truncate
+                    // waits for): an engine's `FolioRef` may still read it,
+                    // and then the region's release frees it later.
+                    if g.refs_drained() {
+                        let _ = self.store.punch(g.pos(), g.size() as u64);
+                    }
                 }
                 None => index = i + 1,
             }

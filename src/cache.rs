@@ -35,6 +35,7 @@ pub struct PageCacheBuilder {
     readahead_max_bytes: u64,
     max_folio_order: u8,
     large_folios: bool,
+    hugetlb: bool,
     /// `mmap_mode` was called (else the default may follow the system).
     mode_explicit: bool,
     fault: FaultConfig,
@@ -52,6 +53,7 @@ impl Default for PageCacheBuilder {
             readahead_max_bytes: Self::DEFAULT_READAHEAD_MAX,
             max_folio_order: Self::DEFAULT_MAX_FOLIO_ORDER,
             large_folios: false,
+            hugetlb: false,
             mode_explicit: false,
             fault: FaultConfig {
                 threads: Self::DEFAULT_FAULT_THREADS,
@@ -237,8 +239,48 @@ impl PageCacheBuilder {
         self
     }
 
+    /// Keep folios in the kernel's hugetlbfs pool of 2 MiB pages (a
+    /// memfd made with `MFD_HUGETLB`) instead of shmem (default: off).
+    /// Implies [`large_folios`](Self::large_folios): every folio is one
+    /// 2 MiB huge page.
+    ///
+    /// What it buys: a user mapping maps and write-protects a whole folio
+    /// with one page-table entry, so a first write after a write-back
+    /// costs one fault per 2 MiB, as on an ext4 mapping of large folios
+    /// (with shmem, write-protecting a huge page splits its mapping into
+    /// 4 KiB entries: one fault per 4 KiB page, `mapped_update_random` in
+    /// BENCHMARKS.md); fills go through the engine's view without the
+    /// shmem write path's inode lock.
+    ///
+    /// What it needs and changes:
+    /// - Free huge pages: the system's pool (`/proc/sys/vm/nr_hugepages`,
+    ///   root) must hold the cache's memory, and its memory limit should
+    ///   not exceed what the pool gives it. A folio that gets no huge page
+    ///   fails the operation that needed it with
+    ///   [`io::ErrorKind::OutOfMemory`](std::io::ErrorKind::OutOfMemory)
+    ///   (`read_at`, `write_at`, `get_page`) or SIGBUS (a mapped access),
+    ///   as the kernel's own hugetlbfs faults do.
+    /// - Mappings are [`UffdMode::Minor`] (the default here; `Missing` is
+    ///   refused: the kernel would map a huge page before its fill ends),
+    ///   at file offsets that are multiples of 2 MiB, each covering whole
+    ///   2 MiB pages (the length is rounded up).
+    /// - SIGBUS past end of file is per 2 MiB page, as on hugetlbfs: the
+    ///   bytes past the end inside the last folio read as zeros through a
+    ///   mapping, and writes there are not part of the file (write-back
+    ///   stops at the end; a growth of the file zeroes them first).
+    pub fn hugetlb(mut self, on: bool) -> Self {
+        self.hugetlb = on;
+        self
+    }
+
     /// Build the cache.
     pub fn build(mut self) -> PageCache {
+        if self.hugetlb {
+            self.large_folios = true;
+            if !self.mode_explicit {
+                self.fault.mode = UffdMode::Minor;
+            }
+        }
         if !self.mode_explicit
             && (self.fault.wp_async || (!self.large_folios && crate::page_store::shmem_thp_possible()))
         {
@@ -296,6 +338,7 @@ impl PageCacheBuilder {
             fault_cfg: self.fault,
             engine: Mutex::new(None),
             memfd: Mutex::new(None),
+            hugetlb: self.hugetlb,
         });
         PageCache {
             _handles: Arc::new(LastHandle(Arc::downgrade(&inner))),
@@ -411,6 +454,9 @@ struct CacheInner {
     /// The page store every file's folios live in (one descriptor per
     /// cache), created on the first open.
     memfd: Mutex<Option<Arc<PageMemfd>>>,
+    /// The page store is a hugetlbfs memfd
+    /// ([`PageCacheBuilder::hugetlb`]).
+    hugetlb: bool,
 }
 
 impl Drop for CacheInner {
@@ -622,7 +668,9 @@ impl PageCache {
             let mut slot = self.inner.memfd.lock();
             match &*slot {
                 Some(m) => m.clone(),
-                None => slot.insert(PageMemfd::new().map_err(Error::Io)?).clone(),
+                None => slot
+                    .insert(PageMemfd::new(self.inner.hugetlb).map_err(Error::Io)?)
+                    .clone(),
             }
         };
         let m = AddressSpace::new(

@@ -190,7 +190,10 @@ fn handler_main(sh: &EngineShared) {
                         "upcache: panic while serving a fault at {:#x}; the faulting thread gets SIGBUS",
                         pf.address
                     );
-                    poison_page(sh, page_down(pf.address));
+                    // The granule of the mapping, if it is still there
+                    // (gone: unregister woke the thread already).
+                    let granule = sh.find(page_down(pf.address)).map_or(PAGE_SIZE, |v| granule_bytes(&v));
+                    poison_page(sh, page_down(pf.address), granule);
                 }
             }
         }
@@ -213,10 +216,13 @@ fn handle_fault(sh: &EngineShared, pf: PageFault) {
         return;
     }
     let _exit = FaultExit(&vma);
+    // On a hugetlb store a 2 MiB page is served whole: look up, read and
+    // check end of file at its first page (which the folio starts at).
+    let g = vma.mapping().map_granule_pages();
     let vmf = VmFault {
         vma: &vma,
         address: page,
-        pgoff: vma.addr_to_pgoff(page),
+        pgoff: PgOff(vma.addr_to_pgoff(page).0 / g * g),
         flags: pf.flags,
         async_ra: Default::default(),
     };
@@ -428,7 +434,7 @@ pub(crate) fn replay_wp_fault(vma: &Arc<VmArea>, address: usize) {
     REPLAYING.with(|r| r.set(false));
     if r.is_err() {
         eprintln!("upcache: panic while replaying a write fault at {address:#x}; the faulting thread gets SIGBUS");
-        poison_page(&vma.engine, page_down(address));
+        poison_page(&vma.engine, page_down(address), granule_bytes(vma));
     }
 }
 
@@ -452,7 +458,10 @@ fn replay_wp_fault_inner(vma: &Arc<VmArea>, address: usize) {
     let vmf = VmFault {
         vma,
         address,
-        pgoff: vma.addr_to_pgoff(address),
+        pgoff: {
+            let g = vma.mapping().map_granule_pages();
+            PgOff(vma.addr_to_pgoff(address).0 / g * g)
+        },
         flags: fault_flag::WP | fault_flag::WRITE,
         async_ra: Default::default(),
     };
@@ -464,7 +473,13 @@ fn replay_wp_fault_inner(vma: &Arc<VmArea>, address: usize) {
 fn sigbus(sh: &EngineShared, vmf: &VmFault<'_>) {
     vmf.vma.poisoned.store(true, Ordering::Relaxed);
     vmf.vma.mapping().stats.sigbus();
-    poison_page(sh, vmf.address);
+    poison_page(sh, vmf.address, granule_bytes(vmf.vma));
+}
+
+/// Bytes the kernel maps, protects and poisons as one in `vma`: a page, or
+/// a 2 MiB page on a hugetlb store.
+fn granule_bytes(vma: &VmArea) -> usize {
+    (vma.mapping().map_granule_pages() as usize) << crate::types::PAGE_SHIFT
 }
 
 /// [`sigbus`] for a read fault, decided again under `i_mmap`: if what
@@ -529,13 +544,17 @@ fn sigbus_read(sh: &EngineShared, vmf: &VmFault<'_>, size_before: u64, clears_be
 /// on absent pages), which POISON cannot replace. A marker is cleared by
 /// un-write-protecting the page, then POISON is tried again; treating
 /// EEXIST as done would leave the thread refaulting forever.
-fn poison_page(sh: &EngineShared, page: usize) {
+///
+/// `granule`: the bytes the kernel poisons as one there (a page, or the
+/// whole 2 MiB page holding `addr` on a hugetlb store).
+fn poison_page(sh: &EngineShared, addr: usize, granule: usize) {
+    let page = addr / granule * granule;
     for _ in 0..2 {
-        match sh.uffd.poison(page, PAGE_SIZE) {
+        match sh.uffd.poison(page, granule) {
             Ok(()) => return,
             Err(UffdError::Exists { .. }) => {
                 // Clears a wp marker on a none PTE (then POISON works).
-                let _ = sh.uffd.writeprotect(page, PAGE_SIZE, false);
+                let _ = sh.uffd.writeprotect(page, granule, false);
             }
             Err(_) => break,
         }
@@ -549,7 +568,7 @@ fn poison_page(sh: &EngineShared, page: usize) {
     // writeback at worst), and protecting it would erase the record of a
     // write the program made meanwhile (wp_async.rs).
     if !sh.cfg.wp_async {
-        let _ = sh.uffd.writeprotect(page, PAGE_SIZE, true);
+        let _ = sh.uffd.writeprotect(page, granule, true);
     }
-    wake_page(sh, page);
+    let _ = sh.uffd.wake(page, granule);
 }

@@ -343,7 +343,19 @@ impl AddressSpace {
             loop {
                 let n = 1u64 << order;
                 if i % n == 0 && i + n <= end {
-                    if let Some(g) = self.filemap_add_folio(PgOff(i), order)? {
+                    let added = match self.filemap_add_folio(PgOff(i), order) {
+                        Ok(a) => a,
+                        // No memory for a folio (a hugetlb page store's
+                        // empty pool): as the kernel's readahead, stop
+                        // here and read what was created; the window's
+                        // first folio, the one asked for, fails the call.
+                        Err(e) if i == index.0 => {
+                            self.submit_readahead(batch);
+                            return Err(e.into());
+                        }
+                        Err(_) => break 'next,
+                    };
+                    if let Some(g) = added {
                         g.set_fresh();
                         i += n;
                         batch.push(g);

@@ -464,6 +464,13 @@ impl Folio {
         }
     }
 
+    /// Is only one reference (the caller's) left? Once a detached folio's
+    /// count is down to one nobody else can take one. Acquire: as in
+    /// [`wait_refs_drained`](Self::wait_refs_drained).
+    pub(crate) fn refs_drained(&self) -> bool {
+        self.refcount.load(Ordering::Acquire) & REF_COUNT <= 1
+    }
+
     /// Sleep until only one reference (the caller's) is left. The folio must
     /// be detached (so that `put` knows to wake us) and the caller must hold
     /// no lock that a reference holder could be waiting for.

@@ -257,7 +257,7 @@ pub mod loom_support {
                 ra,
                 None,
                 None,
-                &crate::page_store::PageMemfd::new().expect("memfd for the loom address space"),
+                &crate::page_store::PageMemfd::new(false).expect("memfd for the loom address space"),
             )
             .expect("region for the loom address space"),
         )

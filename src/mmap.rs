@@ -205,10 +205,16 @@ impl VmArea {
     }
     /// The user address range covering file pages `[first, end)`, clamped
     /// to the mapping; `None` if they do not overlap.
+    ///
+    /// On a hugetlb page store the range is widened to whole 2 MiB pages
+    /// (the mapping's start, offset and length are multiples of them):
+    /// the kernel maps, protects and zaps a huge page only whole.
     pub(crate) fn user_range(&self, first: PgOff, end: PgOff) -> Option<Range<usize>> {
         let pages = (self.len >> PAGE_SHIFT) as u64;
-        let a = first.0.max(self.pgoff);
-        let b = end.0.min(self.pgoff + pages);
+        let g = self.mapping.map_granule_pages();
+        let (first, end) = (first.0 / g * g, end.0.saturating_add(g - 1) / g * g);
+        let a = first.max(self.pgoff);
+        let b = end.min(self.pgoff + pages);
         (a < b).then(|| {
             let s = self.start + (((a - self.pgoff) as usize) << PAGE_SHIFT);
             s..s + (((b - a) as usize) << PAGE_SHIFT)
@@ -295,23 +301,32 @@ impl VmArea {
     /// store: a `Missing`-mode mapping would map them without asking us).
     /// A uffd-wp marker, an earlier poison or a page mapped meanwhile is
     /// zapped first, then the page is poisoned.
+    ///
+    /// On a hugetlb page store only whole 2 MiB pages are poisoned: the one
+    /// holding end of file stays mapped whole (hugetlbfs semantics).
     pub(crate) fn poison_range(&self, first: PgOff, end: PgOff) {
+        let g = self.mapping.map_granule_pages();
+        let first = PgOff(first.0.div_ceil(g) * g);
+        if first >= end {
+            return;
+        }
         let Some(r) = self.user_range(first, end) else {
             return;
         };
+        let step = (g as usize) << PAGE_SHIFT;
         self.poisoned.store(true, Ordering::Relaxed);
         let uffd = &self.engine.uffd;
         if uffd.poison(r.start, r.len()).is_ok() {
             return;
         }
-        for page in r.step_by(PAGE_SIZE) {
-            if let Err(UffdError::Exists { .. }) = uffd.poison(page, PAGE_SIZE) {
+        for page in r.step_by(step) {
+            if let Err(UffdError::Exists { .. }) = uffd.poison(page, step) {
                 // SAFETY: the page lies inside our own live mapping (reached
                 // through `i_mmap` or by `do_mmap` before it returns); it is
                 // past end of file, so DONTNEED drops nothing the file
                 // holds.
-                unsafe { libc::madvise(page as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) };
-                let _ = uffd.poison(page, PAGE_SIZE);
+                unsafe { libc::madvise(page as *mut _, step, libc::MADV_DONTNEED) };
+                let _ = uffd.poison(page, step);
             }
         }
     }
@@ -333,8 +348,10 @@ impl VmArea {
     }
 }
 
-/// Validate a mapping request; returns the page-rounded length.
-fn check_map_range(offset: u64, len: usize) -> Result<usize> {
+/// Validate a mapping request; returns the length rounded to the
+/// mapping's page size (`granule` bytes: 4 KiB, or 2 MiB on a hugetlb
+/// page store).
+fn check_map_range(offset: u64, len: usize, granule: usize) -> Result<usize> {
     if len == 0 {
         return Err(Error::InvalidArgument {
             what: "mmap of zero length",
@@ -345,7 +362,12 @@ fn check_map_range(offset: u64, len: usize) -> Result<usize> {
             what: "mmap offset not page-aligned",
         });
     }
-    let plen = len.checked_next_multiple_of(PAGE_SIZE).ok_or(Error::InvalidArgument {
+    if offset % granule as u64 != 0 {
+        return Err(Error::InvalidArgument {
+            what: "mmap offset of a hugetlb cache's file not a multiple of 2 MiB",
+        });
+    }
+    let plen = len.checked_next_multiple_of(granule).ok_or(Error::InvalidArgument {
         what: "mmap length overflows",
     })?;
     match offset.checked_add(plen as u64) {
@@ -368,7 +390,17 @@ pub(crate) fn do_mmap(
     share: Share,
     mode: UffdMode,
 ) -> Result<Arc<VmArea>> {
-    let plen = check_map_range(offset, len)?;
+    let hugetlb = mapping.store.is_hugetlb();
+    let plen = check_map_range(offset, len, (mapping.map_granule_pages() as usize) << PAGE_SHIFT)?;
+    if hugetlb && mode == UffdMode::Missing {
+        // The kernel maps a page present in the memfd without asking us,
+        // and a hugetlbfs page is present from its allocation on, before
+        // its fill (which goes through the view: hugetlbfs has no write
+        // path to fill it page-atomically).
+        return Err(Error::InvalidArgument {
+            what: "UffdMode::Missing is not available on a hugetlb cache; use UffdMode::Minor",
+        });
+    }
     if mode == UffdMode::Missing {
         // The past-EOF walk below takes `i_rwsem`, which ranks above folio
         // locks and waits for writers that may wait for this thread's
@@ -396,7 +428,7 @@ pub(crate) fn do_mmap(
                 what: "DirtyTracking::Async works with UffdMode::Minor mappings only",
             });
         }
-        if crate::page_store::shmem_thp_possible() {
+        if !hugetlb && crate::page_store::shmem_thp_possible() {
             // Splitting or collapsing a large shmem folio unmaps its pages
             // from every mapping, and a written PTE leaves no marker: the
             // record of the write would be lost (wp_async.rs).
@@ -406,7 +438,7 @@ pub(crate) fn do_mmap(
                        folio drops the record of mapped writes",
             });
         }
-        if crate::wp_async::swap_active() {
+        if !hugetlb && crate::wp_async::swap_active() {
             return Err(Error::Unsupported {
                 what: "DirtyTracking::Async needs swap off (the kernel's reclaim of a written \
                        shmem page drops the record of the write); build the cache with \

@@ -132,17 +132,35 @@ pub(crate) struct PageMemfd {
     chunks: RwLock<HashMap<u64, usize>>,
     /// Region allocator: regions given back, and the first never used.
     regions: Mutex<(Vec<u64>, u64)>,
+    /// A hugetlbfs memfd (`MFD_HUGETLB`, 2 MiB pages): see
+    /// [`PageStore::allocate`].
+    hugetlb: bool,
 }
 
 impl PageMemfd {
-    /// Create the memfd, sized to hold every region (sparse, no memory).
-    pub(crate) fn new() -> io::Result<Arc<PageMemfd>> {
-        let memfd = memfd_create("upcache", MemfdFlags::CLOEXEC)?;
+    /// Create the memfd, sized to hold every region (sparse, no memory):
+    /// shmem, or with `hugetlb` a hugetlbfs memfd of 2 MiB pages
+    /// ([`PageCacheBuilder::hugetlb`](crate::PageCacheBuilder::hugetlb)).
+    pub(crate) fn new(hugetlb: bool) -> io::Result<Arc<PageMemfd>> {
+        let flags = if hugetlb {
+            MemfdFlags::CLOEXEC | MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB
+        } else {
+            MemfdFlags::CLOEXEC
+        };
+        let memfd = memfd_create("upcache", flags).map_err(|e| {
+            let e = io::Error::from(e);
+            if hugetlb {
+                io::Error::new(e.kind(), format!("memfd_create(MFD_HUGETLB | MFD_HUGE_2MB): {e}"))
+            } else {
+                e
+            }
+        })?;
         ftruncate(&memfd, MAX_REGIONS * MAX_FILE_SIZE)?;
         Ok(Arc::new(PageMemfd {
             memfd,
             chunks: RwLock::new(HashMap::new()),
             regions: Mutex::new((Vec::new(), 0)),
+            hugetlb,
         }))
     }
 
@@ -332,10 +350,49 @@ impl PageStore {
         self.memfd.view_ptr(self.base + pos)
     }
 
+    /// Is this a hugetlbfs page store (2 MiB pages, no `pwrite`, memory
+    /// taken only by [`allocate`](Self::allocate))?
+    pub(crate) fn is_hugetlb(&self) -> bool {
+        self.memfd.hugetlb
+    }
+
+    /// Give `[pos, pos + len)` its huge pages before anything touches it
+    /// (`fallocate(2)`, mode 0). A touch of an unallocated hugetlbfs page
+    /// through a `MAP_NORESERVE` view takes a page from the pool or, with
+    /// none free, raises SIGBUS in the touching thread: every folio of a
+    /// hugetlb store is allocated here, when it is created, so that an
+    /// empty pool is an error of the operation that needed the folio.
+    /// Nothing on shmem (its pages come with the first touch or write).
+    ///
+    /// # Errors
+    /// `ENOMEM` (with the pool named) when no huge page is free; the
+    /// `fallocate` error otherwise.
+    pub(crate) fn allocate(&self, pos: u64, len: u64) -> io::Result<()> {
+        if !self.is_hugetlb() || len == 0 {
+            return Ok(());
+        }
+        assert!(
+            pos + len <= MAX_FILE_SIZE,
+            "page store allocation past the largest file"
+        );
+        match fallocate(&self.memfd.memfd, FallocateFlags::KEEP_SIZE, self.base + pos, len) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::NOSPC) | Err(rustix::io::Errno::NOMEM) => Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "no free 2 MiB huge page for the hugetlb page cache (HugePages_Free in /proc/meminfo; \
+                 raise /proc/sys/vm/nr_hugepages or lower the cache's memory limit)",
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Write `data` at `pos` with `pwrite(2)`: the kernel fills each memfd
     /// page under its own page lock and marks it uptodate only when full,
     /// so a kernel fault on a user mapping never maps a half-filled page.
     pub(crate) fn pwrite(&self, pos: u64, mut data: &[u8]) -> io::Result<()> {
+        // hugetlbfs has no write path; its caches map in `Minor` mode only,
+        // where fills go through the view (`do_mmap`).
+        debug_assert!(!self.is_hugetlb(), "pwrite to a hugetlb page store");
         assert!(
             pos + data.len() as u64 <= MAX_FILE_SIZE,
             "page store write past the largest file"

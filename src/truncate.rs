@@ -123,12 +123,14 @@ impl AddressSpace {
     /// folio and waits for the page's pins (the caller has checked that
     /// this thread holds no guard of it: `PageHeld`).
     pub(crate) fn pagecache_isize_extended(&self, from: u64, to: u64) {
-        let page = PAGE_SIZE as u64;
+        // What a mapping may have written past the old end: the rest of
+        // its page, or of its 2 MiB page on a hugetlb store (mapped whole).
+        let page = PAGE_SIZE as u64 * self.map_granule_pages();
         if to <= from || from % page == 0 {
             return;
         }
         let end = to.min(from / page * page + page);
-        let Some(g) = self.filemap_lock_folio(PgOff(from / page)) else {
+        let Some(g) = self.filemap_lock_folio(PgOff(from / PAGE_SIZE as u64)) else {
             return;
         };
         // A write-back in flight writes only below the old end (it clips

@@ -308,6 +308,8 @@ pub(crate) enum Continued {
 /// `UFFDIO_CONTINUE` over a user range, skipping pages already mapped.
 pub(crate) fn continue_range(vma: &VmArea, r: Range<usize>, wp: bool) -> Continued {
     let uffd = &vma.engine.uffd;
+    // What the kernel maps as one (a 2 MiB page on a hugetlb store).
+    let step = (vma.mapping().map_granule_pages() as usize) << PAGE_SHIFT;
     let mut start = r.start;
     let mut out = Continued::Clean;
     let mut tries = 0;
@@ -318,7 +320,7 @@ pub(crate) fn continue_range(vma: &VmArea, r: Range<usize>, wp: bool) -> Continu
                 // Already mapped by another handler (or, for NoPage, not
                 // in the memfd any more): skip that page.
                 out = Continued::Raced;
-                start += done + PAGE_SIZE;
+                start += done + step;
             }
             Err(UffdError::Again { done }) => {
                 start += done;

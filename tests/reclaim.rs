@@ -290,3 +290,28 @@ fn an_engine_panic_in_reclaim_keeps_the_cache_usable() {
         assert_eq!(file.len().unwrap(), 0);
     });
 }
+
+/// The memory of a file's folios goes back to the system when its last
+/// user goes, not when the epoch collector gets round to freeing the
+/// folio structs (before: the memfd kept every byte of every closed file,
+/// for as long as no later epoch collection freed them).
+#[test]
+fn closing_the_last_user_of_a_file_frees_its_memory() {
+    let dir = tempdir();
+    let cache = PageCache::builder().build();
+    for round in 0..3 {
+        let path = dir.path().join(format!("f{round}"));
+        std::fs::write(&path, vec![round as u8; 64 * PAGE_SIZE]).unwrap();
+        let file = cache.open(&path).unwrap();
+        let mut buf = vec![0u8; 64 * PAGE_SIZE];
+        file.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == round as u8));
+        assert!(cache.memory_bytes() >= 64 * PAGE_SIZE as u64, "round {round}: cached");
+        drop(file);
+        assert_eq!(
+            cache.memory_bytes(),
+            0,
+            "round {round}: the closed file's folios still hold memory"
+        );
+    }
+}

@@ -303,3 +303,8 @@ pub fn child_time(env: &[(&str, std::ffi::OsString)]) -> std::time::Duration {
 mod thp;
 #[allow(unused_imports)]
 pub use thp::{shmem_pmd_mapped_kib, ShmemThp};
+
+#[path = "../../tests/common/hugetlb_pool.rs"]
+mod hugetlb_pool;
+#[allow(unused_imports)]
+pub use hugetlb_pool::{meminfo, HugePool};

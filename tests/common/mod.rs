@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod hugetlb_pool;
 pub mod thp;
 
 /// `AddressSpaceOps` methods a test's operations pass unchanged to their
