@@ -71,7 +71,7 @@ MUTANTS = [
      "        if self.nr_dirty_folios() > usize::MAX / 2 {\n            // Checked against the error word too",
      "cargo test --test soundness mapping_outlives"),
     ("15-poison-gives-up-on-wp-marker", "src/fault.rs",
-     "                // Clears a wp marker on a none PTE (then POISON works).\n                let _ = sh.uffd.writeprotect(page, PAGE_SIZE, false);",
+     "                // Clears a wp marker on a none PTE (then POISON works).\n                let _ = sh.uffd.writeprotect(page, granule, false);",
      "                // Clears a wp marker on a none PTE (then POISON works).\n                break;",
      "cargo test --test liveness shrinking_truncate"),
     ("16-reclaim-skips-refcount-check", "src/vmscan.rs",
