@@ -1,7 +1,7 @@
 //! Fault-engine benchmarks. Every group measures its references in the same
 //! run on the same data:
 //!
-//! - `fault_random_4k/{kernel_mmap, upcache_minor, upcache_missing, upcache_large_folios, upcache_no_readahead, uffd_copy_peer, uffd_copy_peer_64k}`:
+//! - `fault_random_4k/{kernel_mmap, upcache_minor, upcache_missing, upcache_large_folios, upcache_hugetlb, upcache_no_readahead, uffd_copy_peer, uffd_copy_peer_64k}`:
 //!   first touch of every page of a 256 MiB file in random order by 2
 //!   threads; the file is in the kernel's page cache, upcache's cache starts
 //!   empty (a new `PageCache` per iteration, so upcache reads every window
@@ -15,19 +15,23 @@
 //!   peer with `UFFD_FEATURE_SIGBUS`: each fault is resolved by a SIGBUS
 //!   handler in the faulting thread (`pread` + `UFFDIO_COPY`), no handler
 //!   thread and no wake-up.
-//! - `mapped_hit_random/{kernel_mmap, kernel_mmap_memfd, upcache, upcache_minor, upcache_missing, upcache_large_folios, upcache_large_folios_no_thp}`: a new
+//! - `mapped_hit_random/{kernel_mmap, kernel_mmap_memfd, upcache, upcache_minor, upcache_missing, upcache_large_folios, upcache_large_folios_no_thp, upcache_hugetlb}`: a new
 //!   mapping of a file upcache holds entirely, touched at random (one
 //!   thread). `upcache` is the default mode; `kernel_mmap_memfd` maps the
 //!   same bytes from a memfd (4 KiB shmem pages, like upcache's).
 //!   `upcache_large_folios` is a cache with `large_folios(true)` filled and
 //!   mapped with shmem THP set to `always` (root; restored after the side),
 //!   `upcache_large_folios_no_thp` the same with the system's setting.
-//! - `scan_seq_cold/{kernel_mmap, upcache, upcache_minor, upcache_minor_no_map_ahead, upcache_direct, upcache_large_folios, upcache_direct_large_folios}`: sequential scan of a 1 GiB
+//! - `scan_seq_cold/{kernel_mmap, upcache, upcache_minor, upcache_minor_no_map_ahead, upcache_direct, upcache_large_folios, upcache_direct_large_folios, upcache_hugetlb, upcache_direct_hugetlb}`: sequential scan of a 1 GiB
 //!   file on the disk filesystem, dropped from the kernel's page cache
 //!   (fsync + POSIX_FADV_DONTNEED) and from upcache before each iteration.
 //! - `first_write/{kernel_ext4, upcache, upcache_minor}`: a shared writable mapping of a
 //!   64 MiB file on the disk filesystem; every page read first (untimed),
 //!   then each page written once (timed).
+//!
+//! The `*_hugetlb` sides are caches built with `hugetlb(true)` (2 MiB
+//! folios in the kernel's hugetlbfs pool, `Minor` mode); the bench sizes
+//! `/proc/sys/vm/nr_hugepages` for the side (root) and restores it.
 //!
 //! After each side of `fault_random_4k`, `mapped_hit_random` and
 //! `scan_seq_cold` a `residency ID: ...` line reports what it held at the
@@ -45,7 +49,9 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_main, Criterion};
 
 mod common;
-use common::{bench_dir, drop_kernel_cache, file_cached_bytes, report, shmem_pmd_mapped_kib, Residency, ShmemThp};
+use common::{
+    bench_dir, drop_kernel_cache, file_cached_bytes, report, shmem_pmd_mapped_kib, HugePool, Residency, ShmemThp,
+};
 use upcache::uffd::{mode, Uffd};
 use upcache::{PageCache, Share, UffdMode, PAGE_SIZE};
 
@@ -366,6 +372,8 @@ fn fault_random_4k(c: &mut Criterion) {
         ("upcache_minor", UffdMode::Minor, None),
         ("upcache_missing", UffdMode::Missing, None),
         ("upcache_large_folios", UffdMode::Missing, Some(0)),
+        // `Some(1)`: the hugetlb page store (2 MiB folios, `Minor` mode).
+        ("upcache_hugetlb", UffdMode::Minor, Some(1)),
         // One page per miss: the same work per fault as the 4 KiB peer.
         (
             "upcache_no_readahead",
@@ -380,14 +388,17 @@ fn fault_random_4k(c: &mut Criterion) {
                 // `Some(0)`: large folios (a 2 MiB folio per miss) with
                 // shmem THP on for this side.
                 let _thp = (ra == Some(0)).then(|| ShmemThp::always().expect("shmem THP knob (root)"));
+                let _pool =
+                    (ra == Some(1)).then(|| HugePool::with_free((RANDOM_SIZE >> 21) + 8).expect("hugetlb pool (root)"));
                 match ra {
                     Some(0) => builder = builder.large_folios(true),
+                    Some(1) => builder = builder.hugetlb(true),
                     Some(ra) => builder = builder.readahead_bytes(ra).readahead_max_bytes(ra),
                     None => {}
                 }
                 let cache = builder.build();
                 let file = cache.open(&path).unwrap();
-                if ra.is_some_and(|r| r > 0) {
+                if ra.is_some_and(|r| r > 1) {
                     file.advise(upcache::Advice::Random, 0, 0).unwrap();
                 }
                 // SAFETY: the mapping is read and written only through short-lived borrows, never while another writer changes the same bytes.
@@ -538,6 +549,32 @@ fn mapped_hit_random(c: &mut Criterion) {
         }
         report(&format!("mapped_hit_random/{id}"), &last);
     }
+    // The hugetlb page store: each 2 MiB folio mapped with one entry by
+    // one `UFFDIO_CONTINUE` (a `Minor` userfault per 2 MiB).
+    {
+        let _pool = HugePool::with_free((RANDOM_SIZE >> 21) + 8).expect("hugetlb pool (root)");
+        let cache = PageCache::builder().hugetlb(true).build();
+        let file = cache.open(&path).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        for off in (0..RANDOM_SIZE).step_by(buf.len()) {
+            file.read_exact_at(&mut buf, off).unwrap();
+        }
+        let mut last = None;
+        g.bench_function("upcache_hugetlb", |b| {
+            iter_each(b, || {
+                // SAFETY: the mapping is only read, through short-lived borrows.
+                let map = unsafe { file.mmap(0, RANDOM_SIZE as usize, Share::Shared) }.unwrap();
+                let t = touch_pages(map.as_ptr() as usize, &pages, 1);
+                last = Some(Residency {
+                    file_cached: file_cached_bytes(&path),
+                    memfd: Some(file.memory_bytes()),
+                    ..Default::default()
+                });
+                t
+            })
+        });
+        report("mapped_hit_random/upcache_hugetlb", &last);
+    }
     g.finish();
 }
 
@@ -589,12 +626,29 @@ fn scan_seq_cold(c: &mut Criterion) {
         );
         LARGE.with(|l| l.set(false));
     }
+    {
+        let _pool = HugePool::with_free((SCAN_SIZE >> 21) + 8).expect("hugetlb pool (root)");
+        HUGETLB.with(|l| l.set(true));
+        scan_upcache(&mut g, "upcache_hugetlb", &path, &pages, UffdMode::Minor, true, false);
+        scan_upcache(
+            &mut g,
+            "upcache_direct_hugetlb",
+            &path,
+            &pages,
+            UffdMode::Minor,
+            true,
+            true,
+        );
+        HUGETLB.with(|l| l.set(false));
+    }
     g.finish();
 }
 
 thread_local! {
     /// The `scan_upcache` side being measured uses large folios.
     static LARGE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The `scan_upcache` side being measured uses the hugetlb page store.
+    static HUGETLB: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 fn scan_upcache(
@@ -615,6 +669,7 @@ fn scan_upcache(
                     .mmap_mode(mode)
                     .map_ahead(map_ahead)
                     .large_folios(LARGE.with(|l| l.get()))
+                    .hugetlb(HUGETLB.with(|l| l.get()))
                     .build();
                 let store = direct.then(|| std::sync::Arc::new(upcache::DirectFileStore::open(path).unwrap()));
                 let file = match &store {

@@ -48,6 +48,8 @@ struct Config {
     limit: Option<u64>,
     direct: bool,
     large: bool,
+    /// The hugetlb page store (`PageCacheBuilder::hugetlb`).
+    hugetlb: bool,
 }
 
 struct World {
@@ -74,7 +76,8 @@ impl World {
         let mut b = PageCache::builder()
             .mmap_mode(cfg.mode)
             .dirty_tracking(cfg.tracking)
-            .large_folios(cfg.large);
+            .large_folios(cfg.large)
+            .hugetlb(cfg.hugetlb);
         if let Some(l) = cfg.limit {
             b = b.memory_limit(l);
         }
@@ -498,6 +501,7 @@ fn fsx_missing() {
             limit: None,
             direct: false,
             large: false,
+            hugetlb: false,
         },
         11,
     );
@@ -513,6 +517,7 @@ fn fsx_minor() {
             limit: None,
             direct: false,
             large: false,
+            hugetlb: false,
         },
         12,
     );
@@ -528,6 +533,7 @@ fn fsx_missing_memory_limit() {
             limit: Some(LIMIT),
             direct: false,
             large: false,
+            hugetlb: false,
         },
         13,
     );
@@ -543,6 +549,7 @@ fn fsx_minor_memory_limit() {
             limit: Some(LIMIT),
             direct: false,
             large: false,
+            hugetlb: false,
         },
         14,
     );
@@ -558,6 +565,7 @@ fn fsx_missing_direct() {
             limit: None,
             direct: true,
             large: false,
+            hugetlb: false,
         },
         15,
     );
@@ -573,6 +581,7 @@ fn fsx_minor_direct() {
             limit: None,
             direct: true,
             large: false,
+            hugetlb: false,
         },
         16,
     );
@@ -588,6 +597,7 @@ fn fsx_missing_direct_memory_limit() {
             limit: Some(LIMIT),
             direct: true,
             large: false,
+            hugetlb: false,
         },
         17,
     );
@@ -603,6 +613,7 @@ fn fsx_minor_direct_memory_limit() {
             limit: Some(LIMIT),
             direct: true,
             large: false,
+            hugetlb: false,
         },
         18,
     );
@@ -618,6 +629,7 @@ fn fsx_minor_async() {
             limit: None,
             direct: false,
             large: false,
+            hugetlb: false,
         },
         19,
     );
@@ -633,6 +645,7 @@ fn fsx_minor_async_direct_memory_limit() {
             limit: Some(LIMIT),
             direct: true,
             large: false,
+            hugetlb: false,
         },
         20,
     );
@@ -650,6 +663,7 @@ fn fsx_missing_large_folios() {
             limit: None,
             direct: false,
             large: true,
+            hugetlb: false,
         },
         21,
     );
@@ -665,6 +679,7 @@ fn fsx_minor_large_folios_direct() {
             limit: None,
             direct: true,
             large: true,
+            hugetlb: false,
         },
         22,
     );
@@ -680,7 +695,30 @@ fn fsx_minor_async_large_folios() {
             limit: None,
             direct: false,
             large: true,
+            hugetlb: false,
         },
         23,
+    );
+}
+
+/// The hugetlb page store: the file lives in one 2 MiB hugetlbfs page that
+/// is mapped, protected and poisoned whole; private mappings copy it on
+/// write from the pool too.
+#[test]
+fn fsx_minor_hugetlb() {
+    let Some(_pool) = common::hugetlb_pool::pool_or_skip(16) else {
+        return;
+    };
+    run_config(
+        "fsx minor, hugetlb",
+        Config {
+            mode: UffdMode::Minor,
+            tracking: DirtyTracking::WriteFault,
+            limit: Some(LIMIT),
+            direct: false,
+            large: false,
+            hugetlb: true,
+        },
+        24,
     );
 }

@@ -9,13 +9,11 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 
-use common::hugetlb_pool::{meminfo, HugePool};
+use common::hugetlb_pool::{meminfo, pool_or_skip};
 use common::{run_child, tempdir, watchdog, Rng};
 use upcache::{DirtyTracking, Error, PageCache, Share, UffdMode};
 
 const HUGE: usize = 2 << 20;
-const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
-
 /// `Shared_Hugetlb` of this process (KiB): hugetlbfs pages mapped shared.
 fn shared_hugetlb_kib() -> u64 {
     std::fs::read_to_string("/proc/self/smaps_rollup")
@@ -24,21 +22,6 @@ fn shared_hugetlb_kib() -> u64 {
         .find_map(|l| l.strip_prefix("Shared_Hugetlb:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-fn pool_or_skip(free: u64) -> Option<HugePool> {
-    let p = HugePool::with_free(free);
-    if p.is_none() {
-        let msg = format!(
-            "SKIPPED: cannot make {free} huge pages free through {NR_HUGEPAGES} (needs root; \
-             HugePages_Total {} HugePages_Free {}); the hugetlb page cache is NOT tested",
-            meminfo("HugePages_Total:"),
-            meminfo("HugePages_Free:")
-        );
-        eprintln!("\n*** {msg} ***\n");
-        assert!(std::env::var_os("UPCACHE_REQUIRE_HUGETLB").is_none(), "{msg}");
-    }
-    p
 }
 
 fn hugetlb_cache(tracking: DirtyTracking, limit: Option<u64>) -> PageCache {
@@ -230,7 +213,7 @@ fn hugetlb_page_cache() {
         return;
     }
     let Some(_pool) = pool_or_skip(64) else { return };
-    watchdog("hugetlb page cache", 300, || {
+    watchdog("hugetlb page cache", 120, || {
         let all_back = |what: &str| {
             assert_eq!(
                 meminfo("HugePages_Free:"),

@@ -38,3 +38,21 @@ pub fn meminfo(key: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// [`HugePool::with_free`] for a test: `None` (after saying loudly that
+/// the test is skipped) where the pool cannot be sized; fails instead where
+/// `UPCACHE_REQUIRE_HUGETLB` is set (CI runs as root).
+pub fn pool_or_skip(free: u64) -> Option<HugePool> {
+    let p = HugePool::with_free(free);
+    if p.is_none() {
+        let msg = format!(
+            "SKIPPED: cannot make {free} huge pages free through {NR_HUGEPAGES} (needs root; \
+             HugePages_Total {} HugePages_Free {}); the hugetlb page cache is NOT tested",
+            meminfo("HugePages_Total:"),
+            meminfo("HugePages_Free:")
+        );
+        eprintln!("\n*** {msg} ***\n");
+        assert!(std::env::var_os("UPCACHE_REQUIRE_HUGETLB").is_none(), "{msg}");
+    }
+    p
+}
