@@ -32,13 +32,15 @@ fn record(run: u64, g: u64) -> Vec<u8> {
 }
 
 /// Run `run`'s configuration: `Missing`, `Minor`, `Minor` with async dirty
-/// tracking, `Missing` with large folios, in turn.
-fn run_config(run: u64) -> (UffdMode, DirtyTracking, bool) {
-    match run % 4 {
-        0 => (UffdMode::Missing, DirtyTracking::WriteFault, false),
-        1 => (UffdMode::Minor, DirtyTracking::WriteFault, false),
-        2 => (UffdMode::Minor, DirtyTracking::Async, false),
-        _ => (UffdMode::Missing, DirtyTracking::WriteFault, true),
+/// tracking, `Missing` with large folios, `Minor` on the hugetlb page
+/// store, in turn. The last field: hugetlb.
+fn run_config(run: u64) -> (UffdMode, DirtyTracking, bool, bool) {
+    match run % 5 {
+        0 => (UffdMode::Missing, DirtyTracking::WriteFault, false, false),
+        1 => (UffdMode::Minor, DirtyTracking::WriteFault, false, false),
+        2 => (UffdMode::Minor, DirtyTracking::Async, false, false),
+        3 => (UffdMode::Missing, DirtyTracking::WriteFault, true, false),
+        _ => (UffdMode::Minor, DirtyTracking::WriteFault, true, true),
     }
 }
 
@@ -49,11 +51,12 @@ fn crash_child_entry() {
         return;
     };
     let run: u64 = std::env::var("UPCACHE_CRASH_RUN").unwrap().parse().unwrap();
-    let (mode, tracking, large) = run_config(run);
+    let (mode, tracking, large, hugetlb) = run_config(run);
     let cache = PageCache::builder()
         .mmap_mode(mode)
         .dirty_tracking(tracking)
         .large_folios(large)
+        .hugetlb(hugetlb)
         .build();
     cache.start_fault_engine().expect("userfaultfd");
     let file = cache.open(&path).unwrap();
@@ -103,7 +106,12 @@ fn crash_runs() {
     let dir = tempdir();
     let mut rng = Rng::new(common::seed(77));
     let mut checked = 0u64;
+    // The hugetlb runs' children take their pages from this pool.
+    let pool = common::hugetlb_pool::pool_or_skip(8);
     for run in 0..kills {
+        if run_config(run).3 && pool.is_none() {
+            continue;
+        }
         let path = dir.path().join(format!("crash-{run}"));
         std::fs::write(&path, vec![0u8; SIZE as usize]).unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())

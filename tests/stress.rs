@@ -38,9 +38,15 @@ fn run_with(mode: UffdMode, tracking: DirtyTracking, seed: u64) {
     run_cfg(mode, tracking, false, seed)
 }
 
-/// With `large`: 2 MiB folios, each thread's region 4 MiB and the limit
-/// 16 MiB (the large-folio floor), so reclaim still runs.
 fn run_cfg(mode: UffdMode, tracking: DirtyTracking, large: bool, seed: u64) {
+    run_store(mode, tracking, large, false, seed)
+}
+
+/// With `large`: 2 MiB folios, each thread's region 4 MiB and the limit
+/// 16 MiB (the large-folio floor), so reclaim still runs. `hugetlb`: the
+/// same on the hugetlb page store (implies `large`).
+fn run_store(mode: UffdMode, tracking: DirtyTracking, large: bool, hugetlb: bool, seed: u64) {
+    let large = large || hugetlb;
     let (region, limit) = if large { (4 * REGION, 16 << 20) } else { (REGION, LIMIT) };
     let size = THREADS as u64 * region;
     let t0 = Instant::now();
@@ -52,6 +58,7 @@ fn run_cfg(mode: UffdMode, tracking: DirtyTracking, large: bool, seed: u64) {
         .dirty_tracking(tracking)
         .memory_limit(limit)
         .large_folios(large)
+        .hugetlb(hugetlb)
         .build();
     cache
         .start_fault_engine()
@@ -194,5 +201,21 @@ fn stress_8_threads_4mib_limit_minor_async_tracking() {
 fn stress_8_threads_16mib_limit_missing_large_folios() {
     watchdog("stress (Missing, large folios)", secs() + 120, || {
         run_cfg(UffdMode::Missing, DirtyTracking::WriteFault, true, common::seed(104))
+    });
+}
+
+#[test]
+fn stress_8_threads_16mib_limit_minor_hugetlb() {
+    let Some(_pool) = common::hugetlb_pool::pool_or_skip(24) else {
+        return;
+    };
+    watchdog("stress (Minor, hugetlb page store)", secs() + 120, || {
+        run_store(
+            UffdMode::Minor,
+            DirtyTracking::WriteFault,
+            true,
+            true,
+            common::seed(105),
+        )
     });
 }
