@@ -377,9 +377,14 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
             let eof = PgOff(m.size().div_ceil(PAGE_SIZE as u64));
             let folio_end = g.index().add(g.nr_pages());
             let end = if folio_end < eof { folio_end } else { eof };
-            let r = vma
-                .user_range(g.index(), end)
-                .unwrap_or(vmf.address..vmf.address + PAGE_SIZE);
+            let Some(r) = vma.user_range(g.index(), end) else {
+                // A truncate published a size at or below the folio's
+                // start after page_mkwrite checked it: nothing of the folio
+                // is left to unprotect. The thread faults again (SIGBUS).
+                drop(g);
+                wake_page(sh, vmf.address);
+                return;
+            };
             let mut tries = 0;
             loop {
                 match sh.uffd.writeprotect(r.start, r.len(), false) {

@@ -114,10 +114,16 @@ impl AddressSpace {
                 None => {
                     self.stats.miss();
                     let want = (((buf.len() - done) as u64) + (p & ((1 << PAGE_SHIFT) - 1))).div_ceil(1 << PAGE_SHIFT);
-                    if let Some(next) = self.page_cache_sync_readahead(index, want)? {
+                    match self.page_cache_sync_readahead(index, want) {
                         // No thread to hand it to here: read it after the
                         // copy below.
-                        pending = Some(next);
+                        Ok(Some(next)) => pending = Some(next),
+                        Ok(None) => {}
+                        // No memory for the folio (a hugetlb store's empty
+                        // pool) after some bytes were read: a short read,
+                        // as `filemap_read` returns what it copied.
+                        Err(_) if done > 0 => break,
+                        Err(e) => return Err(e),
                     }
                     continue;
                 }
@@ -151,14 +157,17 @@ impl AddressSpace {
             done += n;
             drop(folio);
             if let Some(next) = pending.take() {
-                self.page_cache_async_readahead(next)?;
+                // Read ahead for later: its failure (no memory for a folio
+                // nobody asked for yet) is not this read's; the read that
+                // needs the folio meets it, as in the kernel.
+                let _ = self.page_cache_async_readahead(next);
             }
         }
         self.read_prev.store(last, crate::sync::Ordering::Relaxed);
         if let Some(next) = pending {
             // Stopped early (end of file): read the window all the same,
             // the stream is sequential.
-            self.page_cache_async_readahead(next)?;
+            let _ = self.page_cache_async_readahead(next);
         }
         Ok(done)
     }

@@ -962,11 +962,15 @@ impl FolioGuard {
     /// What the failed fill put in the page store is freed: a `Missing`-mode
     /// mapping maps any page present there without asking upcache, and
     /// would show those torn bytes instead of faulting (and re-reading, or
-    /// raising SIGBUS). The next fill starts from holes.
+    /// raising SIGBUS). The next fill starts from holes. Not on a hugetlb
+    /// store: its mappings are `Minor`-mode (nothing maps a folio that is
+    /// not uptodate), and the folio keeps the huge page it was given at
+    /// creation, so that the retry needs none from the pool
+    /// (`tests/hugetlb.rs`: a retry into the punched page failed).
     pub fn set_error(&self) {
         self.folio.flags.fetch_or(ERROR, Ordering::Release);
         if !self.folio.is_uptodate() {
-            if let Some(store) = &self.folio._store {
+            if let Some(store) = self.folio._store.as_ref().filter(|s| !s.is_hugetlb()) {
                 // Nobody can hold a reference to the bytes of a locked folio
                 // that is not uptodate (`data_mut` borrows this guard). A
                 // failed punch leaves the torn pages; nothing better to do

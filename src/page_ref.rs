@@ -341,7 +341,8 @@ impl AddressSpace {
                     self.stats.miss();
                 }
                 if let Some(next) = self.page_cache_sync_readahead(idx, 1)? {
-                    self.page_cache_async_readahead(next)?;
+                    // Not this pin's folio: its failure is a later read's.
+                    let _ = self.page_cache_async_readahead(next);
                 }
                 continue;
             };
