@@ -286,7 +286,7 @@ fn hugetlb_page_cache() {
         // A long sequential read stops short where the pages run out.
         let mut big = vec![0u8; 3 * HUGE];
         let n = file.read_at(&mut big, 0).expect("a read that made progress returns it");
-        assert!(n >= HUGE && n < 3 * HUGE, "short read, got {n}");
+        assert!((HUGE..3 * HUGE).contains(&n), "short read, got {n}");
         assert!(big[..n] == model[..n]);
         // SAFETY: no mapping of the file exists, so nothing writes the
         // page while the guard lives.
