@@ -273,7 +273,9 @@ fn hugetlb_page_cache() {
     watchdog("hugetlb readahead without pages", 120, || {
         let dir = tempdir();
         let path = dir.path().join("ra");
-        let model = random_bytes(6, 4 * HUGE);
+        // Larger than the first sync window (four folios), so that an
+        // async window follows it.
+        let model = random_bytes(6, 8 * HUGE);
         std::fs::write(&path, &model).unwrap();
         let cache = hugetlb_cache(DirtyTracking::WriteFault, None);
         let file = cache.open(&path).unwrap();
