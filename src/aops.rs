@@ -213,7 +213,7 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
     /// A write error must also be recorded by ending writeback with
     /// [`Writeback::end_with_error`](crate::aops::Writeback::end_with_error), which
     /// keeps the data dirty and reports the error at the next fsync. A
-    /// [`Writeback`](crate::aops::Writeback) dropped without being ended
+    /// [`Writeback`] dropped without being ended
     /// (an early `?`, a panic) counts as such a failure (`EIO`). An `Err`
     /// returned with the folio left clean and not under writeback (dropped
     /// with nothing submitted) gets the folio dirtied again by the caller:
