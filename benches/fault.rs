@@ -11,7 +11,7 @@
 //!   `uffd_copy_peer` copies 4 KiB per fault with one sleeping handler
 //!   thread; `uffd_copy_peer_64k` is the peer at its best configuration,
 //!   64 KiB per fault and 2 polling filler threads, like UMap's best run.
-//!   `uffd_sigbus_inthread{,_64k}` (issue #12 item 3's probe) is the same
+//!   `uffd_sigbus_inthread{,_64k,_2m}` (issue #12 item 3's probe) is the same
 //!   peer with `UFFD_FEATURE_SIGBUS`: each fault is resolved by a SIGBUS
 //!   handler in the faulting thread (`pread` + `UFFDIO_COPY`), no handler
 //!   thread and no wake-up.
@@ -234,7 +234,10 @@ fn uffd_copy_peer(path: &Path, pages: &[usize], page: usize, fillers: usize, pol
 /// The in-thread probe's state, read by its SIGBUS handler (statics: a
 /// signal handler gets no context argument of ours).
 mod inthread {
-    use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering::Relaxed};
+    use std::sync::atomic::{
+        AtomicI32, AtomicUsize,
+        Ordering::{Acquire, Relaxed, Release},
+    };
 
     pub static UFFD: AtomicI32 = AtomicI32::new(-1);
     pub static FILE: AtomicI32 = AtomicI32::new(-1);
@@ -244,8 +247,10 @@ mod inthread {
 
     /// `UFFDIO_COPY`: `_IOWR(0xAA, 0x03, struct uffdio_copy)` (40 bytes).
     const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
-    /// The largest block the probe copies per fault.
-    pub const MAX_PAGE: usize = 64 << 10;
+    /// Fill buffers of `PAGE` bytes, one per faulting thread, made before
+    /// the pass (a handler must not allocate): a handler takes one by
+    /// swapping its slot to 0 and puts it back when done.
+    pub static BUFS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
     #[repr(C)]
     struct UffdioCopy {
@@ -257,7 +262,7 @@ mod inthread {
     }
 
     /// SIGBUS handler (async-signal-safe: atomics, `pread`, `ioctl`, a
-    /// stack buffer): a missing fault in the probe's region, delivered as
+    /// buffer made before the pass): a missing fault in the probe's region, delivered as
     /// SIGBUS by `UFFD_FEATURE_SIGBUS`, is filled from the file in the
     /// faulting thread; returning retries the access. Any other SIGBUS
     /// aborts.
@@ -265,19 +270,29 @@ mod inthread {
         // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO.
         let addr = unsafe { (*info).si_addr() } as usize;
         let (base, len, page) = (BASE.load(Relaxed), LEN.load(Relaxed), PAGE.load(Relaxed));
-        if addr < base || addr >= base + len || page == 0 || page > MAX_PAGE {
+        if addr < base || addr >= base + len || page == 0 {
             // SAFETY: abort is async-signal-safe.
             unsafe { libc::abort() };
         }
         let block = (addr - base) & !(page - 1);
-        let mut buf = [0u8; MAX_PAGE];
+        let (slot, buf) = loop {
+            if let Some(t) = BUFS
+                .iter()
+                .find_map(|s| Some((s, s.swap(0, Acquire))).filter(|t| t.1 != 0))
+            {
+                break t;
+            }
+            std::hint::spin_loop();
+        };
+        let buf = buf as *mut u8;
         let mut done = 0;
         while done < page {
-            // SAFETY: `buf` has room for `page - done` bytes at `done`.
+            // SAFETY: `buf` (this handler's own, taken from its slot) has
+            // room for `page - done` bytes at `done`.
             let n = unsafe {
                 libc::pread(
                     FILE.load(Relaxed),
-                    buf.as_mut_ptr().add(done) as *mut libc::c_void,
+                    buf.add(done) as *mut libc::c_void,
                     page - done,
                     (block + done) as libc::off_t,
                 )
@@ -290,7 +305,7 @@ mod inthread {
         }
         let mut copy = UffdioCopy {
             dst: (base + block) as u64,
-            src: buf.as_ptr() as u64,
+            src: buf as u64,
             len: page as u64,
             mode: 0,
             copy: 0,
@@ -299,6 +314,9 @@ mod inthread {
         // fills the registered, still missing range at `dst`; EEXIST
         // (another thread filled it first) leaves it as it is.
         unsafe { libc::ioctl(UFFD.load(Relaxed), UFFDIO_COPY, &mut copy) };
+        // Release: our `pread` and copy of `buf` happen before the next
+        // handler's `swap` (Acquire) takes it.
+        slot.store(buf as usize, Release);
     }
 }
 
@@ -310,8 +328,12 @@ fn uffd_sigbus_inthread(path: &Path, pages: &[usize], page: usize) -> Duration {
     use std::os::fd::AsRawFd;
     use std::sync::atomic::Ordering::Relaxed;
     const FEATURE_SIGBUS: u64 = 1 << 7;
-    assert!(page <= inthread::MAX_PAGE);
     let len = RANDOM_SIZE as usize;
+    // One fill buffer per touching thread (`touch_pages(.., 2)`).
+    let mut bufs = [vec![0u8; page], vec![0u8; page]];
+    for (slot, b) in inthread::BUFS.iter().zip(&mut bufs) {
+        slot.store(b.as_mut_ptr() as usize, Relaxed);
+    }
     let base = anon_region(len);
     let uffd = Uffd::open(FEATURE_SIGBUS).expect("userfaultfd");
     assert!(
@@ -342,6 +364,10 @@ fn uffd_sigbus_inthread(path: &Path, pages: &[usize], page: usize) -> Duration {
     // SAFETY: restores the handler saved above.
     unsafe { libc::sigaction(libc::SIGBUS, &old, std::ptr::null_mut()) };
     inthread::PAGE.store(0, Relaxed);
+    for slot in &inthread::BUFS {
+        slot.store(0, Relaxed);
+    }
+    drop(bufs);
     drop(uffd);
     // SAFETY: our own mapping, no longer touched.
     unsafe { rustix::mm::munmap(base as *mut _, len).unwrap() };
@@ -438,6 +464,9 @@ fn fault_random_4k(c: &mut Criterion) {
     for (id, page) in [
         ("uffd_sigbus_inthread", PAGE_SIZE),
         ("uffd_sigbus_inthread_64k", 64 << 10),
+        // The bound for an in-thread mode with 2 MiB folios (issue #12
+        // item 3): what is left to save against `upcache_large_folios`.
+        ("uffd_sigbus_inthread_2m", 2 << 20),
     ] {
         g.bench_function(id, |b| iter_each(b, || uffd_sigbus_inthread(&path, &pages, page)));
     }
