@@ -438,6 +438,10 @@ MUTANTS = [
      "                let _ = self.page_cache_async_readahead(next);\n            }\n        }",
      "                self.page_cache_async_readahead(next)?;\n            }\n        }",
      "cargo test --test hugetlb"),
+    ("110-short-read-taken-for-end-of-file", "src/backing.rs",
+     "            Ok(n) => done += n,\n            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,",
+     "            Ok(n) => {\n                done += n;\n                break;\n            }\n            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,",
+     "cargo test --test fault_injection"),
 ]
 
 

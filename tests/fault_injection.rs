@@ -1,0 +1,279 @@
+//! Randomized fault injection: a seeded sequence of `write_at`,
+//! `read_at`, truncate, punch, `fsync` and `sync_all` over a store that
+//! fails reads, writes and syncs at random (and returns short reads),
+//! under a memory limit that makes reclaim write back and evict while
+//! the store fails. Checked against a model of the file after every step:
+//!
+//! - a read returns the model's bytes or an error, never other bytes, and
+//!   never a short count of 0 before end of file;
+//! - a write that returns `Ok(n)` wrote its first `n` bytes; one that
+//!   fails wrote nothing; a hole punch that fails (its write-back of the
+//!   range failed) punched nothing;
+//! - **every `fsync` or `sync_all` that returns `Ok` left the model on
+//!   disk**, byte for byte, whatever failed before it (upcache keeps the
+//!   data of a failed write-back dirty, where the kernel drops it);
+//! - at the end, with the store healed, one `fsync` may still report an
+//!   error nobody saw, the next succeeds, `close` succeeds, and a fresh
+//!   cache reads the model back.
+//!
+//! Nothing may hang (watchdog) or panic. `UPCACHE_TEST_OPS=N` for more
+//! operations, `UPCACHE_TEST_SEED=S` to replay.
+
+mod common;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use common::{ops_count, seed, tempdir, watchdog, Rng};
+use upcache::{BackingStore, FileStore, PageCache, PageCacheBuilder, StoreOps, PAGE_SIZE};
+
+const EIO: i32 = 5;
+const ENOSPC: i32 = 28;
+
+/// A [`FileStore`] that fails at random while `on`.
+struct Chaos {
+    inner: FileStore,
+    rng: Mutex<Rng>,
+    on: Arc<AtomicBool>,
+}
+
+impl Chaos {
+    /// Fail this call? (one chance in `one_in`)
+    fn fail(&self, one_in: u64) -> bool {
+        self.on.load(Relaxed) && self.rng.lock().unwrap().below(one_in) == 0
+    }
+}
+
+impl BackingStore for Chaos {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        if self.fail(12) {
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
+        // Short reads: the cache must ask again for the rest.
+        let n = if self.fail(4) {
+            1 + self.rng.lock().unwrap().below(buf.len() as u64) as usize
+        } else {
+            buf.len()
+        };
+        self.inner.read_at(&mut buf[..n], off)
+    }
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        if self.fail(6) {
+            let e = if self.fail(2) { ENOSPC } else { EIO };
+            return Err(io::Error::from_raw_os_error(e));
+        }
+        self.inner.write_all_at(buf, off)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        if self.fail(8) {
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
+        self.inner.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, size: u64) -> io::Result<()> {
+        self.inner.set_len(size)
+    }
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(off, len)
+    }
+}
+
+/// One configuration: the cache, and how large the file may grow.
+struct Config {
+    name: &'static str,
+    builder: fn() -> PageCacheBuilder,
+    max: u64,
+}
+
+fn run(cfg: &Config, seed: u64, ops: usize) {
+    let dir = tempdir();
+    let path = dir.path().join("chaos");
+    let mut rng = Rng::new(seed);
+    let mut model = vec![0u8; (cfg.max / 3) as usize + 123];
+    rng.fill(&mut model);
+    std::fs::write(&path, &model).unwrap();
+    let on = Arc::new(AtomicBool::new(true));
+    let cache = (cfg.builder)().build();
+    let store = Chaos {
+        inner: FileStore::open(&path).unwrap(),
+        rng: Mutex::new(Rng::new(seed ^ 0x5eed)),
+        on: on.clone(),
+    };
+    let file = cache.open_with_ops("chaos", StoreOps::new(store)).unwrap();
+    let max_io = 3 * PAGE_SIZE + 17;
+    let mut buf = vec![0u8; max_io];
+    let (mut synced_ok, mut errors) = (0usize, 0usize);
+    let on_disk = |model: &[u8], ctx: &str| {
+        let disk = std::fs::read(&path).unwrap();
+        assert_eq!(
+            disk.len(),
+            model.len(),
+            "{ctx}: file length on disk after a successful sync"
+        );
+        if disk == model {
+            return;
+        }
+        if let Some(i) = (0..model.len()).find(|&i| disk[i] != model[i]) {
+            panic!(
+                "{ctx}: byte {i} on disk is {} after a successful sync, the file has {}",
+                disk[i], model[i]
+            );
+        }
+    };
+
+    for op in 0..ops {
+        let ctx = format!("{} seed {seed} op {op}", cfg.name);
+        let size = model.len() as u64;
+        match rng.below(100) {
+            0..=29 => {
+                let off = rng.below(cfg.max);
+                let len = 1 + rng.below(max_io as u64) as usize;
+                rng.fill(&mut buf[..len]);
+                match file.write_at(&buf[..len], off) {
+                    Ok(n) => {
+                        assert!(n > 0 && n <= len, "{ctx}: write_at({len}) returned {n}");
+                        let end = off as usize + n;
+                        if end > model.len() {
+                            model.resize(end, 0);
+                        }
+                        model[off as usize..end].copy_from_slice(&buf[..n]);
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            30..=54 => {
+                let off = rng.below(cfg.max);
+                let len = 1 + rng.below(max_io as u64) as usize;
+                let want = size.saturating_sub(off).min(len as u64) as usize;
+                match file.read_at(&mut buf[..len], off) {
+                    Ok(n) => {
+                        assert!(
+                            n <= want,
+                            "{ctx}: read_at({off}, {len}) returned {n} bytes, {want} exist"
+                        );
+                        assert!(
+                            want == 0 || n > 0,
+                            "{ctx}: read_at({off}) returned 0 before end of file"
+                        );
+                        assert!(
+                            n == 0 || buf[..n] == model[off as usize..off as usize + n],
+                            "{ctx}: read_at({off}, {len}) returned bytes the file does not hold"
+                        );
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            55..=62 => {
+                let new = rng.below(cfg.max);
+                file.truncate(new)
+                    .unwrap_or_else(|e| panic!("{ctx}: truncate({new}) over a healthy set_len: {e}"));
+                model.resize(new as usize, 0);
+            }
+            63..=69 => {
+                let off = rng.below(cfg.max);
+                let len = 1 + rng.below(64 * 1024);
+                // Writes the range back first (as ext4 does): fails, with
+                // nothing punched, when that write-back fails.
+                match file.punch_hole(off, len) {
+                    Ok(()) => {
+                        let end = (off + len).min(size);
+                        if off < end {
+                            model[off as usize..end as usize].fill(0);
+                        }
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            70..=84 => match file.fsync() {
+                Ok(()) => {
+                    on_disk(&model, &format!("{ctx} (fsync)"));
+                    synced_ok += 1;
+                }
+                Err(_) => errors += 1,
+            },
+            _ => match cache.sync_all() {
+                Ok(()) => {
+                    on_disk(&model, &format!("{ctx} (sync_all)"));
+                    synced_ok += 1;
+                }
+                Err(_) => errors += 1,
+            },
+        }
+    }
+    // Heal the store: at most one error left to report, then durable.
+    on.store(false, Relaxed);
+    if file.fsync().is_err() {
+        file.fsync()
+            .unwrap_or_else(|e| panic!("{}: fsync after the store healed: {e}", cfg.name));
+    }
+    on_disk(&model, &format!("{} seed {seed}: end", cfg.name));
+    let mut all = vec![0u8; model.len()];
+    assert_eq!(file.read_at(&mut all, 0).unwrap(), model.len());
+    assert!(all == model, "{}: cached contents at the end", cfg.name);
+    file.close().unwrap();
+    drop(cache);
+    let fresh = PageCache::new();
+    let f = fresh.open(&path).unwrap();
+    let mut all = vec![0u8; model.len()];
+    assert_eq!(f.read_at(&mut all, 0).unwrap(), model.len());
+    assert!(all == model, "{}: contents read back by a fresh cache", cfg.name);
+    eprintln!(
+        "{} seed {seed}: {ops} ops, {synced_ok} successful syncs checked on disk, {errors} errors returned",
+        cfg.name
+    );
+    assert!(
+        synced_ok > 0 && errors > 0,
+        "{}: the run must exercise both outcomes",
+        cfg.name
+    );
+}
+
+fn run_watched(cfg: Config, seed: u64, ops: usize) {
+    watchdog(cfg.name, 300, move || run(&cfg, seed, ops));
+}
+
+#[test]
+fn fault_injection_small_folios_256k_limit() {
+    run_watched(
+        Config {
+            name: "small folios, 256 KiB limit",
+            builder: || PageCache::builder().memory_limit(256 << 10),
+            max: 1 << 20,
+        },
+        seed(41),
+        ops_count(4000),
+    );
+}
+
+#[test]
+fn fault_injection_large_folios_16m_limit() {
+    run_watched(
+        Config {
+            name: "large folios, 16 MiB limit",
+            builder: || PageCache::builder().large_folios(true).memory_limit(16 << 20),
+            max: 24 << 20,
+        },
+        seed(42),
+        ops_count(2000),
+    );
+}
+
+#[test]
+fn fault_injection_hugetlb_16m_limit() {
+    let Some(_pool) = common::hugetlb_pool::pool_or_skip(24) else {
+        return;
+    };
+    run_watched(
+        Config {
+            name: "hugetlb, 16 MiB limit",
+            builder: || PageCache::builder().hugetlb(true).memory_limit(16 << 20),
+            max: 24 << 20,
+        },
+        seed(43),
+        ops_count(2000),
+    );
+}
