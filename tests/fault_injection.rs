@@ -21,31 +21,31 @@
 
 mod common;
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use common::{ops_count, seed, tempdir, watchdog, Rng};
-use upcache::{BackingStore, FileStore, PageCache, PageCacheBuilder, StoreOps, PAGE_SIZE};
+use upcache::{BackingStore, DirectFileStore, FileStore, PageCache, PageCacheBuilder, StoreOps, PAGE_SIZE};
 
 const EIO: i32 = 5;
 const ENOSPC: i32 = 28;
 
-/// A [`FileStore`] that fails at random while `on`.
-struct Chaos {
-    inner: FileStore,
+/// A store that fails at random while `on`.
+struct Chaos<S> {
+    inner: S,
     rng: Mutex<Rng>,
     on: Arc<AtomicBool>,
 }
 
-impl Chaos {
+impl<S> Chaos<S> {
     /// Fail this call? (one chance in `one_in`)
     fn fail(&self, one_in: u64) -> bool {
         self.on.load(Relaxed) && self.rng.lock().unwrap().below(one_in) == 0
     }
 }
 
-impl BackingStore for Chaos {
+impl<S: BackingStore> BackingStore for Chaos<S> {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         if self.fail(12) {
             return Err(io::Error::from_raw_os_error(EIO));
@@ -57,6 +57,21 @@ impl BackingStore for Chaos {
             buf.len()
         };
         self.inner.read_at(&mut buf[..n], off)
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
+        if self.fail(12) {
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
+        // Short: only the first buffers of a batched readahead.
+        let n = if bufs.len() > 1 && self.fail(4) {
+            1 + self.rng.lock().unwrap().below(bufs.len() as u64 - 1) as usize
+        } else {
+            bufs.len()
+        };
+        self.inner.read_vectored_at(&mut bufs[..n], off)
+    }
+    fn batch_readahead(&self) -> bool {
+        self.inner.batch_readahead()
     }
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         if self.fail(6) {
@@ -82,10 +97,14 @@ impl BackingStore for Chaos {
     }
 }
 
-/// One configuration: the cache, and how large the file may grow.
+/// One configuration: the cache, the store, and how large the file may
+/// grow.
 struct Config {
     name: &'static str,
     builder: fn() -> PageCacheBuilder,
+    /// `DirectFileStore` (O_DIRECT, batched vectored readahead) instead
+    /// of `FileStore`.
+    direct: bool,
     max: u64,
 }
 
@@ -98,12 +117,24 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
     std::fs::write(&path, &model).unwrap();
     let on = Arc::new(AtomicBool::new(true));
     let cache = (cfg.builder)().build();
-    let store = Chaos {
-        inner: FileStore::open(&path).unwrap(),
-        rng: Mutex::new(Rng::new(seed ^ 0x5eed)),
-        on: on.clone(),
+    let rng_store = Mutex::new(Rng::new(seed ^ 0x5eed));
+    let file = if cfg.direct {
+        let inner = DirectFileStore::open(&path).unwrap();
+        let store = Chaos {
+            inner,
+            rng: rng_store,
+            on: on.clone(),
+        };
+        cache.open_with_ops("chaos", StoreOps::new(store)).unwrap()
+    } else {
+        let inner = FileStore::open(&path).unwrap();
+        let store = Chaos {
+            inner,
+            rng: rng_store,
+            on: on.clone(),
+        };
+        cache.open_with_ops("chaos", StoreOps::new(store)).unwrap()
     };
-    let file = cache.open_with_ops("chaos", StoreOps::new(store)).unwrap();
     let max_io = 3 * PAGE_SIZE + 17;
     let mut buf = vec![0u8; max_io];
     let (mut synced_ok, mut errors) = (0usize, 0usize);
@@ -242,9 +273,26 @@ fn fault_injection_small_folios_256k_limit() {
         Config {
             name: "small folios, 256 KiB limit",
             builder: || PageCache::builder().memory_limit(256 << 10),
+            direct: false,
             max: 1 << 20,
         },
         seed(41),
+        ops_count(4000),
+    );
+}
+
+/// O_DIRECT: aligned bounce buffers, batched vectored readahead (cut
+/// short at random), buffered tails.
+#[test]
+fn fault_injection_direct_store_256k_limit() {
+    run_watched(
+        Config {
+            name: "direct store, small folios, 256 KiB limit",
+            builder: || PageCache::builder().memory_limit(256 << 10),
+            direct: true,
+            max: 1 << 20,
+        },
+        seed(44),
         ops_count(4000),
     );
 }
@@ -255,6 +303,7 @@ fn fault_injection_large_folios_16m_limit() {
         Config {
             name: "large folios, 16 MiB limit",
             builder: || PageCache::builder().large_folios(true).memory_limit(16 << 20),
+            direct: false,
             max: 24 << 20,
         },
         seed(42),
@@ -271,6 +320,7 @@ fn fault_injection_hugetlb_16m_limit() {
         Config {
             name: "hugetlb, 16 MiB limit",
             builder: || PageCache::builder().hugetlb(true).memory_limit(16 << 20),
+            direct: false,
             max: 24 << 20,
         },
         seed(43),
