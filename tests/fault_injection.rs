@@ -26,7 +26,9 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use common::{ops_count, seed, tempdir, watchdog, Rng};
-use upcache::{BackingStore, DirectFileStore, FileStore, PageCache, PageCacheBuilder, StoreOps, PAGE_SIZE};
+use upcache::{
+    BackingStore, DirectFileStore, DirtyTracking, FileStore, PageCache, PageCacheBuilder, Share, StoreOps, PAGE_SIZE,
+};
 
 const EIO: i32 = 5;
 const ENOSPC: i32 = 28;
@@ -135,6 +137,12 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
         };
         cache.open_with_ops("chaos", StoreOps::new(store)).unwrap()
     };
+    cache
+        .start_fault_engine()
+        .expect("userfaultfd must be available (see README): this test cannot run without it");
+    // SAFETY: the mapping is read and written only by this thread, through
+    // short-lived borrows, below end of file.
+    let mut map = unsafe { file.mmap_mut(0, cfg.max as usize, Share::Shared) }.unwrap();
     let max_io = 3 * PAGE_SIZE + 17;
     let mut buf = vec![0u8; max_io];
     let (mut synced_ok, mut errors) = (0usize, 0usize);
@@ -198,13 +206,35 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
                     Err(_) => errors += 1,
                 }
             }
-            55..=62 => {
+            // Mapped accesses, below end of file, with the store healthy
+            // meanwhile (a fault whose read fails ends in SIGBUS): the
+            // writes are tracked as dirty while write-back fails around
+            // them; each page's later write-back may fail again.
+            55..=61 if size > 0 => {
+                let off = rng.below(size) as usize;
+                let len = (1 + rng.below(max_io as u64) as usize).min(size as usize - off);
+                rng.fill(&mut buf[..len]);
+                on.store(false, Relaxed);
+                map[off..off + len].copy_from_slice(&buf[..len]);
+                on.store(true, Relaxed);
+                model[off..off + len].copy_from_slice(&buf[..len]);
+            }
+            62..=64 if size > 0 => {
+                let off = rng.below(size) as usize;
+                let len = (1 + rng.below(max_io as u64) as usize).min(size as usize - off);
+                on.store(false, Relaxed);
+                let same = map[off..off + len] == model[off..off + len];
+                on.store(true, Relaxed);
+                assert!(same, "{ctx}: mapped read {off}+{len}");
+            }
+            55..=64 => {}
+            65..=69 => {
                 let new = rng.below(cfg.max);
                 file.truncate(new)
                     .unwrap_or_else(|e| panic!("{ctx}: truncate({new}) over a healthy set_len: {e}"));
                 model.resize(new as usize, 0);
             }
-            63..=69 => {
+            70..=74 => {
                 let off = rng.below(cfg.max);
                 let len = 1 + rng.below(64 * 1024);
                 // Writes the range back first (as ext4 does): fails, with
@@ -219,7 +249,7 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
                     Err(_) => errors += 1,
                 }
             }
-            70..=84 => match file.fsync() {
+            75..=89 => match file.fsync() {
                 Ok(()) => {
                     on_disk(&model, &format!("{ctx} (fsync)"));
                     synced_ok += 1;
@@ -242,6 +272,7 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
             .unwrap_or_else(|e| panic!("{}: fsync after the store healed: {e}", cfg.name));
     }
     on_disk(&model, &format!("{} seed {seed}: end", cfg.name));
+    drop(map);
     let mut all = vec![0u8; model.len()];
     assert_eq!(file.read_at(&mut all, 0).unwrap(), model.len());
     assert!(all == model, "{}: cached contents at the end", cfg.name);
@@ -277,6 +308,26 @@ fn fault_injection_small_folios_256k_limit() {
             max: 1 << 20,
         },
         seed(41),
+        ops_count(4000),
+    );
+}
+
+/// Mapped writes tracked by `UFFD_FEATURE_WP_ASYNC` and harvested by the
+/// syncs, while those syncs' write-backs fail.
+#[test]
+fn fault_injection_async_tracking_256k_limit() {
+    run_watched(
+        Config {
+            name: "async tracking, small folios, 256 KiB limit",
+            builder: || {
+                PageCache::builder()
+                    .dirty_tracking(DirtyTracking::Async)
+                    .memory_limit(256 << 10)
+            },
+            direct: false,
+            max: 1 << 20,
+        },
+        seed(45),
         ops_count(4000),
     );
 }
