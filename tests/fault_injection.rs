@@ -22,35 +22,53 @@
 mod common;
 
 use std::io::{self, IoSliceMut};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use common::{ops_count, seed, tempdir, watchdog, Rng};
 use upcache::{
-    BackingStore, DirectFileStore, DirtyTracking, FileStore, PageCache, PageCacheBuilder, Share, StoreOps, PAGE_SIZE,
+    BackingStore, DirectFileStore, DirtyTracking, FileStore, PageCache, PageCacheBuilder, Share, StoreOps, UffdMode,
+    PAGE_SIZE,
 };
 
 const EIO: i32 = 5;
 const ENOSPC: i32 = 28;
 
-/// A store that fails at random while `on`.
+/// What the test sets and what the store did.
+#[derive(Default)]
+struct Switches {
+    /// Inject failures (off while a mapped access may fault).
+    on: AtomicBool,
+    /// Read errors returned so far.
+    read_errors: AtomicUsize,
+    /// Vectored reads cut short so far.
+    short_vectored: AtomicUsize,
+}
+
+/// A store that fails at random while `on`. The cache's own threads
+/// (flusher, reclaim) draw from the same generator, so a seed replays
+/// the operation stream, not every failure.
 struct Chaos<S> {
     inner: S,
     rng: Mutex<Rng>,
-    on: Arc<AtomicBool>,
+    sw: Arc<Switches>,
 }
 
 impl<S> Chaos<S> {
     /// Fail this call? (one chance in `one_in`)
     fn fail(&self, one_in: u64) -> bool {
-        self.on.load(Relaxed) && self.rng.lock().unwrap().below(one_in) == 0
+        self.sw.on.load(Relaxed) && self.rng.lock().unwrap().below(one_in) == 0
+    }
+    fn read_error(&self) -> io::Error {
+        self.sw.read_errors.fetch_add(1, Relaxed);
+        io::Error::from_raw_os_error(EIO)
     }
 }
 
 impl<S: BackingStore> BackingStore for Chaos<S> {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         if self.fail(12) {
-            return Err(io::Error::from_raw_os_error(EIO));
+            return Err(self.read_error());
         }
         // Short reads: the cache must ask again for the rest.
         let n = if self.fail(4) {
@@ -62,10 +80,11 @@ impl<S: BackingStore> BackingStore for Chaos<S> {
     }
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], off: u64) -> io::Result<usize> {
         if self.fail(12) {
-            return Err(io::Error::from_raw_os_error(EIO));
+            return Err(self.read_error());
         }
         // Short: only the first buffers of a batched readahead.
         let n = if bufs.len() > 1 && self.fail(4) {
+            self.sw.short_vectored.fetch_add(1, Relaxed);
             1 + self.rng.lock().unwrap().below(bufs.len() as u64 - 1) as usize
         } else {
             bufs.len()
@@ -117,7 +136,8 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
     let mut model = vec![0u8; (cfg.max / 3) as usize + 123];
     rng.fill(&mut model);
     std::fs::write(&path, &model).unwrap();
-    let on = Arc::new(AtomicBool::new(true));
+    let sw = Arc::new(Switches::default());
+    sw.on.store(true, Relaxed);
     let cache = (cfg.builder)().build();
     let rng_store = Mutex::new(Rng::new(seed ^ 0x5eed));
     let file = if cfg.direct {
@@ -125,7 +145,7 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
         let store = Chaos {
             inner,
             rng: rng_store,
-            on: on.clone(),
+            sw: sw.clone(),
         };
         cache.open_with_ops("chaos", StoreOps::new(store)).unwrap()
     } else {
@@ -133,7 +153,7 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
         let store = Chaos {
             inner,
             rng: rng_store,
-            on: on.clone(),
+            sw: sw.clone(),
         };
         cache.open_with_ops("chaos", StoreOps::new(store)).unwrap()
     };
@@ -146,8 +166,11 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
     let max_io = 3 * PAGE_SIZE + 17;
     let mut buf = vec![0u8; max_io];
     let (mut synced_ok, mut errors) = (0usize, 0usize);
-    let on_disk = |model: &[u8], ctx: &str| {
+    // The last operations, printed when a check fails.
+    let mut log: std::collections::VecDeque<String> = Default::default();
+    let on_disk = |model: &[u8], ctx: &str, log: &std::collections::VecDeque<String>| {
         let disk = std::fs::read(&path).unwrap();
+        let ctx = format!("{ctx}\nlast operations:\n{}", Vec::from(log.clone()).join("\n"));
         assert_eq!(
             disk.len(),
             model.len(),
@@ -167,12 +190,20 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
     for op in 0..ops {
         let ctx = format!("{} seed {seed} op {op}", cfg.name);
         let size = model.len() as u64;
+        // Mapped accesses stay inside the mapping and below end of file.
+        let mapped = size.min(cfg.max);
+        if log.len() == 40 {
+            log.pop_front();
+        }
+        let mut note = |what: String| log.push_back(format!("{op}: {what}"));
         match rng.below(100) {
             0..=29 => {
                 let off = rng.below(cfg.max);
                 let len = 1 + rng.below(max_io as u64) as usize;
                 rng.fill(&mut buf[..len]);
-                match file.write_at(&buf[..len], off) {
+                let r = file.write_at(&buf[..len], off);
+                note(format!("write_at({off}, {len}) = {r:?}"));
+                match r {
                     Ok(n) => {
                         assert!(n > 0 && n <= len, "{ctx}: write_at({len}) returned {n}");
                         let end = off as usize + n;
@@ -181,14 +212,21 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
                         }
                         model[off as usize..end].copy_from_slice(&buf[..n]);
                     }
-                    Err(_) => errors += 1,
+                    Err(e) => {
+                        injected(&e, &ctx);
+                        errors += 1
+                    }
                 }
             }
             30..=54 => {
                 let off = rng.below(cfg.max);
                 let len = 1 + rng.below(max_io as u64) as usize;
                 let want = size.saturating_sub(off).min(len as u64) as usize;
-                match file.read_at(&mut buf[..len], off) {
+                let read_errors = sw.read_errors.load(Relaxed);
+                let r = file.read_at(&mut buf[..len], off);
+                let failed = sw.read_errors.load(Relaxed) != read_errors;
+                note(format!("read_at({off}, {len}) = {r:?}"));
+                match r {
                     Ok(n) => {
                         assert!(
                             n <= want,
@@ -202,34 +240,46 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
                             n == 0 || buf[..n] == model[off as usize..off as usize + n],
                             "{ctx}: read_at({off}, {len}) returned bytes the file does not hold"
                         );
+                        // Short only where a read of the store failed
+                        // after progress.
+                        assert!(
+                            n == want || failed,
+                            "{ctx}: read_at({off}, {len}) returned {n} of {want} bytes, no store read failed"
+                        );
                     }
-                    Err(_) => errors += 1,
+                    Err(e) => {
+                        injected(&e, &ctx);
+                        errors += 1
+                    }
                 }
             }
             // Mapped accesses, below end of file, with the store healthy
             // meanwhile (a fault whose read fails ends in SIGBUS): the
             // writes are tracked as dirty while write-back fails around
             // them; each page's later write-back may fail again.
-            55..=61 if size > 0 => {
-                let off = rng.below(size) as usize;
-                let len = (1 + rng.below(max_io as u64) as usize).min(size as usize - off);
+            55..=61 if mapped > 0 => {
+                let off = rng.below(mapped) as usize;
+                let len = (1 + rng.below(max_io as u64) as usize).min(mapped as usize - off);
+                note(format!("mapped write {off}+{len}"));
                 rng.fill(&mut buf[..len]);
-                on.store(false, Relaxed);
+                sw.on.store(false, Relaxed);
                 map[off..off + len].copy_from_slice(&buf[..len]);
-                on.store(true, Relaxed);
+                sw.on.store(true, Relaxed);
                 model[off..off + len].copy_from_slice(&buf[..len]);
             }
-            62..=64 if size > 0 => {
-                let off = rng.below(size) as usize;
-                let len = (1 + rng.below(max_io as u64) as usize).min(size as usize - off);
-                on.store(false, Relaxed);
+            62..=64 if mapped > 0 => {
+                let off = rng.below(mapped) as usize;
+                let len = (1 + rng.below(max_io as u64) as usize).min(mapped as usize - off);
+                note(format!("mapped read {off}+{len}"));
+                sw.on.store(false, Relaxed);
                 let same = map[off..off + len] == model[off..off + len];
-                on.store(true, Relaxed);
+                sw.on.store(true, Relaxed);
                 assert!(same, "{ctx}: mapped read {off}+{len}");
             }
             55..=64 => {}
             65..=69 => {
                 let new = rng.below(cfg.max);
+                note(format!("truncate({new})"));
                 file.truncate(new)
                     .unwrap_or_else(|e| panic!("{ctx}: truncate({new}) over a healthy set_len: {e}"));
                 model.resize(new as usize, 0);
@@ -239,39 +289,54 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
                 let len = 1 + rng.below(64 * 1024);
                 // Writes the range back first (as ext4 does): fails, with
                 // nothing punched, when that write-back fails.
-                match file.punch_hole(off, len) {
+                let r = file.punch_hole(off, len);
+                note(format!("punch_hole({off}, {len}) = {r:?}"));
+                match r {
                     Ok(()) => {
                         let end = (off + len).min(size);
                         if off < end {
                             model[off as usize..end as usize].fill(0);
                         }
                     }
-                    Err(_) => errors += 1,
+                    Err(e) => {
+                        injected(&e, &ctx);
+                        errors += 1
+                    }
                 }
             }
             75..=89 => match file.fsync() {
                 Ok(()) => {
-                    on_disk(&model, &format!("{ctx} (fsync)"));
+                    note("fsync = Ok".into());
+                    on_disk(&model, &format!("{ctx} (fsync)"), &log);
                     synced_ok += 1;
                 }
-                Err(_) => errors += 1,
+                Err(e) => {
+                    note(format!("fsync = {e}"));
+                    injected(&e, &ctx);
+                    errors += 1
+                }
             },
             _ => match cache.sync_all() {
                 Ok(()) => {
-                    on_disk(&model, &format!("{ctx} (sync_all)"));
+                    note("sync_all = Ok".into());
+                    on_disk(&model, &format!("{ctx} (sync_all)"), &log);
                     synced_ok += 1;
                 }
-                Err(_) => errors += 1,
+                Err(e) => {
+                    note(format!("sync_all = {e}"));
+                    injected(&e, &ctx);
+                    errors += 1
+                }
             },
         }
     }
     // Heal the store: at most one error left to report, then durable.
-    on.store(false, Relaxed);
+    sw.on.store(false, Relaxed);
     if file.fsync().is_err() {
         file.fsync()
             .unwrap_or_else(|e| panic!("{}: fsync after the store healed: {e}", cfg.name));
     }
-    on_disk(&model, &format!("{} seed {seed}: end", cfg.name));
+    on_disk(&model, &format!("{} seed {seed}: end", cfg.name), &log);
     drop(map);
     let mut all = vec![0u8; model.len()];
     assert_eq!(file.read_at(&mut all, 0).unwrap(), model.len());
@@ -287,15 +352,34 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
         "{} seed {seed}: {ops} ops, {synced_ok} successful syncs checked on disk, {errors} errors returned",
         cfg.name
     );
+    if ops >= 500 {
+        assert!(
+            synced_ok > 0 && errors > 0,
+            "{}: the run must exercise both outcomes",
+            cfg.name
+        );
+        if cfg.direct {
+            assert!(
+                sw.short_vectored.load(Relaxed) > 0,
+                "{}: batched readahead never met a short read",
+                cfg.name
+            );
+        }
+    }
+}
+
+/// An error the test injected (EIO, ENOSPC), not one the cache made up.
+fn injected(e: &upcache::Error, ctx: &str) {
     assert!(
-        synced_ok > 0 && errors > 0,
-        "{}: the run must exercise both outcomes",
-        cfg.name
+        matches!(e.raw_os_error(), EIO | ENOSPC),
+        "{ctx}: an error the store never returned: {e:?}"
     );
 }
 
 fn run_watched(cfg: Config, seed: u64, ops: usize) {
-    watchdog(cfg.name, 300, move || run(&cfg, seed, ops));
+    // About 10 ms an operation in a debug build, 25x that as the limit.
+    let secs = 120 + ops as u64 / 4;
+    watchdog(cfg.name, secs, move || run(&cfg, seed, ops));
 }
 
 #[test]
@@ -339,7 +423,9 @@ fn fault_injection_direct_store_256k_limit() {
     run_watched(
         Config {
             name: "direct store, small folios, 256 KiB limit",
-            builder: || PageCache::builder().memory_limit(256 << 10),
+            // `Minor`: a `Missing`-mode mapping makes every fill page-atomic
+            // (one page at a time), which never takes the batched path.
+            builder: || PageCache::builder().mmap_mode(UffdMode::Minor).memory_limit(256 << 10),
             direct: true,
             max: 1 << 20,
         },
