@@ -272,9 +272,25 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
                 let len = (1 + rng.below(max_io as u64) as usize).min(mapped as usize - off);
                 note(format!("mapped read {off}+{len}"));
                 sw.on.store(false, Relaxed);
-                let same = map[off..off + len] == model[off..off + len];
+                let seen = map[off..off + len].to_vec();
                 sw.on.store(true, Relaxed);
-                assert!(same, "{ctx}: mapped read {off}+{len}");
+                if let Some(i) = (0..len).find(|&i| seen[i] != model[off + i]) {
+                    let mut again = vec![0u8; len];
+                    let r = file.read_at(&mut again, off as u64);
+                    sw.on.store(false, Relaxed);
+                    let mapped_again = map[off + i];
+                    sw.on.store(true, Relaxed);
+                    panic!(
+                        "{ctx}: mapped read {off}+{len}: byte {} is {}, the file has {} (mapped again: {mapped_again}; \
+                         read_at then: {r:?}, byte {:?}); file size {size}; stats {:?}\nlast operations:\n{}",
+                        off + i,
+                        seen[i],
+                        model[off + i],
+                        r.as_ref().ok().filter(|&&n| n > i).map(|_| again[i]),
+                        file.stats(),
+                        Vec::from(log.clone()).join("\n")
+                    );
+                }
             }
             55..=64 => {}
             65..=69 => {
@@ -387,11 +403,42 @@ fn fault_injection_small_folios_256k_limit() {
     run_watched(
         Config {
             name: "small folios, 256 KiB limit",
-            builder: || PageCache::builder().memory_limit(256 << 10),
+            builder: || PageCache::builder().mmap_mode(UffdMode::Minor).memory_limit(256 << 10),
             direct: false,
             max: 1 << 20,
         },
         seed(41),
+        ops_count(4000),
+    );
+}
+
+/// KNOWN DEFECT (ARCHITECTURE.md "Known limits", ninth session): in
+/// `Missing` mode the kernel maps a page as soon as a page-atomic fill
+/// installs it; a write to it then reaches `page_mkwrite` for a folio
+/// whose fill went on to fail, which dirties a folio that is not uptodate
+/// (a later write-back panics inside the engine's `writepage` and the
+/// folio stays dirty for ever), and a mapped read has seen zeros where
+/// the file has data. Returning "retry" from `page_mkwrite` for such a
+/// folio spins (tried). Fails in about one run in ten of
+/// `UPCACHE_TEST_SEED=1218 UPCACHE_TEST_OPS=6000 cargo test --release
+/// --test fault_injection missing -- --ignored` while another test loads
+/// the CPUs. The other configurations map in `Minor` mode, where upcache
+/// maps only uptodate folios.
+#[test]
+#[ignore = "known defect: Missing-mode writes to a folio whose fill failed (see the doc comment)"]
+fn fault_injection_missing_mode_256k_limit() {
+    run_watched(
+        Config {
+            name: "Missing mode, small folios, 256 KiB limit",
+            builder: || {
+                PageCache::builder()
+                    .mmap_mode(UffdMode::Missing)
+                    .memory_limit(256 << 10)
+            },
+            direct: false,
+            max: 1 << 20,
+        },
+        seed(46),
         ops_count(4000),
     );
 }
@@ -439,7 +486,12 @@ fn fault_injection_large_folios_16m_limit() {
     run_watched(
         Config {
             name: "large folios, 16 MiB limit",
-            builder: || PageCache::builder().large_folios(true).memory_limit(16 << 20),
+            builder: || {
+                PageCache::builder()
+                    .large_folios(true)
+                    .mmap_mode(UffdMode::Minor)
+                    .memory_limit(16 << 20)
+            },
             direct: false,
             max: 24 << 20,
         },
