@@ -140,23 +140,17 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
     sw.on.store(true, Relaxed);
     let cache = (cfg.builder)().build();
     let rng_store = Mutex::new(Rng::new(seed ^ 0x5eed));
-    let file = if cfg.direct {
-        let inner = DirectFileStore::open(&path).unwrap();
-        let store = Chaos {
-            inner,
-            rng: rng_store,
-            sw: sw.clone(),
-        };
-        cache.open_with_ops("chaos", StoreOps::new(store)).unwrap()
+    let inner: Arc<dyn BackingStore + Send + Sync> = if cfg.direct {
+        Arc::new(DirectFileStore::open(&path).unwrap())
     } else {
-        let inner = FileStore::open(&path).unwrap();
-        let store = Chaos {
-            inner,
-            rng: rng_store,
-            sw: sw.clone(),
-        };
-        cache.open_with_ops("chaos", StoreOps::new(store)).unwrap()
+        Arc::new(FileStore::open(&path).unwrap())
     };
+    let store = Chaos {
+        inner,
+        rng: rng_store,
+        sw: sw.clone(),
+    };
+    let file = cache.open_with_ops("chaos", StoreOps::new(store)).unwrap();
     cache
         .start_fault_engine()
         .expect("userfaultfd must be available (see README): this test cannot run without it");
