@@ -15,6 +15,8 @@
 //!   `folio_clear_dirty_for_io` → `page_mkclean`): a write through a
 //!   mapping is never lost — after both, one more writeback puts it in the
 //!   store;
+//! - a stale `filemap_page_mkwrite` (its folio evicted and replaced by
+//!   one whose read failed) never dirties a folio that is not uptodate;
 //! - reclaim's eviction (`evict_folio`: trylock, freeze the count, punch,
 //!   unindex) vs `read_at` and vs `map_pages`: a reader never copies
 //!   punched memory, and no evicted folio stays mapped;
@@ -240,6 +242,45 @@ fn real_page_mkwrite_vs_writeback_never_loses_a_write() {
         // the folio is dirty: one more writeback must persist it.
         m.write_and_wait_range(0, u64::MAX).unwrap();
         assert_eq!(store.contents()[0], 2, "a write through the mapping was lost");
+    });
+}
+
+/// A stale write fault: `page_mkwrite` for page 0 runs after the folio
+/// whose page faulted was evicted and a new folio, whose read failed, took
+/// its index (the fault message was queued meanwhile). It must never
+/// dirty that folio, which is not uptodate (its write-back could never
+/// start, and bytes nobody read would become file data): it reads it
+/// first, or lets the thread fault again.
+#[test]
+fn real_stale_page_mkwrite_never_dirties_a_folio_that_is_not_uptodate() {
+    loom::model(|| {
+        let store = std::sync::Arc::new(MemStore::filled(PAGE_SIZE, BYTE));
+        let m = address_space(store.clone());
+        match filemap_fault(&m, 0) {
+            Fault::Locked(g) => assert!(g.is_uptodate()),
+            _ => panic!("populating fault failed"),
+        }
+        let other = {
+            let m = m.clone();
+            thread::spawn(move || {
+                evict_folio(&m, 0);
+                store.fail_next_read();
+                // Recreates the folio; its read fails (unless page_mkwrite's
+                // own read took the failure).
+                let _ = filemap_fault(&m, 0);
+            })
+        };
+        if let Fault::Locked(g) = filemap_page_mkwrite(&m, 0) {
+            assert!(g.is_uptodate(), "page_mkwrite returned a folio that is not uptodate");
+            assert!(g.is_dirty());
+        }
+        other.join().unwrap();
+        if let Some(f) = get_folio(&m, 0) {
+            assert!(
+                !(f.is_dirty() && !f.is_uptodate()),
+                "a dirty folio that is not uptodate: {f:?}"
+            );
+        }
     });
 }
 

@@ -73,7 +73,7 @@ use crate::page_store::{PageMemfd, PageStore};
 use crate::rwsem::{RwSem, RwSemReadGuard, RwSemWriteGuard};
 use crate::stats::{CacheStats, FileStats, Stats};
 use crate::sync::{epoch, Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock, WaitQueue};
-use crate::types::{PgOff, MAX_ORDER};
+use crate::types::{PgOff, MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
 use crate::vmscan::Reclaimer;
 use crate::xarray::{Tag, XArray};
 
@@ -274,6 +274,48 @@ impl AddressSpace {
     /// [`PageCache::stats`](crate::PageCache::stats) sums every file.
     pub fn stats(&self) -> Stats {
         self.stats.snapshot()
+    }
+
+    /// Pages of this file that the page store holds but no folio accounts
+    /// for: present while their index holds no folio, or while it holds a
+    /// folio that is neither uptodate nor locked (a fill in flight holds
+    /// the lock). A `Missing`-mode mapping would map such a page, without
+    /// asking upcache, with whatever bytes it holds. Folios being evicted
+    /// (frozen: their punch is under way) count as accounting for their
+    /// pages. Empty on a hugetlb store (its folios hold their huge page
+    /// from creation). A test aid (`tests/fault_injection.rs` checks it
+    /// after every operation): it walks the whole file.
+    #[doc(hidden)]
+    pub fn stray_store_pages(&self) -> Vec<u64> {
+        if self.store.is_hugetlb() {
+            return Vec::new();
+        }
+        // Is page `i` present and not accounted for? Read in that order
+        // (presence, then the index): a page seen present and then found
+        // with no folio may still be one whose eviction (punch first,
+        // then unindex) ran between the two reads, so a page counts only
+        // if it is seen stray twice more, each time with a fresh look at
+        // the page store.
+        let stray = |i: u64| {
+            if !self.store.page_present(i << PAGE_SHIFT) {
+                return false;
+            }
+            let guard = epoch::pin();
+            match self.try_get_folio_pinned(PgOff(i), &guard) {
+                Lookup::Found(f) => !f.is_uptodate() && !f.is_locked(),
+                Lookup::Absent => true,
+                Lookup::Busy => false,
+            }
+        };
+        let mut out = Vec::new();
+        for r in self.store.data_extents() {
+            for i in r.start >> PAGE_SHIFT..r.end.div_ceil(PAGE_SIZE as u64) {
+                if stray(i) && stray(i) && stray(i) {
+                    out.push(i);
+                }
+            }
+        }
+        out
     }
 
     /// Bytes of memory the folio store holds (memfd blocks).

@@ -836,9 +836,13 @@ impl Folio {
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.data.add(off), src.len()) }
     }
 
-    /// Zero `len` bytes at `off` with a raw write. Folio locked.
+    /// Zero `len` bytes at `off` with a raw write. Folio locked and
+    /// uptodate: a folio that is not has no bytes to clear (its fill
+    /// writes them all), and on a `Missing`-mode file the write would put
+    /// pages into the page store, which the kernel maps without asking.
     pub(crate) fn zero_raw(&self, off: usize, len: usize) {
         assert!(off.checked_add(len).is_some_and(|e| e <= self.size()));
+        assert!(self.is_uptodate(), "zero_raw of a folio that is not uptodate");
         debug_assert!(self.is_locked());
         // A `PageRef` may be reading these bytes as `&[u8]`.
         self.wait_pins_drained();

@@ -179,7 +179,11 @@ pub mod loom_support {
     use crate::vm_ops::VmFaultResult;
 
     /// A file in memory: the backing store of the models' address spaces.
-    pub struct MemStore(crate::sync::Mutex<Vec<u8>>, crate::sync::AtomicBool);
+    pub struct MemStore(
+        crate::sync::Mutex<Vec<u8>>,
+        crate::sync::AtomicBool,
+        crate::sync::AtomicBool,
+    );
 
     impl MemStore {
         /// A store of `len` bytes of `byte`.
@@ -187,11 +191,16 @@ pub mod loom_support {
             MemStore(
                 crate::sync::Mutex::new(vec![byte; len]),
                 crate::sync::AtomicBool::new(false),
+                crate::sync::AtomicBool::new(false),
             )
         }
         /// The next write fails with `EIO`.
         pub fn fail_next_write(&self) {
             self.1.store(true, crate::sync::Ordering::Relaxed);
+        }
+        /// The next read fails with `EIO`.
+        pub fn fail_next_read(&self) {
+            self.2.store(true, crate::sync::Ordering::Relaxed);
         }
         /// A copy of the bytes.
         pub fn contents(&self) -> Vec<u8> {
@@ -201,6 +210,9 @@ pub mod loom_support {
 
     impl BackingStore for MemStore {
         fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            if self.2.swap(false, crate::sync::Ordering::Relaxed) {
+                return Err(io::Error::from_raw_os_error(5));
+            }
             let d = self.0.lock();
             let off = (off as usize).min(d.len());
             let n = buf.len().min(d.len() - off);

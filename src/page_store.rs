@@ -432,10 +432,22 @@ impl PageStore {
     /// Bytes of memory this file's region holds: its data extents
     /// (`SEEK_DATA`/`SEEK_HOLE`, which shmem answers from its page cache).
     pub(crate) fn allocated_bytes(&self) -> u64 {
+        self.data_extents().iter().map(|r| r.end - r.start).sum()
+    }
+
+    /// Does the page at file offset `pos` hold memory?
+    pub(crate) fn page_present(&self, pos: u64) -> bool {
+        seek(&self.memfd.memfd, SeekFrom::Data(self.base + pos)).is_ok_and(|d| d == self.base + pos)
+    }
+
+    /// The byte ranges of this file's region that hold memory, as file
+    /// offsets (`SEEK_DATA`/`SEEK_HOLE`, which shmem answers from its page
+    /// cache).
+    pub(crate) fn data_extents(&self) -> Vec<std::ops::Range<u64>> {
         let fd = &self.memfd.memfd;
         let end = self.base + MAX_FILE_SIZE;
         let mut pos = self.base;
-        let mut total = 0;
+        let mut out = Vec::new();
         while pos < end {
             let Ok(data) = seek(fd, SeekFrom::Data(pos)) else {
                 break; // ENXIO: no data after pos
@@ -444,10 +456,10 @@ impl PageStore {
                 break;
             }
             let hole = seek(fd, SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
-            total += hole - data;
+            out.push(data - self.base..hole - self.base);
             pos = hole;
         }
-        total
+        out
     }
 }
 

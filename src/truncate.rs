@@ -133,6 +133,15 @@ impl AddressSpace {
         let Some(g) = self.filemap_lock_folio(PgOff(from / PAGE_SIZE as u64)) else {
             return;
         };
+        if !g.is_uptodate() {
+            // Its read failed (or has not run): nothing to clear, the read
+            // zero-fills past the end. Writing zeros through the engine
+            // view would put a page of zeros into the page store where a
+            // failed fill freed it, which the kernel maps into `Missing`
+            // mappings without asking (tests/faults.rs,
+            // `extending_past_a_failed_last_folio_leaves_no_zeros_in_a_mapping`).
+            return;
+        }
         // A write-back in flight writes only below the old end (it clips
         // to the size), but the store may be reading the folio: stable
         // pages, as for every other change of folio bytes.
@@ -269,7 +278,7 @@ impl AddressSpace {
                     // them. Keep it with its tail zeroed; its pages past
                     // the end were zapped and fault to SIGBUS (`Minor` mode
                     // maps only below EOF).
-                    if g.is_dirty() || self.has_wp_async() {
+                    if g.is_uptodate() && (g.is_dirty() || self.has_wp_async()) {
                         // The write failed, or unharvested mapped writes
                         // may be in it: keep the data below the end.
                         let zs = (start - fstart) as usize;

@@ -5,7 +5,7 @@
 //! |---|---|---|---|
 //! | `fault` | nothing of the folio | yes | the folio locked and uptodate, or `Retry`, or `SigBus`; takes `invalidate_lock` shared to create or read a folio |
 //! | `map_pages` | nothing; pins the epoch itself (the RCU read side) | **no**: trylock only | pages mapped; never maps past EOF, locked, not-uptodate or READAHEAD folios |
-//! | `page_mkwrite` | nothing | yes | the folio locked and dirty, or `Retry` if it was truncated meanwhile; waits for writeback when the store needs stable pages |
+//! | `page_mkwrite` | nothing | yes | the folio locked, uptodate and dirty (read first if a stale fault found a folio not read yet; takes `invalidate_lock` shared for that read), or `Retry` if it was truncated meanwhile or that read failed; waits for writeback when the store needs stable pages |
 //! | `access` | nothing | yes | bytes copied |
 
 use std::cell::Cell;
@@ -160,17 +160,36 @@ impl crate::address_space::AddressSpace {
     /// The body of [`filemap_page_mkwrite`] for file page `index`.
     pub(crate) fn filemap_page_mkwrite_folio(&self, index: PgOff) -> VmFaultResult {
         let m = self;
-        let Some(g) = m.filemap_lock_folio(index) else {
-            return VmFaultResult::Retry;
-        };
-        if index.byte() >= m.size() {
-            return VmFaultResult::Retry;
+        for _ in 0..64 {
+            let Some(g) = m.filemap_lock_folio(index) else {
+                return VmFaultResult::Retry;
+            };
+            if index.byte() >= m.size() {
+                return VmFaultResult::Retry;
+            }
+            if !g.is_uptodate() {
+                // A stale write fault: the page it was raised on went away
+                // (evicted, or punched by a failed fill) before this ran,
+                // and a folio not read yet holds the index now. Dirtying it
+                // would make bytes nobody read file data (and its
+                // write-back could never start). Read it first, as
+                // `filemap_fault` does (`invalidate_lock` ranks above the
+                // folio lock); if the read fails, the thread's next access
+                // faults on the missing page and gets SIGBUS there.
+                drop(g);
+                if m.filemap_update_folio(index).is_err() {
+                    return VmFaultResult::Retry;
+                }
+                continue;
+            }
+            // Stable pages, always: the store may be reading the folio's
+            // bytes (`Writeback::data`); the write waits until it is done.
+            g.wait_writeback();
+            m.folio_mark_dirty(&g);
+            return VmFaultResult::Locked(g);
         }
-        // Stable pages, always: the store may be reading the folio's bytes
-        // (`Writeback::data`); the write waits until it is done.
-        g.wait_writeback();
-        m.folio_mark_dirty(&g);
-        VmFaultResult::Locked(g)
+        // Truncated and re-created under us 64 times: let the thread retry.
+        VmFaultResult::Retry
     }
 }
 

@@ -665,3 +665,56 @@ fn a_writepage_that_fails_without_redirtying_loses_nothing() {
         );
     }
 }
+
+/// A write past end of file zeroes the rest of the old last page
+/// (`pagecache_isize_extended`). When that page's folio is not uptodate
+/// (its read failed), the zeroing wrote through the engine view into a
+/// page the failed fill had freed: the memfd got a page of zeros, which
+/// the kernel maps into a `Missing`-mode mapping without asking upcache.
+/// A mapped read then saw zeros where the file has data, and a mapped
+/// write dirtied the folio that was not uptodate (its write-back then
+/// failed for good). Found by `fault_injection` (Missing mode).
+#[test]
+fn extending_past_a_failed_last_folio_leaves_no_zeros_in_a_mapping() {
+    watchdog("extending past a failed last folio", 60, || {
+        let size = 10 * PAGE_SIZE + 100;
+        let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8 + 1).collect();
+        let dir = tempdir();
+        let path = dir.path().join("faulty");
+        std::fs::write(&path, &content).unwrap();
+        let sw = Arc::new(Switches::default());
+        let cache = PageCache::builder().mmap_mode(upcache::UffdMode::Missing).build();
+        let store = Faulty {
+            inner: FileStore::open(&path).unwrap(),
+            sw: sw.clone(),
+        };
+        let file = cache.open_with_ops("faulty", StoreOps::new(store)).unwrap();
+        // SAFETY: only this thread touches the mapping, through short
+        // borrows below end of file.
+        let mut map = unsafe { file.mmap_mut(0, 16 * PAGE_SIZE, upcache::Share::Shared) }.unwrap();
+        let last = 10 * PAGE_SIZE;
+        sw.read_err.store(EIO, Relaxed);
+        let mut b = [0u8; 10];
+        file.read_at(&mut b, last as u64).expect_err("the store fails reads");
+        sw.read_err.store(0, Relaxed);
+        // Grow the file past the old last page.
+        file.write_at(b"grown", 12 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(
+            &map[last..last + 100],
+            &content[last..last + 100],
+            "mapped bytes of the old last page after the file grew past it"
+        );
+        assert!(
+            map[last + 100..last + PAGE_SIZE].iter().all(|&b| b == 0),
+            "the old end's tail reads as zeros"
+        );
+        // A mapped write to that page, then a sync: on disk as written.
+        map[last + 7] = 0xEE;
+        file.fsync().expect("fsync after a mapped write to the old last page");
+        let disk = std::fs::read(&path).unwrap();
+        assert_eq!(disk.len(), 12 * PAGE_SIZE + 5);
+        assert_eq!(disk[last + 7], 0xEE);
+        assert_eq!(&disk[last..last + 7], &content[last..last + 7]);
+        assert_eq!(&disk[12 * PAGE_SIZE..], b"grown");
+    });
+}
