@@ -1,6 +1,7 @@
 //! Randomized fault injection: a seeded sequence of `write_at`,
 //! `read_at`, truncate, punch, `fsync` and `sync_all` over a store that
-//! fails reads, writes and syncs at random (and returns short reads),
+//! fails reads, writes, syncs and hole punches at random (and returns
+//! short reads),
 //! under a memory limit that makes reclaim write back and evict while
 //! the store fails. Checked against a model of the file after every step:
 //!
@@ -114,6 +115,10 @@ impl<S: BackingStore> BackingStore for Chaos<S> {
         self.inner.set_len(size)
     }
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        // Fails before touching the file: a failed punch punched nothing.
+        if self.fail(10) {
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
         self.inner.punch_hole(off, len)
     }
 }

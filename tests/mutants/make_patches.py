@@ -163,8 +163,8 @@ MUTANTS = [
      "        let harvested = Ok(());\n        let r = {",
      "cargo test --test wp_async"),
     ("38-truncate-drops-straddling-folio-with-async-mappings", "src/truncate.rs",
-     "                    if g.is_dirty() || self.has_wp_async() {",
-     "                    if g.is_dirty() {",
+     "                    if g.is_uptodate() && (g.is_dirty() || self.has_wp_async()) {",
+     "                    if g.is_uptodate() && g.is_dirty() {",
      "cargo test --test wp_async truncate_inside_a_large_folio"),
     ("39-harvest-waits-for-folio-lock-under-harvest-lock", "src/wp_async.rs",
      "                    match f.trylock() {",
@@ -446,6 +446,14 @@ MUTANTS = [
      "                        if done >= total || pos + done as u64 >= isize {",
      "                        if true || done >= total || pos + done as u64 >= isize {",
      "cargo test --test fault_injection direct"),
+    ("112-isize-extended-zeroes-a-failed-folio", "src/truncate.rs",
+     "        if !g.is_uptodate() {\n            // Its read failed (or has not run): nothing to clear",
+     "        if false {\n            // Its read failed (or has not run): nothing to clear",
+     "cargo test --test faults extending_past_a_failed_last_folio"),
+    ("113-page-mkwrite-dirties-a-folio-not-uptodate", "src/vm_ops.rs",
+     "            if !g.is_uptodate() {\n                // A stale write fault",
+     "            if false {\n                // A stale write fault",
+     f"{LOOM} loom_filemap stale_page_mkwrite"),
 ]
 
 
