@@ -318,6 +318,37 @@ impl AddressSpace {
         out
     }
 
+    /// The converse of [`stray_store_pages`](Self::stray_store_pages):
+    /// pages below end of file of an uptodate, unlocked folio that the
+    /// page store does not hold. A fault on such a page finds the folio
+    /// ready but nothing to map, and is served again and again. Each page
+    /// counts only if seen so three times in a row (a folio being evicted
+    /// or truncated loses its pages before it leaves the index). Empty on
+    /// a hugetlb store. A test aid, like `stray_store_pages`.
+    #[doc(hidden)]
+    pub fn holes_in_uptodate_folios(&self) -> Vec<u64> {
+        if self.store.is_hugetlb() {
+            return Vec::new();
+        }
+        let hole = |i: u64| {
+            let guard = epoch::pin();
+            let ready = match self.try_get_folio_pinned(PgOff(i), &guard) {
+                Lookup::Found(f) => f.is_uptodate() && !f.is_locked(),
+                Lookup::Absent | Lookup::Busy => false,
+            };
+            ready && (i << PAGE_SHIFT) < self.size() && !self.store.page_present(i << PAGE_SHIFT)
+        };
+        let mut out = Vec::new();
+        let mut i = 0;
+        while let Some((j, _)) = self.i_pages.find_from(i, u64::MAX) {
+            if hole(j) && hole(j) && hole(j) {
+                out.push(j);
+            }
+            i = j + 1;
+        }
+        out
+    }
+
     /// Bytes of memory the folio store holds (memfd blocks).
     pub fn memory_bytes(&self) -> u64 {
         if self.store.is_hugetlb() {

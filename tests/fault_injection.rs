@@ -207,6 +207,12 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
             "{ctx}: pages {stray:?} are in the page store with no uptodate folio\nlast operations:\n{}",
             Vec::from(log.clone()).join("\n")
         );
+        let holes = as_.holes_in_uptodate_folios();
+        assert!(
+            holes.is_empty(),
+            "{ctx}: pages {holes:?} of uptodate folios are missing from the page store\nlast operations:\n{}",
+            Vec::from(log.clone()).join("\n")
+        );
         let mut note = |what: String| log.push_back(format!("{op}: {what}"));
         match rng.below(100) {
             0..=29 => {
