@@ -1,6 +1,6 @@
 //! Randomized fault injection: a seeded sequence of `write_at`,
 //! `read_at`, truncate, punch, `fsync` and `sync_all` over a store that
-//! fails reads, writes, syncs and hole punches at random (and returns
+//! fails reads, writes, syncs, hole punches and resizes at random (and returns
 //! short reads),
 //! under a memory limit that makes reclaim write back and evict while
 //! the store fails. Checked against a model of the file after every step:
@@ -9,7 +9,8 @@
 //!   never a short count of 0 before end of file;
 //! - a write that returns `Ok(n)` wrote its first `n` bytes; one that
 //!   fails wrote nothing; a hole punch that fails (its write-back of the
-//!   range failed) punched nothing;
+//!   range failed) punched nothing; a truncate the store refused changed
+//!   neither the size nor a byte;
 //! - **every `fsync` or `sync_all` that returns `Ok` left the model on
 //!   disk**, byte for byte, whatever failed before it (upcache keeps the
 //!   data of a failed write-back dirty, where the kernel drops it);
@@ -112,6 +113,10 @@ impl<S: BackingStore> BackingStore for Chaos<S> {
         self.inner.len()
     }
     fn set_len(&self, size: u64) -> io::Result<()> {
+        // Fails before touching the file: a failed resize resized nothing.
+        if self.fail(10) {
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
         self.inner.set_len(size)
     }
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
@@ -201,6 +206,13 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
         // bytes the file does not have. Checked here, after each step,
         // it fails at the step that left one (a mapped read finds it only
         // if one happens to land on it).
+        // The size too: a refused truncate keeps the old one.
+        assert_eq!(
+            file.len().unwrap(),
+            size,
+            "{ctx}: file size\nlast operations:\n{}",
+            Vec::from(log.clone()).join("\n")
+        );
         let stray = as_.stray_store_pages();
         assert!(
             stray.is_empty(),
@@ -313,10 +325,17 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
             55..=64 => {}
             65..=69 => {
                 let new = rng.below(cfg.max);
-                note(format!("truncate({new})"));
-                file.truncate(new)
-                    .unwrap_or_else(|e| panic!("{ctx}: truncate({new}) over a healthy set_len: {e}"));
-                model.resize(new as usize, 0);
+                // A refused resize (the store's set_len failed) changes
+                // nothing: neither the size nor a byte.
+                let r = file.truncate(new);
+                note(format!("truncate({new}) = {r:?}"));
+                match r {
+                    Ok(()) => model.resize(new as usize, 0),
+                    Err(e) => {
+                        injected(&e, &ctx);
+                        errors += 1
+                    }
+                }
             }
             70..=74 => {
                 let off = rng.below(cfg.max);

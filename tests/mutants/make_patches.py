@@ -454,6 +454,10 @@ MUTANTS = [
      "            if !g.is_uptodate() {\n                // A stale write fault",
      "            if false {\n                // A stale write fault",
      f"{LOOM} loom_filemap stale_page_mkwrite"),
+    ("114-truncate-publishes-growth-before-the-store-agrees", "src/truncate.rs",
+     "        } else {\n            self.ops.set_size(new_size)?;",
+     "        } else {\n            self.set_size_locked(new_size);\n            self.ops.set_size(new_size)?;",
+     "cargo test --test fault_injection small_folios"),
 ]
 
 
