@@ -349,6 +349,33 @@ impl AddressSpace {
         out
     }
 
+    /// A page of an uptodate folio that the page store does not hold: its
+    /// fill marked the folio uptodate without writing that page (an
+    /// engine's `read_folio` that fills part of
+    /// [`FolioGuard::data_mut`](crate::aops::FolioGuard::data_mut), a
+    /// store whose read claims bytes it never wrote). Such a page reads as
+    /// zeros through the engine view (`read_at`), but the kernel cannot
+    /// map it: it raises a missing fault again, and `UFFDIO_CONTINUE`
+    /// fails with `ENOENT`. So the fault path gives it memory, zeros, and
+    /// mapped readers see what `read_at` sees instead of faulting forever
+    /// (`tests/faults.rs`, `..._maps_zeros_not_a_hang`).
+    ///
+    /// # Locking
+    /// The caller holds the lock of the uptodate folio covering `index`
+    /// (nothing punches its pages meanwhile; the fill never overwrites).
+    pub(crate) fn fill_hole_in_uptodate_folio(&self, index: PgOff) -> bool {
+        let pos = index.byte();
+        if self.store.page_present(pos) {
+            return false;
+        }
+        if let Err(e) = self.store.fill_hole(pos) {
+            eprintln!("upcache: could not give page {} of a file memory: {e}", index.0);
+            return false;
+        }
+        self.stats.unfilled_page();
+        true
+    }
+
     /// Bytes of memory the folio store holds (memfd blocks).
     pub fn memory_bytes(&self) -> u64 {
         if self.store.is_hugetlb() {

@@ -302,6 +302,11 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
                         }
                     }
                     UffdMode::Missing => {
+                        // A missing fault means the memfd had no page here.
+                        // If the folio was uptodate all along, its fill
+                        // never wrote this page, and the thread's retry
+                        // would fault again, forever: give it zeros.
+                        m.fill_hole_in_uptodate_folio(vmf.pgoff);
                         // The page is in the memfd now; the kernel maps it
                         // when the thread retries. In a shared-writable
                         // mapping, first write-protect the (empty) PTEs of a

@@ -435,6 +435,28 @@ impl PageStore {
         self.data_extents().iter().map(|r| r.end - r.start).sum()
     }
 
+    /// Give the page at file offset `pos` memory if it has none, reading
+    /// as zeros (`fallocate(2)` mode 0, which never touches a page that
+    /// exists: no byte can be lost to a race). Nothing on hugetlb (every
+    /// folio holds its page from creation). See
+    /// `AddressSpace::fill_hole_in_uptodate_folio`.
+    pub(crate) fn fill_hole(&self, pos: u64) -> io::Result<()> {
+        if self.is_hugetlb() {
+            return Ok(());
+        }
+        assert!(
+            pos + crate::types::PAGE_SIZE as u64 <= MAX_FILE_SIZE,
+            "page store fill past the largest file"
+        );
+        fallocate(
+            &self.memfd.memfd,
+            FallocateFlags::KEEP_SIZE,
+            self.base + pos,
+            crate::types::PAGE_SIZE as u64,
+        )?;
+        Ok(())
+    }
+
     /// Does the page at file offset `pos` hold memory?
     pub(crate) fn page_present(&self, pos: u64) -> bool {
         seek(&self.memfd.memfd, SeekFrom::Data(self.base + pos)).is_ok_and(|d| d == self.base + pos)

@@ -25,6 +25,7 @@ pub(crate) struct CacheStats {
     throttled: AtomicU64,
     harvested_pages: AtomicU64,
     direct_fallbacks: AtomicU64,
+    unfilled_pages: AtomicU64,
 }
 
 /// A counter bumped on every cache hit: one `AtomicU64` shared by all
@@ -118,6 +119,9 @@ impl CacheStats {
     pub(crate) fn direct_fallbacks(&self, n: u64) {
         self.direct_fallbacks.fetch_add(n, Ordering::Relaxed);
     }
+    pub(crate) fn unfilled_page(&self) {
+        self.unfilled_pages.fetch_add(1, Ordering::Relaxed);
+    }
     pub(crate) fn harvested(&self, pages: u64) {
         self.harvested_pages.fetch_add(pages, Ordering::Relaxed);
     }
@@ -165,6 +169,7 @@ impl CacheStats {
             throttled: l(&self.throttled),
             harvested_bytes: l(&self.harvested_pages) * PAGE_SIZE as u64,
             direct_fallbacks: l(&self.direct_fallbacks),
+            unfilled_pages: l(&self.unfilled_pages),
         }
     }
 }
@@ -229,7 +234,8 @@ impl FileStats {
         fault_slow,
         fault_wp,
         sigbus,
-        throttled
+        throttled,
+        unfilled_page
     );
     both_n!(
         folio_added,
@@ -292,13 +298,18 @@ pub struct Stats {
     /// served with buffered I/O instead, the kernel page cache included
     /// (unaligned tails only; 0 on an aligned workload).
     pub direct_fallbacks: u64,
+    /// Pages of uptodate folios that their fill never wrote (an engine's
+    /// `read_folio` that filled part of the folio, a store whose read
+    /// claimed bytes it did not write), found by a fault and given zeros.
+    /// Not 0: the engine's fill has a bug (the contract: fill every byte).
+    pub unfilled_pages: u64,
 }
 
 impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {} faults fast {} slow {} wp {} sigbus {} evicted {} KiB throttled {} harvested {} KiB direct_fallbacks {}",
+            "hits {} misses {} folios {} cached {} KiB dirty {} KiB writeback {} KiB reads {} writes {} read_errors {} write_errors {} faults fast {} slow {} wp {} sigbus {} evicted {} KiB throttled {} harvested {} KiB direct_fallbacks {} unfilled_pages {}",
             self.hits,
             self.misses,
             self.folios,
@@ -316,7 +327,8 @@ impl std::fmt::Display for Stats {
             self.evicted_bytes / 1024,
             self.throttled,
             self.harvested_bytes / 1024,
-            self.direct_fallbacks
+            self.direct_fallbacks,
+            self.unfilled_pages
         )
     }
 }

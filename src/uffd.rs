@@ -14,7 +14,8 @@
 //! | `EEXIST` | CONTINUE, COPY, POISON | a page of the range is already mapped (another handler thread, or the kernel, won) | `UffdError::Exists`: skip that page, wake the faulter |
 //! | `EAGAIN` | any resolving ioctl | the mm is changing (a pending remove/remap event, mmap lock contention) | `UffdError::Again`: retry |
 //! | `ENOENT` | CONTINUE | no page in the page cache at that offset (punched meanwhile) | `UffdError::NoPage`: treat as a miss, fault again |
-//! | `EFAULT`, `EINVAL` on a range | any | the range is not (or no longer) registered: the mapping is going away | `UffdError::Gone`: drop the fault; unregister woke the faulter |
+//! | `EFAULT` | CONTINUE | no page in the page cache at that offset (shmem's lookup found a hole; Linux 6.18 turns its ENOENT into EFAULT), or the range is not registered | `UffdError::Fault`: a hole in a folio the caller holds uptodate is given zeros and mapped (`AddressSpace::fill_hole_in_uptodate_folio`); otherwise as `Gone` |
+//! | `EFAULT`, `EINVAL` on a range | any other | the range is not (or no longer) registered: the mapping is going away | `UffdError::Gone`: drop the fault; unregister woke the faulter |
 //! | `ESRCH` | any | the target mm exited | `UffdError::Gone` |
 //! | other | | a bug or an unsupported kernel | `UffdError::Os` |
 
@@ -197,6 +198,13 @@ pub enum UffdError {
     /// ENOENT: no page in the page cache there.
     #[error("no page in the page cache (ENOENT)")]
     NoPage {
+        /// Bytes resolved before the error.
+        done: usize,
+    },
+    /// EFAULT from CONTINUE: no page in the page cache there, or the
+    /// range is no longer registered.
+    #[error("no page in the page cache, or range not registered (EFAULT)")]
+    Fault {
         /// Bytes resolved before the error.
         done: usize,
     },
@@ -497,7 +505,12 @@ impl Uffd {
         // SAFETY: the struct is ours; CONTINUE only installs PTEs for pages
         // of the registered VMA's own file.
         if unsafe { libc::ioctl(self.raw_fd(), UFFDIO_CONTINUE as _, &mut c) } != 0 {
-            return Err(Self::classify(c.mapped, errno()));
+            return Err(match Self::classify(c.mapped, errno()) {
+                UffdError::Gone(e) if e.raw_os_error() == Some(libc::EFAULT) => UffdError::Fault {
+                    done: c.mapped.max(0) as usize,
+                },
+                other => other,
+            });
         }
         Ok(())
     }

@@ -332,9 +332,24 @@ pub(crate) fn continue_range(vma: &VmArea, r: Range<usize>, wp: bool) -> Continu
     let mut start = r.start;
     let mut out = Continued::Clean;
     let mut tries = 0;
+    let mut filled = None;
     while start < r.end {
         match uffd.continue_range(start, r.end - start, wp) {
             Ok(()) => break,
+            Err(UffdError::Fault { done }) => {
+                // No page in the memfd, or the mapping is going away. The
+                // caller holds the covering folios locked and uptodate, so
+                // nothing punched a missing page: its fill never wrote it.
+                // Give it memory (zeros) and map it, or the thread would
+                // fault on it forever (`tests/faults.rs`).
+                let at = start + done;
+                let index = vma.pgoff().add(((at - vma.start()) >> PAGE_SHIFT) as u64);
+                if filled == Some(at) || !vma.mapping().fill_hole_in_uptodate_folio(index) {
+                    return Continued::Failed;
+                }
+                filled = Some(at);
+                start = at;
+            }
             Err(UffdError::Exists { done }) | Err(UffdError::NoPage { done }) => {
                 // Already mapped by another handler (or, for NoPage, not
                 // in the memfd any more): skip that page.

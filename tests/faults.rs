@@ -31,6 +31,8 @@ struct Switches {
     /// a read at a page-aligned offset returns 2000 bytes, any other
     /// read fails with EIO (a read that tears: data, then an error)
     torn: AtomicBool,
+    /// reads claim every byte asked for and write none (a store bug)
+    phantom: AtomicBool,
 }
 
 struct Faulty {
@@ -43,6 +45,9 @@ impl BackingStore for Faulty {
         let e = self.sw.read_err.load(Relaxed);
         if e != 0 {
             return Err(io::Error::from_raw_os_error(e));
+        }
+        if self.sw.phantom.load(Relaxed) {
+            return Ok(buf.len());
         }
         if self.sw.over_read.load(Relaxed) {
             return self.inner.read_at(buf, off).map(|n| n + 1);
@@ -716,5 +721,105 @@ fn extending_past_a_failed_last_folio_leaves_no_zeros_in_a_mapping() {
         assert_eq!(disk[last + 7], 0xEE);
         assert_eq!(&disk[last..last + 7], &content[last..last + 7]);
         assert_eq!(&disk[12 * PAGE_SIZE..], b"grown");
+    });
+}
+
+/// A fill that marks its folio uptodate without writing every page
+/// leaves holes in the page store: a store whose reads claim bytes they
+/// never wrote (here), or an engine's `read_folio` that fills part of
+/// `data_mut` (below). A fault on such a page found the folio uptodate
+/// and asked the kernel to map a page that does not exist: in `Minor`
+/// mode `UFFDIO_CONTINUE` failed with ENOENT, taken for a page punched
+/// meanwhile, and the thread faulted again, forever. The page holds
+/// zeros (as `read_at` shows); a mapping must show them too.
+#[test]
+fn a_store_that_reports_bytes_it_never_wrote_maps_zeros_not_a_hang() {
+    watchdog("a store that reports bytes it never wrote", 60, || {
+        let size = 4 * PAGE_SIZE;
+        let dir = tempdir();
+        let path = dir.path().join("phantom");
+        std::fs::write(&path, vec![0x5Au8; size]).unwrap();
+        let sw = Arc::new(Switches::default());
+        let cache = PageCache::builder().mmap_mode(upcache::UffdMode::Minor).build();
+        let store = Faulty {
+            inner: FileStore::open(&path).unwrap(),
+            sw: sw.clone(),
+        };
+        let file = cache.open_with_ops("phantom", StoreOps::new(store)).unwrap();
+        // SAFETY: only this thread reads the mapping, below end of file.
+        let map = unsafe { file.mmap(0, size, upcache::Share::Shared) }.unwrap();
+        sw.phantom.store(true, Relaxed);
+        for page in 0..4 {
+            assert_eq!(map[page * PAGE_SIZE + 9], 0, "mapped page {page}");
+        }
+        let mut b = vec![1u8; size];
+        assert_eq!(file.read_at(&mut b, 0).unwrap(), size);
+        assert!(b.iter().all(|&x| x == 0), "read_at shows the same zeros");
+        assert_eq!(file.stats().unfilled_pages, 4, "each unwritten page counted once");
+    });
+}
+
+/// The same in `Missing` mode, through an engine's `read_folio` that
+/// writes only the first page of a large folio and marks it uptodate:
+/// the kernel found no page, raised a missing fault, the handler found
+/// the folio uptodate and woke the thread, which faulted again.
+#[test]
+fn a_read_folio_that_leaves_pages_unwritten_maps_zeros_not_a_hang() {
+    use upcache::aops::{AddressSpace, AddressSpaceOps, FolioGuard, WritebackControl};
+    struct FirstPageOnly;
+    impl AddressSpaceOps for FirstPageOnly {
+        fn read_folio(&self, _m: &AddressSpace, mut f: FolioGuard) -> io::Result<()> {
+            f.data_mut()[..PAGE_SIZE].fill(0x77);
+            f.mark_uptodate();
+            Ok(())
+        }
+        fn writepage(&self, _m: &AddressSpace, f: FolioGuard, _wbc: &mut WritebackControl) -> io::Result<()> {
+            drop(f);
+            Err(io::Error::from_raw_os_error(EIO))
+        }
+        fn initial_size(&self) -> io::Result<u64> {
+            Ok(64 * PAGE_SIZE as u64)
+        }
+        fn set_size(&self, _size: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn punch_hole(&self, _off: u64, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn fsync(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    watchdog("a read_folio that leaves pages unwritten", 60, || {
+        let size = 64 * PAGE_SIZE;
+        let cache = PageCache::builder()
+            .mmap_mode(upcache::UffdMode::Missing)
+            .large_folios(true)
+            .build();
+        let file = cache.open_with_ops("first-page-only", FirstPageOnly).unwrap();
+        // Read first, before any mapping: the fill goes through
+        // `data_mut` (fills become page-atomic once a `Missing` mapping
+        // exists), so the folio's other pages stay holes.
+        let mut b = [0u8; 1];
+        file.read_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], 0x77);
+        let as_ = file.address_space().unwrap();
+        let folio_pages = as_.filemap_get_folio(PgOff(0)).unwrap().nr_pages() as usize;
+        assert!(folio_pages > 1, "the read made one large folio ({folio_pages} pages)");
+        // SAFETY: only this thread reads the mapping, below end of file.
+        let map = unsafe { file.mmap(0, size, upcache::Share::Shared) }.unwrap();
+        assert_eq!(map[9], 0x77, "the page the fill wrote");
+        for page in 1..folio_pages.min(64) {
+            assert_eq!(
+                map[page * PAGE_SIZE + 9],
+                0,
+                "mapped page {page} that the fill never wrote"
+            );
+        }
+        assert_eq!(
+            file.stats().unfilled_pages as usize,
+            folio_pages.min(64) - 1,
+            "each unwritten page counted once"
+        );
     });
 }
