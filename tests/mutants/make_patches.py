@@ -458,6 +458,14 @@ MUTANTS = [
      "        } else {\n            self.ops.set_size(new_size)?;",
      "        } else {\n            self.set_size_locked(new_size);\n            self.ops.set_size(new_size)?;",
      "cargo test --test fault_injection small_folios"),
+    ("115-missing-fault-leaves-an-unfilled-page-a-hole", "src/fault.rs",
+     "                        m.fill_hole_in_uptodate_folio(vmf.pgoff);\n",
+     "",
+     "cargo test --test faults a_read_folio_that_leaves_pages_unwritten"),
+    ("116-continue-efault-taken-for-a-mapping-going-away", "src/vm_ops.rs",
+     "                if filled == Some(at) || !vma.mapping().fill_hole_in_uptodate_folio(index) {",
+     "                if true || filled == Some(at) || !vma.mapping().fill_hole_in_uptodate_folio(index) {",
+     "cargo test --test faults a_store_that_reports_bytes_it_never_wrote"),
 ]
 
 
