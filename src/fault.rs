@@ -252,6 +252,12 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
     let vma = vmf.vma;
     let m = vma.mapping();
     let around = sh.cfg.fault_around_pages.max(1);
+    // A missing fault on a page whose folio is already uptodate: either a
+    // fill finished meanwhile, or that fill never wrote the page (see
+    // below). A lookup here spares the usual fault, which finds no such
+    // folio, the page-store check's system call.
+    let was_uptodate =
+        vma.mode() == UffdMode::Missing && m.filemap_get_folio(vmf.pgoff).is_some_and(|f| f.is_uptodate());
     for _ in 0..64 {
         let size_before = m.size();
         let clears_before = m.poison_clears.load(Ordering::Relaxed);
@@ -303,10 +309,14 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
                     }
                     UffdMode::Missing => {
                         // A missing fault means the memfd had no page here.
-                        // If the folio was uptodate all along, its fill
-                        // never wrote this page, and the thread's retry
-                        // would fault again, forever: give it zeros.
-                        m.fill_hole_in_uptodate_folio(vmf.pgoff);
+                        // If the folio was uptodate all along, its fill may
+                        // never have written this page, and the thread's
+                        // retry would fault again, forever: give it zeros.
+                        // (A fill this fault ran that left the hole is
+                        // caught at the thread's next fault.)
+                        if was_uptodate {
+                            m.fill_hole_in_uptodate_folio(vmf.pgoff);
+                        }
                         // The page is in the memfd now; the kernel maps it
                         // when the thread retries. In a shared-writable
                         // mapping, first write-protect the (empty) PTEs of a

@@ -821,5 +821,13 @@ fn a_read_folio_that_leaves_pages_unwritten_maps_zeros_not_a_hang() {
             folio_pages.min(64) - 1,
             "each unwritten page counted once"
         );
+        // And when the fault's own fill leaves the hole (no read before
+        // the mapping): a page other than the first, first.
+        let fresh = cache.open_with_ops("first-page-only-2", FirstPageOnly).unwrap();
+        // SAFETY: as above.
+        let map = unsafe { fresh.mmap(0, size, upcache::Share::Shared) }.unwrap();
+        assert_eq!(map[3 * PAGE_SIZE + 9], 0, "a page the fault's own fill never wrote");
+        assert_eq!(map[9], 0x77, "the page it wrote");
+        assert_eq!(fresh.stats().unfilled_pages, 1);
     });
 }
