@@ -47,19 +47,32 @@ struct Switches {
     short_vectored: AtomicUsize,
 }
 
-/// A store that fails at random while `on`. The cache's own threads
-/// (flusher, reclaim) draw from the same generator, so a seed replays
-/// the operation stream, not every failure.
+/// A store that fails at random while `on`. The operations' thread and
+/// the cache's own threads (flusher, reclaim) draw from two generators,
+/// so the failures the operations meet do not depend on how many calls
+/// the background threads happened to make: a seed replays the
+/// operation stream and, as far as the background's effects on the
+/// cache allow, the failures it met.
 struct Chaos<S> {
     inner: S,
     rng: Mutex<Rng>,
+    bg_rng: Mutex<Rng>,
+    ops_thread: std::thread::ThreadId,
     sw: Arc<Switches>,
 }
 
 impl<S> Chaos<S> {
+    /// This thread's generator.
+    fn rng(&self) -> std::sync::MutexGuard<'_, Rng> {
+        if std::thread::current().id() == self.ops_thread {
+            self.rng.lock().unwrap()
+        } else {
+            self.bg_rng.lock().unwrap()
+        }
+    }
     /// Fail this call? (one chance in `one_in`)
     fn fail(&self, one_in: u64) -> bool {
-        self.sw.on.load(Relaxed) && self.rng.lock().unwrap().below(one_in) == 0
+        self.sw.on.load(Relaxed) && self.rng().below(one_in) == 0
     }
     fn read_error(&self) -> io::Error {
         self.sw.read_errors.fetch_add(1, Relaxed);
@@ -74,7 +87,7 @@ impl<S: BackingStore> BackingStore for Chaos<S> {
         }
         // Short reads: the cache must ask again for the rest.
         let n = if self.fail(4) {
-            1 + self.rng.lock().unwrap().below(buf.len() as u64) as usize
+            1 + self.rng().below(buf.len() as u64) as usize
         } else {
             buf.len()
         };
@@ -87,7 +100,7 @@ impl<S: BackingStore> BackingStore for Chaos<S> {
         // Short: only the first buffers of a batched readahead.
         let n = if bufs.len() > 1 && self.fail(4) {
             self.sw.short_vectored.fetch_add(1, Relaxed);
-            1 + self.rng.lock().unwrap().below(bufs.len() as u64 - 1) as usize
+            1 + self.rng().below(bufs.len() as u64 - 1) as usize
         } else {
             bufs.len()
         };
@@ -158,6 +171,8 @@ fn run(cfg: &Config, seed: u64, ops: usize) {
     let store = Chaos {
         inner,
         rng: rng_store,
+        bg_rng: Mutex::new(Rng::new(seed ^ 0xb6)),
+        ops_thread: std::thread::current().id(),
         sw: sw.clone(),
     };
     let file = cache.open_with_ops("chaos", StoreOps::new(store)).unwrap();
