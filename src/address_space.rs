@@ -356,7 +356,7 @@ impl AddressSpace {
     /// store whose read claims bytes it never wrote). Such a page reads as
     /// zeros through the engine view (`read_at`), but the kernel cannot
     /// map it: it raises a missing fault again, and `UFFDIO_CONTINUE`
-    /// fails with `ENOENT`. So the fault path gives it memory, zeros, and
+    /// fails with `EFAULT`. So the fault path gives it memory, zeros, and
     /// mapped readers see what `read_at` sees instead of faulting forever
     /// (`tests/faults.rs`, `..._maps_zeros_not_a_hang`).
     ///
