@@ -11,6 +11,8 @@
 //!   truncate or punch returns;
 //! - `read_at` vs `truncate`: a reader holding a folio reference never
 //!   copies punched memory (truncate waits for references to drain);
+//! - a `PageMut` write vs a `punch_hole` whose store refuses the punch:
+//!   the punch drops only clean folios, so the write survives;
 //! - `filemap_page_mkwrite` vs writeback (`write_and_wait_range`, with its
 //!   `folio_clear_dirty_for_io` → `page_mkclean`): a write through a
 //!   mapping is never lost — after both, one more writeback puts it in the
@@ -37,7 +39,7 @@
 //! without `wait_refs_drained`, `map_pages` taking a blocking folio lock,
 //! `folio_clear_dirty_for_io` without `page_mkclean`, eviction freezing
 //! whatever count it finds, writeback without `wb_lock`, `copy_in_raw`
-//! without `wait_pins_drained`.
+//! without `wait_pins_drained`, punch dropping a folio written during it.
 #![cfg(loom)]
 
 use loom::sync::atomic::{AtomicUsize, Ordering};
@@ -382,6 +384,38 @@ fn real_punch_vs_mapped_write_and_flusher_leaves_the_hole_in_the_store() {
         let c = store.contents();
         assert_eq!(c[0], 0, "the punched page came back in the store");
         assert_eq!(c[PAGE_SIZE], BYTE);
+    });
+}
+
+/// A punch whose store refuses it changes nothing, even for a page
+/// written during it: a `PageMut` write (no `invalidate_lock`, like a
+/// mapped write) between the punch's write-back and its drop of the folio
+/// must be written back before the drop (`clean_for_punch`), or the folio
+/// kept. The old code dropped it dirty, the store refused, and the page
+/// read the store's old bytes (mutant 117;
+/// `tests/integrity.rs::failed_punch_keeps_a_page_mut_write_that_raced_it`).
+#[test]
+fn real_failed_punch_vs_page_mut_keeps_the_write() {
+    loom::model(|| {
+        let store = std::sync::Arc::new(MemStore::filled(PAGE_SIZE, BYTE));
+        store.refuse_punches();
+        let m = upcache::loom_support::address_space(store.clone());
+        let mut b = [0u8; 1];
+        m.read_at(&mut b, 0).unwrap();
+        let writer = {
+            let m = m.clone();
+            thread::spawn(move || {
+                // SAFETY: nothing maps the file.
+                let mut page = unsafe { m.read_cache_page_mut(0) }.unwrap();
+                page[0] = 0xcd;
+            })
+        };
+        assert!(m.punch_hole(0, PAGE_SIZE as u64).is_err(), "the store refuses punches");
+        writer.join().unwrap();
+        m.read_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], 0xcd, "a write during a failed punch was lost");
+        m.write_and_wait_range(0, u64::MAX).unwrap();
+        assert_eq!(store.contents()[0], 0xcd, "the write never reached the store");
     });
 }
 

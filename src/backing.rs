@@ -523,7 +523,7 @@ impl BackingStore for DirectFileStore {
 }
 
 /// Overwrite `[off, off + len)` (clamped to the store's size) with zeros.
-fn write_zeros<S: BackingStore + ?Sized>(store: &S, off: u64, len: u64) -> io::Result<()> {
+pub(crate) fn write_zeros<S: BackingStore + ?Sized>(store: &S, off: u64, len: u64) -> io::Result<()> {
     let end = off.saturating_add(len).min(store.len()?);
     let zeros = vec![0u8; 1 << 16];
     let mut pos = off;

@@ -183,6 +183,7 @@ pub mod loom_support {
         crate::sync::Mutex<Vec<u8>>,
         crate::sync::AtomicBool,
         crate::sync::AtomicBool,
+        crate::sync::AtomicBool,
     );
 
     impl MemStore {
@@ -190,6 +191,7 @@ pub mod loom_support {
         pub fn filled(len: usize, byte: u8) -> MemStore {
             MemStore(
                 crate::sync::Mutex::new(vec![byte; len]),
+                crate::sync::AtomicBool::new(false),
                 crate::sync::AtomicBool::new(false),
                 crate::sync::AtomicBool::new(false),
             )
@@ -201,6 +203,10 @@ pub mod loom_support {
         /// The next read fails with `EIO`.
         pub fn fail_next_read(&self) {
             self.2.store(true, crate::sync::Ordering::Relaxed);
+        }
+        /// Every punch fails with `EOPNOTSUPP` from now on.
+        pub fn refuse_punches(&self) {
+            self.3.store(true, crate::sync::Ordering::Relaxed);
         }
         /// A copy of the bytes.
         pub fn contents(&self) -> Vec<u8> {
@@ -240,6 +246,12 @@ pub mod loom_support {
         fn set_len(&self, size: u64) -> io::Result<()> {
             self.0.lock().resize(size as usize, 0);
             Ok(())
+        }
+        fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+            if self.3.load(crate::sync::Ordering::Relaxed) {
+                return Err(io::Error::from_raw_os_error(95));
+            }
+            crate::backing::write_zeros(self, off, len)
         }
     }
 

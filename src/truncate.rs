@@ -248,6 +248,7 @@ impl AddressSpace {
     /// (`wp_async.rs`: it may hold mapped writes no harvest has seen yet).
     pub(crate) fn truncate_inode_pages_range(&self, start: u64, end: u64, partial: bool) -> io::Result<()> {
         let mut removed: Vec<FolioRef> = Vec::new();
+        let mut failed: Option<io::Error> = None;
         let mut index = PgOff::of_byte(start).0;
         let end_index = end.div_ceil(PAGE_SIZE as u64);
         while let Some((i, _)) = self.i_pages.find_from(index, end_index) {
@@ -264,6 +265,21 @@ impl AddressSpace {
             let fstart = g.pos();
             let fend = fstart + g.size() as u64;
             if fstart >= start && fend <= end {
+                let g = if partial {
+                    g
+                } else {
+                    // A punch: the store has not punched yet, and may
+                    // refuse. Write back what was written since the
+                    // punch's own write-back, or stop before dropping it.
+                    match self.clean_for_punch(g) {
+                        Ok(Some(g)) => g,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                };
                 self.ops.invalidate_folio(self, &g, 0, g.size());
                 self.filemap_remove_folio(&g);
                 removed.push(g.unlock());
@@ -332,6 +348,48 @@ impl AddressSpace {
         if let Some((rp, rl)) = run {
             res = res.and(self.punch_memory(rp, rl));
         }
-        res
+        match failed {
+            Some(e) => Err(e),
+            None => res,
+        }
+    }
+
+    /// A whole folio that `punch_hole` is about to drop, locked: make it
+    /// clean first, so that a store that then refuses the punch loses
+    /// nothing. The punch wrote the range back before it got here, but a
+    /// `PageMut` or a write through a mapping may have dirtied the folio
+    /// since (neither takes `invalidate_lock`). Async-tracked mappings
+    /// are harvested for this folio first, under its lock
+    /// (`harvest_locked_folio`).
+    ///
+    /// Returns the folio locked and clean, `None` if it left the file
+    /// while being written, or `EIO` if it is still dirty after two
+    /// writes (a write error, an engine's barrier that refused, or a
+    /// writer that dirtied it again each time): the punch then stops
+    /// before the store's punch, with the folio kept.
+    ///
+    /// # Locking
+    /// `i_rwsem` and `invalidate_lock` exclusive; the folio locked, no
+    /// writeback in flight. The lock is dropped while the store writes.
+    fn clean_for_punch(&self, mut g: FolioGuard) -> io::Result<Option<FolioGuard>> {
+        for _ in 0..2 {
+            self.harvest_locked_folio(&g);
+            if !g.is_dirty() {
+                return Ok(Some(g));
+            }
+            match self.write_back_locked(g) {
+                Some(again) => g = again,
+                None => return Ok(None),
+            }
+        }
+        self.harvest_locked_folio(&g);
+        if !g.is_dirty() {
+            return Ok(Some(g));
+        }
+        Err(io::Error::other(format!(
+            "punch_hole: the folio at byte {} was written during the punch and could not be written back \
+                 (EIO); the punch stopped before the store's, and the data stays cached",
+            g.pos()
+        )))
     }
 }

@@ -313,6 +313,31 @@ impl AddressSpace {
         self.nr_wp_async.fetch_sub(1, Ordering::Release);
     }
 
+    /// Punch's check of a folio it is about to drop without writing it
+    /// (`clean_for_punch`): zap it from every async-tracked mapping,
+    /// scanning first, and mark it dirty if any of its pages was written
+    /// (found by this scan, or left pending by a harvest that found it
+    /// locked). Once it is zapped and locked, no mapping can write it
+    /// again until it is unlocked: a fault on it maps it only through the
+    /// folio lock (`Async` implies `Minor` mode).
+    ///
+    /// # Locking
+    /// `g` locked; takes `harvest_lock` (never waits for a folio lock
+    /// under it).
+    pub(crate) fn harvest_locked_folio(&self, g: &FolioGuard) {
+        if !self.has_wp_async() {
+            return;
+        }
+        let first = g.index();
+        let end = first.add(g.nr_pages());
+        self.unmap_mapping_range(first, end);
+        let mut st = self.harvest_lock.lock();
+        if st.remove_range(first.0..end.0) {
+            self.note_pending(&st);
+            self.mark_dirty_locked(g);
+        }
+    }
+
     /// Eviction's check for async-tracked mappings (see the module docs):
     /// true if the frozen, locked, clean folio `g` holds nothing that the
     /// store lacks and no async mapping can write it any more. False if it

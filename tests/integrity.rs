@@ -306,3 +306,107 @@ fn a_drop_that_unwinds_does_not_block_reopen_or_sync_all() {
         assert_eq!(b[0], 1);
     });
 }
+
+/// How the write racing a punch reaches its page.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    PageMut,
+    Mapping,
+}
+
+/// `write_at` dirties pages 2 and 3; `punch_hole` of both, with a store
+/// that refuses the punch. While the punch writes page 3 back, another
+/// thread writes page 2 again (already written back, clean by then). The
+/// punch fails, so it must change nothing: page 2 holds the racing write,
+/// in the cache and, after `fsync`, on disk. Before the fix the punch
+/// dropped page 2's folio, dirty, without writing it, then the store
+/// refused: page 2 read the older bytes of its first write-back.
+fn failed_punch_keeps_a_write_that_raced_it(cache: PageCache, via: Via) {
+    use std::sync::mpsc;
+    const P: usize = PAGE_SIZE;
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![1u8; 8 * P]).unwrap();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let race = std::sync::Mutex::new(Some((go_tx, done_rx)));
+    let store = HookStore::new(&path, move |op, off, _| match op {
+        StoreOp::Punch => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        StoreOp::Write if off == 3 * P as u64 => {
+            let taken = race.lock().unwrap().take();
+            if let Some((go, done)) = taken {
+                go.send(()).unwrap();
+                done.recv().unwrap();
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    });
+    let file = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+    let raw = matches!(via, Via::Mapping).then(|| file.mmap_raw(0, 8 * P).unwrap());
+    file.write_at(&[9u8; 2 * P], 2 * P as u64).unwrap();
+    std::thread::scope(|s| {
+        let (raw, file) = (&raw, &file);
+        s.spawn(move || {
+            go_rx.recv().unwrap();
+            match (raw, via) {
+                (Some(raw), Via::Mapping) => raw.write(2 * P, &[7u8; P]),
+                _ => {
+                    // SAFETY: no mapping of the file exists in this case.
+                    let mut page = unsafe { file.get_page_mut(2) }.unwrap();
+                    page.fill(7);
+                }
+            }
+            done_tx.send(()).unwrap();
+        });
+        let r = file.punch_hole(2 * P as u64, 2 * P as u64);
+        assert!(r.is_err(), "the store refuses every punch: {r:?}");
+    });
+    let mut buf = vec![0u8; 2 * P];
+    file.read_exact_at(&mut buf, 2 * P as u64).unwrap();
+    assert!(
+        buf[..P].iter().all(|&b| b == 7),
+        "{via:?}: a write that raced a failed punch was lost (page 2 reads {})",
+        buf[0]
+    );
+    assert!(
+        buf[P..].iter().all(|&b| b == 9),
+        "{via:?}: page 3 changed by a failed punch"
+    );
+    if let Some(raw) = &raw {
+        let mut m = vec![0u8; 2 * P];
+        raw.read(2 * P, &mut m);
+        assert_eq!(m, buf, "{via:?}: the mapping and read_at disagree");
+    }
+    file.fsync().unwrap();
+    drop(raw);
+    let disk = std::fs::read(&path).unwrap();
+    assert!(
+        disk[2 * P..3 * P].iter().all(|&b| b == 7),
+        "{via:?}: not on disk after fsync"
+    );
+}
+
+#[test]
+fn failed_punch_keeps_a_page_mut_write_that_raced_it() {
+    watchdog("punch vs PageMut", 60, || {
+        failed_punch_keeps_a_write_that_raced_it(PageCache::new(), Via::PageMut)
+    });
+}
+
+#[test]
+fn failed_punch_keeps_a_mapped_write_that_raced_it() {
+    watchdog("punch vs mapped write, Missing mode", 60, || {
+        failed_punch_keeps_a_write_that_raced_it(PageCache::new(), Via::Mapping)
+    });
+    watchdog("punch vs mapped write, Minor mode", 60, || {
+        let cache = PageCache::builder().mmap_mode(upcache::UffdMode::Minor).build();
+        failed_punch_keeps_a_write_that_raced_it(cache, Via::Mapping)
+    });
+    watchdog("punch vs mapped write, Async tracking", 60, || {
+        let cache = PageCache::builder()
+            .dirty_tracking(upcache::DirtyTracking::Async)
+            .build();
+        failed_punch_keeps_a_write_that_raced_it(cache, Via::Mapping)
+    });
+}

@@ -466,6 +466,14 @@ MUTANTS = [
      "                if filled == Some(at) || !vma.mapping().fill_hole_in_uptodate_folio(index) {",
      "                if true || filled == Some(at) || !vma.mapping().fill_hole_in_uptodate_folio(index) {",
      "cargo test --test faults a_store_that_reports_bytes_it_never_wrote"),
+    ("117-punch-drops-a-folio-written-during-it", "src/truncate.rs",
+     "                    match self.clean_for_punch(g) {",
+     "                    match Ok::<Option<FolioGuard>, io::Error>(Some(g)) {",
+     f"{LOOM} loom_filemap real_failed_punch_vs_page_mut"),
+    ("118-punch-skips-the-async-harvest-of-its-folio", "src/wp_async.rs",
+     "        self.unmap_mapping_range(first, end);\n        let mut st = self.harvest_lock.lock();\n        if st.remove_range(first.0..end.0) {",
+     "        if first < end {\n            return;\n        }\n        let mut st = self.harvest_lock.lock();\n        if st.remove_range(first.0..end.0) {",
+     "cargo test --test integrity failed_punch_keeps_a_mapped_write"),
 ]
 
 
