@@ -410,3 +410,76 @@ fn failed_punch_keeps_a_mapped_write_that_raced_it() {
         failed_punch_keeps_a_write_that_raced_it(cache, Via::Mapping)
     });
 }
+
+/// As above, but the write-back of the page written during the punch
+/// fails: the punch must stop with `EIO` before the store's punch (the
+/// store would otherwise lose the page, which only the cache holds), keep
+/// the page cached and dirty, and a later `fsync` must put it on disk.
+#[test]
+fn punch_stops_before_the_store_when_a_page_written_during_it_cannot_be_written() {
+    watchdog("punch vs PageMut, failing write-back", 60, || {
+        use std::sync::mpsc;
+        const P: usize = PAGE_SIZE;
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 8 * P]).unwrap();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let race = std::sync::Mutex::new(Some((go_tx, done_rx)));
+        let raced = Arc::new(AtomicBool::new(false));
+        let failing = Arc::new(AtomicBool::new(true));
+        let punched = Arc::new(AtomicBool::new(false));
+        let (r2, f2, p2) = (raced.clone(), failing.clone(), punched.clone());
+        let store = HookStore::new(&path, move |op, off, _| match op {
+            StoreOp::Punch => {
+                p2.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            StoreOp::Write if off == 3 * P as u64 => {
+                let taken = race.lock().unwrap().take();
+                if let Some((go, done)) = taken {
+                    go.send(()).unwrap();
+                    done.recv().unwrap();
+                    r2.store(true, Ordering::SeqCst);
+                }
+                Ok(())
+            }
+            StoreOp::Write if off == 2 * P as u64 && r2.load(Ordering::SeqCst) && f2.load(Ordering::SeqCst) => {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+            _ => Ok(()),
+        });
+        let cache = PageCache::new();
+        let file = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+        file.write_at(&[9u8; 2 * P], 2 * P as u64).unwrap();
+        std::thread::scope(|s| {
+            let file = &file;
+            s.spawn(move || {
+                go_rx.recv().unwrap();
+                // SAFETY: no mapping of the file exists.
+                let mut page = unsafe { file.get_page_mut(2) }.unwrap();
+                page.fill(7);
+                drop(page);
+                done_tx.send(()).unwrap();
+            });
+            let err = file.punch_hole(2 * P as u64, 2 * P as u64).unwrap_err();
+            assert_eq!(err.raw_os_error(), libc::EIO, "{err}");
+        });
+        assert!(
+            !punched.load(Ordering::SeqCst),
+            "the store punched a range whose page only the cache held"
+        );
+        let mut buf = vec![0u8; 2 * P];
+        file.read_exact_at(&mut buf, 2 * P as u64).unwrap();
+        assert!(buf[..P].iter().all(|&b| b == 7), "page 2 lost: reads {}", buf[0]);
+        assert!(buf[P..].iter().all(|&b| b == 9), "page 3 changed: reads {}", buf[P]);
+        failing.store(false, Ordering::SeqCst);
+        // The failed write-back is reported once; the data stays dirty
+        // and the next sync writes it.
+        let _ = file.fsync();
+        file.fsync().unwrap();
+        let disk = std::fs::read(&path).unwrap();
+        assert!(disk[2 * P..3 * P].iter().all(|&b| b == 7), "page 2 not on disk");
+        assert!(disk[3 * P..4 * P].iter().all(|&b| b == 9), "page 3 not on disk");
+    });
+}
