@@ -474,6 +474,10 @@ MUTANTS = [
      "        self.unmap_mapping_range(first, end);\n        let mut st = self.harvest_lock.lock();\n        if st.remove_range(first.0..end.0) {",
      "        if first < end {\n            return;\n        }\n        let mut st = self.harvest_lock.lock();\n        if st.remove_range(first.0..end.0) {",
      "cargo test --test integrity failed_punch_keeps_a_mapped_write"),
+    ("119-punch-drops-a-folio-it-could-not-write", "src/truncate.rs",
+     "        self.harvest_locked_folio(&g);\n        if !g.is_dirty() {\n            return Ok(Some(g));\n        }\n        Err(",
+     "        self.harvest_locked_folio(&g);\n        if g.is_dirty() || !g.is_dirty() {\n            return Ok(Some(g));\n        }\n        Err(",
+     "cargo test --test integrity punch_stops_before_the_store"),
 ]
 
 
