@@ -16,7 +16,9 @@
 //!   page, racing an `fsync` that must wait for that page, never
 //!   deadlocks (no folio-lock wait under `harvest_lock`), and the write
 //!   reaches the store;
-//! - eviction keeps a folio whose written page a harvest left pending.
+//! - eviction keeps a folio whose written page a harvest left pending;
+//! - a punch the store refuses, racing a mapped store, never loses it
+//!   (punch's check of each folio it drops is eviction's).
 //!
 //! Planted bugs they kill (patches in `tests/mutants/`): a harvest without
 //! `harvest_lock`; eviction without the compare.
@@ -162,6 +164,27 @@ fn real_evict_vs_mapped_store_never_discards_it() {
         // harvest) must persist it.
         m.write_and_wait_range(0, u64::MAX).unwrap();
         assert_eq!(store.contents()[0], 1, "eviction discarded a mapped write");
+    });
+}
+
+/// A punch whose store refuses it, racing a store through an
+/// async-tracked mapping: the write survives (the punch drops only folios
+/// it checked clean — scan, zap, compare, as eviction does — or wrote
+/// back). A scan and zap without the compare let a store landing between
+/// them go unseen, and the folio was dropped with it.
+#[test]
+fn real_failed_punch_vs_mapped_store_never_loses_it() {
+    model(|| {
+        let (store, m, pte) = setup();
+        store.refuse_punches();
+        let writer = {
+            let (m, pte) = (m.clone(), pte.clone());
+            thread::spawn(move || user_write(&m, &pte, 1))
+        };
+        assert!(m.punch_hole(0, PAGE_SIZE as u64).is_err(), "the store refuses punches");
+        writer.join().unwrap();
+        m.write_and_wait_range(0, u64::MAX).unwrap();
+        assert_eq!(store.contents()[0], 1, "a failed punch lost a mapped write");
     });
 }
 

@@ -13,32 +13,47 @@ use crate::types::{PgOff, PAGE_SIZE};
 
 impl AddressSpace {
     /// Write a locked folio back if it is dirty, and return it locked
-    /// again (`None` if it left the file meanwhile). Used by truncate for a
-    /// straddling folio, under `i_rwsem` and `invalidate_lock` exclusive:
-    /// the folio cannot be removed by anyone else, only written back.
-    fn write_back_locked(&self, g: FolioGuard) -> Option<FolioGuard> {
+    /// again (`None` if it left the file meanwhile), with the write's
+    /// error: the engine's barrier error or refusal (`EAGAIN`), or the
+    /// store's error from `writepage`. Used by truncate for a straddling
+    /// folio and by punch (`clean_for_punch`), under `i_rwsem` and
+    /// `invalidate_lock` exclusive: the folio cannot be removed by anyone
+    /// else, only written back.
+    fn write_back_locked(&self, g: FolioGuard) -> (Option<FolioGuard>, io::Result<()>) {
         if !g.is_dirty() {
-            return Some(g);
+            return (Some(g), Ok(()));
         }
         let index = g.index();
-        if !matches!(self.write_barrier(&g, crate::aops::SyncMode::All), Ok(true)) {
+        match self.write_barrier(&g, crate::aops::SyncMode::All) {
+            Ok(true) => {}
             // The engine could not allow it: the folio stays dirty, which
             // the caller treats as a failed write.
-            return Some(g);
+            Ok(false) => {
+                let e = io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "the engine's write barrier refused an integrity write (EAGAIN)",
+                );
+                return (Some(g), Err(e));
+            }
+            Err(e) => return (Some(g), Err(e)),
         }
+        let mut res = Ok(());
         if self.folio_clear_dirty_for_io(&g) {
             self.stats.write_io();
             let mut wbc = WritebackControl::all(g.pos(), g.pos() + g.size() as u64 - 1);
             let f = g.folio().clone();
-            if crate::page_writeback::call_writepage(|| self.ops.writepage(self, g, &mut wbc)).is_err() {
+            if let Err(e) = crate::page_writeback::call_writepage(|| self.ops.writepage(self, g, &mut wbc)) {
                 crate::page_writeback::keep_dirty_after_failed_writepage(self, &f, &wbc);
+                res = Err(e);
             }
         } else {
             drop(g);
         }
-        let g = self.filemap_lock_folio(index)?;
+        let Some(g) = self.filemap_lock_folio(index) else {
+            return (None, res);
+        };
         g.wait_writeback();
-        Some(g)
+        (Some(g), res)
     }
 
     /// Set the file size (`truncate(2)` / `ftruncate(2)`). Shrinking drops
@@ -285,7 +300,7 @@ impl AddressSpace {
                 removed.push(g.unlock());
             } else if end == u64::MAX && crate::types::page_align_up(start) < fend {
                 // A folio with whole pages past the new end: remove it whole.
-                if let Some(g) = self.write_back_locked(g) {
+                if let (Some(g), _) = self.write_back_locked(g) {
                     // With async-tracked mappings (checked after the
                     // writeback, which unlocked the folio: one may have been
                     // created and have written it meanwhile) the folio may
@@ -358,38 +373,49 @@ impl AddressSpace {
     /// clean first, so that a store that then refuses the punch loses
     /// nothing. The punch wrote the range back before it got here, but a
     /// `PageMut` or a write through a mapping may have dirtied the folio
-    /// since (neither takes `invalidate_lock`). Async-tracked mappings
-    /// are harvested for this folio first, under its lock
+    /// since (neither takes `invalidate_lock`). Async-tracked mappings are
+    /// checked for this folio first, under its lock
     /// (`harvest_locked_folio`).
     ///
     /// Returns the folio locked and clean, `None` if it left the file
-    /// while being written, or `EIO` if it is still dirty after two
-    /// writes (a write error, an engine's barrier that refused, or a
-    /// writer that dirtied it again each time): the punch then stops
-    /// before the store's punch, with the folio kept.
+    /// while being written, or an error if it is still dirty after three
+    /// writes, the punch then stopping before the store's punch with the
+    /// folio kept: the last write's error (the store's, or the engine's
+    /// barrier: `EAGAIN`), or `EBUSY` when each write succeeded and a
+    /// writer dirtied the folio again while it was being written.
     ///
     /// # Locking
     /// `i_rwsem` and `invalidate_lock` exclusive; the folio locked, no
     /// writeback in flight. The lock is dropped while the store writes.
     fn clean_for_punch(&self, mut g: FolioGuard) -> io::Result<Option<FolioGuard>> {
-        for _ in 0..2 {
+        let mut last = Ok(());
+        for _ in 0..3 {
             self.harvest_locked_folio(&g);
             if !g.is_dirty() {
                 return Ok(Some(g));
             }
-            match self.write_back_locked(g) {
+            let (again, r) = self.write_back_locked(g);
+            match again {
                 Some(again) => g = again,
                 None => return Ok(None),
             }
+            last = r;
         }
         self.harvest_locked_folio(&g);
         if !g.is_dirty() {
             return Ok(Some(g));
         }
-        Err(io::Error::other(format!(
-            "punch_hole: the folio at byte {} was written during the punch and could not be written back \
-                 (EIO); the punch stopped before the store's, and the data stays cached",
-            g.pos()
-        )))
+        let pos = g.pos();
+        Err(match last {
+            // As the store or the engine gave it: its errno is the caller's.
+            Err(e) => e,
+            Ok(()) => io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "punch_hole: the folio at byte {pos} was written again during each of its write-backs \
+                     (EBUSY); the punch stopped before the store's, the data stays cached"
+                ),
+            ),
+        })
     }
 }

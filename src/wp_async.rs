@@ -313,13 +313,16 @@ impl AddressSpace {
         self.nr_wp_async.fetch_sub(1, Ordering::Release);
     }
 
-    /// Punch's check of a folio it is about to drop without writing it
-    /// (`clean_for_punch`): zap it from every async-tracked mapping,
-    /// scanning first, and mark it dirty if any of its pages was written
-    /// (found by this scan, or left pending by a harvest that found it
-    /// locked). Once it is zapped and locked, no mapping can write it
-    /// again until it is unlocked: a fault on it maps it only through the
-    /// folio lock (`Async` implies `Minor` mode).
+    /// Punch's check of a folio it is about to drop (`clean_for_punch`):
+    /// [`check_mapped_writes`](Self::check_mapped_writes) under
+    /// `harvest_lock`, marking the folio dirty if any async-tracked mapping
+    /// wrote it, or if that cannot be told (a failed scan: the punch then
+    /// writes it back, which loses nothing). A folio found clean was zapped
+    /// from every async mapping after its bytes were compared, so no write
+    /// can land unseen before it is unlocked (`Async` implies `Minor` mode,
+    /// which maps a page only through its folio lock) — unless a zap was
+    /// refused (an `mlock`ed mapping), the one case left where a store
+    /// racing a punch the store then refuses can go unseen.
     ///
     /// # Locking
     /// `g` locked; takes `harvest_lock` (never waits for a folio lock
@@ -328,12 +331,8 @@ impl AddressSpace {
         if !self.has_wp_async() {
             return;
         }
-        let first = g.index();
-        let end = first.add(g.nr_pages());
-        self.unmap_mapping_range(first, end);
         let mut st = self.harvest_lock.lock();
-        if st.remove_range(first.0..end.0) {
-            self.note_pending(&st);
+        if self.check_mapped_writes(g, &mut st) == MappedWrites::Unknown {
             self.mark_dirty_locked(g);
         }
     }
@@ -353,24 +352,38 @@ impl AddressSpace {
         let Some(mut st) = self.harvest_lock.try_lock() else {
             return false;
         };
+        self.check_mapped_writes(g, &mut st) == MappedWrites::Clean { all_zapped: true }
+    }
+
+    /// Did an async-tracked mapping write the locked folio `g`, which no
+    /// mapping can map anew while this runs (locked, or frozen)? Pending
+    /// pages of it count as written. Otherwise: copy its bytes, scan every
+    /// async mapping (written → dirty), zap it from each, and compare: a
+    /// store that landed between the scan (which re-protects) and the zap
+    /// left no record in the page table but changed the bytes (module
+    /// docs, "Why eviction compares bytes"). A written folio is marked
+    /// DIRTY here.
+    ///
+    /// # Locking
+    /// `g` locked; `harvest_lock` held (`st`).
+    fn check_mapped_writes(&self, g: &FolioGuard, st: &mut HarvestState) -> MappedWrites {
         let first = g.index();
         let end = first.add(g.nr_pages());
         if st.remove_range(first.0..end.0) {
             // Written, reported by a harvest that found it locked.
-            self.note_pending(&st);
+            self.note_pending(st);
             self.mark_dirty_locked(g);
-            return false;
+            return MappedWrites::Written;
         }
         let ptes = self.async_ptes(first, end);
         if ptes.is_empty() {
-            return true;
+            return MappedWrites::Clean { all_zapped: true };
         }
         let before = snapshot(g);
         let mut written = false;
         for p in &ptes {
             if p.scan_written(first, end, &mut |_| written = true).is_err() && !written {
-                // Cannot tell: keep it.
-                return false;
+                return MappedWrites::Unknown;
             }
         }
         let mut all_zapped = true;
@@ -386,9 +399,22 @@ impl AddressSpace {
         }
         if written {
             self.mark_dirty_locked(g);
+            return MappedWrites::Written;
         }
-        !written && all_zapped
+        MappedWrites::Clean { all_zapped }
     }
+}
+
+/// What [`AddressSpace::check_mapped_writes`] found.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum MappedWrites {
+    /// Written through a mapping: the folio is DIRTY now.
+    Written,
+    /// Not written; zapped from every async mapping unless `all_zapped`
+    /// is false.
+    Clean { all_zapped: bool },
+    /// A scan failed before anything was found: cannot tell.
+    Unknown,
 }
 
 /// Scan `ptes` over `[first, end)` and add the written pages to `pending`.
