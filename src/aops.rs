@@ -8,8 +8,8 @@
 //! |---|---|---|---|---|---|
 //! | `read_folio` | locked | unlocked by the op (guard consumed); UPTODATE on success, ERROR on failure | — | shared | yes |
 //! | `readahead` | each locked | each unlocked as its read ends | — | shared | yes |
-//! | `writepage` | locked | unlocked; WRITEBACK set before unlock (or redirtied) | — | — | yes |
-//! | `write_barrier` (upcache's; WAL ordering) | locked, DIRTY still set | locked | — (truncate's straddling folio: exclusive) | — (truncate: exclusive) | yes |
+//! | `writepage` | locked | unlocked; WRITEBACK set before unlock (or redirtied) | — (truncate's and punch's write-backs: exclusive) | — (truncate, punch: exclusive) | yes |
+//! | `write_barrier` (upcache's; WAL ordering) | locked, DIRTY still set | locked | — (truncate's and punch's write-backs: exclusive) | — (truncate, punch: exclusive) | yes |
 //! | `writepages` | — | — | — | — | yes |
 //! | `dirty_folio` | locked (or WRITEBACK held) | unchanged | — | — | **no** |
 //! | `write_begin` | — | returned locked | exclusive | — | yes |
@@ -222,7 +222,8 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
 
     /// May the folio be written to the store now? Called before every
     /// write-back of a dirty folio (`write_cache_pages`, truncate's write of
-    /// a straddling folio, background reclaim), before its DIRTY bit is
+    /// a straddling folio, punch's write of a folio written during it,
+    /// background reclaim), before its DIRTY bit is
     /// cleared, with [`Folio::private`] (e.g. the LSN of its newest change,
     /// see [`FolioGuard::set_private_max`]). A WAL engine makes its log
     /// durable up to that value here and returns `Ok(true)`, or returns

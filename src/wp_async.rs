@@ -19,6 +19,7 @@
 //! | writeback (`folio_clear_dirty_for_io`) | `page_mkclean` write-protects before the bytes are copied for the store |
 //! | harvest | scan-and-protect into `pending`, then `folio_mark_dirty` of each pending folio it can lock, under `harvest_lock` |
 //! | eviction | [`AddressSpace::evict_check_mapped_writes`], below |
+//! | punch's drop of a folio | `harvest_locked_folio`: eviction's check, the folio locked; written → dirty, written back before the drop |
 //! | munmap | a last scan of the mapping before it leaves `i_mmap`, then an integrity drain |
 //!
 //! # Why harvests are serialized, and what `pending` is for
