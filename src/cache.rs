@@ -1035,10 +1035,13 @@ impl File {
         self.mapping_w()?.truncate(size)
     }
 
-    /// Punch a hole ([`AddressSpace::punch_hole`]).
+    /// Punch a hole ([`AddressSpace::punch_hole`]). A failed punch loses
+    /// no data.
     ///
     /// # Errors
-    /// `Closed`; `EINVAL`; `EFBIG`; the store's error.
+    /// `Closed`; `EINVAL`; `EFBIG`; a write-back error, or `EBUSY` when a
+    /// page written during the punch kept being written; the store's
+    /// error.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
         self.mapping_w()?.punch_hole(off, len)
     }

@@ -171,9 +171,16 @@ impl AddressSpace {
     /// # Locking
     /// As [`truncate`](Self::truncate).
     ///
+    /// A failed punch loses no data: what the range held stays readable
+    /// (cached, or in the store, which has not punched). Bytes written
+    /// into the range while the punch runs (a `PageMut`, a mapping) are
+    /// ordered before it: zeroed if it succeeds, kept if it fails.
+    ///
     /// # Errors
     /// `EINVAL` for a zero length, `EFBIG` for a range past the largest
-    /// file; the store's error.
+    /// file; the error of writing the range back (a folio written during
+    /// the punch included), `EBUSY` if such a folio was written again
+    /// during each of three write-backs; the store's error.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Err(Error::InvalidArgument {
