@@ -395,11 +395,15 @@ impl AddressSpace {
     /// `i_rwsem` and `invalidate_lock` exclusive; the folio locked, no
     /// writeback in flight. The lock is dropped while the store writes.
     fn clean_for_punch(&self, mut g: FolioGuard) -> io::Result<Option<FolioGuard>> {
+        const WRITES: usize = 3;
         let mut last = Ok(());
-        for _ in 0..3 {
+        for written in 0..=WRITES {
             self.harvest_locked_folio(&g);
             if !g.is_dirty() {
                 return Ok(Some(g));
+            }
+            if written == WRITES {
+                break;
             }
             let (again, r) = self.write_back_locked(g);
             match again {
@@ -407,10 +411,6 @@ impl AddressSpace {
                 None => return Ok(None),
             }
             last = r;
-        }
-        self.harvest_locked_folio(&g);
-        if !g.is_dirty() {
-            return Ok(Some(g));
         }
         let pos = g.pos();
         Err(match last {

@@ -307,6 +307,44 @@ fn a_drop_that_unwinds_does_not_block_reopen_or_sync_all() {
     });
 }
 
+/// A one-time race for a store hook: the hook's `meet` (first call only)
+/// lets the racing thread go and waits until it is done.
+struct Race(std::sync::Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>);
+
+/// The racing thread's side of a [`Race`].
+struct Racer {
+    go: std::sync::mpsc::Receiver<()>,
+    done: std::sync::mpsc::Sender<()>,
+}
+
+fn race() -> (Race, Racer) {
+    let (go_tx, go) = std::sync::mpsc::channel();
+    let (done, done_rx) = std::sync::mpsc::channel();
+    (Race(std::sync::Mutex::new(Some((go_tx, done_rx)))), Racer { go, done })
+}
+
+impl Race {
+    /// The first call runs the racer to its end; later calls return false.
+    fn meet(&self) -> bool {
+        let taken = self.0.lock().unwrap().take();
+        let Some((go, done)) = taken else {
+            return false;
+        };
+        go.send(()).unwrap();
+        done.recv().unwrap();
+        true
+    }
+}
+
+impl Racer {
+    /// Wait for the hook's `meet`, run `f`, report it done.
+    fn run(self, f: impl FnOnce()) {
+        self.go.recv().unwrap();
+        f();
+        self.done.send(()).unwrap();
+    }
+}
+
 /// How the write racing a punch reaches its page.
 #[derive(Clone, Copy, Debug)]
 enum Via {
@@ -322,22 +360,15 @@ enum Via {
 /// dropped page 2's folio, dirty, without writing it, then the store
 /// refused: page 2 read the older bytes of its first write-back.
 fn failed_punch_keeps_a_write_that_raced_it(cache: PageCache, via: Via) {
-    use std::sync::mpsc;
     const P: usize = PAGE_SIZE;
     let dir = tempdir();
     let path = dir.path().join("f");
     std::fs::write(&path, vec![1u8; 8 * P]).unwrap();
-    let (go_tx, go_rx) = mpsc::channel::<()>();
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let race = std::sync::Mutex::new(Some((go_tx, done_rx)));
+    let (race, racer) = race();
     let store = HookStore::new(&path, move |op, off, _| match op {
         StoreOp::Punch => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         StoreOp::Write if off == 3 * P as u64 => {
-            let taken = race.lock().unwrap().take();
-            if let Some((go, done)) = taken {
-                go.send(()).unwrap();
-                done.recv().unwrap();
-            }
+            race.meet();
             Ok(())
         }
         _ => Ok(()),
@@ -348,16 +379,14 @@ fn failed_punch_keeps_a_write_that_raced_it(cache: PageCache, via: Via) {
     std::thread::scope(|s| {
         let (raw, file) = (&raw, &file);
         s.spawn(move || {
-            go_rx.recv().unwrap();
-            match (raw, via) {
+            racer.run(|| match (raw, via) {
                 (Some(raw), Via::Mapping) => raw.write(2 * P, &[7u8; P]),
                 _ => {
                     // SAFETY: no mapping of the file exists in this case.
                     let mut page = unsafe { file.get_page_mut(2) }.unwrap();
                     page.fill(7);
                 }
-            }
-            done_tx.send(()).unwrap();
+            })
         });
         let r = file.punch_hole(2 * P as u64, 2 * P as u64);
         assert!(r.is_err(), "the store refuses every punch: {r:?}");
@@ -418,14 +447,11 @@ fn failed_punch_keeps_a_mapped_write_that_raced_it() {
 #[test]
 fn punch_stops_before_the_store_when_a_page_written_during_it_cannot_be_written() {
     watchdog("punch vs PageMut, failing write-back", 60, || {
-        use std::sync::mpsc;
         const P: usize = PAGE_SIZE;
         let dir = tempdir();
         let path = dir.path().join("f");
         std::fs::write(&path, vec![1u8; 8 * P]).unwrap();
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        let race = std::sync::Mutex::new(Some((go_tx, done_rx)));
+        let (race, racer) = race();
         let raced = Arc::new(AtomicBool::new(false));
         let failing = Arc::new(AtomicBool::new(true));
         let punched = Arc::new(AtomicBool::new(false));
@@ -436,10 +462,7 @@ fn punch_stops_before_the_store_when_a_page_written_during_it_cannot_be_written(
                 Ok(())
             }
             StoreOp::Write if off == 3 * P as u64 => {
-                let taken = race.lock().unwrap().take();
-                if let Some((go, done)) = taken {
-                    go.send(()).unwrap();
-                    done.recv().unwrap();
+                if race.meet() {
                     r2.store(true, Ordering::SeqCst);
                 }
                 Ok(())
@@ -455,12 +478,11 @@ fn punch_stops_before_the_store_when_a_page_written_during_it_cannot_be_written(
         std::thread::scope(|s| {
             let file = &file;
             s.spawn(move || {
-                go_rx.recv().unwrap();
-                // SAFETY: no mapping of the file exists.
-                let mut page = unsafe { file.get_page_mut(2) }.unwrap();
-                page.fill(7);
-                drop(page);
-                done_tx.send(()).unwrap();
+                racer.run(|| {
+                    // SAFETY: no mapping of the file exists.
+                    let mut page = unsafe { file.get_page_mut(2) }.unwrap();
+                    page.fill(7);
+                })
             });
             let err = file.punch_hole(2 * P as u64, 2 * P as u64).unwrap_err();
             assert_eq!(err.raw_os_error(), libc::EIO, "{err}");
