@@ -124,6 +124,11 @@ pub struct AddressSpace {
     name: String,
     pub(crate) i_pages: XArray,
     i_size: AtomicU64,
+    /// The largest size the store can hold (`sb->s_maxbytes`): the
+    /// store's [`max_file_size`](crate::aops::AddressSpaceOps::max_file_size)
+    /// at open, at most [`MAX_FILE_SIZE`](crate::MAX_FILE_SIZE). Writes,
+    /// truncates and punches are checked against it.
+    s_maxbytes: u64,
     invalidate_lock: RwSem,
     i_rwsem: RwSem,
     nrpages: AtomicU64,
@@ -207,12 +212,16 @@ impl AddressSpace {
         if size > crate::types::MAX_FILE_SIZE {
             return Err(io::Error::from_raw_os_error(rustix::io::Errno::FBIG.raw_os_error()));
         }
+        // A store that reports less than the file it holds still keeps
+        // that file readable: the limit only stops growth past it.
+        let s_maxbytes = ops.max_file_size().clamp(size, crate::types::MAX_FILE_SIZE);
         Ok(AddressSpace {
             id,
             store: Arc::new(PageStore::new(memfd)?),
             name,
             i_pages: XArray::new(),
             i_size: AtomicU64::new(size),
+            s_maxbytes,
             invalidate_lock: RwSem::new(),
             i_rwsem: RwSem::new(),
             nrpages: AtomicU64::new(0),
@@ -253,6 +262,16 @@ impl AddressSpace {
     pub fn size(&self) -> u64 {
         // Acquire: pairs with the Release in `set_size_locked`.
         self.i_size.load(Ordering::Acquire)
+    }
+
+    /// The largest size this file can have (`sb->s_maxbytes`): the
+    /// store's [`max_file_size`](crate::aops::AddressSpaceOps::max_file_size)
+    /// when the file was opened, at most
+    /// [`MAX_FILE_SIZE`](crate::MAX_FILE_SIZE). A write starting at or past
+    /// it, a truncate or a punch past it fail with `EFBIG`; a write that
+    /// crosses it is cut short there.
+    pub fn max_file_size(&self) -> u64 {
+        self.s_maxbytes
     }
 
     /// `i_size_write`. `i_rwsem` held exclusive.

@@ -337,6 +337,17 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
     /// The store's error.
     fn initial_size(&self) -> io::Result<u64>;
 
+    /// The largest file the store can hold, in bytes (the file system's
+    /// `sb->s_maxbytes`), read once when the file is opened. The cache
+    /// refuses a write starting at or past it, a truncate or a punch past
+    /// it with `EFBIG`, and cuts short a write crossing it, as the
+    /// kernel's `generic_write_checks` does — so that nothing is cached
+    /// that the store would refuse at write-back. The default and the
+    /// most the cache uses is [`MAX_FILE_SIZE`](crate::MAX_FILE_SIZE).
+    fn max_file_size(&self) -> u64 {
+        crate::types::MAX_FILE_SIZE
+    }
+
     /// Set the store's size (truncate / extend), `setattr(ATTR_SIZE)`.
     ///
     /// # Locking
@@ -434,6 +445,9 @@ macro_rules! delegate_address_space_ops {
             }
             fn initial_size(&self) -> io::Result<u64> {
                 (**self).initial_size()
+            }
+            fn max_file_size(&self) -> u64 {
+                (**self).max_file_size()
             }
             fn set_size(&self, size: u64) -> io::Result<()> {
                 (**self).set_size(size)

@@ -137,6 +137,15 @@ pub trait BackingStore: Send + Sync + 'static {
     /// Any I/O error.
     fn set_len(&self, size: u64) -> io::Result<()>;
 
+    /// The largest size the store can hold (the file system's
+    /// `s_maxbytes`; see
+    /// [`AddressSpaceOps::max_file_size`](crate::aops::AddressSpaceOps::max_file_size)).
+    /// The default is [`MAX_FILE_SIZE`](crate::MAX_FILE_SIZE); the file
+    /// stores ask the file system (`lseek(2)` refuses offsets past it).
+    fn max_file_size(&self) -> u64 {
+        crate::types::MAX_FILE_SIZE
+    }
+
     /// Deallocate `[off, off + len)`, which must then read as zeros. The
     /// default writes zeros.
     ///
@@ -192,6 +201,9 @@ impl<T: BackingStore + ?Sized> BackingStore for std::sync::Arc<T> {
     fn set_len(&self, size: u64) -> io::Result<()> {
         (**self).set_len(size)
     }
+    fn max_file_size(&self) -> u64 {
+        (**self).max_file_size()
+    }
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         (**self).punch_hole(off, len)
     }
@@ -216,6 +228,8 @@ pub struct FileStore {
     /// The descriptor was opened `O_APPEND`: `pwrite(2)` would ignore the
     /// offset and append (Linux), so writes are refused.
     append: bool,
+    /// The file system's largest file (`probe_max_file_size`).
+    max_file_size: u64,
 }
 
 impl FileStore {
@@ -225,15 +239,24 @@ impl FileStore {
     /// `open(2)`'s error.
     pub fn open(path: impl AsRef<Path>) -> io::Result<FileStore> {
         let file = fs::OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(FileStore { file, append: false })
+        Ok(FileStore::from_file(file))
     }
 
     /// Use an already open file (it must be open for reading and writing).
     /// A descriptor opened `O_APPEND` reads, but its writes fail with
     /// `EINVAL`: `pwrite(2)` on it ignores the offset and appends.
+    ///
+    /// The file system's largest file is found here with `lseek(2)`
+    /// ([`BackingStore::max_file_size`]); the descriptor's offset is put
+    /// back afterwards (the store itself never uses it).
     pub fn from_file(file: fs::File) -> FileStore {
         let append = rustix::fs::fcntl_getfl(&file).is_ok_and(|f| f.contains(rustix::fs::OFlags::APPEND));
-        FileStore { file, append }
+        let max_file_size = probe_max_file_size(&file);
+        FileStore {
+            file,
+            append,
+            max_file_size,
+        }
     }
 
     /// The underlying file.
@@ -274,9 +297,47 @@ impl BackingStore for FileStore {
         self.file.set_len(size)
     }
 
+    fn max_file_size(&self) -> u64 {
+        self.max_file_size
+    }
+
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         punch_file(self, &self.file, off, len)
     }
+}
+
+/// The largest file `f`'s file system holds for it (`s_maxbytes`; ext4
+/// with 4 KiB blocks: 16 TiB − 4 KiB), at most
+/// [`MAX_FILE_SIZE`](crate::MAX_FILE_SIZE). The kernel's `lseek(2)`
+/// refuses an offset past that limit with `EINVAL` (`vfs_setpos`) and
+/// accepts any below it, so bisection finds it in at most 44 calls (one
+/// where the file system holds `MAX_FILE_SIZE`). The descriptor's offset
+/// is put back. A descriptor that cannot seek gets `MAX_FILE_SIZE`.
+fn probe_max_file_size(f: &fs::File) -> u64 {
+    use rustix::fs::{seek, SeekFrom};
+    let max = crate::types::MAX_FILE_SIZE;
+    let Ok(saved) = seek(f, SeekFrom::Current(0)) else {
+        return max;
+    };
+    let seekable = |pos: u64| seek(f, SeekFrom::Start(pos)).is_ok();
+    let limit = if seekable(max) {
+        max
+    } else {
+        // Invariant: `lo` is seekable (the current offset is), `hi` not.
+        let (mut lo, mut hi) = (saved, max);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if seekable(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    };
+    // Best effort: the offset was seekable before.
+    let _ = seek(f, SeekFrom::Start(saved));
+    limit
 }
 
 /// `pread(2)`, retrying EINTR.
@@ -330,6 +391,8 @@ pub struct DirectFileStore {
     buffered: fs::File,
     align: usize,
     fallbacks: AtomicU64,
+    /// The file system's largest file (`probe_max_file_size`).
+    max_file_size: u64,
 }
 
 /// A zeroed heap buffer aligned for `O_DIRECT` (a bounce buffer).
@@ -396,11 +459,13 @@ impl DirectFileStore {
                 }
             })?;
         let buffered = fs::OpenOptions::new().read(true).write(true).open(path)?;
+        let max_file_size = probe_max_file_size(&buffered);
         Ok(DirectFileStore {
             direct,
             buffered,
             align: 4096,
             fallbacks: AtomicU64::new(0),
+            max_file_size,
         })
     }
 
@@ -515,6 +580,10 @@ impl BackingStore for DirectFileStore {
 
     fn set_len(&self, size: u64) -> io::Result<()> {
         self.direct.set_len(size)
+    }
+
+    fn max_file_size(&self) -> u64 {
+        self.max_file_size
     }
 
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
@@ -850,6 +919,10 @@ impl<S: BackingStore> AddressSpaceOps for StoreOps<S> {
 
     fn initial_size(&self) -> io::Result<u64> {
         self.store.len()
+    }
+
+    fn max_file_size(&self) -> u64 {
+        self.store.max_file_size()
     }
 
     fn set_size(&self, size: u64) -> io::Result<()> {

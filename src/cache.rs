@@ -947,6 +947,17 @@ impl File {
         Ok(self.mapping()?.size())
     }
 
+    /// The largest size this file can reach: what its store can hold (the
+    /// file system's limit for a [`FileStore`](crate::FileStore)), at most
+    /// [`MAX_FILE_SIZE`](crate::MAX_FILE_SIZE)
+    /// ([`AddressSpace::max_file_size`]).
+    ///
+    /// # Errors
+    /// `Closed` after close.
+    pub fn max_file_size(&self) -> Result<u64> {
+        Ok(self.mapping()?.max_file_size())
+    }
+
     /// This file's counters ([`AddressSpace::stats`]): shared by every
     /// handle of the file; zero after close.
     pub fn stats(&self) -> Stats {

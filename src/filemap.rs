@@ -9,7 +9,7 @@ use crate::address_space::AddressSpace;
 use crate::aops::ReadaheadControl;
 use crate::error::{Error, Result};
 use crate::folio::FolioGuard;
-use crate::types::{PgOff, MAX_FILE_SIZE, PAGE_SHIFT, PAGE_SIZE};
+use crate::types::{PgOff, PAGE_SHIFT, PAGE_SIZE};
 
 /// On-demand readahead state of one file (`struct file_ra_state`).
 #[derive(Debug, Default)]
@@ -40,15 +40,15 @@ pub enum Advice {
     DontNeed,
 }
 
-/// Check that `[pos, pos + len)` ends within the largest file.
-pub(crate) fn check_range_max(pos: u64, len: u64) -> Result<u64> {
-    match pos.checked_add(len) {
-        Some(end) if end <= MAX_FILE_SIZE => Ok(end),
-        _ => Err(Error::FileTooLarge {
-            offset: pos,
-            len,
-            max: MAX_FILE_SIZE,
-        }),
+impl AddressSpace {
+    /// Check that `[pos, pos + len)` ends within the largest file the
+    /// store can hold (`inode_newsize_ok`, `generic_write_checks`).
+    pub(crate) fn check_range_max(&self, pos: u64, len: u64) -> Result<u64> {
+        let max = self.max_file_size();
+        match pos.checked_add(len) {
+            Some(end) if end <= max => Ok(end),
+            _ => Err(Error::FileTooLarge { offset: pos, len, max }),
+        }
     }
 }
 
@@ -461,7 +461,8 @@ impl AddressSpace {
     /// Takes `i_rwsem` exclusive; `write_begin` / `write_end` lock each folio.
     ///
     /// # Errors
-    /// `EFBIG` when `pos` is at or past the largest file (a write starting
+    /// `EFBIG` when `pos` is at or past the largest file the store can
+    /// hold ([`max_file_size`](Self::max_file_size); a write starting
     /// below it and crossing it is cut short there and returns the shorter
     /// length, as the kernel's); past the dirty limit, the error of this
     /// file's write-back when it failed and left dirty memory past the
@@ -475,10 +476,11 @@ impl AddressSpace {
         if buf.is_empty() {
             return Ok(0);
         }
-        if pos < MAX_FILE_SIZE && buf.len() as u64 > MAX_FILE_SIZE - pos {
-            return self.write_at(&buf[..(MAX_FILE_SIZE - pos) as usize], pos);
+        let max = self.max_file_size();
+        if pos < max && buf.len() as u64 > max - pos {
+            return self.write_at(&buf[..(max - pos) as usize], pos);
         }
-        check_range_max(pos, buf.len() as u64)?;
+        self.check_range_max(pos, buf.len() as u64)?;
         if crate::mmap::overlaps_user_mapping(buf.as_ptr(), buf.len()) {
             // The source is an upcache mapping: copying from it under the
             // folio lock could fault on that very folio. Fault it in now,

@@ -7,7 +7,6 @@ use std::io;
 use crate::address_space::AddressSpace;
 use crate::aops::WritebackControl;
 use crate::error::{Error, Result};
-use crate::filemap::check_range_max;
 use crate::folio::{FolioGuard, FolioRef};
 use crate::types::{PgOff, PAGE_SIZE};
 
@@ -66,9 +65,11 @@ impl AddressSpace {
     /// and waits for its writeback.
     ///
     /// # Errors
-    /// `EFBIG` past the largest file; the store's error from resizing.
+    /// `EFBIG` past the largest file the store can hold
+    /// ([`max_file_size`](Self::max_file_size)); the store's error from
+    /// resizing.
     pub fn truncate(&self, new_size: u64) -> Result<()> {
-        check_range_max(new_size, 0)?;
+        self.check_range_max(new_size, 0)?;
         // Growing a file of large folios locks the folio holding the old
         // end (`unpoison_growth`): a page guard of it held by this thread
         // is an error too, before anything changes.
@@ -178,7 +179,7 @@ impl AddressSpace {
     ///
     /// # Errors
     /// `EINVAL` for a zero length, `EFBIG` for a range past the largest
-    /// file; the error of writing the range back (a folio written during
+    /// file the store can hold; the error of writing the range back (a folio written during
     /// the punch included), `EBUSY` if such a folio was written again
     /// during each of three write-backs; the store's error.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
@@ -187,7 +188,7 @@ impl AddressSpace {
                 what: "punch_hole of zero length",
             });
         }
-        let end = check_range_max(off, len)?;
+        let end = self.check_range_max(off, len)?;
         crate::page_ref::check_range_unheld(self.id(), off, end)?;
         let _sb = self.start_write();
         let _i = self.inode_lock();

@@ -47,20 +47,32 @@ fn past_max_file_size_is_efbig() {
 
 /// As the kernel's `generic_write_check_limits`: a write that starts below
 /// the largest file and crosses it is cut short at it; an empty write
-/// succeeds wherever it points (the length is checked first).
+/// succeeds wherever it points (the length is checked first). Run on the
+/// disk's file system (its own limit) and on tmpfs (which holds
+/// `MAX_FILE_SIZE`).
 #[test]
 fn a_write_crossing_the_largest_file_is_short() {
-    let (_d, f) = open();
-    assert_eq!(f.write_at(&[], u64::MAX).unwrap(), 0);
-    assert_eq!(f.write_at(&[], MAX_FILE_SIZE + 1).unwrap(), 0);
-    assert_eq!(f.write_at(b"xy", MAX_FILE_SIZE - 1).unwrap(), 1);
-    assert_eq!(f.len().unwrap(), MAX_FILE_SIZE);
-    let mut b = [0u8; 4];
-    assert_eq!(f.read_at(&mut b, MAX_FILE_SIZE - 2).unwrap(), 2);
-    assert_eq!(&b[..2], &[0, b'x']);
-    // Drop the far byte again before the handle's flush (the disk's file
-    // system may refuse a file this large).
-    f.truncate(10_000).unwrap();
+    let (d, disk) = open();
+    let shm = tempfile::tempdir_in("/dev/shm").expect("a tmpfs at /dev/shm");
+    let p = shm.path().join("f");
+    std::fs::write(&p, vec![3u8; 10_000]).unwrap();
+    let tmpfs = PageCache::new().open(&p).unwrap();
+    assert_eq!(tmpfs.max_file_size().unwrap(), MAX_FILE_SIZE);
+    for f in [disk, tmpfs] {
+        let max = f.max_file_size().unwrap();
+        assert!(max <= MAX_FILE_SIZE);
+        assert_eq!(f.write_at(&[], u64::MAX).unwrap(), 0);
+        assert_eq!(f.write_at(&[], max + 1).unwrap(), 0);
+        assert_eq!(f.write_at(b"xy", max - 1).unwrap(), 1);
+        assert_eq!(f.len().unwrap(), max);
+        let mut b = [0u8; 4];
+        assert_eq!(f.read_at(&mut b, max - 2).unwrap(), 2);
+        assert_eq!(&b[..2], &[0, b'x']);
+        // The store holds what the cache took.
+        f.fsync().unwrap();
+        f.truncate(10_000).unwrap();
+    }
+    drop((d, shm));
 }
 
 #[test]
@@ -103,4 +115,78 @@ fn missing_file_is_enoent() {
     let dir = tempdir();
     let e = PageCache::new().open(dir.path().join("nope")).unwrap_err();
     assert_eq!(e.raw_os_error(), 2);
+}
+
+/// A write, truncate or punch the disk's file system can never hold must
+/// fail (or be cut short) at once, as the kernel's `generic_write_checks`
+/// and `inode_newsize_ok` do against the file system's `s_maxbytes` —
+/// never be cached and fail only at write-back. Differential: the same
+/// calls on a twin file through the kernel give the reference. (ext4 with
+/// 4 KiB blocks holds files up to 16 TiB − 4 KiB, one page short of
+/// `MAX_FILE_SIZE`.)
+#[test]
+fn the_file_systems_largest_file_limits_writes_like_pwrite() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempdir();
+    let (kp, up) = (dir.path().join("kernel"), dir.path().join("upcache"));
+    std::fs::write(&kp, b"x").unwrap();
+    std::fs::write(&up, b"x").unwrap();
+    let kernel = std::fs::OpenOptions::new().read(true).write(true).open(&kp).unwrap();
+    let f = PageCache::new().open(&up).unwrap();
+    let errno = |e: std::io::Error| e.raw_os_error().unwrap();
+    // The kernel's limit for this file (`s_maxbytes`), which its
+    // `lseek(2)` enforces: the largest seekable offset up to
+    // `MAX_FILE_SIZE`.
+    let seekable = |pos: u64| rustix::fs::seek(&kernel, rustix::fs::SeekFrom::Start(pos)).is_ok();
+    let (mut lo, mut hi) = (0, MAX_FILE_SIZE + 1);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        *(if seekable(mid) { &mut lo } else { &mut hi }) = mid;
+    }
+    let limit = lo;
+    eprintln!("this file system's largest file: {limit} (MAX_FILE_SIZE {MAX_FILE_SIZE})");
+    for pos in [
+        MAX_FILE_SIZE - 4096,
+        MAX_FILE_SIZE - 4097,
+        MAX_FILE_SIZE - 2,
+        MAX_FILE_SIZE - 8193,
+    ] {
+        let k = kernel.write_at(b"ab", pos).map_err(errno);
+        let u = f.write_at(b"ab", pos).map_err(|e| e.raw_os_error());
+        assert_eq!(u, k, "write of 2 bytes at {pos}: upcache vs pwrite");
+        kernel.set_len(1).unwrap();
+        f.truncate(1).unwrap();
+    }
+    for size in [MAX_FILE_SIZE - 4096, MAX_FILE_SIZE - 4095, MAX_FILE_SIZE] {
+        let k = kernel.set_len(size).map_err(errno);
+        let u = f.truncate(size).map_err(|e| e.raw_os_error());
+        assert_eq!(u, k, "truncate to {size}: upcache vs ftruncate");
+        kernel.set_len(1).unwrap();
+        f.truncate(1).unwrap();
+    }
+    for (off, len) in [
+        (0, MAX_FILE_SIZE - 4096),
+        (0, MAX_FILE_SIZE),
+        (MAX_FILE_SIZE - 8192, 4096),
+    ] {
+        use rustix::fs::{fallocate, FallocateFlags};
+        let k = fallocate(
+            &kernel,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            off,
+            len,
+        )
+        .map_err(|e| e.raw_os_error());
+        let u = f.punch_hole(off, len).map_err(|e| e.raw_os_error());
+        assert_eq!(u, k, "punch of [{off}, +{len}): upcache vs fallocate");
+    }
+    // Nothing the disk refuses is left in the cache.
+    f.fsync().unwrap();
+    assert_eq!(std::fs::metadata(&up).unwrap().len(), 1);
+    // The limit survives the wrappers an engine puts around its store.
+    let store = std::sync::Arc::new(upcache::FileStore::open(&kp).unwrap());
+    let ops = std::sync::Arc::new(upcache::StoreOps::new(store));
+    let wrapped = PageCache::new().open_with_ops("wrapped", Box::new(ops)).unwrap();
+    assert_eq!(wrapped.max_file_size().unwrap(), f.max_file_size().unwrap());
+    assert_eq!(f.max_file_size().unwrap(), limit);
 }

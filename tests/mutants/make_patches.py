@@ -343,8 +343,8 @@ MUTANTS = [
      "    if true {\n        let _ = (clears_before, size_before);\n        sigbus(sh, vmf);\n        return;\n    }\n    for _ in 0..1000 {\n        let _vmas = m.i_mmap.lock();\n",
      "cargo test --test sigbus poison_for_a_read_error_cleared_meanwhile_does_not_stay"),
     ("85-write-crossing-the-largest-file-is-efbig", "src/filemap.rs",
-     "if pos < MAX_FILE_SIZE && buf.len() as u64 > MAX_FILE_SIZE - pos {",
-     "if false && pos < MAX_FILE_SIZE && buf.len() as u64 > MAX_FILE_SIZE - pos {",
+     "if pos < max && buf.len() as u64 > max - pos {",
+     "if false && pos < max && buf.len() as u64 > max - pos {",
      "cargo test --test bad_input a_write_crossing_the_largest_file_is_short"),
     ("86-read-only-handle-refuses-private-mapping", "src/cache.rs",
      "            Share::Private => self.mapping()?,",
@@ -478,6 +478,14 @@ MUTANTS = [
      "            if written == WRITES {\n                break;",
      "            if written == WRITES {\n                return Ok(Some(g));",
      "cargo test --test integrity punch_stops_before_the_store"),
+    ("120-store-file-size-limit-ignored", "src/address_space.rs",
+     "let s_maxbytes = ops.max_file_size().clamp(size, crate::types::MAX_FILE_SIZE);",
+     "let s_maxbytes = crate::types::MAX_FILE_SIZE.max(ops.max_file_size() * 0);",
+     "cargo test --test bad_input the_file_systems_largest_file_limits_writes_like_pwrite"),
+    ("121-file-store-limit-probe-off-by-one", "src/backing.rs",
+     "            if seekable(mid) {\n                lo = mid;",
+     "            if seekable(mid) {\n                lo = mid + 1;",
+     "cargo test --test bad_input the_file_systems_largest_file_limits_writes_like_pwrite"),
 ]
 
 
