@@ -177,6 +177,17 @@ pub struct AddressSpace {
     /// shrink and the new `i_size`: no folio past the new end can be
     /// written (growing the file back) in between.
     pub(crate) wb_lock: RwLock<()>,
+    /// Held across the store's sync and the recording of its error
+    /// (`store_sync`): all handles share the store, and a store (a kernel
+    /// file) reports a failed sync to one caller only, so a second sync
+    /// running while the first fails would succeed and its `fsync` return
+    /// before the error is recorded.
+    pub(crate) sync_lock: Mutex<()>,
+    /// A write-back ended since the store's last sync began: the store
+    /// may hold bytes it has not made durable. Set at the end of every
+    /// write-back (`end_writeback`), cleared when a store sync starts; the
+    /// last user's drop syncs the store while it is set.
+    pub(crate) unsynced: AtomicBool,
     /// When the file first became dirty since its last flush (ms on the
     /// flusher's clock; 0: clean), the kernel's `dirtied_when`.
     dirtied_when: AtomicU64,
@@ -241,6 +252,8 @@ impl AddressSpace {
             wb,
             dirtied_when: AtomicU64::new(0),
             wb_lock: RwLock::new(()),
+            sync_lock: Mutex::new(()),
+            unsynced: AtomicBool::new(false),
             atomic_fill: AtomicBool::new(false),
             eviction: Arc::new(Eviction::default()),
             poison_clears: AtomicU64::new(0),
@@ -690,8 +703,19 @@ impl AddressSpace {
     /// uptodate.
     ///
     /// # Errors
-    /// `InvalidInput` if the folio is uptodate; the memfd write's error.
+    /// `InvalidInput` if the folio is uptodate or not this file's; the
+    /// memfd write's error.
     pub fn fill_folio(&self, folio: &mut FolioGuard, data: &[u8]) -> io::Result<()> {
+        if folio.mapping_id() != self.id() {
+            // The page-atomic branch writes this file's memory at the
+            // folio's offset: another file's folio would have this file's
+            // cached bytes overwritten (under its page guards, its
+            // writeback, its mappings).
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "fill_folio of a folio of another file (or one truncated away)",
+            ));
+        }
         if folio.is_uptodate() {
             // Its bytes are shared (page guards, writeback, mappings): only
             // the write paths may change them.
@@ -823,6 +847,10 @@ impl AddressSpace {
     }
 
     fn end_writeback(&self, folio: FolioRef) {
+        // Before WRITEBACK clears: a sync that waited for this write-back
+        // finds the flag set or clears it itself.
+        // Release: pairs with the AcqRel swap in `store_sync`.
+        self.unsynced.store(true, Ordering::Release);
         let n = folio.nr_pages();
         self.i_pages.lock().clear_tag(folio.index().0, Tag::Writeback);
         self.stats.writeback_sub(n);
@@ -1001,7 +1029,21 @@ impl Drop for AddressSpace {
         // No dirty data is discarded silently: a failure is reported.
         // (Pages an async mapping wrote and a harvest left pending count:
         // `has_wp_async` stays true for them.)
-        if self.nr_dirty_folios() > 0 || self.has_wp_async() {
+        let dirty = self.nr_dirty_folios() > 0 || self.has_wp_async();
+        // Acquire: pairs with the Release in `end_writeback`.
+        if !dirty && self.unsynced.load(Ordering::Acquire) {
+            // Nothing dirty, but write-backs (the flusher's, reclaim's,
+            // a mapping's `flush_async`) gave the store bytes no sync has
+            // covered: make them durable now, as `File::drop` would have.
+            if let Err(e) = self.store_sync() {
+                eprintln!(
+                    "upcache: {}: the store's sync when the last user went failed ({e}); \
+                     data written back since the last sync may not be durable",
+                    self.name,
+                );
+            }
+        }
+        if dirty {
             // Checked against the error word too: a writeback that ended
             // with an error after the walk (an engine's asynchronous
             // `writepage`) left its folio dirty without failing the call.

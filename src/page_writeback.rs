@@ -6,6 +6,7 @@ use std::io;
 use crate::address_space::AddressSpace;
 use crate::aops::{SyncMode, WritebackControl};
 use crate::folio::{FolioGuard, FolioRef};
+use crate::sync::Ordering;
 use crate::types::{PgOff, PAGE_SHIFT};
 use crate::xarray::Tag;
 
@@ -296,10 +297,22 @@ impl AddressSpace {
     /// the kernel records a failed journal commit or device flush. (The
     /// bytes were handed to the store and upcache's folios are clean: it
     /// cannot know which of them the store lost.)
+    ///
+    /// One store sync of the file at a time, its error recorded before the
+    /// next starts (`sync_lock`): the store reports a failed sync to one
+    /// caller, and another handle's `fsync` syncing meanwhile would get
+    /// `Ok` for bytes the failed sync covered.
     pub(crate) fn store_sync(&self) -> io::Result<()> {
+        let _one = self.sync_lock.lock();
+        // Cleared before the sync: a write-back ending during it sets it
+        // again. AcqRel: pairs with the Release in `end_writeback`.
+        self.unsynced.swap(false, Ordering::AcqRel);
         let r = self.ops.fsync();
         if let Err(e) = &r {
             self.set_error(e.raw_os_error().unwrap_or(libc::EIO));
+            // The bytes are still not durable: the last user's drop
+            // tries again.
+            self.unsynced.store(true, Ordering::Release);
         }
         r
     }

@@ -505,3 +505,109 @@ fn punch_stops_before_the_store_when_a_page_written_during_it_cannot_be_written(
         assert!(disk[3 * P..4 * P].iter().all(|&b| b == 9), "page 3 not on disk");
     });
 }
+
+/// A store sync that fails covers the bytes every handle of the file gave
+/// the store: a second handle's `fsync` that runs while the failing sync
+/// is still in the store must report that failure, not succeed on the
+/// store's next (clean) sync — the kernel reports a descriptor's error to
+/// one `fdatasync` only, and both handles share the store's descriptor
+/// (found by review, thirteenth session: the error was recorded only
+/// after the failing sync returned).
+#[test]
+fn a_failed_store_sync_reaches_a_concurrent_fsync_of_another_handle() {
+    watchdog("concurrent fsyncs of two handles", 120, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [0u8; PAGE_SIZE]).unwrap();
+        let gate = common::Gate::new(false);
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (g, s) = (gate.clone(), syncs.clone());
+        let store = HookStore::new(&path, move |op, _, _| {
+            if op == StoreOp::Sync && s.fetch_add(1, Ordering::SeqCst) == 0 {
+                g.pass();
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            Ok(())
+        });
+        let cache = PageCache::new();
+        let h1 = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+        // The same file: this open's operations are dropped unused.
+        let h2 = cache
+            .open_with_ops("f", StoreOps::new(upcache::FileStore::open(&path).unwrap()))
+            .unwrap();
+        h2.write_at(b"B", 0).unwrap();
+        std::thread::scope(|sc| {
+            // h1's fsync writes "B" back, then its store sync fails (held
+            // at the gate meanwhile).
+            let a = sc.spawn(|| h1.fsync());
+            gate.wait_arrived();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let b = sc.spawn(move || {
+                tx.send(common::gettid()).unwrap();
+                h2.fsync()
+            });
+            common::wait_until_parked(rx.recv().unwrap(), || b.is_finished());
+            gate.open();
+            assert!(a.join().unwrap().is_err(), "the failing sync's own fsync");
+            let r = b.join().unwrap();
+            assert_eq!(
+                r.as_ref().map_err(|e| e.raw_os_error()),
+                Err(libc::EIO),
+                "h2's fsync during the failing store sync that covered its write: {r:?}"
+            );
+        });
+    });
+}
+
+/// The last user of a file going (here a mapping, after the handle was
+/// dropped) syncs the store when write-back gave it bytes since the last
+/// sync: drop flushes, and `sync_all` after it has no file left to sync
+/// (found by review, thirteenth session: the drop synced only when folios
+/// were still dirty, so bytes a background write-back wrote were never
+/// synced).
+#[test]
+fn the_last_user_going_syncs_what_write_back_gave_the_store() {
+    watchdog("the last user's drop", 120, last_user_going_syncs);
+}
+
+fn last_user_going_syncs() {
+    /// Says when the store (the address space's operations) is dropped:
+    /// after the address space's drop has run.
+    struct Dropped(std::sync::mpsc::Sender<()>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, [0u8; 2 * PAGE_SIZE]).unwrap();
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = log.clone();
+    let (tx, gone) = std::sync::mpsc::channel();
+    let dropped = Dropped(tx);
+    let store = HookStore::new(&path, move |op, _, _| {
+        let _ = &dropped;
+        l.lock().unwrap().push(op);
+        Ok(())
+    });
+    let cache = PageCache::new();
+    let f = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+    let m = f.mmap_raw(0, 2 * PAGE_SIZE).unwrap();
+    drop(f);
+    m.write(0, b"X");
+    // Cleansing write-back: the store gets the byte, no sync.
+    m.flush_async().unwrap();
+    let wrote = log.lock().unwrap().iter().rposition(|&op| op == StoreOp::Write);
+    let wrote = wrote.expect("flush_async wrote the page to the store");
+    drop(m);
+    // The address space is gone (its last reference may have been a
+    // handler thread's): `sync_all` now has nothing of it to sync.
+    gone.recv().unwrap();
+    let log = log.lock().unwrap();
+    assert!(
+        log[wrote..].contains(&StoreOp::Sync),
+        "no store sync after the last write-back: {log:?}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap()[0], b'X');
+}

@@ -434,6 +434,31 @@ fn the_aops_surface_cannot_alias_folio_bytes() {
     assert_eq!(b[0], byte(0), "the refused fill changed nothing");
 }
 
+/// `fill_folio` of another file's folio is refused: in page-atomic mode
+/// (a mapping exists) it wrote the caller's file's memory at that folio's
+/// offset — cached, uptodate bytes a `PageRef` was reading (found by
+/// review, thirteenth session).
+#[test]
+fn fill_folio_refuses_another_files_folio() {
+    let (dir, cache, a) = sixteen_pages();
+    let _map = a.mmap_raw(0, 16 * PAGE_SIZE).unwrap();
+    let bp = dir.path().join("b");
+    std::fs::write(&bp, content(16 * PAGE_SIZE)).unwrap();
+    let b = cache.open(&bp).unwrap();
+    let mut x = [0u8; 1];
+    a.read_at(&mut x, 0).unwrap();
+    // SAFETY: no mapping of `a` writes page 0 while the guard lives (the
+    // mapping is never touched).
+    let page = unsafe { a.get_page(0) }.unwrap();
+    let (ma, mb) = (a.address_space().unwrap(), b.address_space().unwrap());
+    assert!(ma.needs_atomic_fill());
+    let mut g = mb.filemap_grab_folio(PgOff(0)).unwrap();
+    let e = ma.fill_folio(&mut g, &[0x55u8; PAGE_SIZE]).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+    assert_eq!(page[0], byte(0), "a's cached page changed under its PageRef");
+    drop((g, page));
+}
+
 /// Page indices past the largest file reach no folio: the index's slot
 /// arithmetic used to wrap (index 2^32 is slot 0) and the folio's memory
 /// was the next file's, in release builds.

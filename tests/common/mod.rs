@@ -13,6 +13,9 @@ macro_rules! delegate_to_inner {
         fn initial_size(&self) -> std::io::Result<u64> {
             self.inner.initial_size()
         }
+        fn max_file_size(&self) -> u64 {
+            self.inner.max_file_size()
+        }
         fn set_size(&self, size: u64) -> std::io::Result<()> {
             self.inner.set_size(size)
         }
@@ -183,6 +186,8 @@ pub enum StoreOp {
     Write,
     SetLen,
     Punch,
+    /// `sync_data` (offset and length 0).
+    Sync,
 }
 
 type Hook = Box<dyn Fn(StoreOp, u64, u64) -> io::Result<()> + Send + Sync>;
@@ -216,10 +221,14 @@ impl upcache::BackingStore for HookStore {
         self.inner.write_all_at(b, o)
     }
     fn sync_data(&self) -> io::Result<()> {
+        (self.hook)(StoreOp::Sync, 0, 0)?;
         self.inner.sync_data()
     }
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
+    }
+    fn max_file_size(&self) -> u64 {
+        self.inner.max_file_size()
     }
     fn set_len(&self, s: u64) -> io::Result<()> {
         (self.hook)(StoreOp::SetLen, s, 0)?;

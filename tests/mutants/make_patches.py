@@ -486,6 +486,18 @@ MUTANTS = [
      "            if seekable(mid) {\n                lo = mid;",
      "            if seekable(mid) {\n                lo = mid + 1;",
      "cargo test --test bad_input the_file_systems_largest_file_limits_writes_like_pwrite"),
+    ("122-store-sync-error-recorded-after-another-sync", "src/page_writeback.rs",
+     "        let _one = self.sync_lock.lock();\n",
+     "",
+     "cargo test --test integrity a_failed_store_sync_reaches_a_concurrent_fsync"),
+    ("123-last-user-drop-skips-the-store-sync", "src/address_space.rs",
+     "        if !dirty && self.unsynced.load(Ordering::Acquire) {",
+     "        if false && !dirty && self.unsynced.load(Ordering::Acquire) {",
+     "cargo test --test integrity the_last_user_going_syncs"),
+    ("124-fill-folio-takes-another-files-folio", "src/address_space.rs",
+     "        if folio.mapping_id() != self.id() {\n            // The page-atomic branch",
+     "        if false && folio.mapping_id() != self.id() {\n            // The page-atomic branch",
+     "cargo test --test soundness fill_folio_refuses_another_files_folio"),
 ]
 
 
