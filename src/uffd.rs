@@ -13,7 +13,7 @@
 //! |---|---|---|---|
 //! | `EEXIST` | CONTINUE, COPY, POISON | a page of the range is already mapped (another handler thread, or the kernel, won) | `UffdError::Exists`: skip that page, wake the faulter |
 //! | `EAGAIN` | any resolving ioctl | the mm is changing (a pending remove/remap event, mmap lock contention) | `UffdError::Again`: retry |
-//! | `ENOENT` | CONTINUE | no page in the page cache at that offset (punched meanwhile) | `UffdError::NoPage`: treat as a miss, fault again |
+//! | `ENOENT` | CONTINUE | the range is not inside one VMA (`mfill_atomic`'s VMA check: the user split the mapping with `madvise`, `mprotect` or a partial `mlock`, or unmapped part of it) | `UffdError::NoPage`: `continue_range` goes on one granule at a time; a granule that still gets it has no VMA: skipped |
 //! | `EFAULT` | CONTINUE | no page in the page cache at that offset (shmem's lookup found a hole; Linux 6.18 turns its ENOENT into EFAULT), or the range is not registered | `UffdError::Fault`: a hole in a folio the caller holds uptodate is given zeros and mapped (`AddressSpace::fill_hole_in_uptodate_folio`); otherwise as `Gone` |
 //! | `EFAULT`, `EINVAL` on a range | any other | the range is not (or no longer) registered: the mapping is going away | `UffdError::Gone`: drop the fault; unregister woke the faulter |
 //! | `ESRCH` | any | the target mm exited | `UffdError::Gone` |
@@ -195,8 +195,9 @@ pub enum UffdError {
         /// Bytes resolved before the error.
         done: usize,
     },
-    /// ENOENT: no page in the page cache there.
-    #[error("no page in the page cache (ENOENT)")]
+    /// ENOENT: the range is not inside one VMA (split or partly
+    /// unmapped).
+    #[error("the range is not inside one VMA (ENOENT)")]
     NoPage {
         /// Bytes resolved before the error.
         done: usize,

@@ -333,8 +333,13 @@ pub(crate) fn continue_range(vma: &VmArea, r: Range<usize>, wp: bool) -> Continu
     let mut out = Continued::Clean;
     let mut tries = 0;
     let mut filled = None;
+    // One granule per CONTINUE once the kernel said the range is not
+    // inside one VMA (the user split the mapping).
+    let mut single = false;
     while start < r.end {
-        match uffd.continue_range(start, r.end - start, wp) {
+        let len = if single { step.min(r.end - start) } else { r.end - start };
+        match uffd.continue_range(start, len, wp) {
+            Ok(()) if single => start += len,
             Ok(()) => break,
             Err(UffdError::Fault { done }) => {
                 // No page in the memfd, or the mapping is going away. The
@@ -350,9 +355,17 @@ pub(crate) fn continue_range(vma: &VmArea, r: Range<usize>, wp: bool) -> Continu
                 filled = Some(at);
                 start = at;
             }
+            Err(UffdError::NoPage { done }) if !single => {
+                // ENOENT: the range is not inside one VMA (`madvise`,
+                // `mprotect` or a partial `mlock` split the mapping; a
+                // missing page is EFAULT). Go on one granule at a time,
+                // each inside one VMA.
+                single = true;
+                start += done;
+            }
             Err(UffdError::Exists { done }) | Err(UffdError::NoPage { done }) => {
-                // Already mapped by another handler (or, for NoPage, not
-                // in the memfd any more): skip that page.
+                // Already mapped by another handler (or, for a single
+                // granule's NoPage, no VMA there any more): skip it.
                 out = Continued::Raced;
                 start += done + step;
             }

@@ -831,3 +831,38 @@ fn a_read_folio_that_leaves_pages_unwritten_maps_zeros_not_a_hang() {
         assert_eq!(fresh.stats().unfilled_pages, 1);
     });
 }
+
+/// A mapping whose VMA the user split (`madvise`, `mprotect`, a partial
+/// `mlock`) is still served: `UFFDIO_CONTINUE` refuses a range that spans
+/// two VMAs with `ENOENT`, which was taken for "page not in the memfd"
+/// and skipped — every page of the fault-around window was skipped and
+/// the thread woken into the same fault forever (found by review,
+/// thirteenth session). Every mapping mode, both halves of the split.
+#[test]
+fn a_split_mapping_is_still_served() {
+    for mode in [upcache::UffdMode::Minor, upcache::UffdMode::Missing] {
+        watchdog(&format!("faults on a split {mode:?} mapping"), 60, move || {
+            let dir = tempdir();
+            let path = dir.path().join("f");
+            std::fs::write(&path, vec![7u8; 64 * 1024]).unwrap();
+            let cache = PageCache::builder()
+                .mmap_mode(mode)
+                .fault_around_bytes(64 * 1024)
+                .build();
+            let f = cache.open(&path).unwrap();
+            // Cached, so `Minor` mode maps through CONTINUE.
+            let mut b = vec![0u8; 64 * 1024];
+            f.read_at(&mut b, 0).unwrap();
+            let m = f.mmap_raw(0, 64 * 1024).unwrap();
+            // SAFETY: advice on the second half of a live mapping this test
+            // owns; MADV_RANDOM changes no contents, it splits the VMA.
+            let r = unsafe { libc::madvise(m.as_mut_ptr().add(32 * 1024).cast(), 32 * 1024, libc::MADV_RANDOM) };
+            assert_eq!(r, 0, "madvise: {}", io::Error::last_os_error());
+            for page in [1usize, 9, 15, 0] {
+                let mut x = [0u8; 1];
+                m.read(page * PAGE_SIZE, &mut x);
+                assert_eq!(x[0], 7, "page {page}");
+            }
+        });
+    }
+}

@@ -498,6 +498,10 @@ MUTANTS = [
      "        if folio.mapping_id() != self.id() {\n            // The page-atomic branch",
      "        if false && folio.mapping_id() != self.id() {\n            // The page-atomic branch",
      "cargo test --test soundness fill_folio_refuses_another_files_folio"),
+    ("125-continue-enoent-skips-the-split-range", "src/vm_ops.rs",
+     "            Err(UffdError::NoPage { done }) if !single => {",
+     "            Err(UffdError::NoPage { done }) if false && !single => {",
+     "cargo test --test faults a_split_mapping_is_still_served"),
 ]
 
 
