@@ -628,7 +628,14 @@ impl AddressSpace {
             self.stats.dirty_sub(n);
         }
         self.stats.folio_removed(n);
-        self.ops.free_folio(self, folio);
+        // An engine's panic here would leave the folio out of the index
+        // with the index's reference never put: finish the removal.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.ops.free_folio(self, folio))).is_err() {
+            eprintln!(
+                "upcache: {}: the engine's free_folio panicked; the folio is removed anyway",
+                self.name
+            );
+        }
         if folio.has_error() {
             // Mapped accesses to it got SIGBUS (poison): with the folio
             // gone, the next access faults again and reads afresh.

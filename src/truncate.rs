@@ -270,7 +270,10 @@ impl AddressSpace {
     /// does every such folio of a file with async-tracked mappings
     /// (`wp_async.rs`: it may hold mapped writes no harvest has seen yet).
     pub(crate) fn truncate_inode_pages_range(&self, start: u64, end: u64, partial: bool) -> io::Result<()> {
-        let mut removed: Vec<FolioRef> = Vec::new();
+        let mut removed = Removed {
+            mapping: self,
+            folios: Vec::new(),
+        };
         let mut failed: Option<io::Error> = None;
         let mut index = PgOff::of_byte(start).0;
         let end_index = end.div_ceil(PAGE_SIZE as u64);
@@ -305,7 +308,7 @@ impl AddressSpace {
                 };
                 self.ops.invalidate_folio(self, &g, 0, g.size());
                 self.filemap_remove_folio(&g);
-                removed.push(g.unlock());
+                removed.folios.push(g.unlock());
             } else if end == u64::MAX && crate::types::page_align_up(start) < fend {
                 // A folio with whole pages past the new end: remove it whole.
                 if let (Some(g), _) = self.write_back_locked(g) {
@@ -340,7 +343,7 @@ impl AddressSpace {
                     }
                     self.ops.invalidate_folio(self, &g, 0, g.size());
                     self.filemap_remove_folio(&g);
-                    removed.push(g.unlock());
+                    removed.folios.push(g.unlock());
                 }
             } else if partial {
                 let zs = (start.max(fstart) - fstart) as usize;
@@ -351,26 +354,7 @@ impl AddressSpace {
                 self.ops.invalidate_folio(self, &g, zs, ze - zs);
             }
         }
-        for f in &removed {
-            f.wait_refs_drained();
-        }
-        // Punch runs of adjacent folios with one call each.
-        let mut res = Ok(());
-        let mut run: Option<(u64, u64)> = None;
-        for f in &removed {
-            let (p, l) = (f.pos(), f.size() as u64);
-            run = match run {
-                Some((rp, rl)) if rp + rl == p => Some((rp, rl + l)),
-                Some((rp, rl)) => {
-                    res = res.and(self.punch_memory(rp, rl));
-                    Some((p, l))
-                }
-                None => Some((p, l)),
-            };
-        }
-        if let Some((rp, rl)) = run {
-            res = res.and(self.punch_memory(rp, rl));
-        }
+        let res = removed.finish();
         match failed {
             Some(e) => Err(e),
             None => res,
@@ -425,5 +409,54 @@ impl AddressSpace {
                 ),
             ),
         })
+    }
+}
+
+/// The folios a truncate or punch removed from the index and has not yet
+/// punched out of the page store. Their memory may be reused by a new
+/// folio at the same offset only once no reference (a `PageRef`, a
+/// reader's copy) is left and it is punched, so `finish` waits, then
+/// punches. Dropped unfinished — an engine callback (`invalidate_folio`,
+/// `free_folio`, a write barrier) panicked in the middle of the loop — it
+/// still finishes: otherwise a new folio's fill would change the bytes a
+/// live `&[u8]` of a removed folio reads.
+struct Removed<'a> {
+    mapping: &'a AddressSpace,
+    folios: Vec<FolioRef>,
+}
+
+impl Removed<'_> {
+    /// Wait for the removed folios' references, then punch their memory,
+    /// runs of adjacent folios with one call each.
+    fn finish(&mut self) -> io::Result<()> {
+        let folios = std::mem::take(&mut self.folios);
+        for f in &folios {
+            f.wait_refs_drained();
+        }
+        let mut res = Ok(());
+        let mut run: Option<(u64, u64)> = None;
+        for f in &folios {
+            let (p, l) = (f.pos(), f.size() as u64);
+            run = match run {
+                Some((rp, rl)) if rp + rl == p => Some((rp, rl + l)),
+                Some((rp, rl)) => {
+                    res = res.and(self.mapping.punch_memory(rp, rl));
+                    Some((p, l))
+                }
+                None => Some((p, l)),
+            };
+        }
+        if let Some((rp, rl)) = run {
+            res = res.and(self.mapping.punch_memory(rp, rl));
+        }
+        res
+    }
+}
+
+impl Drop for Removed<'_> {
+    fn drop(&mut self) {
+        if !self.folios.is_empty() {
+            let _ = self.finish();
+        }
     }
 }
