@@ -114,11 +114,23 @@ pub fn write_cache_pages(
                 continue;
             }
             if !g.is_dirty() {
-                // Cleaned by someone else since it was tagged.
-                if tag == Tag::ToWrite {
-                    mapping.i_pages.lock().clear_tag(i, Tag::ToWrite);
+                // Clean, not under writeback, locked by us, and still
+                // tagged DIRTY: the last holder was a `writepage` that
+                // failed before starting writeback and unlocked the folio
+                // clean (the tag outlives `folio_clear_dirty_for_io` until
+                // `folio_start_writeback`); its caller has not dirtied it
+                // again yet (`keep_dirty_after_failed_writepage`). The
+                // store may not have its bytes: dirty it and write it
+                // here, or this sync would return first.
+                let failed = !g.is_writeback() && mapping.i_pages.lock().has_tag(i, Tag::Dirty);
+                if !failed {
+                    // Cleaned by someone else since it was tagged.
+                    if tag == Tag::ToWrite {
+                        mapping.i_pages.lock().clear_tag(i, Tag::ToWrite);
+                    }
+                    continue;
                 }
-                continue;
+                mapping.mark_dirty_raw(&g);
             }
             if g.is_writeback() {
                 if wbc.sync_mode == SyncMode::None {
@@ -141,8 +153,8 @@ pub fn write_cache_pages(
             mapping.stats.write_io();
             let folio = g.folio().clone();
             if let Err(e) = call_writepage(|| writepage(g, wbc)) {
+                keep_dirty_after_failed_writepage(mapping, &folio, wbc, &e);
                 first_err.get_or_insert(e);
-                keep_dirty_after_failed_writepage(mapping, &folio, wbc);
             }
             wbc.pages_written += nr as u64;
             wbc.nr_to_write = wbc.nr_to_write.saturating_sub(nr);
@@ -170,8 +182,14 @@ pub(crate) fn call_writepage(f: impl FnOnce() -> io::Result<()>) -> io::Result<(
 /// A `writepage` that failed must leave its folio dirty (redirtied, or
 /// ended with `end_with_error`) or under writeback; one that dropped it
 /// clean would lose its data (its DIRTY bit is gone, and nothing writes a
-/// clean folio again). Dirty it again in that case.
-pub(crate) fn keep_dirty_after_failed_writepage(mapping: &AddressSpace, folio: &FolioRef, wbc: &WritebackControl) {
+/// clean folio again). Dirty it again in that case. A background caller
+/// that cannot take its lock records `err` for the next `fsync` instead.
+pub(crate) fn keep_dirty_after_failed_writepage(
+    mapping: &AddressSpace,
+    folio: &FolioRef,
+    wbc: &WritebackControl,
+    err: &io::Error,
+) {
     if folio.is_dirty() || folio.is_writeback() || folio.mapping_id() != mapping.id() {
         return;
     }
@@ -182,7 +200,9 @@ pub(crate) fn keep_dirty_after_failed_writepage(mapping: &AddressSpace, folio: &
         // reclaim try-locks folios and lets go as soon as it sees our
         // reference, and if we gave up it could evict the clean folio on
         // its next pass. A holder that keeps it past the retries (a page
-        // guard) is left the data, clean; the caller got the error.
+        // guard) is left the data, clean, and the error is recorded for
+        // the next `fsync` (a background caller drops it; the folio's
+        // DIRTY tag stays, so the next write-back walk writes it again).
         let mut tries = 0;
         loop {
             match folio.clone().trylock() {
@@ -191,7 +211,10 @@ pub(crate) fn keep_dirty_after_failed_writepage(mapping: &AddressSpace, folio: &
                     tries += 1;
                     crate::sync::yield_now();
                 }
-                Err(_) => return,
+                Err(_) => {
+                    mapping.set_error(err.raw_os_error().unwrap_or(libc::EIO));
+                    return;
+                }
             }
         }
     } else {

@@ -42,7 +42,7 @@ impl AddressSpace {
             let mut wbc = WritebackControl::all(g.pos(), g.pos() + g.size() as u64 - 1);
             let f = g.folio().clone();
             if let Err(e) = crate::page_writeback::call_writepage(|| self.ops.writepage(self, g, &mut wbc)) {
-                crate::page_writeback::keep_dirty_after_failed_writepage(self, &f, &wbc);
+                crate::page_writeback::keep_dirty_after_failed_writepage(self, &f, &wbc, &e);
                 res = Err(e);
             }
         } else {

@@ -447,8 +447,8 @@ impl AddressSpace {
                     let mut wbc = WritebackControl::none(g.nr_pages() as i64);
                     wbc.for_background = true;
                     let folio = g.folio().clone();
-                    if crate::page_writeback::call_writepage(|| self.ops.writepage(self, g, &mut wbc)).is_err() {
-                        crate::page_writeback::keep_dirty_after_failed_writepage(self, &folio, &wbc);
+                    if let Err(e) = crate::page_writeback::call_writepage(|| self.ops.writepage(self, g, &mut wbc)) {
+                        crate::page_writeback::keep_dirty_after_failed_writepage(self, &folio, &wbc, &e);
                     }
                 }
             }
@@ -499,8 +499,11 @@ impl AddressSpace {
         // writeback that failed after the checks above (it holds no lock)
         // redirtied the folio and ended before it dropped its reference,
         // which the freeze saw gone (the kernel's re-check after
-        // `folio_ref_freeze` in `__remove_mapping`).
-        if g.is_dirty() || g.is_writeback() {
+        // `folio_ref_freeze` in `__remove_mapping`). A clean folio still
+        // tagged DIRTY was left so by a `writepage` that failed before
+        // starting writeback (`keep_dirty_after_failed_writepage`): the
+        // store may not have its bytes, so it is dirty data too.
+        if g.is_dirty() || g.is_writeback() || self.i_pages.lock().has_tag(g.index().0, crate::xarray::Tag::Dirty) {
             g.unfreeze_refs(2);
             return None;
         }

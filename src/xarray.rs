@@ -71,6 +71,10 @@ impl XaLocked {
     pub(crate) fn clear_tag(&mut self, index: u64, tag: Tag) -> bool {
         self.tags[tag as usize].remove(&index)
     }
+    /// Is the folio starting at `index` tagged `tag`?
+    pub(crate) fn has_tag(&self, index: u64, tag: Tag) -> bool {
+        self.tags[tag as usize].contains(&index)
+    }
     /// Up to `max` folio indices tagged `tag` in `[from, to)`.
     pub(crate) fn tagged(&self, tag: Tag, from: u64, to: u64, max: usize) -> Vec<u64> {
         if from >= to {

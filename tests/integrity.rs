@@ -2,6 +2,7 @@
 //! lost, no divergence between the cache and the store. Each exact
 //! sequence below failed before its fix.
 
+#[macro_use]
 mod common;
 
 use std::io;
@@ -610,4 +611,127 @@ fn last_user_going_syncs() {
         "no store sync after the last write-back: {log:?}"
     );
     assert_eq!(std::fs::read(&path).unwrap()[0], b'X');
+}
+
+/// Engine operations whose first `writepage` unlocks the folio clean and
+/// fails only after a gate opens (an engine error, or a panic, after it
+/// let the folio go): a window in which the folio is clean, unlocked and
+/// not under writeback, its bytes never written.
+struct FailAfterUnlock {
+    inner: StoreOps<upcache::FileStore>,
+    gate: Arc<common::Gate>,
+    first: AtomicBool,
+}
+
+impl upcache::aops::AddressSpaceOps for FailAfterUnlock {
+    delegate_to_inner!(read_folio);
+    delegate_to_inner!();
+    fn writepage(
+        &self,
+        m: &upcache::aops::AddressSpace,
+        f: upcache::aops::FolioGuard,
+        wbc: &mut upcache::aops::WritebackControl,
+    ) -> io::Result<()> {
+        if self.first.swap(false, Ordering::SeqCst) {
+            drop(f);
+            self.gate.pass();
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.writepage(m, f, wbc)
+    }
+}
+
+/// An `fsync` that runs while a failing `writepage` has left its folio
+/// clean and unlocked (before the caller dirties it again) still writes
+/// the folio, or fails: it took the folio for "cleaned by someone else"
+/// and returned `Ok` with the byte not in the store (found by review,
+/// thirteenth session).
+#[test]
+fn fsync_during_a_failed_writepage_window_writes_the_folio() {
+    watchdog("fsync in a failed writepage's window", 120, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [0u8; PAGE_SIZE]).unwrap();
+        let gate = common::Gate::new(false);
+        let cache = PageCache::new();
+        let ops = FailAfterUnlock {
+            inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
+            gate: gate.clone(),
+            first: AtomicBool::new(true),
+        };
+        let f = cache.open_with_ops("f", ops).unwrap();
+        f.write_at(b"W", 0).unwrap();
+        std::thread::scope(|s| {
+            let a = s.spawn(|| f.writeback(1));
+            gate.wait_arrived();
+            let r = f.fsync();
+            let stored = std::fs::read(&path).unwrap()[0];
+            gate.open();
+            assert!(a.join().unwrap().is_err(), "the failing writepage's caller");
+            if r.is_ok() {
+                assert_eq!(stored, b'W', "fsync returned Ok without the byte in the store");
+            }
+        });
+        // Whatever happened, a later fsync leaves the byte in the store.
+        f.fsync().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap()[0], b'W');
+    });
+}
+
+/// A background write-back whose `writepage` failed after unlocking the
+/// folio clean, and which then cannot relock it to dirty it again (a
+/// `PageMut` holds it), records the error for the next `fsync`; that
+/// `fsync` reports it and still writes the folio (its DIRTY tag stayed),
+/// and reclaim, while 256 pages are read through a 64-page cache meanwhile,
+/// does not evict it as clean. Before, the folio stayed clean with nothing
+/// recorded: every `fsync` returned `Ok` and the byte never reached the
+/// store (found by review, thirteenth session).
+#[test]
+fn a_background_writepage_failure_that_cannot_redirty_is_reported() {
+    watchdog("background writepage failure under a PageMut", 120, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 256 * PAGE_SIZE]).unwrap();
+        let gate = common::Gate::new(false);
+        let cache = PageCache::builder()
+            .memory_limit(64 * PAGE_SIZE as u64)
+            .max_folio_order(0)
+            .readahead_bytes(PAGE_SIZE as u64)
+            .build();
+        let ops = FailAfterUnlock {
+            inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
+            gate: gate.clone(),
+            first: AtomicBool::new(true),
+        };
+        let f = cache.open_with_ops("f", ops).unwrap();
+        f.write_at(b"W", 0).unwrap();
+        let m = f.address_space().unwrap();
+        std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                let mut wbc = upcache::aops::WritebackControl::none(1);
+                wbc.for_background = true;
+                m.writepages(&mut wbc)
+            });
+            gate.wait_arrived();
+            // SAFETY: the file has no mapping.
+            let held = unsafe { f.get_page_mut(0) }.unwrap();
+            gate.open();
+            assert!(a.join().unwrap().is_err(), "the failing writepage's caller");
+            drop(held);
+        });
+        // Direct reclaim in this thread: page 0 is the coldest folio.
+        let mut b = [0u8; PAGE_SIZE];
+        for page in 1..256 {
+            f.read_at(&mut b, (page * PAGE_SIZE) as u64).unwrap();
+        }
+        assert!(f.stats().evicted_bytes > 0, "reclaim ran: {:?}", f.stats());
+        let r = f.fsync();
+        assert_eq!(
+            r.as_ref().map_err(|e| e.raw_os_error()),
+            Err(libc::EIO),
+            "the background failure reaches fsync: {r:?}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap()[0], b'W', "fsync wrote the folio");
+        f.fsync().unwrap();
+    });
 }

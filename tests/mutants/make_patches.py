@@ -506,6 +506,18 @@ MUTANTS = [
      "        if !self.folios.is_empty() {\n            let _ = self.finish();",
      "        if false && !self.folios.is_empty() {\n            let _ = self.finish();",
      "cargo test --test soundness a_panicking_engine_in_truncate_keeps_pinned_pages_stable"),
+    ("127-integrity-walk-skips-a-failed-writepages-clean-folio", "src/page_writeback.rs",
+     "                let failed = !g.is_writeback() && mapping.i_pages.lock().has_tag(i, Tag::Dirty);",
+     "                let failed = false && !g.is_writeback() && mapping.i_pages.lock().has_tag(i, Tag::Dirty);",
+     "cargo test --test integrity fsync_during_a_failed_writepage_window_writes_the_folio"),
+    ("128-background-writepage-failure-unrecorded", "src/page_writeback.rs",
+     "                    mapping.set_error(err.raw_os_error().unwrap_or(libc::EIO));\n                    return;",
+     "                    let _ = err;\n                    return;",
+     "cargo test --test integrity a_background_writepage_failure_that_cannot_redirty_is_reported"),
+    ("129-reclaim-evicts-a-failed-writepages-clean-folio", "src/vmscan.rs",
+     "        if g.is_dirty() || g.is_writeback() || self.i_pages.lock().has_tag(g.index().0, crate::xarray::Tag::Dirty) {",
+     "        if g.is_dirty() || g.is_writeback() {",
+     "cargo test --test integrity a_background_writepage_failure_that_cannot_redirty_is_reported"),
 ]
 
 
