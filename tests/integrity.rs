@@ -682,7 +682,7 @@ fn fsync_during_a_failed_writepage_window_writes_the_folio() {
 /// folio clean, and which then cannot relock it to dirty it again (a
 /// `PageMut` holds it), records the error for the next `fsync`; that
 /// `fsync` reports it and still writes the folio (its DIRTY tag stayed),
-/// and reclaim, while 256 pages are read through a 64-page cache meanwhile,
+/// and reclaim, while 256 pages are read through a 64-page CLOCK cache,
 /// does not evict it as clean. Before, the folio stayed clean with nothing
 /// recorded: every `fsync` returned `Ok` and the byte never reached the
 /// store (found by review, thirteenth session).
@@ -695,6 +695,9 @@ fn a_background_writepage_failure_that_cannot_redirty_is_reported() {
         let gate = common::Gate::new(false);
         let cache = PageCache::builder()
             .memory_limit(64 * PAGE_SIZE as u64)
+            // CLOCK, so that a scan evicts page 0 too (S3-FIFO keeps a
+            // page used twice out of a scan's way).
+            .replacement_policy(upcache::ReplacementPolicy::Clock)
             .max_folio_order(0)
             .readahead_bytes(PAGE_SIZE as u64)
             .build();
