@@ -331,7 +331,7 @@ MUTANTS = [
      "",
      f"{LOOM} loom_large_folios map_pages_vs_truncate"),
     ("82-evict-without-recheck-after-freeze", "src/vmscan.rs",
-     "        if g.is_dirty() || g.is_writeback() {\n            g.unfreeze_refs(2);\n            return None;\n        }\n",
+     "        if g.is_dirty() || g.is_writeback() || self.i_pages.lock().has_tag(g.index().0, crate::xarray::Tag::Dirty) {\n            g.unfreeze_refs(2);\n            return None;\n        }\n",
      "",
      f"{LOOM} loom_writeback real_evict_vs_a_failing_writeback"),
     ("83-dontneed-drops-errored-folio-keeping-poison", "src/vmscan.rs",
