@@ -13,6 +13,9 @@
 //!   copies punched memory (truncate waits for references to drain);
 //! - a `PageMut` write vs a `punch_hole` whose store refuses the punch:
 //!   the punch drops only clean folios, so the write survives;
+//! - `set_atomic_fill` (a `Missing` mapping being created) vs an engine's
+//!   fill without `invalidate_lock`: no fill through folio memory is left
+//!   running once it returns;
 //! - `filemap_page_mkwrite` vs writeback (`write_and_wait_range`, with its
 //!   `folio_clear_dirty_for_io` → `page_mkclean`): a write through a
 //!   mapping is never lost — after both, one more writeback puts it in the
@@ -512,5 +515,42 @@ fn real_page_mut_excludes_page_mut() {
         m.read_at(&mut b, 0).unwrap();
         assert_eq!(b[0], BYTE.wrapping_add(2), "a PageMut update was lost");
         assert!(m.nr_dirty_folios() == 1, "a written PageMut left the folio clean");
+    });
+}
+
+/// Creating a `Missing`-mode mapping (`set_atomic_fill`) vs an engine's
+/// fill of a folio it grabbed without `invalidate_lock` (public
+/// `filemap_grab_folio`, then a write through the folio's memory, as
+/// `fill_folio` and `StoreOps::read_folio` do when fills need not be
+/// page-atomic). Once `set_atomic_fill` returns, no such fill may still be
+/// running: the kernel maps a page of a `Missing` mapping as soon as its
+/// first byte is in the memfd, and the mapping would show (and race) a
+/// half-filled page. `set_atomic_fill` used to wait only for holders of
+/// `invalidate_lock` (found by review, thirteenth session; mutant 130).
+#[test]
+fn real_set_atomic_fill_vs_a_fill_without_invalidate_lock() {
+    loom::model(|| {
+        let m = address_space(std::sync::Arc::new(MemStore::filled(PAGE_SIZE, BYTE)));
+        // 0: not started, 1: writing through the folio's memory, 2: done.
+        let state = Arc::new(AtomicUsize::new(0));
+        let filler = {
+            let (m, state) = (m.clone(), state.clone());
+            thread::spawn(move || {
+                let mut g = m.filemap_grab_folio(upcache::aops::PgOff(0)).unwrap();
+                if !m.needs_atomic_fill() {
+                    state.store(1, Ordering::SeqCst);
+                    g.data_mut()[0] = 7;
+                    state.store(2, Ordering::SeqCst);
+                }
+                g.mark_uptodate();
+            })
+        };
+        upcache::loom_support::set_atomic_fill(&m);
+        assert_ne!(
+            state.load(Ordering::SeqCst),
+            1,
+            "a fill through the folio's memory runs after set_atomic_fill returned"
+        );
+        filler.join().unwrap();
     });
 }

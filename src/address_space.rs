@@ -172,6 +172,9 @@ pub struct AddressSpace {
     /// Some mapping lets the kernel map cached pages itself (`Missing`
     /// mode): fills must then make each page visible only when complete.
     atomic_fill: AtomicBool,
+    /// Serializes `set_atomic_fill`: a second caller returns only once the
+    /// first has waited for the fills in flight.
+    atomic_fill_switch: Mutex<()>,
     /// Held shared by every writeback of the file (`writepages`, reclaim's
     /// writeback with a trylock), exclusive by truncate around the store's
     /// shrink and the new `i_size`: no folio past the new end can be
@@ -255,6 +258,7 @@ impl AddressSpace {
             sync_lock: Mutex::new(()),
             unsynced: AtomicBool::new(false),
             atomic_fill: AtomicBool::new(false),
+            atomic_fill_switch: Mutex::new(()),
             eviction: Arc::new(Eviction::default()),
             poison_clears: AtomicU64::new(0),
         })
@@ -695,11 +699,35 @@ impl AddressSpace {
         self.atomic_fill.load(Ordering::Acquire)
     }
 
-    /// Switch fills to page-atomic mode, then wait for fills in flight
-    /// (they all hold `invalidate_lock` shared).
+    /// Switch fills to page-atomic mode, then wait for fills in flight.
+    /// The crate's own fills hold `invalidate_lock` shared, but an
+    /// engine's need not (`filemap_grab_folio`, then `fill_folio` or
+    /// `StoreOps::read_folio`); every fill, though, runs on a folio that is
+    /// indexed, locked and not uptodate. So after the switch, lock (and
+    /// unlock) each folio that is not uptodate: its fill, if one had
+    /// decided on the non-atomic path, is over. A folio indexed after the
+    /// walk passed its index is filled by a thread that reads the switch
+    /// after the insertion: the SeqCst fences here and in
+    /// `index_add_folio` make that read see it (a store-buffering pair:
+    /// either the walk sees the folio, or its filler sees the switch).
     pub(crate) fn set_atomic_fill(&self) {
-        if !self.atomic_fill.swap(true, Ordering::AcqRel) {
-            drop(self.invalidate_lock_exclusive());
+        let _one = self.atomic_fill_switch.lock();
+        if self.atomic_fill.load(Ordering::Acquire) {
+            return;
+        }
+        self.atomic_fill.store(true, Ordering::Release);
+        // SeqCst: pairs with the fence in `index_add_folio`.
+        crate::sync::fence(Ordering::SeqCst);
+        drop(self.invalidate_lock_exclusive());
+        let mut index = 0;
+        while let Some((i, _)) = self.i_pages.find_from(index, u64::MAX) {
+            index = i + 1;
+            if let Some(f) = self.filemap_get_folio(PgOff(i)) {
+                index = f.index().0 + f.nr_pages();
+                if !f.is_uptodate() {
+                    drop(f.lock());
+                }
+            }
         }
     }
 
@@ -941,6 +969,11 @@ pub(crate) fn index_add_folio(xa: &XArray, folio: &FolioGuard) -> bool {
         return false;
     }
     xa.store_range(&locked, folio.index().0, folio.nr_pages(), &**folio as *const Folio);
+    // SeqCst: pairs with the fence in `set_atomic_fill`: the folio's filler
+    // (this thread, or one it hands the locked folio to) reads
+    // `needs_atomic_fill` after this, and sees the switch unless the
+    // switch's walk sees this folio.
+    crate::sync::fence(Ordering::SeqCst);
     true
 }
 

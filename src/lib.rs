@@ -408,6 +408,13 @@ pub mod loom_support {
         let _ = m.harvest_mapped_writes(PgOff(0), PgOff(u64::MAX), crate::wp_async::HarvestMode::Background);
     }
 
+    /// What creating a `Missing`-mode mapping does before the mapping
+    /// exists (`set_atomic_fill`): from now on fills are page-atomic, and
+    /// none through the folios' memory is still running.
+    pub fn set_atomic_fill(m: &AddressSpace) {
+        m.set_atomic_fill();
+    }
+
     /// The real address-space lookup (`filemap_get_folio`).
     pub fn get_folio(m: &AddressSpace, index: u64) -> Option<FolioRef> {
         m.filemap_get_folio(PgOff(index))

@@ -518,6 +518,10 @@ MUTANTS = [
      "        if g.is_dirty() || g.is_writeback() || self.i_pages.lock().has_tag(g.index().0, crate::xarray::Tag::Dirty) {",
      "        if g.is_dirty() || g.is_writeback() {",
      "cargo test --test integrity a_background_writepage_failure_that_cannot_redirty_is_reported"),
+    ("130-atomic-fill-switch-skips-fills-in-flight", "src/address_space.rs",
+     "                if !f.is_uptodate() {\n                    drop(f.lock());",
+     "                if false && !f.is_uptodate() {\n                    drop(f.lock());",
+     f"{LOOM} loom_filemap real_set_atomic_fill_vs_a_fill_without_invalidate_lock"),
 ]
 
 
