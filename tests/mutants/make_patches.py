@@ -522,6 +522,10 @@ MUTANTS = [
      "                if !f.is_uptodate() {\n                    drop(f.lock());",
      "                if false && !f.is_uptodate() {\n                    drop(f.lock());",
      f"{LOOM} loom_filemap real_set_atomic_fill_vs_a_fill_without_invalidate_lock"),
+    ("131-folio-insertion-without-the-fill-switch-fence", "src/address_space.rs",
+     "    // switch's walk sees this folio.\n    crate::sync::fence(Ordering::SeqCst);\n",
+     "    // switch's walk sees this folio.\n",
+     f"{LOOM} loom_filemap real_set_atomic_fill_vs_a_fill_without_invalidate_lock"),
 ]
 
 
