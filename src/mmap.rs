@@ -92,6 +92,10 @@ pub struct VmArea {
     /// without being throttled (granted when a throttled fault is
     /// replayed; see `fault::do_wp_page`).
     throttle_credit: AtomicU32,
+    /// The mapping's own errseq cursor (the `f_wb_err` of the file a
+    /// kernel VMA holds), sampled when it was made: `flush` reports each
+    /// write-back error since then once, whoever else reported it.
+    wb_err: crate::sync::AtomicU64,
 }
 
 /// Unthrottled write faults granted to a mapping each time one of its
@@ -516,6 +520,7 @@ pub(crate) fn do_mmap(
         wq: WaitQueue::new(),
         poisoned: AtomicBool::new(false),
         throttle_credit: AtomicU32::new(0),
+        wb_err: crate::sync::AtomicU64::new(mapping.wb_err.sample()),
     });
     let mut modes = mode::MISSING;
     if mode == UffdMode::Minor {
@@ -887,7 +892,9 @@ fn flush_vma_range(vma: &VmArea, off: usize, len: usize) -> Result<()> {
     let Some((start, end)) = flush_file_range(vma, off, len)? else {
         return Ok(());
     };
-    vma.mapping().sync_range_checked(start, end).map_err(Error::Writeback)
+    vma.mapping()
+        .sync_range_checked_since(start, end, &vma.wb_err)
+        .map_err(Error::Writeback)
 }
 
 impl Mmap {

@@ -290,7 +290,7 @@ impl AddressSpace {
     }
 
     /// An integrity sync of `[start, end]` for callers without a handle's
-    /// error cursor (`sync_all`, `freeze`, a mapping's `flush`): write and
+    /// error cursor (`sync_all`, `freeze`, the last user's drop): write and
     /// wait, sync the store, and fail if a write error was recorded for the
     /// file meanwhile. A write the walk did not start itself (a background
     /// writeback in flight, which it waited for) may have failed: its
@@ -306,9 +306,25 @@ impl AddressSpace {
         // bumps nothing then) and this sync would return `Ok` with the
         // folio dirty (`tests/faults.rs`).
         let since = crate::sync::AtomicU64::new(self.wb_err.sample());
+        self.sync_range_checked_since(start, end, &since)
+    }
+
+    /// [`sync_range_checked`](Self::sync_range_checked) against a cursor
+    /// of the caller's (a mapping's, sampled when it was made, as a
+    /// kernel VMA's file holds `f_wb_err`): every error recorded since the
+    /// cursor last reported one is reported once, whoever saw it first.
+    ///
+    /// # Errors
+    /// As `sync_range_checked`.
+    pub(crate) fn sync_range_checked_since(
+        &self,
+        start: u64,
+        end: u64,
+        since: &crate::sync::AtomicU64,
+    ) -> io::Result<()> {
         let written = self.write_and_wait_range(start, end);
         let synced = self.store_sync();
-        if let Some(errno) = self.wb_err.check_and_advance(&since) {
+        if let Some(errno) = self.wb_err.check_and_advance(since) {
             return Err(io::Error::from_raw_os_error(errno));
         }
         written.and(synced)

@@ -738,3 +738,41 @@ fn a_background_writepage_failure_that_cannot_redirty_is_reported() {
         f.fsync().unwrap();
     });
 }
+
+/// A mapping's `flush` reports a write-back error that happened after the
+/// mapping was made, once, even when another handle's `fsync` reported it
+/// first — as `msync(2)` checks its mapping's own file's error cursor. It
+/// reported only errors nobody had seen, so this flush returned `Ok` for a
+/// byte the failed store sync may have lost (found by review, thirteenth
+/// session).
+#[test]
+fn a_mappings_flush_reports_an_error_another_handle_saw_first() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, [0u8; PAGE_SIZE]).unwrap();
+    let failed = Arc::new(AtomicBool::new(false));
+    let f2 = failed.clone();
+    let store = HookStore::new(&path, move |op, _, _| {
+        if op == StoreOp::Sync && !f2.swap(true, Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    });
+    let cache = PageCache::new();
+    let h1 = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+    let h2 = cache
+        .open_with_ops("f", StoreOps::new(upcache::FileStore::open(&path).unwrap()))
+        .unwrap();
+    let m = h2.mmap_raw(0, PAGE_SIZE).unwrap();
+    m.write(0, b"Y");
+    let e = h1.fsync().unwrap_err();
+    assert_eq!(e.raw_os_error(), libc::EIO, "{e}");
+    let r = m.flush();
+    assert_eq!(
+        r.as_ref().map_err(|e| e.raw_os_error()),
+        Err(libc::EIO),
+        "the mapping's flush after another handle saw the error: {r:?}"
+    );
+    m.flush().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap()[0], b'Y');
+}

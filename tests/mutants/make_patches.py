@@ -526,6 +526,10 @@ MUTANTS = [
      "    // switch's walk sees this folio.\n    crate::sync::fence(Ordering::SeqCst);\n",
      "    // switch's walk sees this folio.\n",
      f"{LOOM} loom_filemap real_set_atomic_fill_vs_a_fill_without_invalidate_lock"),
+    ("132-mapping-flush-without-its-own-error-cursor", "src/mmap.rs",
+     "sync_range_checked_since(start, end, &vma.wb_err)",
+     "sync_range_checked(start, end)",
+     "cargo test --test integrity a_mappings_flush_reports_an_error_another_handle_saw_first"),
 ]
 
 
