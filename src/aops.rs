@@ -155,6 +155,7 @@ impl ReadaheadControl {
 ///         self.dirtied.fetch_add(1, Ordering::Relaxed); // folio locked: must not sleep
 ///     }
 ///     fn initial_size(&self) -> io::Result<u64> { self.inner.initial_size() }
+///     fn max_file_size(&self) -> u64 { self.inner.max_file_size() }
 ///     fn set_size(&self, size: u64) -> io::Result<()> { self.inner.set_size(size) }
 ///     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> { self.inner.punch_hole(off, len) }
 ///     fn fsync(&self) -> io::Result<()> { self.inner.fsync() }
@@ -371,7 +372,13 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
     /// Make written data durable (`fdatasync`).
     ///
     /// # Locking
-    /// Nothing held. May block.
+    /// The file's store-sync lock: one store sync of the file runs at a
+    /// time, and its error is recorded before the next starts (a store
+    /// reports a failed sync to one caller only, and every handle of the
+    /// file shares the store). So concurrent `fsync`s of one file run their
+    /// store syncs one after the other — a WAL's group commit should sync
+    /// once for the group — and this method must not sync the same file
+    /// through the cache (it would wait for itself). May block.
     ///
     /// # Errors
     /// The store's error.

@@ -239,19 +239,32 @@ impl FileStore {
     /// `open(2)`'s error.
     pub fn open(path: impl AsRef<Path>) -> io::Result<FileStore> {
         let file = fs::OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(FileStore::from_file(file))
+        // Our own open file description: probing it moves no one's offset.
+        let max_file_size = probe_max_file_size(&file);
+        Ok(FileStore {
+            file,
+            append: false,
+            max_file_size,
+        })
     }
 
     /// Use an already open file (it must be open for reading and writing).
     /// A descriptor opened `O_APPEND` reads, but its writes fail with
     /// `EINVAL`: `pwrite(2)` on it ignores the offset and appends.
     ///
-    /// The file system's largest file is found here with `lseek(2)`
-    /// ([`BackingStore::max_file_size`]); the descriptor's offset is put
-    /// back afterwards (the store itself never uses it).
+    /// The file system's largest file is found with `lseek(2)`
+    /// ([`BackingStore::max_file_size`]) on a second open file description
+    /// of the same file (`/proc/self/fd`), never on this one: its offset
+    /// may be shared with descriptors the caller still reads or writes
+    /// through (`try_clone`, `dup`). Where that reopen fails, the limit is
+    /// [`MAX_FILE_SIZE`](crate::MAX_FILE_SIZE).
     pub fn from_file(file: fs::File) -> FileStore {
         let append = rustix::fs::fcntl_getfl(&file).is_ok_and(|f| f.contains(rustix::fs::OFlags::APPEND));
-        let max_file_size = probe_max_file_size(&file);
+        let max_file_size = {
+            use std::os::fd::AsRawFd;
+            fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+                .map_or(crate::types::MAX_FILE_SIZE, |own| probe_max_file_size(&own))
+        };
         FileStore {
             file,
             append,
@@ -311,8 +324,9 @@ impl BackingStore for FileStore {
 /// [`MAX_FILE_SIZE`](crate::MAX_FILE_SIZE). The kernel's `lseek(2)`
 /// refuses an offset past that limit with `EINVAL` (`vfs_setpos`) and
 /// accepts any below it, so bisection finds it in at most 44 calls (one
-/// where the file system holds `MAX_FILE_SIZE`). The descriptor's offset
-/// is put back. A descriptor that cannot seek gets `MAX_FILE_SIZE`.
+/// where the file system holds `MAX_FILE_SIZE`). `f` must be an open file
+/// description nobody else uses: its offset moves (and is put back). A
+/// descriptor that cannot seek gets `MAX_FILE_SIZE`.
 fn probe_max_file_size(f: &fs::File) -> u64 {
     use rustix::fs::{seek, SeekFrom};
     let max = crate::types::MAX_FILE_SIZE;

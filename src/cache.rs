@@ -816,6 +816,12 @@ impl File {
     /// the file (making one takes `i_rwsem`, which a writer waiting for
     /// the guard may hold); `mmap(2)`'s error.
     ///
+    /// # Locking
+    /// Must not be called holding a folio lock of the file (from inside an
+    /// engine callback such as `read_folio`): the file's first
+    /// `Missing`-mode mapping waits for every fill in flight, which locks
+    /// each folio being filled.
+    ///
     /// # Safety
     ///
     /// As with `memmap2::Mmap`, the returned handle derefs to a slice of

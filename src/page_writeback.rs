@@ -113,24 +113,12 @@ pub fn write_cache_pages(
             if g.index().0 != i {
                 continue;
             }
-            if !g.is_dirty() {
-                // Clean, not under writeback, locked by us, and still
-                // tagged DIRTY: the last holder was a `writepage` that
-                // failed before starting writeback and unlocked the folio
-                // clean (the tag outlives `folio_clear_dirty_for_io` until
-                // `folio_start_writeback`); its caller has not dirtied it
-                // again yet (`keep_dirty_after_failed_writepage`). The
-                // store may not have its bytes: dirty it and write it
-                // here, or this sync would return first.
-                let failed = !g.is_writeback() && mapping.i_pages.lock().has_tag(i, Tag::Dirty);
-                if !failed {
-                    // Cleaned by someone else since it was tagged.
-                    if tag == Tag::ToWrite {
-                        mapping.i_pages.lock().clear_tag(i, Tag::ToWrite);
-                    }
-                    continue;
+            if !g.is_dirty() && !mapping.redirty_after_failed_writepage(&g) {
+                // Cleaned by someone else since it was tagged.
+                if tag == Tag::ToWrite {
+                    mapping.i_pages.lock().clear_tag(i, Tag::ToWrite);
                 }
-                mapping.mark_dirty_raw(&g);
+                continue;
             }
             if g.is_writeback() {
                 if wbc.sync_mode == SyncMode::None {
@@ -226,6 +214,27 @@ pub(crate) fn keep_dirty_after_failed_writepage(
 }
 
 impl AddressSpace {
+    /// A locked folio that is clean, not under writeback, and still tagged
+    /// DIRTY was left so by a `writepage` that failed before starting
+    /// writeback and unlocked it clean (the tag outlives
+    /// `folio_clear_dirty_for_io` until `folio_start_writeback`), its
+    /// caller not having dirtied it again yet
+    /// (`keep_dirty_after_failed_writepage`, which may also have given up
+    /// on the lock). The store may not have its bytes: dirty it again.
+    /// Returns whether it did. Every path that treats a clean folio as
+    /// safe to skip or drop asks this first: the write-back walk, and
+    /// truncate and punch (`write_back_locked`).
+    ///
+    /// # Locking
+    /// Folio locked.
+    pub(crate) fn redirty_after_failed_writepage(&self, g: &FolioGuard) -> bool {
+        if g.is_dirty() || g.is_writeback() || !self.i_pages.lock().has_tag(g.index().0, Tag::Dirty) {
+            return false;
+        }
+        self.mark_dirty_raw(g);
+        true
+    }
+
     /// Ask the engine whether a locked dirty folio may be written now
     /// ([`AddressSpaceOps::write_barrier`](crate::aops::AddressSpaceOps::write_barrier)).
     /// `Ok(false)` means "skip it, it stays dirty"; in an integrity sync a

@@ -19,7 +19,7 @@ impl AddressSpace {
     /// `invalidate_lock` exclusive: the folio cannot be removed by anyone
     /// else, only written back.
     fn write_back_locked(&self, g: FolioGuard) -> (Option<FolioGuard>, io::Result<()>) {
-        if !g.is_dirty() {
+        if !g.is_dirty() && !self.redirty_after_failed_writepage(&g) {
             return (Some(g), Ok(()));
         }
         let index = g.index();
@@ -384,7 +384,7 @@ impl AddressSpace {
         let mut last = Ok(());
         for written in 0..=WRITES {
             self.harvest_locked_folio(&g);
-            if !g.is_dirty() {
+            if !g.is_dirty() && !self.redirty_after_failed_writepage(&g) {
                 return Ok(Some(g));
             }
             if written == WRITES {

@@ -189,4 +189,12 @@ fn the_file_systems_largest_file_limits_writes_like_pwrite() {
     let wrapped = PageCache::new().open_with_ops("wrapped", Box::new(ops)).unwrap();
     assert_eq!(wrapped.max_file_size().unwrap(), f.max_file_size().unwrap());
     assert_eq!(f.max_file_size().unwrap(), limit);
+    // From a descriptor the caller keeps using: the same limit, and its
+    // shared offset where it was.
+    use std::io::Seek;
+    let mut mine = std::fs::OpenOptions::new().read(true).write(true).open(&kp).unwrap();
+    mine.seek(std::io::SeekFrom::Start(5)).unwrap();
+    let store = upcache::FileStore::from_file(mine.try_clone().unwrap());
+    assert_eq!(upcache::BackingStore::max_file_size(&store), limit);
+    assert_eq!(mine.stream_position().unwrap(), 5);
 }

@@ -776,3 +776,45 @@ fn a_mappings_flush_reports_an_error_another_handle_saw_first() {
     m.flush().unwrap();
     assert_eq!(std::fs::read(&path).unwrap()[0], b'Y');
 }
+
+/// A truncate inside a large folio that a failed background `writepage`
+/// left clean (but still tagged DIRTY) writes the folio before dropping
+/// it whole, so the bytes below the new end reach the store: it took the
+/// folio for clean and dropped them (found by a review of the fix above,
+/// thirteenth session).
+#[test]
+fn truncate_writes_a_large_folio_a_failed_writepage_left_clean() {
+    watchdog("truncate after a failed writepage", 120, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 4 << 20]).unwrap();
+        let gate = common::Gate::new(false);
+        let cache = PageCache::builder().large_folios(true).build();
+        let ops = FailAfterUnlock {
+            inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
+            gate: gate.clone(),
+            first: AtomicBool::new(true),
+        };
+        let f = cache.open_with_ops("f", ops).unwrap();
+        f.write_at(b"W", 0).unwrap();
+        let m = f.address_space().unwrap();
+        std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                let mut wbc = upcache::aops::WritebackControl::none(512);
+                wbc.for_background = true;
+                m.writepages(&mut wbc)
+            });
+            gate.wait_arrived();
+            // SAFETY: the file has no mapping.
+            let held = unsafe { f.get_page_mut(0) }.unwrap();
+            gate.open();
+            assert!(a.join().unwrap().is_err(), "the failing writepage's caller");
+            drop(held);
+        });
+        // The 2 MiB folio at 0 straddles the new end: removed whole.
+        f.truncate(2 * PAGE_SIZE as u64).unwrap();
+        let disk = std::fs::read(&path).unwrap();
+        assert_eq!(disk.len(), 2 * PAGE_SIZE);
+        assert_eq!(disk[0], b'W', "the truncate dropped a folio whose write had failed");
+    });
+}

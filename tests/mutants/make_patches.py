@@ -507,8 +507,8 @@ MUTANTS = [
      "        if false && !self.folios.is_empty() {\n            let _ = self.finish();",
      "cargo test --test soundness a_panicking_engine_in_truncate_keeps_pinned_pages_stable"),
     ("127-integrity-walk-skips-a-failed-writepages-clean-folio", "src/page_writeback.rs",
-     "                let failed = !g.is_writeback() && mapping.i_pages.lock().has_tag(i, Tag::Dirty);",
-     "                let failed = false && !g.is_writeback() && mapping.i_pages.lock().has_tag(i, Tag::Dirty);",
+     "            if !g.is_dirty() && !mapping.redirty_after_failed_writepage(&g) {",
+     "            if !g.is_dirty() {",
      "cargo test --test integrity fsync_during_a_failed_writepage_window_writes_the_folio"),
     ("128-background-writepage-failure-unrecorded", "src/page_writeback.rs",
      "                    mapping.set_error(err.raw_os_error().unwrap_or(libc::EIO));\n                    return;",
@@ -530,6 +530,10 @@ MUTANTS = [
      "sync_range_checked_since(start, end, &vma.wb_err)",
      "sync_range_checked(start, end)",
      "cargo test --test integrity a_mappings_flush_reports_an_error_another_handle_saw_first"),
+    ("133-truncate-drops-a-failed-writepages-clean-folio", "src/truncate.rs",
+     "io::Result<()>) {\n        if !g.is_dirty() && !self.redirty_after_failed_writepage(&g) {",
+     "io::Result<()>) {\n        if !g.is_dirty() {",
+     "cargo test --test integrity truncate_writes_a_large_folio_a_failed_writepage_left_clean"),
 ]
 
 
