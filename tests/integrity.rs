@@ -678,6 +678,37 @@ fn fsync_during_a_failed_writepage_window_writes_the_folio() {
     });
 }
 
+/// Open `path` with [`FailAfterUnlock`] operations, write "W" at 0, and
+/// run a background write-back of up to `nr` pages whose `writepage`
+/// fails after unlocking the folio clean while this thread then holds a
+/// `PageMut` of it, so the failing caller cannot dirty it again. Returns
+/// the file, its folio at 0 clean but still tagged DIRTY.
+fn fail_background_writepage_under_page_mut(cache: &PageCache, path: &std::path::Path, nr: i64) -> upcache::File {
+    let gate = common::Gate::new(false);
+    let ops = FailAfterUnlock {
+        inner: StoreOps::new(upcache::FileStore::open(path).unwrap()),
+        gate: gate.clone(),
+        first: AtomicBool::new(true),
+    };
+    let f = cache.open_with_ops("f", ops).unwrap();
+    f.write_at(b"W", 0).unwrap();
+    let m = f.address_space().unwrap();
+    std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            let mut wbc = upcache::aops::WritebackControl::none(nr);
+            wbc.for_background = true;
+            m.writepages(&mut wbc)
+        });
+        gate.wait_arrived();
+        // SAFETY: the file has no mapping.
+        let held = unsafe { f.get_page_mut(0) }.unwrap();
+        gate.open();
+        assert!(a.join().unwrap().is_err(), "the failing writepage's caller");
+        drop(held);
+    });
+    f
+}
+
 /// A background write-back whose `writepage` failed after unlocking the
 /// folio clean, and which then cannot relock it to dirty it again (a
 /// `PageMut` holds it), records the error for the next `fsync`; that
@@ -692,7 +723,6 @@ fn a_background_writepage_failure_that_cannot_redirty_is_reported() {
         let dir = tempdir();
         let path = dir.path().join("f");
         std::fs::write(&path, vec![0u8; 256 * PAGE_SIZE]).unwrap();
-        let gate = common::Gate::new(false);
         let cache = PageCache::builder()
             .memory_limit(64 * PAGE_SIZE as u64)
             // CLOCK, so that a scan evicts page 0 too (S3-FIFO keeps a
@@ -701,27 +731,7 @@ fn a_background_writepage_failure_that_cannot_redirty_is_reported() {
             .max_folio_order(0)
             .readahead_bytes(PAGE_SIZE as u64)
             .build();
-        let ops = FailAfterUnlock {
-            inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
-            gate: gate.clone(),
-            first: AtomicBool::new(true),
-        };
-        let f = cache.open_with_ops("f", ops).unwrap();
-        f.write_at(b"W", 0).unwrap();
-        let m = f.address_space().unwrap();
-        std::thread::scope(|s| {
-            let a = s.spawn(|| {
-                let mut wbc = upcache::aops::WritebackControl::none(1);
-                wbc.for_background = true;
-                m.writepages(&mut wbc)
-            });
-            gate.wait_arrived();
-            // SAFETY: the file has no mapping.
-            let held = unsafe { f.get_page_mut(0) }.unwrap();
-            gate.open();
-            assert!(a.join().unwrap().is_err(), "the failing writepage's caller");
-            drop(held);
-        });
+        let f = fail_background_writepage_under_page_mut(&cache, &path, 1);
         // Direct reclaim in this thread: page 0 is the coldest folio.
         let mut b = [0u8; PAGE_SIZE];
         for page in 1..256 {
@@ -788,29 +798,8 @@ fn truncate_writes_a_large_folio_a_failed_writepage_left_clean() {
         let dir = tempdir();
         let path = dir.path().join("f");
         std::fs::write(&path, vec![0u8; 4 << 20]).unwrap();
-        let gate = common::Gate::new(false);
         let cache = PageCache::builder().large_folios(true).build();
-        let ops = FailAfterUnlock {
-            inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
-            gate: gate.clone(),
-            first: AtomicBool::new(true),
-        };
-        let f = cache.open_with_ops("f", ops).unwrap();
-        f.write_at(b"W", 0).unwrap();
-        let m = f.address_space().unwrap();
-        std::thread::scope(|s| {
-            let a = s.spawn(|| {
-                let mut wbc = upcache::aops::WritebackControl::none(512);
-                wbc.for_background = true;
-                m.writepages(&mut wbc)
-            });
-            gate.wait_arrived();
-            // SAFETY: the file has no mapping.
-            let held = unsafe { f.get_page_mut(0) }.unwrap();
-            gate.open();
-            assert!(a.join().unwrap().is_err(), "the failing writepage's caller");
-            drop(held);
-        });
+        let f = fail_background_writepage_under_page_mut(&cache, &path, 512);
         // The 2 MiB folio at 0 straddles the new end: removed whole.
         f.truncate(2 * PAGE_SIZE as u64).unwrap();
         let disk = std::fs::read(&path).unwrap();
