@@ -20,6 +20,7 @@ use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock};
 use crate::types::{PgOff, PAGE_SIZE};
 use crate::uffd::{fault_flag, feature, page_down, OpenError, PageFault, Pagemap, RawMsg, Uffd, UffdError};
 use crate::vm_ops::{continue_range, Continued, VmFault, VmFaultResult};
+use crate::worker_pool::{Sample, WorkerPool, SPARE_IDLE, TICK};
 
 /// Fault engine tunables (set through the `PageCacheBuilder`).
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +45,10 @@ pub(crate) struct EngineShared {
     stop: AtomicBool,
     wake_fd: OwnedFd,
     pub(crate) cfg: FaultConfig,
+    /// Busy handlers, progress, spares (`src/worker_pool.rs`).
+    pool: WorkerPool,
+    /// Every handler thread started (base and spares), joined on drop.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl EngineShared {
@@ -65,11 +70,12 @@ impl EngineShared {
     }
 }
 
-/// The engine: owns the handler threads; dropping the last owner (the
-/// cache, or a mapping that outlives it) stops and joins them.
+/// The engine: owns the handler threads and their monitor; dropping the
+/// last owner (the cache, or a mapping that outlives it) stops and joins
+/// them.
 pub(crate) struct FaultEngine {
     shared: Arc<EngineShared>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    monitor: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl FaultEngine {
@@ -104,20 +110,23 @@ impl FaultEngine {
             stop: AtomicBool::new(false),
             wake_fd,
             cfg,
+            pool: WorkerPool::new(cfg.threads.max(1)),
+            threads: Mutex::new(Vec::new()),
         });
         let engine = Arc::new(FaultEngine {
             shared: shared.clone(),
-            threads: Mutex::new(Vec::new()),
+            monitor: Mutex::new(None),
         });
         for i in 0..cfg.threads.max(1) {
-            let sh = shared.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("upcache-fault-{i}"))
-                .spawn(move || handler_main(&sh))
-                // Dropping `engine` stops the threads already started.
-                .map_err(OpenError::Threads)?;
-            engine.threads.lock().push(t);
+            // Dropping `engine` stops the threads already started.
+            start_handler(&shared, format!("upcache-fault-{i}"), false).map_err(OpenError::Threads)?;
         }
+        let sh = shared.clone();
+        let monitor = std::thread::Builder::new()
+            .name("upcache-rescuer".into())
+            .spawn(move || monitor_main(&sh))
+            .map_err(OpenError::Threads)?;
+        *engine.monitor.lock() = Some(monitor);
         Ok(engine)
     }
 
@@ -128,15 +137,73 @@ impl FaultEngine {
 
 impl Drop for FaultEngine {
     fn drop(&mut self) {
+        // Release: pairs with the handlers' Acquire load. The monitor's
+        // sleep reads it under the wait queue's lock, which
+        // `wake_monitor` takes after this store (`src/worker_pool.rs`).
         self.shared.stop.store(true, Ordering::Release);
         let _ = rustix::io::write(&self.shared.wake_fd, &1u64.to_ne_bytes());
-        for t in self.threads.lock().drain(..) {
+        self.shared.pool.wake_monitor();
+        if let Some(m) = self.monitor.lock().take() {
+            m.thread().unpark();
+            let _ = m.join();
+        }
+        // The monitor is gone: no spare starts any more.
+        let threads = std::mem::take(&mut *self.shared.threads.lock());
+        for t in threads {
             let _ = t.join();
         }
     }
 }
 
-fn handler_main(sh: &EngineShared) {
+/// Start a handler thread (`spare`: one the monitor added, which exits
+/// when idle).
+fn start_handler(sh: &Arc<EngineShared>, name: String, spare: bool) -> std::io::Result<()> {
+    let sh2 = sh.clone();
+    let t = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || handler_main(&sh2, spare))?;
+    let mut threads = sh.threads.lock();
+    // Spares that exited: nothing left to join.
+    threads.retain(|t| !t.is_finished());
+    threads.push(t);
+    Ok(())
+}
+
+/// The rescuer (`src/worker_pool.rs`): while some handler is busy, check
+/// every `TICK` that faults are being served, and start a spare handler
+/// when every handler has been stuck for a whole tick.
+fn monitor_main(sh: &Arc<EngineShared>) {
+    let pool = &sh.pool;
+    let mut prev: Option<Sample> = None;
+    loop {
+        if sh.stop.load(Ordering::Acquire) {
+            return;
+        }
+        if !pool.any_busy() {
+            prev = None;
+            pool.monitor_sleep(&sh.stop);
+            continue;
+        }
+        // A timer, not synchronization: woken early only by the engine's
+        // drop (which then finds `stop` set).
+        std::thread::park_timeout(TICK);
+        let now = pool.sample();
+        if let Some(p) = prev {
+            if pool.need_spare(p, now) {
+                let n = pool.spares_started();
+                if let Err(e) = start_handler(sh, format!("upcache-fault-s{n}"), true) {
+                    pool.spare_failed();
+                    eprintln!("upcache: every fault handler is blocked and a spare could not start: {e}");
+                }
+                prev = None;
+                continue;
+            }
+        }
+        prev = Some(now);
+    }
+}
+
+fn handler_main(sh: &EngineShared, spare: bool) {
     // One message per read: serving a fault may block (a folio lock a page
     // guard holds, a store read), and messages read with it would wait in
     // this thread's batch while other handlers sit idle. The fault they
@@ -157,7 +224,9 @@ fn handler_main(sh: &EngineShared) {
                 return;
             }
         };
-        if n == 0 && !sh.cfg.spin.is_zero() {
+        // Spares do not spin: they are there for a stuck pool, not for
+        // latency, and must not take the CPU from the handlers that spin.
+        if n == 0 && !spare && !sh.cfg.spin.is_zero() {
             // Saturating: a huge spin setting means "always spin", never
             // an overflow panic in the handler.
             let now = Instant::now();
@@ -175,9 +244,21 @@ fn handler_main(sh: &EngineShared) {
                 PollFd::new(&ufd, PollFlags::IN),
                 PollFd::new(&sh.wake_fd, PollFlags::IN),
             ];
-            let _ = poll(&mut fds, None);
+            if spare {
+                let idle = rustix::event::Timespec {
+                    tv_sec: SPARE_IDLE.as_secs() as i64,
+                    tv_nsec: 0,
+                };
+                if matches!(poll(&mut fds, Some(&idle)), Ok(0)) && sh.pool.try_retire() {
+                    return;
+                }
+            } else {
+                let _ = poll(&mut fds, None);
+            }
             continue;
         }
+        sh.pool.begin_work();
+        let _done = EndWork(&sh.pool);
         for m in &msgs[..n] {
             if let Some(pf) = m.page_fault() {
                 // A panic while serving a fault (in the store, an engine
@@ -197,6 +278,15 @@ fn handler_main(sh: &EngineShared) {
                 }
             }
         }
+    }
+}
+
+/// Ends a handler's busy period, however its fault ended.
+struct EndWork<'a>(&'a WorkerPool);
+
+impl Drop for EndWork<'_> {
+    fn drop(&mut self) {
+        self.0.end_work();
     }
 }
 

@@ -71,6 +71,7 @@ mod types;
 pub mod uffd;
 mod vm_ops;
 mod vmscan;
+mod worker_pool;
 mod wp_async;
 mod xarray;
 
@@ -452,6 +453,32 @@ pub mod loom_support {
         /// As `PageCache::sync_all`.
         pub fn sync_all(&self) -> io::Result<()> {
             self.0.sync_all()
+        }
+    }
+
+    /// The fault engine's handler-pool accounting (`src/worker_pool.rs`).
+    pub struct WorkerPool(crate::worker_pool::WorkerPool);
+
+    impl WorkerPool {
+        /// A pool of `base` handlers.
+        pub fn new(base: usize) -> WorkerPool {
+            WorkerPool(crate::worker_pool::WorkerPool::new(base))
+        }
+        /// A handler starts serving a fault.
+        pub fn begin_work(&self) {
+            self.0.begin_work()
+        }
+        /// The handler is done with it.
+        pub fn end_work(&self) {
+            self.0.end_work()
+        }
+        /// The monitor sleeps until a handler is busy (or `stop`).
+        pub fn monitor_sleep(&self, stop: &crate::sync::AtomicBool) {
+            self.0.monitor_sleep(stop)
+        }
+        /// Wake the monitor (`stop` set).
+        pub fn wake_monitor(&self) {
+            self.0.wake_monitor()
         }
     }
 }

@@ -512,3 +512,160 @@ fn a_handler_blocked_on_one_fault_does_not_strand_the_others() {
         assert_eq!(b[0], 9);
     });
 }
+
+/// The fault handler threads of this process (names `upcache-fault-*`).
+fn fault_handler_tids() -> Vec<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            comm.starts_with("upcache-fault")
+                .then(|| e.file_name().to_str().unwrap().parse().unwrap())
+        })
+        .collect()
+}
+
+/// Every fault handler blocked inside a fault (a guard, or
+/// `invalidate_lock` held by a truncate waiting for a pin) while the thread
+/// that would release it faults elsewhere: with a fixed pool nobody read
+/// that fault, a deadlock the kernel cannot have (it serves a fault in the
+/// faulting thread). Cases run in a child with one handler, so the pool's
+/// only thread is known and observable.
+#[test]
+fn a_fault_is_served_while_every_handler_is_blocked() {
+    let cases = [
+        ("pool_guard", "Minor"),
+        ("pool_truncate", "Minor"),
+        ("pool_truncate", "Missing"),
+    ];
+    let failed: Vec<String> = cases
+        .into_iter()
+        .filter_map(|(case, mode)| {
+            let dir = tempdir();
+            let run = std::panic::catch_unwind(|| {
+                common::run_child(
+                    "pool_child",
+                    case,
+                    &[
+                        ("UPCACHE_CHILD_MODE", mode.to_string()),
+                        ("UPCACHE_CHILD_PATH", dir.path().display().to_string()),
+                    ],
+                    30,
+                )
+            });
+            match run {
+                Ok(st) if st.success() => None,
+                Ok(st) => Some(format!("{case} ({mode}): the child failed: {st:?}")),
+                Err(_) => Some(format!("{case} ({mode}): the child hung")),
+            }
+        })
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+#[test]
+fn pool_child() {
+    let Ok(case) = std::env::var("UPCACHE_CHILD") else {
+        return;
+    };
+    let mode = match std::env::var("UPCACHE_CHILD_MODE").unwrap().as_str() {
+        "Minor" => UffdMode::Minor,
+        _ => UffdMode::Missing,
+    };
+    let dir = std::path::PathBuf::from(std::env::var_os("UPCACHE_CHILD_PATH").unwrap());
+    const MIB: usize = 1 << 20;
+    let cache = PageCache::builder()
+        .mmap_mode(mode)
+        .large_folios(case == "pool_guard")
+        .fault_threads(1)
+        .fault_spin(std::time::Duration::ZERO)
+        .build();
+    cache.start_fault_engine().expect("userfaultfd");
+    // The thread names itself once it runs.
+    let handlers = loop {
+        let h = fault_handler_tids();
+        if !h.is_empty() {
+            break h;
+        }
+        std::thread::yield_now();
+    };
+    assert_eq!(handlers.len(), 1, "one handler thread");
+    let (a_path, b_path) = (dir.join("a"), dir.join("b"));
+    std::fs::write(&a_path, (0..16 * MIB).map(byte).collect::<Vec<_>>()).unwrap();
+    std::fs::write(&b_path, (0..4 * MIB).map(byte).collect::<Vec<_>>()).unwrap();
+    let a = Arc::new(cache.open(&a_path).unwrap());
+    let b = cache.open(&b_path).unwrap();
+    let map_a = Arc::new(a.mmap_raw(0, 16 * MIB).unwrap());
+    let map_b = Arc::new(b.mmap_raw(0, 4 * MIB).unwrap());
+    let b_at = 3 * MIB + 5;
+    // P holds a guard of A, then faults on B (uncached).
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let guard_page = if case == "pool_guard" { 0 } else { 12 * MIB / PAGE_SIZE };
+    let p = {
+        let (a, map_b) = (a.clone(), map_b.clone());
+        let guarded = case == "pool_guard";
+        std::thread::spawn(move || {
+            let mut bytes = [0u8; 1];
+            if guarded {
+                // SAFETY: no mapping touches page 0 while the guard lives
+                // (Q reads page 1 of the same folio).
+                let g = unsafe { a.get_page_mut(guard_page as u64) }.unwrap();
+                held_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                map_b.read(b_at, &mut bytes);
+                drop(g);
+            } else {
+                // SAFETY: as above (the truncate below drops the page).
+                let g = unsafe { a.get_page(guard_page as u64) }.unwrap();
+                held_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                map_b.read(b_at, &mut bytes);
+                drop(g);
+            }
+            bytes[0]
+        })
+    };
+    held_rx.recv().unwrap();
+    let mut blockers = Vec::new();
+    if case == "pool_truncate" {
+        // U: truncates A below the pinned page, waiting for the pin with
+        // `invalidate_lock` held exclusive.
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let a = a.clone();
+        let u = std::thread::spawn(move || {
+            tid_tx.send(gettid()).unwrap();
+            a.truncate(8 * MIB as u64).unwrap();
+            0u8
+        });
+        common::wait_until_parked(tid_rx.recv().unwrap(), || u.is_finished());
+        assert!(!u.is_finished(), "the truncate did not wait for the pin");
+        blockers.push(u);
+    }
+    // Q: faults on A; its handler blocks (on the guarded folio, or on
+    // `invalidate_lock`).
+    let q_at = if case == "pool_guard" { 4096 + 3 } else { MIB + 3 };
+    let (q_tx, q_rx) = std::sync::mpsc::channel();
+    let q = {
+        let map_a = map_a.clone();
+        std::thread::spawn(move || {
+            q_tx.send(gettid()).unwrap();
+            let mut b = [0u8; 1];
+            map_a.read(q_at, &mut b);
+            b[0]
+        })
+    };
+    wait_in_userfault(q_rx.recv().unwrap());
+    common::wait_until_parked(handlers[0], || false);
+    // P's fault: no handler is free to read it.
+    eprintln!("{case}: the only handler is blocked; the guard holder faults on another file");
+    go_tx.send(()).unwrap();
+    assert_eq!(p.join().unwrap(), byte(b_at), "{case}: P's read of B");
+    assert_eq!(q.join().unwrap(), byte(q_at), "{case}: Q's read of A");
+    for u in blockers {
+        u.join().unwrap();
+        assert_eq!(a.len().unwrap(), 8 * MIB as u64);
+    }
+    std::process::exit(0);
+}

@@ -534,6 +534,18 @@ MUTANTS = [
      "io::Result<()>) {\n        if !g.is_dirty() && !self.redirty_after_failed_writepage(&g) {",
      "io::Result<()>) {\n        if !g.is_dirty() {",
      "cargo test --test integrity truncate_writes_a_large_folio_a_failed_writepage_left_clean"),
+    ("134-no-spare-handler-for-a-stuck-pool", "src/worker_pool.rs",
+     "if !(prev.all_busy && now.all_busy && prev.served == now.served) {",
+     "if true {",
+     "cargo test --test liveness a_fault_is_served_while_every_handler_is_blocked"),
+    ("135-busy-handler-does-not-wake-the-monitor", "src/worker_pool.rs",
+     "        fence(Ordering::SeqCst);\n        if self.monitor_idle.load",
+     "        if self.monitor_idle.load",
+     f"{LOOM} loom_worker_pool monitor_is_woken"),
+    ("136-stop-does-not-wake-the-monitor", "src/worker_pool.rs",
+     "        fence(Ordering::SeqCst);\n        self.wq.unpark_filter(self.key(), TAG_MONITOR, |_| crate::sync::UnparkOp::Unpark, |_| {});\n    }\n\n    /// Is any",
+     "        fence(Ordering::SeqCst);\n    }\n\n    /// Is any",
+     f"{LOOM} loom_worker_pool stop_wakes_the_monitor"),
 ]
 
 

@@ -1,0 +1,62 @@
+//! Loom model: the fault engine's monitor (`src/worker_pool.rs`) sleeps
+//! with no deadline only while no handler is busy. A lost wake-up here
+//! would leave a stuck pool without its rescuer, so the model drives the
+//! real `begin_work` / `monitor_sleep` / `wake_monitor` and lets loom
+//! report a deadlock if the monitor can sleep through a busy handler.
+//!
+//! Run with the loom command in the README.
+#![cfg(loom)]
+
+use loom::sync::atomic::AtomicBool;
+use loom::sync::Arc;
+use loom::thread;
+use upcache::loom_support::WorkerPool;
+
+/// A handler turns busy (and stays busy: its fault is stuck) while the
+/// monitor goes to sleep: the monitor must come back.
+#[test]
+fn monitor_is_woken_by_a_busy_handler() {
+    loom::model(|| {
+        let pool = Arc::new(WorkerPool::new(1));
+        let stop = AtomicBool::new(false);
+        let p = pool.clone();
+        let handler = thread::spawn(move || p.begin_work());
+        pool.monitor_sleep(&stop);
+        handler.join().unwrap();
+    });
+}
+
+/// A handler's whole fault (busy, then done) around the monitor's sleep,
+/// then a second fault that stays stuck: the monitor is awake for it.
+#[test]
+fn monitor_is_woken_by_the_second_of_two_faults() {
+    loom::model(|| {
+        let pool = Arc::new(WorkerPool::new(1));
+        let stop = AtomicBool::new(false);
+        let p = pool.clone();
+        let handler = thread::spawn(move || {
+            p.begin_work();
+            p.end_work();
+            p.begin_work();
+        });
+        pool.monitor_sleep(&stop);
+        pool.monitor_sleep(&stop);
+        handler.join().unwrap();
+    });
+}
+
+/// The engine's drop wakes a monitor asleep on an idle pool.
+#[test]
+fn stop_wakes_the_monitor() {
+    loom::model(|| {
+        let pool = Arc::new(WorkerPool::new(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (pool.clone(), stop.clone());
+        let dropper = thread::spawn(move || {
+            s.store(true, loom::sync::atomic::Ordering::SeqCst);
+            p.wake_monitor();
+        });
+        pool.monitor_sleep(&stop);
+        dropper.join().unwrap();
+    });
+}
