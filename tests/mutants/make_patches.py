@@ -543,7 +543,7 @@ MUTANTS = [
      "        if self.monitor_idle.load",
      f"{LOOM} loom_worker_pool monitor_is_woken"),
     ("136-stop-does-not-wake-the-monitor", "src/worker_pool.rs",
-     "        fence(Ordering::SeqCst);\n        self.wq.unpark_filter(self.key(), TAG_MONITOR, |_| crate::sync::UnparkOp::Unpark, |_| {});\n    }\n\n    /// Is any",
+     "        fence(Ordering::SeqCst);\n        self.wq\n            .unpark_filter(self.key(), TAG_MONITOR, |_| crate::sync::UnparkOp::Unpark, |_| {});\n    }\n\n    /// Is any",
      "        fence(Ordering::SeqCst);\n    }\n\n    /// Is any",
      f"{LOOM} loom_worker_pool stop_wakes_the_monitor"),
 ]
