@@ -462,12 +462,13 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
     };
     if let Some(wb) = &m.wb {
         // Past the dirty limit a write fault waits for one flusher pass,
-        // then is replayed and earns its mapping a few unthrottled faults:
+        // then is woken to fault again, and its mapping earns a few
+        // unthrottled faults (`release_parked_fault`):
         // the pass may clean (and re-protect) another page the same store
         // instruction needs, and without the credit the two faults would
         // take turns being throttled forever (tests/liveness.rs,
         // `throttled_mapped_write_across_two_folios_completes`).
-        if wb.over_dirty_limit() && !replaying_throttled() && !vma.take_throttle_credit() {
+        if wb.over_dirty_limit() && !vma.take_throttle_credit() {
             wb.throttle_fault(ParkedFault {
                 vma: vma_arc.clone(),
                 address: vmf.address,
@@ -519,33 +520,17 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
     }
 }
 
-crate::sync::thread_local! {
-    /// Set while the flusher replays throttled faults: they already waited
-    /// for one flusher pass and go through now.
-    /// (Not a `const` initializer: loom's `thread_local!` takes none.)
-    #[allow(clippy::missing_const_for_thread_local)]
-    static REPLAYING: std::cell::Cell<bool> = std::cell::Cell::new(false);
-}
-
-fn replaying_throttled() -> bool {
-    REPLAYING.with(|r| r.get())
-}
-
-/// Handle again a write fault parked while the cache was frozen (called
-/// by `thaw`) or throttled (called by the flusher after a pass).
-///
-/// A panic while serving it (an engine operation) ends the fault in
-/// SIGBUS for its thread, as in the handlers, and does not stop the
-/// caller's loop over the other parked faults.
-pub(crate) fn replay_wp_fault(vma: &Arc<VmArea>, address: usize) {
+/// Let a write fault that waited go again: one throttled past the dirty
+/// limit (the flusher, after a pass) or parked while the cache was frozen
+/// (`thaw`). Its mapping earns unthrottled faults and its thread is woken;
+/// it faults again and a handler serves it. The caller never serves it
+/// itself: that takes the folio lock, which a `PageMut` may hold while
+/// its holder waits for this very caller — its own write fault throttled
+/// until the flusher's next pass (tests/liveness.rs,
+/// `a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others`).
+pub(crate) fn release_parked_fault(vma: &Arc<VmArea>, address: usize) {
     vma.grant_throttle_credit();
-    REPLAYING.with(|r| r.set(true));
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| replay_wp_fault_inner(vma, address)));
-    REPLAYING.with(|r| r.set(false));
-    if r.is_err() {
-        eprintln!("upcache: panic while replaying a write fault at {address:#x}; the faulting thread gets SIGBUS");
-        poison_page(&vma.engine, page_down(address), granule_bytes(vma));
-    }
+    wake_page(&vma.engine, address);
 }
 
 /// Leaves a fault entered with `VmArea::enter` on every path, panics
@@ -556,26 +541,6 @@ impl Drop for FaultExit<'_> {
     fn drop(&mut self) {
         self.0.exit();
     }
-}
-
-fn replay_wp_fault_inner(vma: &Arc<VmArea>, address: usize) {
-    let sh = vma.engine.clone();
-    if !vma.enter() {
-        wake_page(&sh, address);
-        return;
-    }
-    let _exit = FaultExit(vma);
-    let vmf = VmFault {
-        vma,
-        address,
-        pgoff: {
-            let g = vma.mapping().map_granule_pages();
-            PgOff(vma.addr_to_pgoff(address).0 / g * g)
-        },
-        flags: fault_flag::WP | fault_flag::WRITE,
-        async_ra: Default::default(),
-    };
-    do_wp_page(&sh, vma, &vmf);
 }
 
 /// Answer a fault that cannot be served with SIGBUS for the faulting

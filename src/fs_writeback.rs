@@ -10,13 +10,15 @@
 //!   file, so writers cannot grow dirty memory without bound. A write fault
 //!   (page_mkwrite) past the limit is parked instead (its thread stays
 //!   blocked in the kernel; the handler thread, which serves everybody's
-//!   faults, moves on) and replayed after the flusher's next pass.
+//!   faults, moves on) and released after the flusher's next pass: its
+//!   thread is woken, faults again and a handler serves it (never the
+//!   flusher, which a page guard's folio lock could hold up).
 //! - **Freeze** (`freeze_super`): new dirtying (write_at, page_mkwrite,
 //!   truncate, punch) waits while frozen; `freeze` waits for dirtiers in
 //!   flight, then syncs every file: on return the files on disk are a
 //!   consistent snapshot. A write fault arriving while frozen is parked
 //!   (the faulting thread stays blocked in the kernel, the handler thread
-//!   moves on) and replayed by `thaw`.
+//!   moves on) and released by `thaw` the same way.
 
 use std::collections::HashMap;
 use std::io;
@@ -176,7 +178,7 @@ impl FreezeGate {
     /// Park a write fault until thaw. Returns it back if the cache was
     /// thawed meanwhile (the caller serves it now): checked under the
     /// `parked` lock, which `thaw` takes after clearing `frozen`, so no
-    /// fault is parked after the thaw that should replay it.
+    /// fault is parked after the thaw that should release it.
     pub(crate) fn park_fault(&self, f: ParkedFault) -> Option<ParkedFault> {
         let mut q = self.parked.lock();
         if !self.frozen.load(Ordering::Acquire) {
@@ -208,7 +210,7 @@ pub(crate) struct Writeback {
     epoch: Instant,
     stop: AtomicBool,
     flusher: Mutex<Option<(Thread, JoinHandle<()>)>>,
-    /// Write faults throttled past the dirty limit: replayed after the
+    /// Write faults throttled past the dirty limit: released after the
     /// flusher's next pass.
     throttled: Mutex<Vec<ParkedFault>>,
 }
@@ -276,9 +278,9 @@ impl Writeback {
         f.vma.mapping().stats.throttled();
         let mut q = self.throttled.lock();
         if self.is_stopped() {
-            // No flusher will replay it: serve it now.
+            // No flusher will release it: let it go now.
             drop(q);
-            crate::fault::replay_wp_fault(&f.vma, f.address);
+            crate::fault::release_parked_fault(&f.vma, f.address);
             return;
         }
         q.push(f);
@@ -288,12 +290,14 @@ impl Writeback {
         }
     }
 
-    /// Replay the throttled write faults (after a flusher pass: whatever it
-    /// achieved, throttling is a delay, never a hang).
+    /// Let the throttled write faults go again (after a flusher pass:
+    /// whatever it achieved, throttling is a delay, never a hang). Their
+    /// threads fault again and the handlers serve them; the flusher never
+    /// does (`fault::release_parked_fault`).
     fn release_throttled(&self) {
         let parked = std::mem::take(&mut *self.throttled.lock());
         for f in parked {
-            crate::fault::replay_wp_fault(&f.vma, f.address);
+            crate::fault::release_parked_fault(&f.vma, f.address);
         }
     }
 
@@ -410,7 +414,7 @@ impl Writeback {
         Ok(())
     }
 
-    /// `thaw_super`: let writers in again and replay parked write faults.
+    /// `thaw_super`: let writers in again and release parked write faults.
     pub(crate) fn thaw(&self) -> bool {
         if self.gate.held_here() {
             // Inside the gate, so not frozen (a freeze waits for every
@@ -425,9 +429,11 @@ impl Writeback {
         self.gate
             .wq
             .unpark_filter(&self.gate as *const _ as usize, 0, |_| UnparkOp::Unpark, |_| {});
+        // Their threads fault again; the handlers serve them, never the
+        // thawing thread, which may hold a guard one of them needs.
         let parked = std::mem::take(&mut *self.gate.parked.lock());
         for f in parked {
-            crate::fault::replay_wp_fault(&f.vma, f.address);
+            crate::fault::release_parked_fault(&f.vma, f.address);
         }
         was
     }
@@ -446,7 +452,7 @@ fn flusher_main(w: Weak<Writeback>, period: Duration) {
             }
             // An engine panic in a pass (its `writepage` or write barrier)
             // must not end the flusher: throttled write faults wait for it
-            // to replay them, and expiry writeback would stop for good.
+            // to release them, and expiry writeback would stop for good.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 if !w.is_frozen() {
                     w.flush_pass();
@@ -455,10 +461,7 @@ fn flusher_main(w: Weak<Writeback>, period: Duration) {
             if r.is_err() {
                 eprintln!("upcache: a flusher pass panicked (an engine operation); the flusher goes on");
             }
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.release_throttled()));
-            if r.is_err() {
-                eprintln!("upcache: replaying throttled write faults panicked; the flusher goes on");
-            }
+            w.release_throttled();
         }
         std::thread::park_timeout(period);
     }

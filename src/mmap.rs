@@ -90,7 +90,7 @@ pub struct VmArea {
     pub(crate) poisoned: AtomicBool,
     /// Write faults this mapping may still take past the dirty limit
     /// without being throttled (granted when a throttled fault is
-    /// replayed; see `fault::do_wp_page`).
+    /// released; see `fault::do_wp_page`).
     throttle_credit: AtomicU32,
     /// The mapping's own errseq cursor (the `f_wb_err` of the file a
     /// kernel VMA holds), sampled when it was made: `flush` reports each
@@ -99,7 +99,7 @@ pub struct VmArea {
 }
 
 /// Unthrottled write faults granted to a mapping each time one of its
-/// throttled faults is replayed: enough for every page one instruction
+/// throttled faults is released: enough for every page one instruction
 /// (or one `memcpy`, which stores its head and tail last) needs writable
 /// at once, so throttling delays a writer and never starves it.
 pub(crate) const THROTTLE_CREDIT: u32 = 8;
@@ -265,7 +265,7 @@ impl VmArea {
     }
 
     /// Grant `THROTTLE_CREDIT` unthrottled write faults (a throttled fault
-    /// of this mapping was just replayed).
+    /// of this mapping was just released).
     pub(crate) fn grant_throttle_credit(&self) {
         self.throttle_credit.store(THROTTLE_CREDIT, Ordering::Relaxed);
     }

@@ -669,3 +669,87 @@ fn pool_child() {
     }
     std::process::exit(0);
 }
+
+/// Throttled write faults were replayed by the flusher itself, which
+/// waited for the folio lock: a fault on a folio a `PageMut` guards held
+/// the flusher, so the guard holder's own throttled write fault, on
+/// another folio, waited for a flusher pass that never came (a known
+/// limit until the fourteenth session). Dirty memory stays past the limit
+/// (file C's store refuses every write); Q's write to page 1 of a guarded
+/// 2 MiB folio is throttled, then the holder P writes to the next folio.
+#[test]
+fn a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others() {
+    watchdog("throttled fault on a guarded folio", 60, || {
+        const MIB: usize = 1 << 20;
+        let dir = tempdir();
+        let (a_path, c_path) = (dir.path().join("a"), dir.path().join("c"));
+        std::fs::write(&a_path, vec![1u8; 4 * MIB]).unwrap();
+        std::fs::write(&c_path, vec![2u8; 4 * MIB]).unwrap();
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let r = refuse.clone();
+        let store = HookStore::new(&c_path, move |op, _, _| {
+            if op == StoreOp::Write && r.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            Ok(())
+        });
+        let cache = PageCache::builder()
+            .large_folios(true)
+            .dirty_limit_bytes(MIB as u64)
+            .build();
+        let c = cache.open_with_ops("c", StoreOps::new(store)).unwrap();
+        let a = Arc::new(cache.open(&a_path).unwrap());
+        // Past the dirty limit, for good: C's write-backs all fail.
+        let chunk = vec![9u8; 256 * 1024];
+        let mut off = 0;
+        while cache.stats().dirty_bytes <= MIB as u64 {
+            assert!(off < 4 * MIB, "could not dirty C past the limit");
+            let _ = c.write_at(&chunk, off as u64);
+            off += chunk.len();
+        }
+        // One mapping each: a replayed fault earns its mapping unthrottled
+        // faults, which would let P's through.
+        let (map_p, map_q) = (a.mmap_raw(0, 4 * MIB).unwrap(), a.mmap_raw(0, 4 * MIB).unwrap());
+        // Both folios of A cached and mapped clean: writes are WP faults.
+        let mut b = [0u8; 1];
+        map_q.read(4096, &mut b);
+        map_p.read(2 * MIB + 4096, &mut b);
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let p = {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                // SAFETY: no mapping touches page 0 while the guard lives
+                // (Q writes page 1 of the same folio).
+                let mut g = unsafe { a.get_page_mut(0) }.unwrap();
+                g[0] = b'g';
+                held_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                map_p.write(2 * MIB + 4096, b"p");
+                drop(g);
+                map_p
+            })
+        };
+        held_rx.recv().unwrap();
+        let q = std::thread::spawn(move || {
+            map_q.write(4096, b"q");
+            map_q
+        });
+        // Q's write fault is throttled (parked for the flusher).
+        while a.stats().throttled == 0 {
+            assert!(!q.is_finished(), "Q's write was not throttled");
+            std::thread::yield_now();
+        }
+        go_tx.send(()).unwrap();
+        let map_p = p.join().unwrap();
+        let map_q = q.join().unwrap();
+        let mut got = [0u8; 1];
+        for (at, want) in [(0, b'g'), (4096, b'q'), (2 * MIB + 4096, b'p')] {
+            a.read_at(&mut got, at as u64).unwrap();
+            assert_eq!(got[0], want, "byte at {at}");
+        }
+        refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        drop((map_p, map_q));
+        let _ = c.fsync();
+    });
+}

@@ -546,6 +546,10 @@ MUTANTS = [
      "        fence(Ordering::SeqCst);\n        self.wq\n            .unpark_filter(self.key(), TAG_MONITOR, |_| crate::sync::UnparkOp::Unpark, |_| {});\n    }\n\n    /// Is any",
      "        fence(Ordering::SeqCst);\n    }\n\n    /// Is any",
      f"{LOOM} loom_worker_pool stop_wakes_the_monitor"),
+    ("137-flusher-serves-throttled-faults-itself", "src/fault.rs",
+     "    vma.grant_throttle_credit();\n    wake_page(&vma.engine, address);\n}",
+     "    vma.grant_throttle_credit();\n    let sh = vma.engine.clone();\n    if !vma.enter() {\n        wake_page(&sh, address);\n        return;\n    }\n    let _exit = FaultExit(vma);\n    let vmf = VmFault {\n        vma,\n        address,\n        pgoff: PgOff(vma.addr_to_pgoff(address).0),\n        flags: fault_flag::WP | fault_flag::WRITE,\n        async_ra: Default::default(),\n    };\n    do_wp_page(&sh, vma, &vmf);\n}",
+     "cargo test --test liveness a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others"),
 ]
 
 
