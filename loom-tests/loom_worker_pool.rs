@@ -45,6 +45,20 @@ fn monitor_is_woken_by_the_second_of_two_faults() {
     });
 }
 
+/// A throttled write fault starts its pause while the monitor goes to
+/// sleep: the monitor must come back to end the pause.
+#[test]
+fn monitor_is_woken_by_a_paused_fault() {
+    loom::model(|| {
+        let pool = Arc::new(WorkerPool::new(1));
+        let stop = AtomicBool::new(false);
+        let p = pool.clone();
+        let throttler = thread::spawn(move || p.begin_pause());
+        pool.monitor_sleep(&stop);
+        throttler.join().unwrap();
+    });
+}
+
 /// The engine's drop wakes a monitor asleep on an idle pool.
 #[test]
 fn stop_wakes_the_monitor() {

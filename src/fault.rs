@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::fs_writeback::ParkedFault;
 use crate::mmap::{UffdMode, VmArea};
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock, Weak};
 use crate::types::{PgOff, PAGE_SIZE};
 use crate::uffd::{fault_flag, feature, page_down, OpenError, PageFault, Pagemap, RawMsg, Uffd, UffdError};
 use crate::vm_ops::{continue_range, Continued, VmFault, VmFaultResult};
@@ -49,6 +49,17 @@ pub(crate) struct EngineShared {
     pool: WorkerPool,
     /// Every handler thread started (base and spares), joined on drop.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Throttled write faults and when their pause ends
+    /// ([`pause_throttled`]).
+    paused: Mutex<Vec<Paused>>,
+}
+
+/// A throttled write fault in its pause.
+struct Paused {
+    /// Weak: a mapping dropped meanwhile woke its threads already.
+    vma: Weak<VmArea>,
+    address: usize,
+    until: Instant,
 }
 
 impl EngineShared {
@@ -112,6 +123,7 @@ impl FaultEngine {
             cfg,
             pool: WorkerPool::new(cfg.threads.max(1)),
             threads: Mutex::new(Vec::new()),
+            paused: Mutex::new(Vec::new()),
         });
         let engine = Arc::new(FaultEngine {
             shared: shared.clone(),
@@ -171,7 +183,8 @@ fn start_handler(sh: &Arc<EngineShared>, name: String, spare: bool) -> std::io::
 
 /// The rescuer (`src/worker_pool.rs`): while some handler is busy, check
 /// every `TICK` that faults are being served, and start a spare handler
-/// when every handler has been stuck for a whole tick.
+/// when every handler has been stuck for a whole tick; while throttled
+/// faults are paused, end each pause on time.
 fn monitor_main(sh: &Arc<EngineShared>) {
     let pool = &sh.pool;
     let mut prev: Option<Sample> = None;
@@ -179,7 +192,7 @@ fn monitor_main(sh: &Arc<EngineShared>) {
         if sh.stop.load(Ordering::Acquire) {
             return;
         }
-        if !pool.any_busy() {
+        if !pool.any_work() {
             prev = None;
             pool.monitor_sleep(&sh.stop);
             continue;
@@ -187,6 +200,7 @@ fn monitor_main(sh: &Arc<EngineShared>) {
         // A timer, not synchronization: woken early only by the engine's
         // drop (which then finds `stop` set).
         std::thread::park_timeout(TICK);
+        end_pauses(sh);
         let now = pool.sample();
         if let Some(p) = prev {
             if pool.need_spare(p, now) {
@@ -517,6 +531,47 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
         }
         VmFaultResult::Retry => wake_page(sh, vmf.address),
         VmFaultResult::SigBus => sigbus(sh, vmf),
+    }
+}
+
+/// Longest pause of a throttled write fault (the kernel's `MAX_PAUSE` in
+/// `balance_dirty_pages`, 200 ms): it is released after the flusher's
+/// next pass or after this long, whichever comes first.
+pub(crate) const THROTTLE_MAX_PAUSE: Duration = Duration::from_millis(200);
+
+/// Bound the pause of a throttled write fault (its thread blocked in the
+/// kernel): the monitor releases it after `THROTTLE_MAX_PAUSE` even if
+/// the flusher's pass has not ended. A pass can block in an engine
+/// operation that waits for the very thread whose fault is throttled (a
+/// write barrier waiting for a throttled log writer): without the bound
+/// neither would ever go on (tests/liveness.rs,
+/// `a_throttled_fault_is_released_while_the_flusher_is_blocked`). A fault
+/// the flusher released first is woken twice; a spurious wake only makes
+/// its thread fault again.
+pub(crate) fn pause_throttled(vma: &Arc<VmArea>, address: usize) {
+    let sh = &vma.engine;
+    sh.paused.lock().push(Paused {
+        vma: Arc::downgrade(vma),
+        address,
+        until: Instant::now() + THROTTLE_MAX_PAUSE,
+    });
+    sh.pool.begin_pause();
+}
+
+/// Release the paused faults whose pause is over (the monitor, each tick).
+fn end_pauses(sh: &EngineShared) {
+    let now = Instant::now();
+    let due: Vec<Paused> = {
+        let mut p = sh.paused.lock();
+        let (due, keep) = std::mem::take(&mut *p).into_iter().partition(|x| x.until <= now);
+        *p = keep;
+        due
+    };
+    for x in due {
+        sh.pool.end_pause();
+        if let Some(vma) = x.vma.upgrade() {
+            release_parked_fault(&vma, x.address);
+        }
     }
 }
 

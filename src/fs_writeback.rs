@@ -283,6 +283,9 @@ impl Writeback {
             crate::fault::release_parked_fault(&f.vma, f.address);
             return;
         }
+        // Released after the flusher's next pass, or after the longest
+        // pause if that pass takes longer.
+        crate::fault::pause_throttled(&f.vma, f.address);
         q.push(f);
         drop(q);
         if let Some((t, _)) = &*self.flusher.lock() {

@@ -472,6 +472,10 @@ pub mod loom_support {
         pub fn end_work(&self) {
             self.0.end_work()
         }
+        /// A throttled fault starts its pause.
+        pub fn begin_pause(&self) {
+            self.0.begin_pause()
+        }
         /// The monitor sleeps until a handler is busy (or `stop`).
         pub fn monitor_sleep(&self, stop: &crate::sync::AtomicBool) {
             self.0.monitor_sleep(stop)

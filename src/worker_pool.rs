@@ -25,9 +25,15 @@
 //! free at that moment; should that one get stuck too, the monitor
 //! starts another spare.
 //!
+//! The monitor also ends the pauses of throttled write faults
+//! (`fault::pause_throttled`): a fault parked past the dirty limit is
+//! released after the flusher's next pass or after 200 ms, whichever
+//! comes first, so a flusher blocked in an engine operation cannot hold
+//! it for ever.
+//!
 //! The only cross-thread protocol is the monitor's sleep: it sleeps with
-//! no deadline while no handler is busy, and the first handler to turn
-//! busy wakes it (loom models in `loom-tests/loom_worker_pool.rs`). The
+//! no deadline while no handler is busy and no fault is paused, and the
+//! first handler to turn busy (or fault to be paused) wakes it (loom models in `loom-tests/loom_worker_pool.rs`). The
 //! stall check itself is a timer reading counters: it needs no ordering
 //! beyond their atomicity (a stale reading delays a spare by a tick).
 
@@ -57,6 +63,9 @@ pub(crate) struct WorkerPool {
     nr_workers: AtomicUsize,
     /// Handlers serving a fault now.
     nr_busy: AtomicUsize,
+    /// Throttled write faults waiting for their pause to end
+    /// (`fault::pause_throttled`): the monitor releases them.
+    nr_paused: AtomicUsize,
     /// Faults served since the pool started: the monitor's progress mark.
     served: AtomicU64,
     /// The monitor sleeps with no deadline: the next handler to turn busy
@@ -81,6 +90,7 @@ impl WorkerPool {
             base,
             nr_workers: AtomicUsize::new(base),
             nr_busy: AtomicUsize::new(0),
+            nr_paused: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             monitor_idle: AtomicBool::new(false),
             spares_started: AtomicU64::new(0),
@@ -95,6 +105,22 @@ impl WorkerPool {
     /// A handler read a fault and starts serving it.
     pub(crate) fn begin_work(&self) {
         self.nr_busy.fetch_add(1, Ordering::Relaxed);
+        self.wake_idle_monitor();
+    }
+
+    /// A throttled fault starts its pause; the monitor ends it.
+    pub(crate) fn begin_pause(&self) {
+        self.nr_paused.fetch_add(1, Ordering::Relaxed);
+        self.wake_idle_monitor();
+    }
+
+    /// The monitor released a paused fault.
+    pub(crate) fn end_pause(&self) {
+        self.nr_paused.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// After an increment of `nr_busy` or `nr_paused`.
+    fn wake_idle_monitor(&self) {
         // SeqCst fence between the increment and the load below: pairs
         // with the fence in `monitor_sleep`, between its store of
         // `monitor_idle` and its load of `nr_busy` (a store-buffer pair:
@@ -118,8 +144,9 @@ impl WorkerPool {
         self.nr_busy.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Monitor: sleep until a handler turns busy, unless one is busy now,
-    /// or `stop` says the engine is going away.
+    /// Monitor: sleep until a handler turns busy or a fault is paused,
+    /// unless there is such work now, or `stop` says the engine is going
+    /// away.
     pub(crate) fn monitor_sleep(&self, stop: &AtomicBool) {
         self.monitor_idle.store(true, Ordering::Relaxed);
         // Pairs with the fence in `begin_work` (above) and, for `stop`,
@@ -128,6 +155,7 @@ impl WorkerPool {
         self.wq.park(self.key(), TAG_MONITOR, 0, || {
             self.monitor_idle.load(Ordering::Relaxed)
                 && self.nr_busy.load(Ordering::Relaxed) == 0
+                && self.nr_paused.load(Ordering::Relaxed) == 0
                 && !stop.load(Ordering::Relaxed)
         });
         self.monitor_idle.store(false, Ordering::Relaxed);
@@ -143,9 +171,10 @@ impl WorkerPool {
             .unpark_filter(self.key(), TAG_MONITOR, |_| crate::sync::UnparkOp::Unpark, |_| {});
     }
 
-    /// Is any handler busy?
-    pub(crate) fn any_busy(&self) -> bool {
-        self.nr_busy.load(Ordering::Relaxed) != 0
+    /// Is any handler busy, or any fault paused? (The monitor's reason
+    /// to tick.)
+    pub(crate) fn any_work(&self) -> bool {
+        self.nr_busy.load(Ordering::Relaxed) != 0 || self.nr_paused.load(Ordering::Relaxed) != 0
     }
 
     /// The monitor's reading at one tick.

@@ -753,3 +753,56 @@ fn a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others() {
         let _ = c.fsync();
     });
 }
+
+/// A throttled write fault waited for the end of a flusher pass, however
+/// long: a pass blocked in an engine operation that waits for the
+/// throttled thread (here the store's write of the log waits until the
+/// log writer has written its records through a mapping; in an engine, a
+/// write barrier waiting for a throttled log writer) never ended, and
+/// neither did the fault. The kernel bounds each throttling pause
+/// (`balance_dirty_pages`, 200 ms); so does upcache now.
+#[test]
+fn a_throttled_fault_is_released_while_the_flusher_is_blocked() {
+    watchdog("throttled fault while the flusher is blocked", 60, || {
+        const MIB: usize = 1 << 20;
+        let dir = tempdir();
+        let path = dir.path().join("log");
+        std::fs::write(&path, vec![0u8; 2 * MIB]).unwrap();
+        // Every write-back of the log waits until its writer is done.
+        let done = Gate::new(false);
+        let d = done.clone();
+        let store = HookStore::new(&path, move |op, _, _| {
+            if op == StoreOp::Write {
+                d.pass();
+            }
+            Ok(())
+        });
+        // The flusher starts writing the log early, and blocks.
+        let cache = PageCache::builder()
+            .dirty_background_bytes(128 * 1024)
+            .dirty_limit_bytes(MIB as u64)
+            .build();
+        let log = cache.open_with_ops("log", StoreOps::new(store)).unwrap();
+        let map = log.mmap_raw(0, 2 * MIB).unwrap();
+        // Past the limit even with a folio under write-back (the
+        // flusher's, blocked), which no longer counts as dirty.
+        let records = MIB + 256 * 1024;
+        let writer = std::thread::spawn(move || {
+            for off in (0..records).step_by(PAGE_SIZE) {
+                map.write(off, &[(off / PAGE_SIZE) as u8 | 1; PAGE_SIZE]);
+            }
+            map
+        });
+        // The flusher is blocked in the store before the writer is done.
+        done.wait_arrived();
+        let map = writer.join().unwrap();
+        assert!(log.stats().throttled > 0, "the writer was never throttled");
+        done.open();
+        drop(map);
+        log.fsync().unwrap();
+        let back = std::fs::read(&path).unwrap();
+        for off in (0..records).step_by(PAGE_SIZE) {
+            assert_eq!(back[off], (off / PAGE_SIZE) as u8 | 1, "page {}", off / PAGE_SIZE);
+        }
+    });
+}

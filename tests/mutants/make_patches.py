@@ -550,6 +550,14 @@ MUTANTS = [
      "    vma.grant_throttle_credit();\n    wake_page(&vma.engine, address);\n}",
      "    vma.grant_throttle_credit();\n    let sh = vma.engine.clone();\n    if !vma.enter() {\n        wake_page(&sh, address);\n        return;\n    }\n    let _exit = FaultExit(vma);\n    let vmf = VmFault {\n        vma,\n        address,\n        pgoff: PgOff(vma.addr_to_pgoff(address).0),\n        flags: fault_flag::WP | fault_flag::WRITE,\n        async_ra: Default::default(),\n    };\n    do_wp_page(&sh, vma, &vmf);\n}",
      "cargo test --test liveness a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others"),
+    ("138-throttled-pause-unbounded", "src/fault.rs",
+     "    for x in due {\n        sh.pool.end_pause();\n        if let Some(vma) = x.vma.upgrade() {\n            release_parked_fault(&vma, x.address);\n        }\n    }",
+     "    for _ in due {\n        sh.pool.end_pause();\n    }",
+     "cargo test --test liveness a_throttled_fault_is_released_while_the_flusher_is_blocked"),
+    ("139-paused-fault-does-not-wake-the-monitor", "src/worker_pool.rs",
+     "        self.nr_paused.fetch_add(1, Ordering::Relaxed);\n        self.wake_idle_monitor();",
+     "        self.nr_paused.fetch_add(1, Ordering::Relaxed);",
+     f"{LOOM} loom_worker_pool monitor_is_woken_by_a_paused_fault"),
 ]
 
 
