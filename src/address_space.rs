@@ -77,6 +77,13 @@ use crate::types::{PgOff, MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
 use crate::vmscan::Reclaimer;
 use crate::xarray::{Tag, XArray};
 
+crate::sync::thread_local! {
+    /// The engine callbacks this thread is inside: (file id, callback).
+    /// (Not a `const` initializer: loom's `thread_local!` takes none.)
+    #[allow(clippy::missing_const_for_thread_local)]
+    static IN_ENGINE: std::cell::RefCell<Vec<(u64, &'static str)>> = std::cell::RefCell::new(Vec::new());
+}
+
 /// Readahead tunables of one file.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RaConfig {
@@ -438,6 +445,40 @@ impl AddressSpace {
         self.i_pages.lock().count(Tag::Dirty)
     }
 
+    /// Run an engine callback (an `AddressSpaceOps` method, and through
+    /// it the store) for this file, recording on this thread that it is
+    /// inside one: a call from it back into the cache for the same file
+    /// ([`check_reentry`](Self::check_reentry)) fails with `EDEADLK`
+    /// instead of waiting for itself. Popped on unwind too.
+    pub(crate) fn in_engine<R>(&self, callback: &'static str, f: impl FnOnce() -> R) -> R {
+        IN_ENGINE.with(|s| s.borrow_mut().push((self.id(), callback)));
+        struct Pop;
+        impl Drop for Pop {
+            fn drop(&mut self) {
+                let _ = IN_ENGINE.try_with(|s| s.borrow_mut().pop());
+            }
+        }
+        let _pop = Pop;
+        f()
+    }
+
+    /// `Err(Reentrant)` if this thread is inside an engine callback for
+    /// this file: `op` (a blocking `File` operation) would wait for the
+    /// folio, lock or write-back the callback is part of. The rule for
+    /// engines: callbacks do I/O on the store, never call the cache for
+    /// their own file (other files are fine).
+    pub(crate) fn check_reentry(&self, op: &'static str) -> Result<(), crate::Error> {
+        let id = self.id();
+        let hit = IN_ENGINE
+            .try_with(|s| s.borrow().iter().rev().find(|(m, _)| *m == id).map(|(_, cb)| *cb))
+            .ok()
+            .flatten();
+        match hit {
+            Some(callback) => Err(crate::Error::Reentrant { op, callback }),
+            None => Ok(()),
+        }
+    }
+
     /// The engine's operations.
     pub fn ops(&self) -> &dyn AddressSpaceOps {
         self.ops.as_ops()
@@ -634,7 +675,11 @@ impl AddressSpace {
         self.stats.folio_removed(n);
         // An engine's panic here would leave the folio out of the index
         // with the index's reference never put: finish the removal.
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.ops.free_folio(self, folio))).is_err() {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.in_engine("free_folio", || self.ops.free_folio(self, folio))
+        }))
+        .is_err()
+        {
             eprintln!(
                 "upcache: {}: the engine's free_folio panicked; the folio is removed anyway",
                 self.name
@@ -686,7 +731,7 @@ impl AddressSpace {
                         .compare_exchange(0, wb.now_ms(), Ordering::Relaxed, Ordering::Relaxed);
                 }
             }
-            self.ops.dirty_folio(self, folio);
+            self.in_engine("dirty_folio", || self.ops.dirty_folio(self, folio));
         }
     }
 

@@ -24,6 +24,12 @@
 //! "Unlocked by the op" is expressed in types: those methods take the
 //! [`FolioGuard`] by value, and dropping it unlocks.
 //!
+//! Every method runs with the cache waiting on it. It does I/O on the
+//! store below, and may call the cache for *other* files (a data file's
+//! `write_barrier` syncing its log); a blocking `File` call for the file
+//! it serves would wait for itself and fails with
+//! [`Error::Reentrant`](crate::Error::Reentrant) (`EDEADLK`).
+//!
 //! Besides the folio operations, the trait carries the three inode-level
 //! operations the page cache needs from the file below it (the kernel's
 //! `setattr(ATTR_SIZE)`, `fallocate(PUNCH_HOLE)` and `fsync`), and the

@@ -866,7 +866,7 @@ impl File {
     /// # Safety
     /// As [`mmap`](Self::mmap).
     pub unsafe fn mmap_with_mode(&self, offset: u64, len: usize, share: Share, mode: UffdMode) -> Result<Mmap> {
-        self.mapping()?;
+        self.mapping_for("mmap")?;
         let engine = self.cache.engine()?;
         let vma = do_mmap(&engine, &self.mapping, offset, len, false, share, mode)?;
         Ok(Mmap::new(vma, engine))
@@ -884,8 +884,8 @@ impl File {
         // a read-only handle may make one, as mmap(2) allows MAP_PRIVATE
         // with PROT_WRITE on an O_RDONLY descriptor.
         match share {
-            Share::Shared => self.mapping_w()?,
-            Share::Private => self.mapping()?,
+            Share::Shared => self.mapping_w_for("mmap")?,
+            Share::Private => self.mapping_for("mmap")?,
         };
         let engine = self.cache.engine()?;
         let vma = do_mmap(&engine, &self.mapping, offset, len, true, share, mode)?;
@@ -901,7 +901,7 @@ impl File {
     /// # Errors
     /// As [`mmap`](Self::mmap).
     pub fn mmap_raw(&self, offset: u64, len: usize) -> Result<MmapRaw> {
-        self.mapping_w()?;
+        self.mapping_w_for("mmap")?;
         let engine = self.cache.engine()?;
         let vma = do_mmap(
             &engine,
@@ -929,6 +929,22 @@ impl File {
         if !self.writable {
             return Err(Error::ReadOnly);
         }
+        Ok(m)
+    }
+
+    /// The address space, for `op`, an operation that may wait for folios
+    /// or locks: refused (`Reentrant`, `EDEADLK`) inside an engine
+    /// callback for this file, which it would wait for.
+    fn mapping_for(&self, op: &'static str) -> Result<&AddressSpace> {
+        let m = self.mapping()?;
+        m.check_reentry(op)?;
+        Ok(m)
+    }
+
+    /// [`mapping_for`](Self::mapping_for), for an operation that writes.
+    fn mapping_w_for(&self, op: &'static str) -> Result<&AddressSpace> {
+        let m = self.mapping_w()?;
+        m.check_reentry(op)?;
         Ok(m)
     }
 
@@ -996,7 +1012,7 @@ impl File {
     /// the page while the guard lives.
     pub unsafe fn get_page(&self, index: u64) -> Result<PageRef<'_>> {
         // SAFETY: the caller upholds the same contract.
-        unsafe { self.mapping()?.read_cache_page(index) }
+        unsafe { self.mapping_for("get_page")?.read_cache_page(index) }
     }
 
     /// Page `index`, read in if needed and locked for writing in place
@@ -1011,7 +1027,7 @@ impl File {
     /// reads or writes the page while the guard lives.
     pub unsafe fn get_page_mut(&self, index: u64) -> Result<PageMut<'_>> {
         // SAFETY: the caller upholds the same contract.
-        unsafe { self.mapping_w()?.read_cache_page_mut(index) }
+        unsafe { self.mapping_w_for("get_page_mut")?.read_cache_page_mut(index) }
     }
 
     /// Read at `pos` ([`AddressSpace::read_at`]).
@@ -1021,7 +1037,7 @@ impl File {
     /// memory with the bytes it would receive (a
     /// [`PageMut`](crate::PageMut) of the same page).
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
-        self.mapping()?.read_at(buf, pos)
+        self.mapping_for("read_at")?.read_at(buf, pos)
     }
 
     /// Read exactly `buf.len()` bytes at `pos`.
@@ -1041,7 +1057,7 @@ impl File {
     /// # Errors
     /// `Closed`; `EFBIG`; a partial-folio read error.
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize> {
-        self.mapping_w()?.write_at(buf, pos)
+        self.mapping_w_for("write_at")?.write_at(buf, pos)
     }
 
     /// Set the size ([`AddressSpace::truncate`]).
@@ -1049,7 +1065,7 @@ impl File {
     /// # Errors
     /// `Closed`; `EFBIG`; the store's error.
     pub fn truncate(&self, size: u64) -> Result<()> {
-        self.mapping_w()?.truncate(size)
+        self.mapping_w_for("truncate")?.truncate(size)
     }
 
     /// Punch a hole ([`AddressSpace::punch_hole`]). A failed punch loses
@@ -1060,7 +1076,7 @@ impl File {
     /// page written during the punch kept being written; the store's
     /// error.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
-        self.mapping_w()?.punch_hole(off, len)
+        self.mapping_w_for("punch_hole")?.punch_hole(off, len)
     }
 
     /// `posix_fadvise` ([`AddressSpace::advise`]).
@@ -1068,7 +1084,7 @@ impl File {
     /// # Errors
     /// `Closed`; as `AddressSpace::advise`.
     pub fn advise(&self, advice: Advice, off: u64, len: u64) -> Result<()> {
-        self.mapping()?.advise(advice, off, len)
+        self.mapping_for("advise")?.advise(advice, off, len)
     }
 
     /// Cleansing writeback of up to `nr_pages` dirty pages (does not wait
@@ -1077,7 +1093,7 @@ impl File {
     /// # Errors
     /// `Closed`; the first write error.
     pub fn writeback(&self, nr_pages: i64) -> Result<u64> {
-        let m = self.mapping()?;
+        let m = self.mapping_for("writeback")?;
         let mut wbc = WritebackControl::none(nr_pages);
         m.writepages(&mut wbc)?;
         Ok(wbc.pages_written)
@@ -1107,7 +1123,7 @@ impl File {
                 what: "sync_range start after end",
             });
         }
-        let m = self.mapping()?;
+        let m = self.mapping_for("fsync")?;
         let written = m.write_and_wait_range(start, end);
         let synced = m.store_sync();
         if let Some(errno) = m.wb_err.check_and_advance(&self.wb_err) {

@@ -55,6 +55,18 @@ pub enum Error {
         /// Its size.
         len: u64,
     },
+    /// An engine callback (`AddressSpaceOps`, or the store under it) called
+    /// the cache for the file it is serving: the call would wait for the
+    /// folio, lock or write-back the callback is part of (`EDEADLK`).
+    /// Callbacks do I/O on the store; they may call the cache for other
+    /// files. Nothing was done.
+    #[error("{op} called from inside the engine's {callback} for the same file: it would wait for itself (EDEADLK)")]
+    Reentrant {
+        /// The cache operation called.
+        op: &'static str,
+        /// The engine callback it was called from.
+        callback: &'static str,
+    },
     /// The operation cannot work with how the cache was built
     /// (`EOPNOTSUPP`), e.g. `freeze` with `DirtyTracking::Async`.
     #[error("not supported: {what} (EOPNOTSUPP)")]
@@ -87,7 +99,7 @@ impl Error {
             Error::Io(e) | Error::Writeback(e) | Error::Open { source: e, .. } => errno_of(e),
             Error::FileTooLarge { .. } => Errno::FBIG.raw_os_error(),
             Error::InvalidArgument { .. } | Error::BeyondEof { .. } => Errno::INVAL.raw_os_error(),
-            Error::PageHeld { .. } => Errno::DEADLK.raw_os_error(),
+            Error::PageHeld { .. } | Error::Reentrant { .. } => Errno::DEADLK.raw_os_error(),
             Error::Unsupported { .. } => Errno::OPNOTSUPP.raw_os_error(),
             Error::Closed | Error::ReadOnly => Errno::BADF.raw_os_error(),
             Error::Userfaultfd(crate::uffd::OpenError::NotPermitted { .. }) => Errno::PERM.raw_os_error(),

@@ -196,7 +196,7 @@ impl AddressSpace {
         let f = g.folio().clone();
         let had_error = f.has_error();
         self.stats.read_io();
-        let r = self.ops.read_folio(self, g);
+        let r = self.in_engine("read_folio", || self.ops.read_folio(self, g));
         // An asynchronous store unlocks at completion.
         f.wait_unlocked();
         match r {
@@ -402,7 +402,7 @@ impl AddressSpace {
             self.stats.read_io();
         }
         let mut rac = ReadaheadControl { folios: batch };
-        self.ops.readahead(self, &mut rac);
+        self.in_engine("readahead", || self.ops.readahead(self, &mut rac));
         // Folios the engine did not take are unlocked, not uptodate.
         drop(rac);
     }
@@ -532,7 +532,7 @@ impl AddressSpace {
         while done < buf.len() {
             let p = pos + done as u64;
             let left = buf.len() - done;
-            let mut g = match self.ops.write_begin(self, p, left) {
+            let mut g = match self.in_engine("write_begin", || self.ops.write_begin(self, p, left)) {
                 Ok(g) => g,
                 Err(e) => {
                     first_err = (done == 0).then_some(e);
@@ -597,7 +597,7 @@ impl AddressSpace {
             }
             // Never more than was copied in (an engine's count past it would
             // skip bytes of `buf` and overstate the result).
-            let copied = self.ops.write_end(self, p, n, g).min(n);
+            let copied = self.in_engine("write_end", || self.ops.write_end(self, p, n, g)).min(n);
             done += copied;
             if copied < n {
                 break;

@@ -243,7 +243,7 @@ impl AddressSpace {
     /// # Locking
     /// Folio locked.
     pub(crate) fn write_barrier(&self, g: &FolioGuard, mode: SyncMode) -> io::Result<bool> {
-        match self.ops.write_barrier(self, g, mode) {
+        match self.in_engine("write_barrier", || self.ops.write_barrier(self, g, mode)) {
             Ok(false) if mode == SyncMode::All => Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 format!(
@@ -292,7 +292,7 @@ impl AddressSpace {
         let harvested = self.harvest_wbc_range(&wbc);
         let r = {
             let _wb = self.wb_lock.read();
-            self.ops.writepages(self, &mut wbc)
+            self.in_engine("writepages", || self.ops.writepages(self, &mut wbc))
         };
         self.fdatawait_range(start, end);
         r.and(harvested)
@@ -355,7 +355,7 @@ impl AddressSpace {
         // Cleared before the sync: a write-back ending during it sets it
         // again. AcqRel: pairs with the Release in `end_writeback`.
         self.unsynced.swap(false, Ordering::AcqRel);
-        let r = self.ops.fsync();
+        let r = self.in_engine("fsync", || self.ops.fsync());
         if let Err(e) = &r {
             self.set_error(e.raw_os_error().unwrap_or(libc::EIO));
             // The bytes are still not durable: the last user's drop
@@ -387,6 +387,7 @@ impl AddressSpace {
         }
         let harvested = self.harvest_wbc_range(wbc);
         let _wb = self.wb_lock.read();
-        self.ops.writepages(self, wbc).and(harvested)
+        self.in_engine("writepages", || self.ops.writepages(self, wbc))
+            .and(harvested)
     }
 }

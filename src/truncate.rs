@@ -41,7 +41,9 @@ impl AddressSpace {
             self.stats.write_io();
             let mut wbc = WritebackControl::all(g.pos(), g.pos() + g.size() as u64 - 1);
             let f = g.folio().clone();
-            if let Err(e) = crate::page_writeback::call_writepage(|| self.ops.writepage(self, g, &mut wbc)) {
+            if let Err(e) = crate::page_writeback::call_writepage(|| {
+                self.in_engine("writepage", || self.ops.writepage(self, g, &mut wbc))
+            }) {
                 crate::page_writeback::keep_dirty_after_failed_writepage(self, &f, &wbc, &e);
                 res = Err(e);
             }
@@ -95,7 +97,7 @@ impl AddressSpace {
                 // `wb_lock` exclusive and wait for writeback in flight.
                 let _wb = self.wb_lock.write();
                 self.fdatawait_range(new_size, u64::MAX);
-                self.ops.set_size(new_size)?;
+                self.in_engine("set_size", || self.ops.set_size(new_size))?;
                 // i_size next (truncate_setsize): a reader or fault that
                 // re-checks it after finding an uptodate folio stops at
                 // the new end, and writeback clips to it.
@@ -108,7 +110,7 @@ impl AddressSpace {
             self.unmap_mapping_range(first, PgOff(old.div_ceil(PAGE_SIZE as u64)));
             self.truncate_inode_pages_range(new_size, u64::MAX, true)?;
         } else {
-            self.ops.set_size(new_size)?;
+            self.in_engine("set_size", || self.ops.set_size(new_size))?;
             // Before the new size is seen: the old end's page reads zeros
             // past it.
             self.pagecache_isize_extended(old, new_size);
@@ -212,14 +214,14 @@ impl AddressSpace {
         // write its old bytes of the range back over the store's hole.
         // Each waits for writeback already in flight first.
         let edges = self.lock_edge_folios(off, end);
-        self.ops.punch_hole(off, end - off)?;
+        self.in_engine("punch_hole", || self.ops.punch_hole(off, end - off))?;
         for g in edges {
             let zs = (off.max(g.pos()) - g.pos()) as usize;
             let ze = (end.min(g.pos() + g.size() as u64) - g.pos()) as usize;
             if g.is_uptodate() {
                 g.zero_raw(zs, ze - zs);
             }
-            self.ops.invalidate_folio(self, &g, zs, ze - zs);
+            self.in_engine("invalidate_folio", || self.ops.invalidate_folio(self, &g, zs, ze - zs));
         }
         Ok(())
     }
@@ -306,7 +308,7 @@ impl AddressSpace {
                         }
                     }
                 };
-                self.ops.invalidate_folio(self, &g, 0, g.size());
+                self.in_engine("invalidate_folio", || self.ops.invalidate_folio(self, &g, 0, g.size()));
                 self.filemap_remove_folio(&g);
                 removed.folios.push(g.unlock());
             } else if end == u64::MAX && crate::types::page_align_up(start) < fend {
@@ -335,13 +337,15 @@ impl AddressSpace {
                         // mapping must not land after it.
                         self.unmap_mapping_range(first, g.index().add(g.nr_pages()));
                         g.zero_raw(zs, g.size() - zs);
-                        self.ops.invalidate_folio(self, &g, zs, g.size() - zs);
+                        self.in_engine("invalidate_folio", || {
+                            self.ops.invalidate_folio(self, &g, zs, g.size() - zs)
+                        });
                         // Its pages past the end stay present in the page
                         // store: `Missing`-mode mappings need poison there.
                         self.poison_past_eof(first, g.index().add(g.nr_pages()), None);
                         continue;
                     }
-                    self.ops.invalidate_folio(self, &g, 0, g.size());
+                    self.in_engine("invalidate_folio", || self.ops.invalidate_folio(self, &g, 0, g.size()));
                     self.filemap_remove_folio(&g);
                     removed.folios.push(g.unlock());
                 }
@@ -351,7 +355,7 @@ impl AddressSpace {
                 if g.is_uptodate() {
                     g.zero_raw(zs, ze - zs);
                 }
-                self.ops.invalidate_folio(self, &g, zs, ze - zs);
+                self.in_engine("invalidate_folio", || self.ops.invalidate_folio(self, &g, zs, ze - zs));
             }
         }
         let res = removed.finish();

@@ -447,7 +447,9 @@ impl AddressSpace {
                     let mut wbc = WritebackControl::none(g.nr_pages() as i64);
                     wbc.for_background = true;
                     let folio = g.folio().clone();
-                    if let Err(e) = crate::page_writeback::call_writepage(|| self.ops.writepage(self, g, &mut wbc)) {
+                    if let Err(e) = crate::page_writeback::call_writepage(|| {
+                        self.in_engine("writepage", || self.ops.writepage(self, g, &mut wbc))
+                    }) {
                         crate::page_writeback::keep_dirty_after_failed_writepage(self, &folio, &wbc, &e);
                     }
                 }
@@ -486,7 +488,9 @@ impl AddressSpace {
         if g.mapping_id() != self.id()
             || g.is_dirty()
             || g.is_writeback()
-            || !engine_call(self.name(), "release_folio", false, || self.ops.release_folio(self, &g))
+            || !engine_call(self.name(), "release_folio", false, || {
+                self.in_engine("release_folio", || self.ops.release_folio(self, &g))
+            })
         {
             return None;
         }
@@ -523,7 +527,9 @@ impl AddressSpace {
         self.nrpages_sub(n);
         self.stats.folio_removed(n);
         self.stats.evicted(n);
-        engine_call(self.name(), "free_folio", (), || self.ops.free_folio(self, &g));
+        engine_call(self.name(), "free_folio", (), || {
+            self.in_engine("free_folio", || self.ops.free_folio(self, &g))
+        });
         g.free_frozen();
         n
     }

@@ -806,3 +806,73 @@ fn a_throttled_fault_is_released_while_the_flusher_is_blocked() {
         }
     });
 }
+
+/// An engine's store that calls back into the cache for the file it is
+/// serving (the rule is: callbacks do I/O on the store, never call the
+/// cache) waited for itself: a `read_at` from the store's read waited for
+/// the folio the read was filling, an `fsync` from the store's write for
+/// the write-back it was part of, a `get_page` for the locked folio. Each
+/// now fails with `EDEADLK`, and the outer operation completes. A call
+/// for another file (a log's `fsync` from a data file's write) is allowed.
+#[test]
+fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
+    watchdog("engine callback re-entering the cache", 60, || {
+        let dir = tempdir();
+        let (path, log_path) = (dir.path().join("f"), dir.path().join("log"));
+        std::fs::write(&path, vec![5u8; 64 * 1024]).unwrap();
+        std::fs::write(&log_path, vec![0u8; 4096]).unwrap();
+        type Cell = std::sync::OnceLock<(Arc<upcache::File>, Arc<upcache::File>)>;
+        let files: Arc<Cell> = Arc::new(Cell::new());
+        let nested = Arc::new(std::sync::Mutex::new(Vec::<(&str, i32)>::new()));
+        let (f2, n2) = (files.clone(), nested.clone());
+        let store = HookStore::new(&path, move |op, off, _| {
+            let Some((file, log)) = f2.get() else { return Ok(()) };
+            let errno = |r: upcache::Result<()>| r.err().map_or(0, |e| e.raw_os_error());
+            let mut n = n2.lock().unwrap();
+            match op {
+                StoreOp::Read => {
+                    let mut b = [0u8; 1];
+                    n.push(("read_at", errno(file.read_at(&mut b, off).map(drop))));
+                    // SAFETY: nothing maps the file.
+                    n.push((
+                        "get_page",
+                        errno(unsafe { file.get_page(off / PAGE_SIZE as u64) }.map(drop)),
+                    ));
+                }
+                StoreOp::Write => {
+                    n.push(("fsync", errno(file.fsync())));
+                    n.push(("write_at", errno(file.write_at(b"x", off).map(drop))));
+                    // Another file: allowed.
+                    n.push(("log write_at", errno(log.write_at(b"L", 0).map(drop))));
+                    n.push(("log fsync", errno(log.fsync())));
+                }
+                _ => {}
+            }
+            Ok(())
+        });
+        let cache = PageCache::new();
+        let file = Arc::new(cache.open_with_ops("f", StoreOps::new(store)).unwrap());
+        let log = Arc::new(cache.open(&log_path).unwrap());
+        files.set((file.clone(), log.clone())).ok().unwrap();
+        let mut b = [0u8; 4];
+        file.read_at(&mut b, 8192).unwrap();
+        assert_eq!(b, [5; 4]);
+        file.write_at(b"abcd", 8192).unwrap();
+        file.fsync().unwrap();
+        let n = nested.lock().unwrap().clone();
+        let deadlk = libc::EDEADLK;
+        for (op, want) in [
+            ("read_at", deadlk),
+            ("get_page", deadlk),
+            ("fsync", deadlk),
+            ("write_at", deadlk),
+            ("log write_at", 0),
+            ("log fsync", 0),
+        ] {
+            let got: Vec<i32> = n.iter().filter(|(o, _)| *o == op).map(|(_, e)| *e).collect();
+            assert!(!got.is_empty(), "{op}: never called from the store");
+            assert!(got.iter().all(|e| *e == want), "{op}: errno {got:?}, want {want}");
+        }
+        assert_eq!(std::fs::read(&path).unwrap()[8192..8196], *b"abcd");
+    });
+}

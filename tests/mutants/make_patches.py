@@ -558,6 +558,10 @@ MUTANTS = [
      "        self.nr_paused.fetch_add(1, Ordering::Relaxed);\n        self.wake_idle_monitor();",
      "        self.nr_paused.fetch_add(1, Ordering::Relaxed);",
      f"{LOOM} loom_worker_pool monitor_is_woken_by_a_paused_fault"),
+    ("140-engine-reentry-not-detected", "src/address_space.rs",
+     "            Some(callback) => Err(crate::Error::Reentrant { op, callback }),\n            None => Ok(()),",
+     "            Some(_) | None => Ok(()),",
+     "cargo test --test liveness engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk"),
 ]
 
 
