@@ -53,7 +53,9 @@ fn monitor_is_woken_by_a_paused_fault() {
         let pool = Arc::new(WorkerPool::new(1));
         let stop = AtomicBool::new(false);
         let p = pool.clone();
-        let throttler = thread::spawn(move || p.begin_pause());
+        let throttler = thread::spawn(move || {
+            p.begin_pause();
+        });
         pool.monitor_sleep(&stop);
         throttler.join().unwrap();
     });
@@ -72,5 +74,24 @@ fn stop_wakes_the_monitor() {
         });
         pool.monitor_sleep(&stop);
         dropper.join().unwrap();
+    });
+}
+
+/// A throttled fault's pause ends twice at once: the flusher's pass is
+/// over just as the monitor finds the pause due. Exactly one of them
+/// releases the fault (a second release would wake its thread again and
+/// grant it a second round of unthrottled faults), and the pool is left
+/// with nothing paused, so the monitor can sleep.
+#[test]
+fn a_paused_fault_is_released_exactly_once() {
+    loom::model(|| {
+        let pool = Arc::new(WorkerPool::new(1));
+        let id = pool.begin_pause();
+        let p = pool.clone();
+        let flusher = thread::spawn(move || usize::from(p.end_pause(id)));
+        let by_monitor = pool.due_pauses();
+        let by_flusher = flusher.join().unwrap();
+        assert_eq!(by_monitor + by_flusher, 1, "released {by_monitor} + {by_flusher} times");
+        assert!(!pool.any_work(), "a released pause still counts");
     });
 }

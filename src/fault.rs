@@ -9,14 +9,13 @@
 //! 12–17 µs (DESIGN.md). Every fault ends resolved (mapped, or woken to
 //! retry) or poisoned (SIGBUS); none is dropped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::fs_writeback::ParkedFault;
 use crate::mmap::{UffdMode, VmArea};
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock, Weak};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock};
 use crate::types::{PgOff, PAGE_SIZE};
 use crate::uffd::{fault_flag, feature, page_down, OpenError, PageFault, Pagemap, RawMsg, Uffd, UffdError};
 use crate::vm_ops::{continue_range, Continued, VmFault, VmFaultResult};
@@ -49,17 +48,8 @@ pub(crate) struct EngineShared {
     pool: WorkerPool,
     /// Every handler thread started (base and spares), joined on drop.
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// Throttled write faults and when their pause ends
-    /// ([`pause_throttled`]).
-    paused: Mutex<Vec<Paused>>,
-}
-
-/// A throttled write fault in its pause.
-struct Paused {
-    /// Weak: a mapping dropped meanwhile woke its threads already.
-    vma: Weak<VmArea>,
-    address: usize,
-    until: Instant,
+    /// Unthrottled write faults each thread has left ([`ParkedFault`]).
+    credit: ThrottleCredit,
 }
 
 impl EngineShared {
@@ -93,7 +83,7 @@ impl FaultEngine {
     /// Open the userfaultfd and start the handlers.
     pub(crate) fn start(cfg: FaultConfig) -> Result<Arc<FaultEngine>, OpenError> {
         let uffd = if cfg.wp_async {
-            let uffd = Uffd::open(feature::WP_ASYNC)?;
+            let uffd = Uffd::open(feature::WP_ASYNC | feature::THREAD_ID)?;
             if uffd.features() & feature::WP_ASYNC == 0 {
                 return Err(OpenError::MissingFeatures {
                     missing: feature::WP_ASYNC,
@@ -102,7 +92,7 @@ impl FaultEngine {
             }
             uffd
         } else {
-            Uffd::open(0)?
+            Uffd::open(feature::THREAD_ID)?
         };
         let pagemap = if cfg.wp_async {
             Some(Pagemap::open().map_err(OpenError::Handshake)?)
@@ -123,7 +113,7 @@ impl FaultEngine {
             cfg,
             pool: WorkerPool::new(cfg.threads.max(1)),
             threads: Mutex::new(Vec::new()),
-            paused: Mutex::new(Vec::new()),
+            credit: ThrottleCredit::default(),
         });
         let engine = Arc::new(FaultEngine {
             shared: shared.clone(),
@@ -188,6 +178,8 @@ fn start_handler(sh: &Arc<EngineShared>, name: String, spare: bool) -> std::io::
 fn monitor_main(sh: &Arc<EngineShared>) {
     let pool = &sh.pool;
     let mut prev: Option<Sample> = None;
+    // Say why a stuck pool gets no spare, but not every tick.
+    let mut warned: Option<Instant> = None;
     loop {
         if sh.stop.load(Ordering::Acquire) {
             return;
@@ -200,14 +192,19 @@ fn monitor_main(sh: &Arc<EngineShared>) {
         // A timer, not synchronization: woken early only by the engine's
         // drop (which then finds `stop` set).
         std::thread::park_timeout(TICK);
-        end_pauses(sh);
+        for p in pool.due_pauses(Instant::now()) {
+            sh.release(p.tid, p.address);
+        }
         let now = pool.sample();
         if let Some(p) = prev {
             if pool.need_spare(p, now) {
                 let n = pool.spares_started();
                 if let Err(e) = start_handler(sh, format!("upcache-fault-s{n}"), true) {
                     pool.spare_failed();
-                    eprintln!("upcache: every fault handler is blocked and a spare could not start: {e}");
+                    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        warned = Some(Instant::now());
+                        eprintln!("upcache: every fault handler is blocked and a spare could not start: {e}");
+                    }
                 }
                 prev = None;
                 continue;
@@ -227,6 +224,10 @@ fn handler_main(sh: &EngineShared, spare: bool) {
     // `a_handler_blocked_on_one_fault_does_not_strand_the_others`). A
     // read costs well under a microsecond; a fault round trip 7-47 us.
     let mut msgs = [RawMsg::default(); 1];
+    let mut worker = Worker {
+        pool: &sh.pool,
+        counted: true,
+    };
     loop {
         if sh.stop.load(Ordering::Acquire) {
             return;
@@ -264,6 +265,7 @@ fn handler_main(sh: &EngineShared, spare: bool) {
                     tv_nsec: 0,
                 };
                 if matches!(poll(&mut fds, Some(&idle)), Ok(0)) && sh.pool.try_retire() {
+                    worker.counted = false;
                     return;
                 }
             } else {
@@ -291,6 +293,21 @@ fn handler_main(sh: &EngineShared, spare: bool) {
                     poison_page(sh, page_down(pf.address), granule);
                 }
             }
+        }
+    }
+}
+
+/// A handler thread's place in `nr_workers`, given up however the thread
+/// ends (`try_retire` gave it up already).
+struct Worker<'a> {
+    pool: &'a WorkerPool,
+    counted: bool,
+}
+
+impl Drop for Worker<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.pool.worker_exited();
         }
     }
 }
@@ -331,7 +348,7 @@ fn handle_fault(sh: &EngineShared, pf: PageFault) {
         async_ra: Default::default(),
     };
     if pf.flags & fault_flag::WP != 0 {
-        do_wp_page(sh, &vma, &vmf);
+        do_wp_page(sh, &vmf, pf.tid);
     } else {
         do_fault(sh, &vmf);
         if let Some(window) = vmf.async_ra.take() {
@@ -451,7 +468,7 @@ fn do_fault(sh: &EngineShared, vmf: &VmFault<'_>) {
 
 /// A write to a write-protected page of a shared-writable mapping:
 /// page_mkwrite, then unprotect the folio's pages in this mapping.
-fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
+fn do_wp_page(sh: &EngineShared, vmf: &VmFault<'_>, tid: u32) {
     let vma = vmf.vma;
     let m = vma.mapping();
     // sb_start_pagefault: while the cache is frozen, park the fault (its
@@ -460,10 +477,7 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
         Some(wb) => match wb.gate.try_start_write() {
             Some(g) => Some(g),
             None => {
-                let parked = wb.gate.park_fault(ParkedFault {
-                    vma: vma_arc.clone(),
-                    address: vmf.address,
-                });
+                let parked = wb.gate.park_fault(ParkedFault::frozen(&vma.engine, tid, vmf.address));
                 if parked.is_none() {
                     return;
                 }
@@ -475,18 +489,16 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
         None => None,
     };
     if let Some(wb) = &m.wb {
-        // Past the dirty limit a write fault waits for one flusher pass,
-        // then is woken to fault again, and its mapping earns a few
-        // unthrottled faults (`release_parked_fault`):
+        // Past the dirty limit a write fault waits for one flusher pass
+        // (at most `THROTTLE_MAX_PAUSE`), then is woken to fault again,
+        // and its thread earns a few unthrottled faults (`ParkedFault`):
         // the pass may clean (and re-protect) another page the same store
         // instruction needs, and without the credit the two faults would
         // take turns being throttled forever (tests/liveness.rs,
         // `throttled_mapped_write_across_two_folios_completes`).
-        if wb.over_dirty_limit() && !vma.take_throttle_credit() {
-            wb.throttle_fault(ParkedFault {
-                vma: vma_arc.clone(),
-                address: vmf.address,
-            });
+        if wb.over_dirty_limit() && !sh.credit.take(tid) {
+            vma.mapping().stats.throttled();
+            wb.throttle_fault(ParkedFault::throttled(&vma.engine, tid, vmf.address));
             return;
         }
         wb.kick();
@@ -534,58 +546,123 @@ fn do_wp_page(sh: &EngineShared, vma_arc: &Arc<VmArea>, vmf: &VmFault<'_>) {
     }
 }
 
+/// Unthrottled write faults granted to a thread each time one of its
+/// throttled (or frozen) write faults is released: enough for every page
+/// one instruction (or one `memcpy`, which stores its head and tail last)
+/// needs writable at once, so throttling delays a writer and never
+/// starves it. Per thread, as the kernel's `nr_dirtied_pause` is per
+/// task: a credit shared by a mapping's threads could be spent by the
+/// others before the released thread faults again.
+pub(crate) const THROTTLE_CREDIT: u32 = 8;
+
+/// Each thread's unthrottled write faults left (by `uffd_msg`'s `ptid`).
+#[derive(Default)]
+struct ThrottleCredit(Mutex<HashMap<u32, u32>>);
+
+impl ThrottleCredit {
+    /// Threads with credit left that are remembered at most: a released
+    /// thread that never faults again leaves its entry behind, and past
+    /// this many the table starts afresh (a thread then waits once more).
+    const MAX_THREADS: usize = 4096;
+
+    fn grant(&self, tid: u32) {
+        let mut c = self.0.lock();
+        if c.len() >= Self::MAX_THREADS {
+            c.clear();
+        }
+        let left = c.entry(tid).or_insert(0);
+        *left = (*left).max(THROTTLE_CREDIT);
+    }
+
+    /// Spend one of `tid`'s unthrottled write faults; false if none is
+    /// left.
+    fn take(&self, tid: u32) -> bool {
+        let mut c = self.0.lock();
+        match c.get_mut(&tid) {
+            Some(1) => {
+                c.remove(&tid);
+                true
+            }
+            Some(left) => {
+                *left -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl EngineShared {
+    /// Let a write fault that waited go again: its thread earns
+    /// unthrottled faults and is woken; it faults again and a handler
+    /// serves it. Whoever releases never serves it itself: that takes the
+    /// folio lock, which a `PageMut` may hold while its holder waits for
+    /// this very releaser — its own write fault throttled until the
+    /// flusher's next pass (tests/liveness.rs,
+    /// `a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others`).
+    fn release(&self, tid: u32, address: usize) {
+        self.credit.grant(tid);
+        wake_page(self, address);
+    }
+}
+
 /// Longest pause of a throttled write fault (the kernel's `MAX_PAUSE` in
 /// `balance_dirty_pages`, 200 ms): it is released after the flusher's
 /// next pass or after this long, whichever comes first.
 pub(crate) const THROTTLE_MAX_PAUSE: Duration = Duration::from_millis(200);
 
-/// Bound the pause of a throttled write fault (its thread blocked in the
-/// kernel): the monitor releases it after `THROTTLE_MAX_PAUSE` even if
-/// the flusher's pass has not ended. A pass can block in an engine
-/// operation that waits for the very thread whose fault is throttled (a
-/// write barrier waiting for a throttled log writer): without the bound
-/// neither would ever go on (tests/liveness.rs,
-/// `a_throttled_fault_is_released_while_the_flusher_is_blocked`). A fault
-/// the flusher released first is woken twice; a spurious wake only makes
-/// its thread fault again.
-pub(crate) fn pause_throttled(vma: &Arc<VmArea>, address: usize) {
-    let sh = &vma.engine;
-    sh.paused.lock().push(Paused {
-        vma: Arc::downgrade(vma),
-        address,
-        until: Instant::now() + THROTTLE_MAX_PAUSE,
-    });
-    sh.pool.begin_pause();
+/// A write fault left waiting, its thread blocked in the kernel: throttled
+/// past the dirty limit (released after the flusher's next pass) or
+/// parked while the cache is frozen (released by `thaw`). It holds the
+/// engine, not the mapping: releasing is a credit and a wake, and must
+/// never be where a mapping's last reference (and the final write-back
+/// of its file) is dropped.
+pub(crate) struct ParkedFault {
+    sh: Arc<EngineShared>,
+    tid: u32,
+    address: usize,
+    /// The pause in the pool's table (throttled faults only).
+    pause: Option<u64>,
 }
 
-/// Release the paused faults whose pause is over (the monitor, each tick).
-fn end_pauses(sh: &EngineShared) {
-    let now = Instant::now();
-    let due: Vec<Paused> = {
-        let mut p = sh.paused.lock();
-        let (due, keep) = std::mem::take(&mut *p).into_iter().partition(|x| x.until <= now);
-        *p = keep;
-        due
-    };
-    for x in due {
-        sh.pool.end_pause();
-        if let Some(vma) = x.vma.upgrade() {
-            release_parked_fault(&vma, x.address);
+impl ParkedFault {
+    /// A write fault parked while the cache is frozen.
+    pub(crate) fn frozen(sh: &Arc<EngineShared>, tid: u32, address: usize) -> ParkedFault {
+        ParkedFault {
+            sh: sh.clone(),
+            tid,
+            address,
+            pause: None,
         }
     }
-}
 
-/// Let a write fault that waited go again: one throttled past the dirty
-/// limit (the flusher, after a pass) or parked while the cache was frozen
-/// (`thaw`). Its mapping earns unthrottled faults and its thread is woken;
-/// it faults again and a handler serves it. The caller never serves it
-/// itself: that takes the folio lock, which a `PageMut` may hold while
-/// its holder waits for this very caller — its own write fault throttled
-/// until the flusher's next pass (tests/liveness.rs,
-/// `a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others`).
-pub(crate) fn release_parked_fault(vma: &Arc<VmArea>, address: usize) {
-    vma.grant_throttle_credit();
-    wake_page(&vma.engine, address);
+    /// A write fault throttled past the dirty limit. Its pause is bounded:
+    /// the monitor releases it after `THROTTLE_MAX_PAUSE` even if the
+    /// flusher's pass has not ended. A pass can block in an engine
+    /// operation that waits for the very thread whose fault is throttled
+    /// (a write barrier waiting for a throttled log writer): without the
+    /// bound neither would ever go on (tests/liveness.rs,
+    /// `a_throttled_fault_is_released_while_the_flusher_is_blocked`).
+    pub(crate) fn throttled(sh: &Arc<EngineShared>, tid: u32, address: usize) -> ParkedFault {
+        let pause = sh.pool.begin_pause(tid, address, Instant::now() + THROTTLE_MAX_PAUSE);
+        ParkedFault {
+            sh: sh.clone(),
+            tid,
+            address,
+            pause: Some(pause),
+        }
+    }
+
+    /// Let the fault go again (see `EngineShared::release`), unless the
+    /// monitor ended its pause and released it already.
+    pub(crate) fn release(self) {
+        if let Some(id) = self.pause {
+            if self.sh.pool.end_pause(id).is_none() {
+                return;
+            }
+        }
+        self.sh.release(self.tid, self.address);
+    }
 }
 
 /// Leaves a fault entered with `VmArea::enter` on every path, panics

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::address_space::{AddressSpace, Eviction};
 use crate::aops::WritebackControl;
-use crate::mmap::VmArea;
+use crate::fault::ParkedFault;
 use crate::stats::CacheStats;
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock, RwLockReadGuard, UnparkOp, WaitQueue, Weak};
 use crate::types::PgOff;
@@ -88,12 +88,6 @@ impl Spaces {
             .map(|(_, ev)| ev.clone())
             .collect()
     }
-}
-
-/// A write fault parked while the cache is frozen.
-pub(crate) struct ParkedFault {
-    pub(crate) vma: Arc<VmArea>,
-    pub(crate) address: usize,
 }
 
 /// `sb_start_write` / `freeze_super`.
@@ -274,18 +268,16 @@ impl Writeback {
     /// stays blocked in the kernel, the handler moves on) until the
     /// flusher's next pass, which it starts now.
     pub(crate) fn throttle_fault(&self, f: ParkedFault) {
-        // Counted for the file and the cache.
-        f.vma.mapping().stats.throttled();
         let mut q = self.throttled.lock();
         if self.is_stopped() {
             // No flusher will release it: let it go now.
             drop(q);
-            crate::fault::release_parked_fault(&f.vma, f.address);
+            f.release();
             return;
         }
-        // Released after the flusher's next pass, or after the longest
-        // pause if that pass takes longer.
-        crate::fault::pause_throttled(&f.vma, f.address);
+        // Released after the flusher's next pass, or by the fault
+        // engine's monitor after the longest pause if that pass takes
+        // longer (`ParkedFault::throttled`).
         q.push(f);
         drop(q);
         if let Some((t, _)) = &*self.flusher.lock() {
@@ -296,11 +288,11 @@ impl Writeback {
     /// Let the throttled write faults go again (after a flusher pass:
     /// whatever it achieved, throttling is a delay, never a hang). Their
     /// threads fault again and the handlers serve them; the flusher never
-    /// does (`fault::release_parked_fault`).
+    /// does (`ParkedFault::release`).
     fn release_throttled(&self) {
         let parked = std::mem::take(&mut *self.throttled.lock());
         for f in parked {
-            crate::fault::release_parked_fault(&f.vma, f.address);
+            f.release();
         }
     }
 
@@ -436,7 +428,7 @@ impl Writeback {
         // thawing thread, which may hold a guard one of them needs.
         let parked = std::mem::take(&mut *self.gate.parked.lock());
         for f in parked {
-            crate::fault::release_parked_fault(&f.vma, f.address);
+            f.release();
         }
         was
     }
@@ -464,7 +456,11 @@ fn flusher_main(w: Weak<Writeback>, period: Duration) {
             if r.is_err() {
                 eprintln!("upcache: a flusher pass panicked (an engine operation); the flusher goes on");
             }
-            w.release_throttled();
+            // Never ends the flusher either (nothing here calls the
+            // engine; a panic would be upcache's own bug).
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.release_throttled())).is_err() {
+                eprintln!("upcache: releasing throttled write faults panicked; the flusher goes on");
+            }
         }
         std::thread::park_timeout(period);
     }

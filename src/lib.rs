@@ -472,9 +472,23 @@ pub mod loom_support {
         pub fn end_work(&self) {
             self.0.end_work()
         }
-        /// A throttled fault starts its pause.
-        pub fn begin_pause(&self) {
-            self.0.begin_pause()
+        /// A throttled fault starts a pause that is due at once; returns
+        /// its id.
+        pub fn begin_pause(&self) -> u64 {
+            self.0.begin_pause(0, 0, std::time::Instant::now())
+        }
+        /// The flusher ends pause `id`: true if the caller is the one to
+        /// release its fault.
+        pub fn end_pause(&self, id: u64) -> bool {
+            self.0.end_pause(id).is_some()
+        }
+        /// The monitor ends the pauses due: how many faults it releases.
+        pub fn due_pauses(&self) -> usize {
+            self.0.due_pauses(std::time::Instant::now()).len()
+        }
+        /// Is any handler busy or any fault paused?
+        pub fn any_work(&self) -> bool {
+            self.0.any_work()
         }
         /// The monitor sleeps until a handler is busy (or `stop`).
         pub fn monitor_sleep(&self, stop: &crate::sync::AtomicBool) {

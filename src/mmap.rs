@@ -88,21 +88,11 @@ pub struct VmArea {
     /// Some page of this mapping was poisoned (SIGBUS) and must be zapped
     /// if the file grows over it.
     pub(crate) poisoned: AtomicBool,
-    /// Write faults this mapping may still take past the dirty limit
-    /// without being throttled (granted when a throttled fault is
-    /// released; see `fault::do_wp_page`).
-    throttle_credit: AtomicU32,
     /// The mapping's own errseq cursor (the `f_wb_err` of the file a
     /// kernel VMA holds), sampled when it was made: `flush` reports each
     /// write-back error since then once, whoever else reported it.
     wb_err: crate::sync::AtomicU64,
 }
-
-/// Unthrottled write faults granted to a mapping each time one of its
-/// throttled faults is released: enough for every page one instruction
-/// (or one `memcpy`, which stores its head and tail last) needs writable
-/// at once, so throttling delays a writer and never starves it.
-pub(crate) const THROTTLE_CREDIT: u32 = 8;
 
 impl std::fmt::Debug for VmArea {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -262,19 +252,6 @@ impl VmArea {
                 self.state.load(Ordering::Acquire) != DEAD
             });
         }
-    }
-
-    /// Grant `THROTTLE_CREDIT` unthrottled write faults (a throttled fault
-    /// of this mapping was just released).
-    pub(crate) fn grant_throttle_credit(&self) {
-        self.throttle_credit.store(THROTTLE_CREDIT, Ordering::Relaxed);
-    }
-
-    /// Spend one unthrottled write fault; false if none is left.
-    pub(crate) fn take_throttle_credit(&self) -> bool {
-        self.throttle_credit
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1))
-            .is_ok()
     }
 
     /// `MADV_DONTNEED` the user range of file pages `[first, end)`: the
@@ -519,7 +496,6 @@ pub(crate) fn do_mmap(
         state: AtomicU32::new(0),
         wq: WaitQueue::new(),
         poisoned: AtomicBool::new(false),
-        throttle_credit: AtomicU32::new(0),
         wb_err: crate::sync::AtomicU64::new(mapping.wb_err.sample()),
     });
     let mut modes = mode::MISSING;

@@ -167,6 +167,9 @@ pub struct PageFault {
     pub flags: u64,
     /// The faulting address (page-aligned unless EXACT_ADDRESS).
     pub address: usize,
+    /// The faulting thread's id (`ptid`; 0 unless the fd was opened with
+    /// [`feature::THREAD_ID`]).
+    pub tid: u32,
 }
 
 impl RawMsg {
@@ -175,6 +178,11 @@ impl RawMsg {
         (self.event == EVENT_PAGEFAULT).then(|| PageFault {
             flags: self.arg[0],
             address: self.arg[1] as usize,
+            // `feat.ptid`: the first 4 bytes of the union after `address`.
+            tid: {
+                let b = self.arg[2].to_ne_bytes();
+                u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+            },
         })
     }
 }

@@ -26,20 +26,27 @@
 //! starts another spare.
 //!
 //! The monitor also ends the pauses of throttled write faults
-//! (`fault::pause_throttled`): a fault parked past the dirty limit is
+//! (`fault::ParkedFault`): a fault parked past the dirty limit is
 //! released after the flusher's next pass or after 200 ms, whichever
 //! comes first, so a flusher blocked in an engine operation cannot hold
-//! it for ever.
+//! it for ever. Each pause is an entry in the pool's pause table, and
+//! whoever removes the entry (the flusher after its pass, or the monitor
+//! when the pause is over) releases the fault: exactly once, so a late
+//! second release can neither wake the thread again nor grant it a second
+//! round of unthrottled faults.
 //!
-//! The only cross-thread protocol is the monitor's sleep: it sleeps with
+//! Two cross-thread protocols, each with loom models in
+//! `loom-tests/loom_worker_pool.rs`: the monitor's sleep (it sleeps with
 //! no deadline while no handler is busy and no fault is paused, and the
-//! first handler to turn busy (or fault to be paused) wakes it (loom models in `loom-tests/loom_worker_pool.rs`). The
-//! stall check itself is a timer reading counters: it needs no ordering
-//! beyond their atomicity (a stale reading delays a spare by a tick).
+//! first handler to turn busy, or fault to be paused, wakes it) and the
+//! pause table's exactly-once release. The stall check itself is a timer
+//! reading counters: it needs no ordering beyond their atomicity (a stale
+//! reading delays a spare by a tick).
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use crate::sync::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering, WaitQueue};
+use crate::sync::{fence, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering, WaitQueue};
 
 /// How often the monitor checks a busy pool for progress.
 pub(crate) const TICK: Duration = Duration::from_millis(10);
@@ -63,9 +70,10 @@ pub(crate) struct WorkerPool {
     nr_workers: AtomicUsize,
     /// Handlers serving a fault now.
     nr_busy: AtomicUsize,
-    /// Throttled write faults waiting for their pause to end
-    /// (`fault::pause_throttled`): the monitor releases them.
+    /// Entries in `pauses` (read without its lock by the monitor's sleep).
     nr_paused: AtomicUsize,
+    /// Throttled write faults in their pause, by pause id.
+    pauses: Mutex<PauseTable>,
     /// Faults served since the pool started: the monitor's progress mark.
     served: AtomicU64,
     /// The monitor sleeps with no deadline: the next handler to turn busy
@@ -74,6 +82,24 @@ pub(crate) struct WorkerPool {
     /// Spares started so far.
     spares_started: AtomicU64,
     wq: WaitQueue,
+}
+
+/// A throttled write fault in its pause: whom to release.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Pause {
+    /// The faulting thread (`uffd_msg`'s `ptid`; 0 without
+    /// `UFFD_FEATURE_THREAD_ID`).
+    pub(crate) tid: u32,
+    /// The faulting address.
+    pub(crate) address: usize,
+    /// When the monitor ends the pause.
+    until: Instant,
+}
+
+#[derive(Debug, Default)]
+struct PauseTable {
+    next_id: u64,
+    by_id: BTreeMap<u64, Pause>,
 }
 
 /// What the monitor saw at one tick.
@@ -91,6 +117,7 @@ impl WorkerPool {
             nr_workers: AtomicUsize::new(base),
             nr_busy: AtomicUsize::new(0),
             nr_paused: AtomicUsize::new(0),
+            pauses: Mutex::new(PauseTable::default()),
             served: AtomicU64::new(0),
             monitor_idle: AtomicBool::new(false),
             spares_started: AtomicU64::new(0),
@@ -108,15 +135,51 @@ impl WorkerPool {
         self.wake_idle_monitor();
     }
 
-    /// A throttled fault starts its pause; the monitor ends it.
-    pub(crate) fn begin_pause(&self) {
-        self.nr_paused.fetch_add(1, Ordering::Relaxed);
+    /// A throttled fault of thread `tid` at `address` starts a pause that
+    /// the monitor ends at `until` (unless [`end_pause`](Self::end_pause)
+    /// ends it first). Returns the pause's id.
+    pub(crate) fn begin_pause(&self, tid: u32, address: usize, until: Instant) -> u64 {
+        let id = {
+            let mut t = self.pauses.lock();
+            let id = t.next_id;
+            t.next_id += 1;
+            t.by_id.insert(id, Pause { tid, address, until });
+            // Under the table lock: `nr_paused` never reads below the
+            // entries a remover is about to take out.
+            self.nr_paused.fetch_add(1, Ordering::Relaxed);
+            id
+        };
         self.wake_idle_monitor();
+        id
     }
 
-    /// The monitor released a paused fault.
-    pub(crate) fn end_pause(&self) {
+    /// End pause `id` early (the flusher's pass is over). Returns the
+    /// fault to release, or `None` if its pause ended already: the
+    /// monitor released it, and a second release must not happen.
+    pub(crate) fn end_pause(&self, id: u64) -> Option<Pause> {
+        let mut t = self.pauses.lock();
+        let p = t.by_id.remove(&id)?;
         self.nr_paused.fetch_sub(1, Ordering::Relaxed);
+        Some(p)
+    }
+
+    /// Monitor: end every pause due at `now`; the caller releases the
+    /// faults returned.
+    pub(crate) fn due_pauses(&self, now: Instant) -> Vec<Pause> {
+        let mut t = self.pauses.lock();
+        if t.by_id.is_empty() {
+            return Vec::new();
+        }
+        let mut due = Vec::new();
+        t.by_id.retain(|_, p| {
+            let keep = p.until > now;
+            if !keep {
+                due.push(*p);
+            }
+            keep
+        });
+        self.nr_paused.fetch_sub(due.len(), Ordering::Relaxed);
+        due
     }
 
     /// After an increment of `nr_busy` or `nr_paused`.
@@ -204,6 +267,14 @@ impl WorkerPool {
 
     /// The spare reserved by `need_spare` did not start.
     pub(crate) fn spare_failed(&self) {
+        self.nr_workers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A handler exits other than by [`try_retire`](Self::try_retire)
+    /// (the userfaultfd could not be read, a panic outside a fault): it
+    /// no longer counts, or the monitor would wait for it to turn busy
+    /// and never see the pool stuck.
+    pub(crate) fn worker_exited(&self) {
         self.nr_workers.fetch_sub(1, Ordering::Relaxed);
     }
 

@@ -126,13 +126,12 @@ fn shrinking_truncate_under_a_shared_writable_mapping_raises_sigbus() {
     }
 }
 
-/// The children's side. A no-op unless `UPCACHE_CHILD` is set.
 /// Found by the fsx test (seed 13, Missing, 256 KiB limit, op 14737): with
 /// a dirty limit smaller than two folios, a mapped copy whose stores span
 /// two folios (memcpy writes its head and tail last) ping-ponged: each write
 /// fault was throttled until a flusher pass, and that pass cleaned and
 /// re-protected the other folio. The copy took minutes. A throttled fault,
-/// once replayed, earns its mapping a few unthrottled write faults, so one
+/// once released, earns its thread a few unthrottled write faults, so one
 /// instruction's pages can all be writable at once.
 #[test]
 fn throttled_mapped_write_across_two_folios_completes() {
@@ -707,8 +706,8 @@ fn a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others() {
             let _ = c.write_at(&chunk, off as u64);
             off += chunk.len();
         }
-        // One mapping each: a replayed fault earns its mapping unthrottled
-        // faults, which would let P's through.
+        // One mapping each (from when a released fault's unthrottled
+        // faults were its mapping's, and would have let P's through).
         let (map_p, map_q) = (a.mmap_raw(0, 4 * MIB).unwrap(), a.mmap_raw(0, 4 * MIB).unwrap());
         // Both folios of A cached and mapped clean: writes are WP faults.
         let mut b = [0u8; 1];
@@ -750,6 +749,70 @@ fn a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others() {
         }
         refuse.store(false, std::sync::atomic::Ordering::Relaxed);
         drop((map_p, map_q));
+        let _ = c.fsync();
+    });
+}
+
+/// The unthrottled write faults a throttled fault earns belong to its
+/// thread. They used to be the mapping's, shared by all its threads: with
+/// several writers throttled on one mapping, the others could spend them
+/// before the released thread faulted again, and a store spanning two
+/// folios could be throttled round after round. Here the thread that
+/// never waited writes after one that did: it must wait too.
+#[test]
+fn unthrottled_faults_are_earned_by_the_thread_that_waited() {
+    watchdog("throttle credit per thread", 60, || {
+        const MIB: usize = 1 << 20;
+        let dir = tempdir();
+        let (a_path, c_path) = (dir.path().join("a"), dir.path().join("c"));
+        std::fs::write(&a_path, vec![1u8; 4 * MIB]).unwrap();
+        std::fs::write(&c_path, vec![2u8; 4 * MIB]).unwrap();
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let r = refuse.clone();
+        let store = HookStore::new(&c_path, move |op, _, _| {
+            if op == StoreOp::Write && r.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            Ok(())
+        });
+        let cache = PageCache::builder()
+            .large_folios(true)
+            .dirty_limit_bytes(MIB as u64)
+            .build();
+        let c = cache.open_with_ops("c", StoreOps::new(store)).unwrap();
+        let a = cache.open(&a_path).unwrap();
+        // Past the dirty limit for good: C's write-backs all fail.
+        let chunk = vec![9u8; 256 * 1024];
+        let mut off = 0;
+        while cache.stats().dirty_bytes <= MIB as u64 {
+            assert!(off < 4 * MIB, "could not dirty C past the limit");
+            let _ = c.write_at(&chunk, off as u64);
+            off += chunk.len();
+        }
+        let map = Arc::new(a.mmap_raw(0, 4 * MIB).unwrap());
+        // Two folios of A mapped clean: each first write is a WP fault.
+        let mut b = [0u8; 1];
+        map.read(4096, &mut b);
+        map.read(2 * MIB + 4096, &mut b);
+        let write_on_a_thread = |at: usize, v: u8| {
+            let map = map.clone();
+            std::thread::spawn(move || map.write(at, &[v])).join().unwrap();
+        };
+        write_on_a_thread(4096, b'x');
+        assert_eq!(a.stats().throttled, 1, "the first writer was not throttled");
+        write_on_a_thread(2 * MIB + 4096, b'y');
+        assert_eq!(
+            a.stats().throttled,
+            2,
+            "the second writer spent the unthrottled faults the first one earned"
+        );
+        let mut got = [0u8; 1];
+        for (at, want) in [(4096, b'x'), (2 * MIB + 4096, b'y')] {
+            a.read_at(&mut got, at as u64).unwrap();
+            assert_eq!(got[0], want, "byte at {at}");
+        }
+        refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        drop(map);
         let _ = c.fsync();
     });
 }
