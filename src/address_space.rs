@@ -84,6 +84,15 @@ crate::sync::thread_local! {
     static IN_ENGINE: std::cell::RefCell<Vec<(u64, &'static str)>> = std::cell::RefCell::new(Vec::new());
 }
 
+/// The innermost engine callback this thread is inside for a file whose
+/// id `is_ours` accepts (see [`AddressSpace::check_reentry`]).
+pub(crate) fn engine_callback_for(is_ours: impl Fn(u64) -> bool) -> Option<&'static str> {
+    IN_ENGINE
+        .try_with(|s| s.borrow().iter().rev().find(|(m, _)| is_ours(*m)).map(|(_, cb)| *cb))
+        .ok()
+        .flatten()
+}
+
 /// Readahead tunables of one file.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RaConfig {
@@ -469,11 +478,7 @@ impl AddressSpace {
     /// their own file (other files are fine).
     pub(crate) fn check_reentry(&self, op: &'static str) -> Result<(), crate::Error> {
         let id = self.id();
-        let hit = IN_ENGINE
-            .try_with(|s| s.borrow().iter().rev().find(|(m, _)| *m == id).map(|(_, cb)| *cb))
-            .ok()
-            .flatten();
-        match hit {
+        match engine_callback_for(|m| m == id) {
             Some(callback) => Err(crate::Error::Reentrant { op, callback }),
             None => Ok(()),
         }

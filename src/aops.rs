@@ -27,7 +27,8 @@
 //! Every method runs with the cache waiting on it. It does I/O on the
 //! store below, and may call the cache for *other* files (a data file's
 //! `write_barrier` syncing its log); a blocking `File` call for the file
-//! it serves would wait for itself and fails with
+//! it serves, or a cache-wide `PageCache::sync_all` or `freeze`, would
+//! wait for itself and fails with
 //! [`Error::Reentrant`](crate::Error::Reentrant) (`EDEADLK`).
 //!
 //! Besides the folio operations, the trait carries the three inode-level

@@ -695,9 +695,22 @@ impl PageCache {
     /// cache.
     ///
     /// # Errors
-    /// The first write or sync error (failed folios stay dirty).
+    /// The first write or sync error (failed folios stay dirty);
+    /// [`Error::Reentrant`] from inside an engine callback for one of the
+    /// cache's files (the sync would wait for that callback).
     pub fn sync_all(&self) -> Result<()> {
+        self.check_reentry("sync_all")?;
         self.inner.wb.sync_all().map_err(Error::Writeback)
+    }
+
+    /// `Err(Reentrant)` if this thread is inside an engine callback for a
+    /// file of this cache, a dying one included (its drop's write-back):
+    /// a cache-wide `op` would wait for that callback.
+    fn check_reentry(&self, op: &'static str) -> Result<()> {
+        match crate::address_space::engine_callback_for(|id| self.inner.spaces.contains(id)) {
+            Some(callback) => Err(Error::Reentrant { op, callback }),
+            None => Ok(()),
+        }
     }
 
     /// `FIFREEZE`: block new dirtying (write_at, truncate, punch_hole, and
@@ -711,8 +724,10 @@ impl PageCache {
     /// [`PageMut`](crate::PageMut) of the cache (the freeze would wait for
     /// it); the sync's error (the cache is then thawed);
     /// [`Error::Unsupported`] in a cache built with
-    /// [`DirtyTracking::Async`].
+    /// [`DirtyTracking::Async`]; [`Error::Reentrant`] from inside an engine
+    /// callback for one of the cache's files.
     pub fn freeze(&self) -> Result<()> {
+        self.check_reentry("freeze")?;
         if self.inner.fault_cfg.wp_async {
             return Err(Error::Unsupported {
                 what: "freeze cannot hold back mapped writes with DirtyTracking::Async; \

@@ -497,8 +497,9 @@ fn do_wp_page(sh: &EngineShared, vmf: &VmFault<'_>, tid: u32) {
         // take turns being throttled forever (tests/liveness.rs,
         // `throttled_mapped_write_across_two_folios_completes`).
         if wb.over_dirty_limit() && !sh.credit.take(tid) {
-            vma.mapping().stats.throttled();
             wb.throttle_fault(ParkedFault::throttled(&vma.engine, tid, vmf.address));
+            // Counted once parked (tests wait for the count).
+            vma.mapping().stats.throttled();
             return;
         }
         wb.kick();

@@ -53,6 +53,11 @@ impl Spaces {
         self.0.lock().get(&id).and_then(|(w, _)| w.upgrade())
     }
 
+    /// Is address space `id` one of these, live or dying?
+    pub(crate) fn contains(&self, id: u64) -> bool {
+        self.0.lock().contains_key(&id)
+    }
+
     pub(crate) fn all(&self) -> Vec<Arc<AddressSpace>> {
         self.0.lock().values().filter_map(|(w, _)| w.upgrade()).collect()
     }

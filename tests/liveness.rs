@@ -676,25 +676,38 @@ fn pool_child() {
 /// limit until the fourteenth session). Dirty memory stays past the limit
 /// (file C's store refuses every write); Q's write to page 1 of a guarded
 /// 2 MiB folio is throttled, then the holder P writes to the next folio.
+/// Since throttling pauses are bounded (200 ms), a flusher that served Q's
+/// fault would hold P for one pause only; so before P goes on, the
+/// flusher must be seen making three more passes: it is never held by a
+/// fault.
 #[test]
 fn a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others() {
     watchdog("throttled fault on a guarded folio", 60, || {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
         const MIB: usize = 1 << 20;
         let dir = tempdir();
         let (a_path, c_path) = (dir.path().join("a"), dir.path().join("c"));
         std::fs::write(&a_path, vec![1u8; 4 * MIB]).unwrap();
         std::fs::write(&c_path, vec![2u8; 4 * MIB]).unwrap();
-        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let r = refuse.clone();
-        let store = HookStore::new(&c_path, move |op, _, _| {
-            if op == StoreOp::Write && r.load(std::sync::atomic::Ordering::Relaxed) {
+        let refuse = Arc::new(AtomicBool::new(true));
+        // Flusher passes, counted by their (failing) write of C's first
+        // folio: every pass writes it, since it stays dirty.
+        let passes = Arc::new(AtomicU64::new(0));
+        let (r, n) = (refuse.clone(), passes.clone());
+        let store = HookStore::new(&c_path, move |op, off, _| {
+            if op == StoreOp::Write && off == 0 && std::thread::current().name() == Some("upcache-flush") {
+                n.fetch_add(1, Relaxed);
+            }
+            if op == StoreOp::Write && r.load(Relaxed) {
                 return Err(std::io::Error::from_raw_os_error(libc::EIO));
             }
             Ok(())
         });
+        // A flusher pass every 10 ms (a quarter of the expiry).
         let cache = PageCache::builder()
             .large_folios(true)
             .dirty_limit_bytes(MIB as u64)
+            .dirty_expire(std::time::Duration::from_millis(40))
             .build();
         let c = cache.open_with_ops("c", StoreOps::new(store)).unwrap();
         let a = Arc::new(cache.open(&a_path).unwrap());
@@ -739,6 +752,13 @@ fn a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others() {
             assert!(!q.is_finished(), "Q's write was not throttled");
             std::thread::yield_now();
         }
+        // The pass under way, or the next, releases Q; three more passes
+        // prove the flusher did not stay with Q's fault (which waits for
+        // P's guard).
+        let seen = passes.load(Relaxed);
+        while passes.load(Relaxed) < seen + 3 {
+            std::thread::yield_now();
+        }
         go_tx.send(()).unwrap();
         let map_p = p.join().unwrap();
         let map_q = q.join().unwrap();
@@ -747,7 +767,7 @@ fn a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others() {
             a.read_at(&mut got, at as u64).unwrap();
             assert_eq!(got[0], want, "byte at {at}");
         }
-        refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+        refuse.store(false, Relaxed);
         drop((map_p, map_q));
         let _ = c.fsync();
     });
@@ -884,12 +904,14 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
         let (path, log_path) = (dir.path().join("f"), dir.path().join("log"));
         std::fs::write(&path, vec![5u8; 64 * 1024]).unwrap();
         std::fs::write(&log_path, vec![0u8; 4096]).unwrap();
-        type Cell = std::sync::OnceLock<(Arc<upcache::File>, Arc<upcache::File>)>;
+        type Cell = std::sync::OnceLock<(Arc<upcache::File>, Arc<upcache::File>, PageCache)>;
         let files: Arc<Cell> = Arc::new(Cell::new());
         let nested = Arc::new(std::sync::Mutex::new(Vec::<(&str, i32)>::new()));
         let (f2, n2) = (files.clone(), nested.clone());
         let store = HookStore::new(&path, move |op, off, _| {
-            let Some((file, log)) = f2.get() else { return Ok(()) };
+            let Some((file, log, cache)) = f2.get() else {
+                return Ok(());
+            };
             let errno = |r: upcache::Result<()>| r.err().map_or(0, |e| e.raw_os_error());
             let mut n = n2.lock().unwrap();
             match op {
@@ -908,6 +930,9 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
                     // Another file: allowed.
                     n.push(("log write_at", errno(log.write_at(b"L", 0).map(drop))));
                     n.push(("log fsync", errno(log.fsync())));
+                    // The whole cache: it holds this file.
+                    n.push(("sync_all", errno(cache.sync_all())));
+                    n.push(("freeze", errno(cache.freeze())));
                 }
                 _ => {}
             }
@@ -916,7 +941,7 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
         let cache = PageCache::new();
         let file = Arc::new(cache.open_with_ops("f", StoreOps::new(store)).unwrap());
         let log = Arc::new(cache.open(&log_path).unwrap());
-        files.set((file.clone(), log.clone())).ok().unwrap();
+        files.set((file.clone(), log.clone(), cache.clone())).ok().unwrap();
         let mut b = [0u8; 4];
         file.read_at(&mut b, 8192).unwrap();
         assert_eq!(b, [5; 4]);
@@ -931,6 +956,8 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
             ("write_at", deadlk),
             ("log write_at", 0),
             ("log fsync", 0),
+            ("sync_all", deadlk),
+            ("freeze", deadlk),
         ] {
             let got: Vec<i32> = n.iter().filter(|(o, _)| *o == op).map(|(_, e)| *e).collect();
             assert!(!got.is_empty(), "{op}: never called from the store");
