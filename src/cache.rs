@@ -334,7 +334,6 @@ impl PageCacheBuilder {
             },
             stats,
             files: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
             fault_cfg: self.fault,
             engine: Mutex::new(None),
             memfd: Mutex::new(None),
@@ -447,7 +446,6 @@ struct CacheInner {
     /// Two opens of one file share one address space (one copy,
     /// coherent), as in the kernel.
     files: Mutex<FileTable>,
-    next_id: AtomicU64,
     fault_cfg: FaultConfig,
     /// Started on the first mmap.
     engine: Mutex<Option<Arc<FaultEngine>>>,
@@ -663,7 +661,7 @@ impl PageCache {
     }
 
     fn new_mapping(&self, name: String, ops: Box<dyn crate::aops::OpsAny>) -> Result<Arc<AddressSpace>> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = next_mapping_id();
         let memfd = {
             let mut slot = self.inner.memfd.lock();
             match &*slot {
@@ -1259,4 +1257,29 @@ impl OpenOptions<'_> {
         }
         Ok(f)
     }
+}
+
+/// A new address-space id, unique in the process, never reused. The
+/// per-thread records name files by id (the page guards a thread holds,
+/// the engine callbacks it is inside), and one thread may use the files
+/// of several caches: ids counted per cache made a guard or a callback of
+/// one cache's first file refuse the first file of another
+/// (tests/page_ref.rs, `a_guard_of_one_cache_does_not_refuse_operations_of_another`).
+#[cfg(not(loom))]
+fn next_mapping_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Loom: no model opens files through a cache; ids per thread suffice.
+#[cfg(loom)]
+fn next_mapping_id() -> u64 {
+    crate::sync::thread_local! {
+        static NEXT: std::cell::Cell<u64> = std::cell::Cell::new(1);
+    }
+    NEXT.with(|n| {
+        let id = n.get();
+        n.set(id + 1);
+        id
+    })
 }

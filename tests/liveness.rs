@@ -904,12 +904,13 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
         let (path, log_path) = (dir.path().join("f"), dir.path().join("log"));
         std::fs::write(&path, vec![5u8; 64 * 1024]).unwrap();
         std::fs::write(&log_path, vec![0u8; 4096]).unwrap();
-        type Cell = std::sync::OnceLock<(Arc<upcache::File>, Arc<upcache::File>, PageCache)>;
+        type Files = (Arc<upcache::File>, Arc<upcache::File>, PageCache, Arc<upcache::File>);
+        type Cell = std::sync::OnceLock<Files>;
         let files: Arc<Cell> = Arc::new(Cell::new());
         let nested = Arc::new(std::sync::Mutex::new(Vec::<(&str, i32)>::new()));
         let (f2, n2) = (files.clone(), nested.clone());
         let store = HookStore::new(&path, move |op, off, _| {
-            let Some((file, log, cache)) = f2.get() else {
+            let Some((file, log, cache, other)) = f2.get() else {
                 return Ok(());
             };
             let errno = |r: upcache::Result<()>| r.err().map_or(0, |e| e.raw_os_error());
@@ -930,6 +931,10 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
                     // Another file: allowed.
                     n.push(("log write_at", errno(log.write_at(b"L", 0).map(drop))));
                     n.push(("log fsync", errno(log.fsync())));
+                    // A file of another cache, the first there as this
+                    // file is here: allowed.
+                    n.push(("other cache write_at", errno(other.write_at(b"O", 0).map(drop))));
+                    n.push(("other cache fsync", errno(other.fsync())));
                     // The whole cache: it holds this file.
                     n.push(("sync_all", errno(cache.sync_all())));
                     n.push(("freeze", errno(cache.freeze())));
@@ -941,7 +946,14 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
         let cache = PageCache::new();
         let file = Arc::new(cache.open_with_ops("f", StoreOps::new(store)).unwrap());
         let log = Arc::new(cache.open(&log_path).unwrap());
-        files.set((file.clone(), log.clone(), cache.clone())).ok().unwrap();
+        let other_path = dir.path().join("other");
+        std::fs::write(&other_path, vec![0u8; 4096]).unwrap();
+        let other_cache = PageCache::new();
+        let other = Arc::new(other_cache.open(&other_path).unwrap());
+        files
+            .set((file.clone(), log.clone(), cache.clone(), other))
+            .ok()
+            .unwrap();
         let mut b = [0u8; 4];
         file.read_at(&mut b, 8192).unwrap();
         assert_eq!(b, [5; 4]);
@@ -956,6 +968,8 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
             ("write_at", deadlk),
             ("log write_at", 0),
             ("log fsync", 0),
+            ("other cache write_at", 0),
+            ("other cache fsync", 0),
             ("sync_all", deadlk),
             ("freeze", deadlk),
         ] {

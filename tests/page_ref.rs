@@ -288,6 +288,30 @@ fn truncate_waits_for_a_pin_of_another_thread_and_never_frees_it_early() {
     });
 }
 
+/// The page guards a thread holds are recorded per file; a file of
+/// another cache is another file, even the first one opened there as the
+/// guarded file was here (file ids used to be counted per cache, so a
+/// guard of one cache's first file refused a truncate of another's).
+#[test]
+fn a_guard_of_one_cache_does_not_refuse_operations_of_another() {
+    watchdog("guards of two caches", 60, || {
+        let (d, path) = file_of(3 * 4096);
+        let other_path = d.path().join("other");
+        std::fs::write(&other_path, vec![7u8; 3 * 4096]).unwrap();
+        let (a, b) = (PageCache::new(), PageCache::new());
+        let (file_a, file_b) = (a.open(&path).unwrap(), b.open(&other_path).unwrap());
+        let page = pin_mut(&file_a, 1).unwrap();
+        file_b.write_at(&[1], 4096).unwrap();
+        file_b.truncate(4096).unwrap();
+        file_b.punch_hole(0, 4096).unwrap();
+        assert_eq!(file_b.len().unwrap(), 4096);
+        drop(page);
+        // The guarded file itself still refuses.
+        let _page = pin(&file_a, 1).unwrap();
+        assert!(matches!(file_a.truncate(4096), Err(Error::PageHeld { .. })));
+    });
+}
+
 #[test]
 fn own_guard_gives_an_error_or_a_panic_never_a_hang() {
     watchdog("self-deadlock detection", 60, || {
