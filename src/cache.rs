@@ -735,8 +735,9 @@ impl PageCache {
         self.inner.wb.freeze().map_err(Error::Writeback)
     }
 
-    /// `FITHAW`: let dirtying resume (parked write faults are released: their threads fault again and are served).
-    /// Returns whether the cache was frozen.
+    /// `FITHAW`: let dirtying resume (parked write faults are released:
+    /// their threads fault again and are served). Returns whether the
+    /// cache was frozen.
     pub fn thaw(&self) -> bool {
         self.inner.wb.thaw()
     }

@@ -56,11 +56,14 @@ pub enum Error {
         len: u64,
     },
     /// An engine callback (`AddressSpaceOps`, or the store under it) called
-    /// the cache for the file it is serving: the call would wait for the
-    /// folio, lock or write-back the callback is part of (`EDEADLK`).
+    /// the cache for the file it is serving, or a cache-wide operation
+    /// (`sync_all`, `freeze`) of that file's cache: the call would wait for
+    /// the folio, lock or write-back the callback is part of (`EDEADLK`).
     /// Callbacks do I/O on the store; they may call the cache for other
     /// files. Nothing was done.
-    #[error("{op} called from inside the engine's {callback} for the same file: it would wait for itself (EDEADLK)")]
+    #[error(
+        "{op} called from inside the engine's {callback} for a file it reaches: it would wait for itself (EDEADLK)"
+    )]
     Reentrant {
         /// The cache operation called.
         op: &'static str,

@@ -3,7 +3,7 @@
 //! (`handle_mm_fault`, `do_read_fault`, `do_shared_fault`, `do_wp_page` in
 //! the kernel's `mm/memory.c`).
 //!
-//! Each handler reads a batch of `uffd_msg`, handles each fault, then spins
+//! Each handler reads one `uffd_msg` at a time, handles it, then spins
 //! for `fault_spin` re-reading the fd before sleeping in `poll(2)`: a
 //! cross-CPU wake-up costs ~47 µs here, a polling handler answers in
 //! 12–17 µs (DESIGN.md). Every fault ends resolved (mapped, or woken to
@@ -83,7 +83,7 @@ impl FaultEngine {
     /// Open the userfaultfd and start the handlers.
     pub(crate) fn start(cfg: FaultConfig) -> Result<Arc<FaultEngine>, OpenError> {
         let uffd = if cfg.wp_async {
-            let uffd = Uffd::open(feature::WP_ASYNC | feature::THREAD_ID)?;
+            let uffd = Uffd::open(feature::WP_ASYNC)?;
             if uffd.features() & feature::WP_ASYNC == 0 {
                 return Err(OpenError::MissingFeatures {
                     missing: feature::WP_ASYNC,
@@ -92,7 +92,7 @@ impl FaultEngine {
             }
             uffd
         } else {
-            Uffd::open(feature::THREAD_ID)?
+            Uffd::open(0)?
         };
         let pagemap = if cfg.wp_async {
             Some(Pagemap::open().map_err(OpenError::Handshake)?)
@@ -477,12 +477,9 @@ fn do_wp_page(sh: &EngineShared, vmf: &VmFault<'_>, tid: u32) {
         Some(wb) => match wb.gate.try_start_write() {
             Some(g) => Some(g),
             None => {
-                let parked = wb.gate.park_fault(ParkedFault::frozen(&vma.engine, tid, vmf.address));
-                if parked.is_none() {
-                    return;
-                }
-                // Thawed meanwhile: retry from the top.
-                wake_page(sh, vmf.address);
+                // Thawed meanwhile: handed back, and released at once (its
+                // thread faults again).
+                drop(wb.gate.park_fault(ParkedFault::frozen(&vma.engine, tid, vmf.address)));
                 return;
             }
         },
@@ -496,7 +493,8 @@ fn do_wp_page(sh: &EngineShared, vmf: &VmFault<'_>, tid: u32) {
         // instruction needs, and without the credit the two faults would
         // take turns being throttled forever (tests/liveness.rs,
         // `throttled_mapped_write_across_two_folios_completes`).
-        if wb.over_dirty_limit() && !sh.credit.take(tid) {
+        // Not once the cache is shut down: no flusher would release it.
+        if wb.over_dirty_limit() && !wb.is_stopped() && !sh.credit.take(tid) {
             wb.throttle_fault(ParkedFault::throttled(&vma.engine, tid, vmf.address));
             // Counted once parked (tests wait for the count).
             vma.mapping().stats.throttled();
@@ -558,21 +556,29 @@ pub(crate) const THROTTLE_CREDIT: u32 = 8;
 
 /// Each thread's unthrottled write faults left (by `uffd_msg`'s `ptid`).
 #[derive(Default)]
-struct ThrottleCredit(Mutex<HashMap<u32, u32>>);
+struct ThrottleCredit(Mutex<HashMap<u32, (u32, Instant)>>);
 
 impl ThrottleCredit {
-    /// Threads with credit left that are remembered at most: a released
-    /// thread that never faults again leaves its entry behind, and past
-    /// this many the table starts afresh (a thread then waits once more).
+    /// Threads with credit left that are remembered at most. A released
+    /// thread that never faults again (or faults again once the cache is
+    /// under its limit) leaves its entry behind; past this many, entries
+    /// older than `STALE` go (a released thread faults again at once, so
+    /// an old entry is one nobody needs), and should all be recent, the
+    /// table starts afresh (each thread then waits once more).
     const MAX_THREADS: usize = 4096;
+    const STALE: Duration = Duration::from_secs(1);
 
     fn grant(&self, tid: u32) {
+        let now = Instant::now();
         let mut c = self.0.lock();
         if c.len() >= Self::MAX_THREADS {
-            c.clear();
+            c.retain(|_, (_, at)| now.duration_since(*at) < Self::STALE);
+            if c.len() >= Self::MAX_THREADS {
+                c.clear();
+            }
         }
-        let left = c.entry(tid).or_insert(0);
-        *left = (*left).max(THROTTLE_CREDIT);
+        let e = c.entry(tid).or_insert((0, now));
+        *e = (e.0.max(THROTTLE_CREDIT), now);
     }
 
     /// Spend one of `tid`'s unthrottled write faults; false if none is
@@ -580,11 +586,11 @@ impl ThrottleCredit {
     fn take(&self, tid: u32) -> bool {
         let mut c = self.0.lock();
         match c.get_mut(&tid) {
-            Some(1) => {
+            Some((1, _)) => {
                 c.remove(&tid);
                 true
             }
-            Some(left) => {
+            Some((left, _)) => {
                 *left -= 1;
                 true
             }
@@ -654,9 +660,22 @@ impl ParkedFault {
         }
     }
 
-    /// Let the fault go again (see `EngineShared::release`), unless the
-    /// monitor ended its pause and released it already.
-    pub(crate) fn release(self) {
+    /// Let the fault go again now (see the `Drop`).
+    pub(crate) fn release(self) {}
+
+    /// Is this throttled fault still in its pause (not yet released by
+    /// the monitor)?
+    pub(crate) fn is_paused(&self) -> bool {
+        self.pause.is_some_and(|id| self.sh.pool.is_paused(id))
+    }
+}
+
+/// Dropping a parked fault releases it (see `EngineShared::release`),
+/// unless the monitor ended its pause and released it already: however
+/// its holder lets go of it (a release, a list emptied, a panic that
+/// unwinds through a loop of releases), its thread is never left blocked.
+impl Drop for ParkedFault {
+    fn drop(&mut self) {
         if let Some(id) = self.pause {
             if self.sh.pool.end_pause(id).is_none() {
                 return;

@@ -10,7 +10,8 @@
 //!   file, so writers cannot grow dirty memory without bound. A write fault
 //!   (page_mkwrite) past the limit is parked instead (its thread stays
 //!   blocked in the kernel; the handler thread, which serves everybody's
-//!   faults, moves on) and released after the flusher's next pass: its
+//!   faults, moves on) and released after the flusher's next pass, or
+//!   after 200 ms if that pass takes longer (`fault::ParkedFault`): its
 //!   thread is woken, faults again and a handler serves it (never the
 //!   flusher, which a page guard's folio lock could hold up).
 //! - **Freeze** (`freeze_super`): new dirtying (write_at, page_mkwrite,
@@ -175,7 +176,7 @@ impl FreezeGate {
     }
 
     /// Park a write fault until thaw. Returns it back if the cache was
-    /// thawed meanwhile (the caller serves it now): checked under the
+    /// thawed meanwhile (the caller releases it now): checked under the
     /// `parked` lock, which `thaw` takes after clearing `frozen`, so no
     /// fault is parked after the thaw that should release it.
     pub(crate) fn park_fault(&self, f: ParkedFault) -> Option<ParkedFault> {
@@ -210,7 +211,9 @@ pub(crate) struct Writeback {
     stop: AtomicBool,
     flusher: Mutex<Option<(Thread, JoinHandle<()>)>>,
     /// Write faults throttled past the dirty limit: released after the
-    /// flusher's next pass.
+    /// flusher's next pass, unless the fault engine's monitor released
+    /// them first (200 ms; those are dropped from here at the next
+    /// throttle, so a flusher stuck in a pass does not grow the list).
     throttled: Mutex<Vec<ParkedFault>>,
 }
 
@@ -282,7 +285,9 @@ impl Writeback {
         }
         // Released after the flusher's next pass, or by the fault
         // engine's monitor after the longest pause if that pass takes
-        // longer (`ParkedFault::throttled`).
+        // longer (`ParkedFault::throttled`). Those the monitor released
+        // go now (dropping them does nothing more).
+        q.retain(ParkedFault::is_paused);
         q.push(f);
         drop(q);
         if let Some((t, _)) = &*self.flusher.lock() {

@@ -162,13 +162,14 @@ pub struct RawMsg {
 
 /// A page fault read from the fd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PageFault {
     /// `fault_flag::*`.
     pub flags: u64,
     /// The faulting address (page-aligned unless EXACT_ADDRESS).
     pub address: usize,
-    /// The faulting thread's id (`ptid`; 0 unless the fd was opened with
-    /// [`feature::THREAD_ID`]).
+    /// The faulting thread's id (`ptid`: [`feature::THREAD_ID`] is
+    /// required).
     pub tid: u32,
 }
 
@@ -265,7 +266,8 @@ pub const REQUIRED_FEATURES: u64 = feature::PAGEFAULT_FLAG_WP
     | feature::MISSING_SHMEM
     | feature::MINOR_SHMEM
     | feature::WP_HUGETLBFS_SHMEM
-    | feature::POISON;
+    | feature::POISON
+    | feature::THREAD_ID;
 
 fn feature_names(bits: u64) -> String {
     let names = [
@@ -274,6 +276,7 @@ fn feature_names(bits: u64) -> String {
         (feature::MINOR_SHMEM, "MINOR_SHMEM"),
         (feature::WP_HUGETLBFS_SHMEM, "WP_HUGETLBFS_SHMEM"),
         (feature::POISON, "POISON"),
+        (feature::THREAD_ID, "THREAD_ID"),
     ];
     names
         .iter()

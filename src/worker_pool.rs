@@ -153,14 +153,20 @@ impl WorkerPool {
         id
     }
 
-    /// End pause `id` early (the flusher's pass is over). Returns the
-    /// fault to release, or `None` if its pause ended already: the
-    /// monitor released it, and a second release must not happen.
+    /// End pause `id` early (the flusher's pass is over, the cache shuts
+    /// down). Returns the fault to release, or `None` if its pause ended
+    /// already: the monitor released it, and a second release must not
+    /// happen.
     pub(crate) fn end_pause(&self, id: u64) -> Option<Pause> {
         let mut t = self.pauses.lock();
         let p = t.by_id.remove(&id)?;
         self.nr_paused.fetch_sub(1, Ordering::Relaxed);
         Some(p)
+    }
+
+    /// Is pause `id` still on?
+    pub(crate) fn is_paused(&self, id: u64) -> bool {
+        self.pauses.lock().by_id.contains_key(&id)
     }
 
     /// Monitor: end every pause due at `now`; the caller releases the
