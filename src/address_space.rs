@@ -458,16 +458,24 @@ impl AddressSpace {
     /// it the store) for this file, recording on this thread that it is
     /// inside one: a call from it back into the cache for the same file
     /// ([`check_reentry`](Self::check_reentry)) fails with `EDEADLK`
-    /// instead of waiting for itself. Popped on unwind too.
+    /// instead of waiting for itself. Popped on unwind too. In a thread
+    /// whose thread-locals are being destroyed (a `File` dropped by a
+    /// thread-local's destructor) the record is gone, and the callback
+    /// runs unrecorded: `with` would panic there, which aborts the process
+    /// and loses the file's dirty pages.
     pub(crate) fn in_engine<R>(&self, callback: &'static str, f: impl FnOnce() -> R) -> R {
-        IN_ENGINE.with(|s| s.borrow_mut().push((self.id(), callback)));
-        struct Pop;
+        let pushed = IN_ENGINE
+            .try_with(|s| s.borrow_mut().push((self.id(), callback)))
+            .is_ok();
+        struct Pop(bool);
         impl Drop for Pop {
             fn drop(&mut self) {
-                let _ = IN_ENGINE.try_with(|s| s.borrow_mut().pop());
+                if self.0 {
+                    let _ = IN_ENGINE.try_with(|s| s.borrow_mut().pop());
+                }
             }
         }
-        let _pop = Pop;
+        let _pop = Pop(pushed);
         f()
     }
 

@@ -140,6 +140,25 @@ const REF_DETACHED: u32 = 1 << 31;
 /// The count part of `refcount`.
 const REF_COUNT: u32 = !REF_DETACHED;
 
+/// Most references (or pins) a folio may hold, far above any real use
+/// (`Arc`'s `MAX_REFCOUNT`). Safe code can leak references without end
+/// (`mem::forget` of `FolioRef` or `PageRef` clones); a count that went
+/// on would carry into the flag bit above it and then read as the last
+/// reference, freeing a folio the index still holds. Past this ceiling
+/// the process aborts, as `Arc` does: an increment made before the check
+/// is never undone, and the ceiling leaves 2^30 increments of room for
+/// the threads that race past it.
+const MAX_COUNT: u32 = 1 << 30;
+
+/// A reference or pin count passed [`MAX_COUNT`]: references are being
+/// leaked; abort before the count wraps.
+#[cold]
+#[inline(never)]
+fn count_overflow(what: &str) -> ! {
+    eprintln!("upcache: a folio's {what} count passed 2^30 (leaked references); aborting");
+    std::process::abort()
+}
+
 /// Park tokens on the lock queue.
 const TOKEN_EXCLUSIVE: usize = 0;
 const TOKEN_WAIT_ONLY: usize = 1;
@@ -402,6 +421,9 @@ impl Folio {
             if c & REF_COUNT == 0 {
                 return false;
             }
+            if c & REF_COUNT >= MAX_COUNT {
+                count_overflow("reference");
+            }
             // Acquire on success: pairs with the Release decrement in `put`
             // so that we see everything done before the last put we revived
             // from (the count never goes 0 -> 1, so this only orders us after
@@ -421,6 +443,9 @@ impl Folio {
     fn get(&self) {
         let old = self.refcount.fetch_add(1, Ordering::Relaxed);
         debug_assert!(old & REF_COUNT > 0);
+        if old & REF_COUNT >= MAX_COUNT {
+            count_overflow("reference");
+        }
     }
 
     /// Drop a reference. The last one frees the folio through the epoch
@@ -514,7 +539,10 @@ impl Folio {
         // Relaxed: the folio lock orders this increment before the check
         // of any later lock holder (Release in `unlock_raw`, Acquire in
         // `trylock_raw`).
-        self.pins.fetch_add(1, Ordering::Relaxed);
+        let old = self.pins.fetch_add(1, Ordering::Relaxed);
+        if old & PIN_COUNT >= MAX_COUNT {
+            count_overflow("pin");
+        }
     }
 
     /// Pin without the folio lock (the fast path of `read_cache_page`):
@@ -530,7 +558,10 @@ impl Folio {
         // this increment, or it comes after and reads LOCKED. A plain load
         // could read a flag word older than a lock whose holder has
         // already drained (loom finds it at 4 preemptions).
-        self.pins.fetch_add(1, Ordering::Relaxed);
+        let old = self.pins.fetch_add(1, Ordering::Relaxed);
+        if old & PIN_COUNT >= MAX_COUNT {
+            count_overflow("pin");
+        }
         if self.flags.fetch_or(0, Ordering::AcqRel) & LOCKED == 0 {
             return true;
         }
@@ -546,6 +577,9 @@ impl Folio {
     pub(crate) fn pin_nested(&self) {
         let old = self.pins.fetch_add(1, Ordering::Relaxed);
         debug_assert!(old & PIN_COUNT > 0, "pin_nested without a pin");
+        if old & PIN_COUNT >= MAX_COUNT {
+            count_overflow("pin");
+        }
     }
 
     /// Drop a page pin, waking the writer that waits for the last one.

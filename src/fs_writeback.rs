@@ -122,7 +122,9 @@ pub(crate) struct GateGuard<'a> {
 impl<'a> GateGuard<'a> {
     fn new(g: RwLockReadGuard<'a, ()>, gate: &FreezeGate) -> GateGuard<'a> {
         let gate = gate as *const FreezeGate as usize;
-        GATES_HELD.with(|h| h.borrow_mut().push(gate));
+        // `try_with`: in a thread whose thread-locals are being destroyed
+        // there is no record to keep (`with` would panic: an abort).
+        let _ = GATES_HELD.try_with(|h| h.borrow_mut().push(gate));
         GateGuard { _g: g, gate }
     }
 }
@@ -163,7 +165,7 @@ impl FreezeGate {
     /// Is this thread inside the gate (a page guard, a write in progress)?
     pub(crate) fn held_here(&self) -> bool {
         let me = self as *const FreezeGate as usize;
-        GATES_HELD.with(|h| h.borrow().contains(&me))
+        GATES_HELD.try_with(|h| h.borrow().contains(&me)).unwrap_or(false)
     }
 
     /// Enter without sleeping on the freeze: `None` while frozen (write

@@ -593,8 +593,12 @@ static NR_USER_MAPPINGS: crate::sync::AtomicUsize = crate::sync::AtomicUsize::ne
 
 #[cfg(not(loom))]
 fn register_user_range(start: usize, len: usize) {
-    USER_MAPPINGS.write().insert(start, start + len);
-    NR_USER_MAPPINGS.fetch_add(1, Ordering::Release);
+    // A live mapping's address is never handed out again before its
+    // entry goes (`do_munmap`), so nothing is replaced here; counted only
+    // if new all the same.
+    if USER_MAPPINGS.write().insert(start, start + len).is_none() {
+        NR_USER_MAPPINGS.fetch_add(1, Ordering::Release);
+    }
 }
 
 #[cfg(not(loom))]
@@ -674,11 +678,16 @@ fn do_munmap(vma: &Arc<VmArea>) {
         unpublish(vma, false);
     }
     vma.kill_and_drain();
+    // Unregistered before the munmap, never after: once unmapped, the
+    // kernel may hand the same address to another thread's new mapping,
+    // whose registration a later removal by address would delete (its
+    // `read_at`/`write_at` buffers would then skip the bounce and could
+    // fault on the folio the copy holds locked: a hang).
+    unregister_user_range(vma.start);
     // SAFETY: the handle owning this mapping is being dropped, so no Rust
     // reference into it remains; no handler thread is inside a fault on it
     // (drained above) and new faults find it dead.
     let _ = unsafe { rustix::mm::munmap(vma.start as *mut _, vma.len) };
-    unregister_user_range(vma.start);
     // Wake threads still blocked on faults in the range (UFFDIO_WAKE
     // needs no registration).
     let _ = vma.engine.uffd.wake(vma.start, vma.len);

@@ -91,12 +91,14 @@ crate::sync::thread_local! {
 }
 
 fn held_push(f: &Folio, locked: bool) {
-    HELD.with(|h| h.borrow_mut().push(Held::of(f, locked)));
+    // `try_with`: nothing to record in a thread whose thread-locals are
+    // being destroyed (`with` would panic, and a panic there aborts).
+    let _ = HELD.try_with(|h| h.borrow_mut().push(Held::of(f, locked)));
 }
 
 fn held_pop(f: &Folio, locked: bool) {
     let addr = f as *const Folio as usize;
-    HELD.with(|h| {
+    let _ = HELD.try_with(|h| {
         let mut h = h.borrow_mut();
         if let Some(i) = h.iter().rposition(|e| e.folio == addr && e.locked == locked) {
             h.swap_remove(i);

@@ -198,9 +198,75 @@ fn child_entry() {
             assert_eq!(map2[9 * PAGE_SIZE], byte(9 * PAGE_SIZE), "new mapping");
             std::process::exit(0);
         }
+        "folio_ref_overflow" => {
+            std::fs::write(&path, content(PAGE_SIZE)).unwrap();
+            let file = cache.open(&path).unwrap();
+            let mut b = [0u8; 1];
+            file.read_at(&mut b, 0).unwrap();
+            let r = file.address_space().unwrap().filemap_get_folio(PgOff(0)).unwrap();
+            // Past 2^31 leaked references the count wrapped into the
+            // DETACHED bit and the next drop freed the cached folio.
+            for _ in 0..(1u64 << 30) + 16 {
+                std::mem::forget(r.clone());
+            }
+            eprintln!("2^30 leaked folio references did not abort");
+            std::process::exit(0);
+        }
+        "tls_drop" => {
+            std::thread_local! {
+                static SLOT: std::cell::RefCell<Option<upcache::File>> = const { std::cell::RefCell::new(None) };
+            }
+            let c = cache.clone();
+            let p = path.clone();
+            std::fs::write(&path, content(4 * PAGE_SIZE)).unwrap();
+            std::thread::spawn(move || {
+                // The slot's destructor is registered first, so it runs
+                // after upcache's own thread-locals are gone.
+                SLOT.with(|s| *s.borrow_mut() = Some(c.open(&p).unwrap()));
+                SLOT.with(|s| s.borrow().as_ref().unwrap().write_at(b"tls!", 0).unwrap());
+            })
+            .join()
+            .unwrap();
+            drop(cache);
+            assert_eq!(&std::fs::read(&path).unwrap()[..4], b"tls!", "the write was lost");
+            std::process::exit(0);
+        }
         other => panic!("unknown child case {other}"),
     }
     std::process::exit(0);
+}
+
+/// Leaking `FolioRef` clones from safe code (`mem::forget`) must never
+/// wrap the reference count: past 2^31 it carried into the DETACHED bit,
+/// and dropping the original then freed a folio the index still held
+/// (use after free). Like `Arc`, upcache aborts past 2^30.
+#[test]
+fn leaked_folio_references_abort_before_the_count_wraps() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    let env = [
+        ("UPCACHE_CHILD_MODE", "Missing".to_string()),
+        ("UPCACHE_CHILD_PATH", path.display().to_string()),
+    ];
+    let st = common::run_child("child_entry", "folio_ref_overflow", &env, 300);
+    assert_eq!(st.signal(), Some(libc::SIGABRT), "expected an abort, got {st:?}");
+}
+
+/// A `File` dropped by a thread-local's destructor, after upcache's own
+/// thread-locals were destroyed: its final write-back ran an engine
+/// callback whose bookkeeping used `LocalKey::with`, which panics there,
+/// and a panic in a thread-local destructor aborts the process (the
+/// write was lost).
+#[test]
+fn a_file_dropped_by_a_thread_local_destructor_is_written_back() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    let env = [
+        ("UPCACHE_CHILD_MODE", "Missing".to_string()),
+        ("UPCACHE_CHILD_PATH", path.display().to_string()),
+    ];
+    let st = common::run_child("child_entry", "tls_drop", &env, 60);
+    assert_eq!(st.code(), Some(0), "expected a clean exit, got {st:?}");
 }
 
 /// A write fault parked by `freeze` must be answered when the cache goes
