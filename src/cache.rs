@@ -758,6 +758,13 @@ impl PageCache {
     pub fn memory_limit(&self) -> Option<u64> {
         self.inner.reclaim.as_ref().map(|r| r.limit_bytes())
     }
+
+    /// Entries in the reclaim queues (0 without a memory limit). A test
+    /// aid: the queues must stay proportional to what is cached.
+    #[doc(hidden)]
+    pub fn reclaim_queue_len(&self) -> usize {
+        self.inner.reclaim.as_ref().map_or(0, |r| r.queue_len())
+    }
 }
 
 /// An open file of a [`PageCache`] (`struct file`).

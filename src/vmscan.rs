@@ -13,7 +13,9 @@
 //!
 //! Queue entries are `(address space id, page index)`, never pointers: an
 //! entry whose folio is gone (truncated, replaced) is skipped when it
-//! reaches the head.
+//! reaches the head, or dropped earlier by a compaction once the queues
+//! have doubled since the last one (so they stay proportional to what is
+//! cached even when reclaim never runs).
 //!
 //! # Eviction protocol (`__remove_mapping`)
 //!
@@ -73,7 +75,15 @@ struct Queues {
     main: VecDeque<Entry>,
     ghost: VecDeque<Key>,
     ghost_set: HashSet<Key>,
+    /// Queue length past which `note_new` drops stale entries
+    /// ([`Reclaimer::compact`]); 0 means `COMPACT_MIN`.
+    compact_at: usize,
 }
+
+/// The queues are compacted when they pass this many entries, or twice
+/// what the last compaction left, whichever is more: the cost of a
+/// compaction is paid for by the insertions before it.
+const COMPACT_MIN: usize = 1024;
 
 /// The cache-wide reclaimer.
 pub(crate) struct Reclaimer {
@@ -136,6 +146,12 @@ impl Reclaimer {
         r
     }
 
+    /// Entries in the small and main queues.
+    pub(crate) fn queue_len(&self) -> usize {
+        let q = self.queues.lock();
+        q.small.len() + q.main.len()
+    }
+
     /// The hard limit in bytes.
     pub(crate) fn limit_bytes(&self) -> u64 {
         self.limit_pages * crate::types::PAGE_SIZE as u64
@@ -184,6 +200,42 @@ impl Reclaimer {
         } else {
             q.small.push_back(entry);
         }
+        if q.small.len() + q.main.len() > q.compact_at.max(COMPACT_MIN) {
+            let files = self.compact(&mut q);
+            // Any last reference to a file goes after the queue lock: its
+            // drop writes the file back and uncharges its folios.
+            drop(q);
+            drop(files);
+        }
+    }
+
+    /// Drop the entries whose folio is gone (truncated, punched, evicted
+    /// by `advise(DontNeed)`, its file closed). They used to wait for
+    /// reclaim to reach them, and reclaim runs only near the limit: a file
+    /// written and truncated over and over (a recycled log) under a limit
+    /// it never approached grew the queues without bound
+    /// (tests/reclaim.rs,
+    /// `reclaim_queues_do_not_grow_with_folios_that_are_gone`). A folio
+    /// found frozen keeps its entry (`consider` explains why). Returns
+    /// the files looked at, for the caller to drop once the queue lock is
+    /// released.
+    fn compact(&self, q: &mut Queues) -> HashMap<u64, Option<Arc<AddressSpace>>> {
+        let mut files: HashMap<u64, Option<Arc<AddressSpace>>> = HashMap::new();
+        let guard = crate::sync::epoch::pin();
+        let mut live = |&((id, index), ident): &Entry| -> bool {
+            let Some(m) = files.entry(id).or_insert_with(|| self.spaces.get(id)) else {
+                return false;
+            };
+            match m.try_get_folio_pinned(PgOff(index), &guard) {
+                crate::address_space::Lookup::Found(f) => f.index().0 == index && &*f as *const _ as usize == ident,
+                crate::address_space::Lookup::Absent => false,
+                crate::address_space::Lookup::Busy => true,
+            }
+        };
+        q.small.retain(&mut live);
+        q.main.retain(&mut live);
+        q.compact_at = 2 * (q.small.len() + q.main.len());
+        files
     }
 
     fn kswapd_main(&self) {

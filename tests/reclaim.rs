@@ -315,3 +315,26 @@ fn closing_the_last_user_of_a_file_frees_its_memory() {
         );
     }
 }
+
+/// Reclaim queue entries of folios that are gone (truncated, punched,
+/// their file closed) used to stay until reclaim reached them, and
+/// reclaim runs only near the limit: a file written and truncated over
+/// and over under a limit it never approaches (a recycled log) grew the
+/// queues without bound, and the first reclaim pass then walked every
+/// stale entry with the reclaim lock held. The queues now stay
+/// proportional to what is cached.
+#[test]
+fn reclaim_queues_do_not_grow_with_folios_that_are_gone() {
+    let dir = tempdir();
+    let path = dir.path().join("log");
+    std::fs::write(&path, b"").unwrap();
+    let cache = PageCache::builder().memory_limit(256 << 20).build();
+    let file = cache.open(&path).unwrap();
+    let record = vec![7u8; 16 * PAGE_SIZE];
+    for _ in 0..5000 {
+        file.write_at(&record, 0).unwrap();
+        file.truncate(0).unwrap();
+    }
+    let queued = cache.reclaim_queue_len();
+    assert!(queued < 2048, "{queued} reclaim queue entries for an empty file");
+}
