@@ -254,6 +254,9 @@ fn read_at_larger_than_the_memory_limit_completes() {
 /// a `read(2)` of the userfaultfd interrupted by one fails with `EINTR`.
 /// A handler thread used to exit on it, and once every one had, each
 /// fault hung. Runs in a child (signals to its handler threads only).
+/// Since the pool grows spares when its handlers are stuck, the faults
+/// alone no longer prove the handlers survived: the child checks that
+/// every one is still alive.
 #[test]
 fn fault_handlers_survive_signals_that_interrupt_their_reads() {
     for (mode, st) in run_child_per_mode("signals") {
@@ -374,6 +377,7 @@ fn child_entry() {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flood = {
                 let stop = stop.clone();
+                let handlers = handlers.clone();
                 std::thread::spawn(move || {
                     let mut sent = 0u64;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -395,6 +399,15 @@ fn child_entry() {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let sent = flood.join().unwrap();
             assert!(sent > 0);
+            // Every handler is still there: the pool's rescuer would start
+            // spares for handlers that died, and the faults above could
+            // all be served even so.
+            for tid in &handlers {
+                assert!(
+                    std::path::Path::new(&format!("/proc/self/task/{tid}")).exists(),
+                    "{mode:?}: fault handler thread {tid} exited"
+                );
+            }
             eprintln!(
                 "{mode:?}: {sent} signals sent to the fault handlers, {} faults served",
                 len / PAGE_SIZE
