@@ -682,6 +682,59 @@ fn pool_child() {
     std::process::exit(0);
 }
 
+/// Two 4 MiB files, A (a plain file) and C (whose store refuses every
+/// write while `refuse` is set), in a cache with a 1 MiB dirty limit and
+/// large folios, and C dirtied past that limit: with C's write-backs all
+/// failing, every write fault on A is throttled. `on_write(offset)` sees
+/// each write C's store is asked for.
+struct OverDirtyLimit {
+    _dir: tempfile::TempDir,
+    cache: PageCache,
+    c: upcache::File,
+    a: upcache::File,
+    refuse: Arc<std::sync::atomic::AtomicBool>,
+}
+
+const MIB: usize = 1 << 20;
+
+fn over_dirty_limit(
+    builder: upcache::PageCacheBuilder,
+    on_write: impl Fn(u64) + Send + Sync + 'static,
+) -> OverDirtyLimit {
+    let dir = tempdir();
+    let (a_path, c_path) = (dir.path().join("a"), dir.path().join("c"));
+    std::fs::write(&a_path, vec![1u8; 4 * MIB]).unwrap();
+    std::fs::write(&c_path, vec![2u8; 4 * MIB]).unwrap();
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let r = refuse.clone();
+    let store = HookStore::new(&c_path, move |op, off, _| {
+        if op == StoreOp::Write {
+            on_write(off);
+            if r.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
+        Ok(())
+    });
+    let cache = builder.large_folios(true).dirty_limit_bytes(MIB as u64).build();
+    let c = cache.open_with_ops("c", StoreOps::new(store)).unwrap();
+    let a = cache.open(&a_path).unwrap();
+    let chunk = vec![9u8; 256 * 1024];
+    let mut off = 0;
+    while cache.stats().dirty_bytes <= MIB as u64 {
+        assert!(off < 4 * MIB, "could not dirty C past the limit");
+        let _ = c.write_at(&chunk, off as u64);
+        off += chunk.len();
+    }
+    OverDirtyLimit {
+        _dir: dir,
+        cache,
+        c,
+        a,
+        refuse,
+    }
+}
+
 /// Throttled write faults were replayed by the flusher itself, which
 /// waited for the folio lock: a fault on a folio a `PageMut` guards held
 /// the flusher, so the guard holder's own throttled write fault, on
@@ -696,42 +749,25 @@ fn pool_child() {
 #[test]
 fn a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others() {
     watchdog("throttled fault on a guarded folio", 60, || {
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-        const MIB: usize = 1 << 20;
-        let dir = tempdir();
-        let (a_path, c_path) = (dir.path().join("a"), dir.path().join("c"));
-        std::fs::write(&a_path, vec![1u8; 4 * MIB]).unwrap();
-        std::fs::write(&c_path, vec![2u8; 4 * MIB]).unwrap();
-        let refuse = Arc::new(AtomicBool::new(true));
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
         // Flusher passes, counted by their (failing) write of C's first
         // folio: every pass writes it, since it stays dirty.
         let passes = Arc::new(AtomicU64::new(0));
-        let (r, n) = (refuse.clone(), passes.clone());
-        let store = HookStore::new(&c_path, move |op, off, _| {
-            if op == StoreOp::Write && off == 0 && std::thread::current().name() == Some("upcache-flush") {
+        let n = passes.clone();
+        // A flusher pass every 10 ms (a quarter of the expiry).
+        let builder = PageCache::builder().dirty_expire(std::time::Duration::from_millis(40));
+        let OverDirtyLimit {
+            _dir,
+            cache: _cache,
+            c,
+            a,
+            refuse,
+        } = over_dirty_limit(builder, move |off| {
+            if off == 0 && std::thread::current().name() == Some("upcache-flush") {
                 n.fetch_add(1, Relaxed);
             }
-            if op == StoreOp::Write && r.load(Relaxed) {
-                return Err(std::io::Error::from_raw_os_error(libc::EIO));
-            }
-            Ok(())
         });
-        // A flusher pass every 10 ms (a quarter of the expiry).
-        let cache = PageCache::builder()
-            .large_folios(true)
-            .dirty_limit_bytes(MIB as u64)
-            .dirty_expire(std::time::Duration::from_millis(40))
-            .build();
-        let c = cache.open_with_ops("c", StoreOps::new(store)).unwrap();
-        let a = Arc::new(cache.open(&a_path).unwrap());
-        // Past the dirty limit, for good: C's write-backs all fail.
-        let chunk = vec![9u8; 256 * 1024];
-        let mut off = 0;
-        while cache.stats().dirty_bytes <= MIB as u64 {
-            assert!(off < 4 * MIB, "could not dirty C past the limit");
-            let _ = c.write_at(&chunk, off as u64);
-            off += chunk.len();
-        }
+        let a = Arc::new(a);
         // One mapping each (from when a released fault's unthrottled
         // faults were its mapping's, and would have let P's through).
         let (map_p, map_q) = (a.mmap_raw(0, 4 * MIB).unwrap(), a.mmap_raw(0, 4 * MIB).unwrap());
@@ -795,33 +831,13 @@ fn a_throttled_fault_on_a_guarded_folio_does_not_stall_the_others() {
 #[test]
 fn unthrottled_faults_are_earned_by_the_thread_that_waited() {
     watchdog("throttle credit per thread", 60, || {
-        const MIB: usize = 1 << 20;
-        let dir = tempdir();
-        let (a_path, c_path) = (dir.path().join("a"), dir.path().join("c"));
-        std::fs::write(&a_path, vec![1u8; 4 * MIB]).unwrap();
-        std::fs::write(&c_path, vec![2u8; 4 * MIB]).unwrap();
-        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let r = refuse.clone();
-        let store = HookStore::new(&c_path, move |op, _, _| {
-            if op == StoreOp::Write && r.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(std::io::Error::from_raw_os_error(libc::EIO));
-            }
-            Ok(())
-        });
-        let cache = PageCache::builder()
-            .large_folios(true)
-            .dirty_limit_bytes(MIB as u64)
-            .build();
-        let c = cache.open_with_ops("c", StoreOps::new(store)).unwrap();
-        let a = cache.open(&a_path).unwrap();
-        // Past the dirty limit for good: C's write-backs all fail.
-        let chunk = vec![9u8; 256 * 1024];
-        let mut off = 0;
-        while cache.stats().dirty_bytes <= MIB as u64 {
-            assert!(off < 4 * MIB, "could not dirty C past the limit");
-            let _ = c.write_at(&chunk, off as u64);
-            off += chunk.len();
-        }
+        let OverDirtyLimit {
+            _dir,
+            cache: _cache,
+            c,
+            a,
+            refuse,
+        } = over_dirty_limit(PageCache::builder(), |_| {});
         let map = Arc::new(a.mmap_raw(0, 4 * MIB).unwrap());
         // Two folios of A mapped clean: each first write is a WP fault.
         let mut b = [0u8; 1];

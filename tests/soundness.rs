@@ -236,19 +236,24 @@ fn child_entry() {
     std::process::exit(0);
 }
 
+/// Run child case `case` once (one mapping mode: it maps nothing) on a
+/// fresh path, under a `secs` watchdog.
+fn run_child_once(case: &str, secs: u64) -> std::process::ExitStatus {
+    let dir = tempdir();
+    let env = [
+        ("UPCACHE_CHILD_MODE", "Missing".to_string()),
+        ("UPCACHE_CHILD_PATH", dir.path().join("f").display().to_string()),
+    ];
+    common::run_child("child_entry", case, &env, secs)
+}
+
 /// Leaking `FolioRef` clones from safe code (`mem::forget`) must never
 /// wrap the reference count: past 2^31 it carried into the DETACHED bit,
 /// and dropping the original then freed a folio the index still held
 /// (use after free). Like `Arc`, upcache aborts past 2^30.
 #[test]
 fn leaked_folio_references_abort_before_the_count_wraps() {
-    let dir = tempdir();
-    let path = dir.path().join("f");
-    let env = [
-        ("UPCACHE_CHILD_MODE", "Missing".to_string()),
-        ("UPCACHE_CHILD_PATH", path.display().to_string()),
-    ];
-    let st = common::run_child("child_entry", "folio_ref_overflow", &env, 300);
+    let st = run_child_once("folio_ref_overflow", 300);
     assert_eq!(st.signal(), Some(libc::SIGABRT), "expected an abort, got {st:?}");
 }
 
@@ -259,13 +264,7 @@ fn leaked_folio_references_abort_before_the_count_wraps() {
 /// write was lost).
 #[test]
 fn a_file_dropped_by_a_thread_local_destructor_is_written_back() {
-    let dir = tempdir();
-    let path = dir.path().join("f");
-    let env = [
-        ("UPCACHE_CHILD_MODE", "Missing".to_string()),
-        ("UPCACHE_CHILD_PATH", path.display().to_string()),
-    ];
-    let st = common::run_child("child_entry", "tls_drop", &env, 60);
+    let st = run_child_once("tls_drop", 60);
     assert_eq!(st.code(), Some(0), "expected a clean exit, got {st:?}");
 }
 
