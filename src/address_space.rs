@@ -480,8 +480,11 @@ impl AddressSpace {
     }
 
     /// `Err(Reentrant)` if this thread is inside an engine callback for
-    /// this file: `op` (a blocking `File` operation) would wait for the
-    /// folio, lock or write-back the callback is part of. The rule for
+    /// this file: `op` (a blocking `File` or `AddressSpace` operation; each
+    /// public one that can wait checks on entry) would wait for the
+    /// folio, lock or write-back the callback is part of. The folio-level
+    /// primitives (`filemap_lock_folio`, `folio_start_writeback`, ...) are
+    /// not checked: callbacks use them, under the kernel's rules. The rule for
     /// engines: callbacks do I/O on the store, never call the cache for
     /// their own file (other files are fine).
     pub(crate) fn check_reentry(&self, op: &'static str) -> Result<(), crate::Error> {

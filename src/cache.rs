@@ -1033,7 +1033,7 @@ impl File {
     /// the page while the guard lives.
     pub unsafe fn get_page(&self, index: u64) -> Result<PageRef<'_>> {
         // SAFETY: the caller upholds the same contract.
-        unsafe { self.mapping_for("get_page")?.read_cache_page(index) }
+        unsafe { self.mapping()?.read_cache_page(index) }
     }
 
     /// Page `index`, read in if needed and locked for writing in place
@@ -1048,7 +1048,7 @@ impl File {
     /// reads or writes the page while the guard lives.
     pub unsafe fn get_page_mut(&self, index: u64) -> Result<PageMut<'_>> {
         // SAFETY: the caller upholds the same contract.
-        unsafe { self.mapping_w_for("get_page_mut")?.read_cache_page_mut(index) }
+        unsafe { self.mapping_w()?.read_cache_page_mut(index) }
     }
 
     /// Read at `pos` ([`AddressSpace::read_at`]).
@@ -1058,7 +1058,7 @@ impl File {
     /// memory with the bytes it would receive (a
     /// [`PageMut`](crate::PageMut) of the same page).
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
-        self.mapping_for("read_at")?.read_at(buf, pos)
+        self.mapping()?.read_at(buf, pos)
     }
 
     /// Read exactly `buf.len()` bytes at `pos`.
@@ -1078,7 +1078,7 @@ impl File {
     /// # Errors
     /// `Closed`; `EFBIG`; a partial-folio read error.
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize> {
-        self.mapping_w_for("write_at")?.write_at(buf, pos)
+        self.mapping_w()?.write_at(buf, pos)
     }
 
     /// Set the size ([`AddressSpace::truncate`]).
@@ -1086,7 +1086,7 @@ impl File {
     /// # Errors
     /// `Closed`; `EFBIG`; the store's error.
     pub fn truncate(&self, size: u64) -> Result<()> {
-        self.mapping_w_for("truncate")?.truncate(size)
+        self.mapping_w()?.truncate(size)
     }
 
     /// Punch a hole ([`AddressSpace::punch_hole`]). A failed punch loses
@@ -1097,7 +1097,7 @@ impl File {
     /// page written during the punch kept being written; the store's
     /// error.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
-        self.mapping_w_for("punch_hole")?.punch_hole(off, len)
+        self.mapping_w()?.punch_hole(off, len)
     }
 
     /// `posix_fadvise` ([`AddressSpace::advise`]).
@@ -1105,7 +1105,7 @@ impl File {
     /// # Errors
     /// `Closed`; as `AddressSpace::advise`.
     pub fn advise(&self, advice: Advice, off: u64, len: u64) -> Result<()> {
-        self.mapping_for("advise")?.advise(advice, off, len)
+        self.mapping()?.advise(advice, off, len)
     }
 
     /// Cleansing writeback of up to `nr_pages` dirty pages (does not wait

@@ -70,7 +70,10 @@ impl AddressSpace {
     /// The store's read error (the folio stays cached, not uptodate);
     /// [`Error::InvalidArgument`] if `buf` shares memory with the bytes it
     /// would receive (a [`PageMut`](crate::PageMut) of the same page).
+    /// [`Error::Reentrant`] (`EDEADLK`) from inside an engine callback for
+    /// this file ([`AddressSpaceOps`](crate::aops::AddressSpaceOps)).
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
+        self.check_reentry("read_at")?;
         if crate::mmap::overlaps_user_mapping(buf.as_ptr(), buf.len()) {
             // Copying into an upcache mapping can fault into this very
             // file while we hold a folio reference that truncate waits
@@ -419,7 +422,10 @@ impl AddressSpace {
     ///
     /// # Errors
     /// Write errors of `DontNeed`'s writeback (also kept for fsync).
+    /// [`Error::Reentrant`] (`EDEADLK`) from inside an engine callback for
+    /// this file ([`AddressSpaceOps`](crate::aops::AddressSpaceOps)).
     pub fn advise(&self, advice: Advice, off: u64, len: u64) -> Result<()> {
+        self.check_reentry("advise")?;
         match advice {
             Advice::Normal | Advice::Sequential | Advice::Random => {
                 let mut st = self.ra_state.lock();
@@ -469,7 +475,10 @@ impl AddressSpace {
     /// limit (nothing written); a read error of a partial-folio
     /// read-modify-write (bytes already copied stay written: the returned
     /// error says nothing was written only when it came first).
+    /// [`Error::Reentrant`] (`EDEADLK`) from inside an engine callback for
+    /// this file ([`AddressSpaceOps`](crate::aops::AddressSpaceOps)).
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize> {
+        self.check_reentry("write_at")?;
         // As the kernel's generic_write_checks: an empty write succeeds
         // wherever it points; one starting below the largest file and
         // crossing it is cut short there.

@@ -378,7 +378,8 @@ impl AddressSpace {
     ///
     /// # Errors
     /// [`Error::BeyondEof`] for a page at or past end of file; the store's
-    /// read error.
+    /// read error; [`Error::Reentrant`] (`EDEADLK`) from inside an engine
+    /// callback for this file.
     ///
     /// # Panics
     /// If this thread holds a [`PageMut`] of the same folio (it would wait
@@ -390,6 +391,7 @@ impl AddressSpace {
     /// may write the page's bytes. Writers through the crate's own paths
     /// wait for the pin and need no care.
     pub unsafe fn read_cache_page(&self, index: u64) -> Result<PageRef<'_>> {
+        self.check_reentry("get_page")?;
         if let Some(r) = self.read_cache_page_fast(index) {
             return Ok(r);
         }
@@ -475,6 +477,7 @@ impl AddressSpace {
     /// slice). The crate's own readers and writers wait or copy racily as
     /// with `write_at`, and need no care.
     pub unsafe fn read_cache_page_mut(&self, index: u64) -> Result<PageMut<'_>> {
+        self.check_reentry("get_page_mut")?;
         let sb = self.start_write();
         let g = self.lock_uptodate_folio(index)?;
         // Stable pages: the store may be reading these bytes.

@@ -261,6 +261,12 @@ impl AddressSpace {
     ///
     /// # Locking
     /// Nothing held; sleeps.
+    ///
+    /// # Hangs
+    /// Called from inside an engine callback that writes a folio of this
+    /// file back, it waits for that write; use
+    /// [`write_and_wait_range`](Self::write_and_wait_range), which fails
+    /// with `EDEADLK` there.
     pub fn fdatawait_range(&self, start: u64, end: u64) {
         let wbc = WritebackControl::all(start, end);
         let (s, e) = folio_range(self, &wbc);
@@ -287,7 +293,10 @@ impl AddressSpace {
     ///
     /// # Errors
     /// The first write error of this call (also recorded for fsync).
+    /// `EDEADLK` from inside an engine callback for this file
+    /// ([`Error::Reentrant`](crate::Error::Reentrant)).
     pub fn write_and_wait_range(&self, start: u64, end: u64) -> io::Result<()> {
+        self.check_reentry("write_and_wait_range")?;
         let mut wbc = WritebackControl::all(start, end);
         let harvested = self.harvest_wbc_range(&wbc);
         let r = {
@@ -308,7 +317,10 @@ impl AddressSpace {
     /// # Errors
     /// The first write error, one recorded during the call, or the store's
     /// sync error.
+    /// `EDEADLK` from inside an engine callback for this file
+    /// ([`Error::Reentrant`](crate::Error::Reentrant)).
     pub fn sync_range_checked(&self, start: u64, end: u64) -> io::Result<()> {
+        self.check_reentry("sync_range_checked")?;
         // `sample`, not `now`: an error nobody has seen yet is reported
         // too. With `now`, a failure of the same errno while an earlier one
         // is still unseen would leave the word unchanged (`errseq_set`
@@ -381,7 +393,10 @@ impl AddressSpace {
     ///
     /// # Errors
     /// The first write error.
+    /// `EDEADLK` from inside an engine callback for this file
+    /// ([`Error::Reentrant`](crate::Error::Reentrant)).
     pub fn writepages(&self, wbc: &mut WritebackControl) -> io::Result<()> {
+        self.check_reentry("writepages")?;
         if wbc.sync_mode == SyncMode::None && wbc.nr_to_write <= 0 {
             return Ok(());
         }

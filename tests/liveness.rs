@@ -953,10 +953,35 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
                         "get_page",
                         errno(unsafe { file.get_page(off / PAGE_SIZE as u64) }.map(drop)),
                     ));
+                    // The same through the file's address space, which the
+                    // callbacks are handed.
+                    let space = file.address_space().unwrap();
+                    n.push(("space read_at", errno(space.read_at(&mut b, off).map(drop))));
+                    n.push((
+                        "space read_cache_page",
+                        // SAFETY: nothing maps the file.
+                        errno(unsafe { space.read_cache_page(off / PAGE_SIZE as u64) }.map(drop)),
+                    ));
                 }
                 StoreOp::Write => {
                     n.push(("fsync", errno(file.fsync())));
                     n.push(("write_at", errno(file.write_at(b"x", off).map(drop))));
+                    let space = file.address_space().unwrap();
+                    let io = |r: std::io::Result<()>| r.err().map_or(0, |e| e.raw_os_error().unwrap_or(-1));
+                    n.push(("space write_at", errno(space.write_at(b"x", off).map(drop))));
+                    n.push((
+                        "space write_and_wait_range",
+                        io(space.write_and_wait_range(0, u64::MAX)),
+                    ));
+                    n.push(("space sync_range_checked", io(space.sync_range_checked(0, u64::MAX))));
+                    let mut wbc = upcache::aops::WritebackControl::all(0, u64::MAX);
+                    n.push(("space writepages", io(space.writepages(&mut wbc))));
+                    n.push(("space advise", errno(space.advise(Advice::DontNeed, 0, 0))));
+                    n.push(("space punch_hole", errno(space.punch_hole(off, 4096))));
+                    n.push(("space truncate", errno(space.truncate(off))));
+                    // SAFETY: nothing maps the file.
+                    let page_mut = unsafe { space.read_cache_page_mut(off / PAGE_SIZE as u64) };
+                    n.push(("space read_cache_page_mut", errno(page_mut.map(drop))));
                     // Another file: allowed.
                     n.push(("log write_at", errno(log.write_at(b"L", 0).map(drop))));
                     n.push(("log fsync", errno(log.fsync())));
@@ -993,6 +1018,16 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
         for (op, want) in [
             ("read_at", deadlk),
             ("get_page", deadlk),
+            ("space read_at", deadlk),
+            ("space read_cache_page", deadlk),
+            ("space write_at", deadlk),
+            ("space write_and_wait_range", deadlk),
+            ("space sync_range_checked", deadlk),
+            ("space writepages", deadlk),
+            ("space advise", deadlk),
+            ("space punch_hole", deadlk),
+            ("space truncate", deadlk),
+            ("space read_cache_page_mut", deadlk),
             ("fsync", deadlk),
             ("write_at", deadlk),
             ("log write_at", 0),
