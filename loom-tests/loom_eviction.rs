@@ -9,12 +9,15 @@
 //!   written byte; the dying one never writes over what the new one
 //!   wrote and synced;
 //! - `sync_all` racing the last user's drop returns only once the drop's
-//!   write is in the store.
+//!   write is in the store;
+//! - two opens of one name racing share one address space, built once:
+//!   the build runs outside the table's lock under a reservation (the
+//!   kernel's `I_NEW`) that the other open waits for.
 //!
 //! Planted bugs they kill (patches in `tests/mutants/`): the eviction
 //! signal sent before the drop's write-back; a waiter that parks without
 //! re-checking the flag (a lost wake-up, which loom reports as a
-//! deadlock).
+//! deadlock); an open that builds without reserving its key (mutant 150).
 #![cfg(loom)]
 
 use loom::thread;
@@ -78,5 +81,34 @@ fn real_sync_all_vs_the_last_drop_returns_with_the_write_in_the_store() {
             "sync_all returned before the last drop's write-back"
         );
         last.join().unwrap();
+    });
+}
+
+#[test]
+fn real_concurrent_opens_share_one_address_space() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    model(|| {
+        let store = Arc::new(MemStore::filled(PAGE_SIZE, 0));
+        let files = Arc::new(Files::default());
+        let built = Arc::new(AtomicUsize::new(0));
+        let (f2, s2, b2) = (files.clone(), store.clone(), built.clone());
+        let other = thread::spawn(move || {
+            f2.open("f", move || {
+                b2.fetch_add(1, SeqCst);
+                address_space(s2)
+            })
+        });
+        let b1 = built.clone();
+        let mine = files.open("f", move || {
+            b1.fetch_add(1, SeqCst);
+            address_space(store)
+        });
+        let theirs = other.join().unwrap();
+        assert!(
+            Arc::ptr_eq(&mine, &theirs),
+            "two opens of one name built two address spaces (two incoherent copies)"
+        );
+        assert_eq!(built.load(SeqCst), 1, "the losing open built an address space too");
     });
 }

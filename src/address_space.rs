@@ -1224,7 +1224,7 @@ impl Eviction {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         // Release: pairs with the Acquire in `is_done`.
         self.done.store(true, Ordering::Release);
         WaitQueue::unpark_all(self as *const Eviction as usize, 0);

@@ -371,8 +371,9 @@ pub(crate) struct FileEntry {
 /// What an open finds in the file table.
 enum Found {
     Live(Arc<AddressSpace>, bool),
-    /// The last user is gone and its drop is still writing back: wait for
-    /// it, then look again.
+    /// The last user is gone and its drop is still writing back, or
+    /// another open is building the address space: wait for it, then look
+    /// again.
     Dying(Arc<crate::address_space::Eviction>),
     Absent,
 }
@@ -388,15 +389,60 @@ fn lookup_file(files: &FileTable, key: &FileKey) -> Found {
     }
 }
 
+crate::sync::thread_local! {
+    /// The file-table reservations this thread is building (their
+    /// eviction signal's address): an open of the same key from inside the
+    /// build (an engine's `initial_size`) would wait for itself.
+    /// (Not a `const` initializer: loom's `thread_local!` takes none.)
+    #[allow(clippy::missing_const_for_thread_local)]
+    static BUILDING: std::cell::RefCell<Vec<usize>> = std::cell::RefCell::new(Vec::new());
+}
+
+fn building(ev: &Arc<crate::address_space::Eviction>) -> bool {
+    let addr = Arc::as_ptr(ev) as usize;
+    BUILDING.try_with(|b| b.borrow().contains(&addr)).unwrap_or(false)
+}
+
+/// A key reserved in the file table while its address space is built
+/// outside the table's lock (the kernel's `I_NEW` inode): opens of the
+/// key wait for it as for a dying one. Dropped on every exit, failure and
+/// unwind included: the placeholder leaves the table if the build did not
+/// replace it, then the waiters wake and look again.
+struct Reservation<'a> {
+    files: &'a Mutex<FileTable>,
+    key: &'a FileKey,
+    ev: Arc<crate::address_space::Eviction>,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut table = self.files.lock();
+        if table.get(self.key).is_some_and(|e| Arc::ptr_eq(&e.eviction, &self.ev)) {
+            table.remove(self.key);
+        }
+        drop(table);
+        let addr = Arc::as_ptr(&self.ev) as usize;
+        let _ = BUILDING.try_with(|b| b.borrow_mut().retain(|a| *a != addr));
+        self.ev.finish();
+    }
+}
+
 /// The file-table half of every open (`iget5_locked`): share the live
-/// address space of `key`, wait for a dying one's drop to end and look
-/// again (`__wait_on_freeing_inode`), or build one with `new` and enter it.
+/// address space of `key`, wait for a dying one's drop (or another open's
+/// build) to end and look again (`__wait_on_freeing_inode`), or reserve
+/// the key, build one with `new` and enter it.
 /// Returns the address space and whether its store can write.
 ///
+/// # Errors
+/// `new`'s error; [`Error::Reentrant`] when `new` itself (the engine's
+/// `initial_size`) opens `key`.
+///
 /// # Locking
-/// Takes the file table's lock; never sleeps holding it (the dying
-/// address space's drop does not take it, but a drop of another of the
-/// table's files may run under it: `insert_file` drops dead entries).
+/// Takes the file table's lock; never sleeps holding it, and `new` (which
+/// runs the engine's `initial_size`, free to open other files of the
+/// cache) runs without it. The dying address space's drop does not take
+/// it, but a drop of another of the table's files may run under it:
+/// `insert_file` drops dead entries.
 pub(crate) fn open_in_table(
     files: &Mutex<FileTable>,
     key: FileKey,
@@ -410,14 +456,37 @@ pub(crate) fn open_in_table(
             Found::Live(m, w) => return Ok((m, w)),
             Found::Dying(ev) => {
                 drop(table);
+                if building(&ev) {
+                    return Err(Error::Reentrant {
+                        op: "open",
+                        callback: "initial_size",
+                    });
+                }
                 ev.wait();
                 continue;
             }
             Found::Absent => {}
         }
+        let ev = Arc::new(crate::address_space::Eviction::default());
+        table.insert(
+            key.clone(),
+            FileEntry {
+                space: Weak::new(),
+                writable: store_writable,
+                eviction: ev.clone(),
+            },
+        );
+        drop(table);
+        let _ = BUILDING.try_with(|b| b.borrow_mut().push(Arc::as_ptr(&ev) as usize));
+        let reservation = Reservation {
+            files,
+            key: &key,
+            ev,
+        };
         let new = new.take().expect("an open builds at most one address space");
         let m = new()?;
-        insert_file(&mut table, key, &m, store_writable);
+        insert_file(&mut files.lock(), key.clone(), &m, store_writable);
+        drop(reservation);
         return Ok((m, store_writable));
     }
 }

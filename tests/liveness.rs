@@ -1044,3 +1044,86 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
         assert_eq!(std::fs::read(&path).unwrap()[8192..8196], *b"abcd");
     });
 }
+
+/// Operations whose `initial_size` runs a hook first (the rest is the
+/// file store's).
+struct SizeHookOps {
+    inner: StoreOps<upcache::FileStore>,
+    hook: Box<dyn Fn() + Send + Sync>,
+}
+
+impl upcache::aops::AddressSpaceOps for SizeHookOps {
+    fn read_folio(&self, m: &upcache::aops::AddressSpace, f: upcache::aops::FolioGuard) -> std::io::Result<()> {
+        self.inner.read_folio(m, f)
+    }
+    fn readahead(&self, m: &upcache::aops::AddressSpace, rac: &mut upcache::aops::ReadaheadControl) {
+        self.inner.readahead(m, rac)
+    }
+    fn writepage(
+        &self,
+        m: &upcache::aops::AddressSpace,
+        f: upcache::aops::FolioGuard,
+        wbc: &mut upcache::aops::WritebackControl,
+    ) -> std::io::Result<()> {
+        self.inner.writepage(m, f, wbc)
+    }
+    fn initial_size(&self) -> std::io::Result<u64> {
+        (self.hook)();
+        self.inner.initial_size()
+    }
+    fn max_file_size(&self) -> u64 {
+        self.inner.max_file_size()
+    }
+    fn set_size(&self, size: u64) -> std::io::Result<()> {
+        self.inner.set_size(size)
+    }
+    fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(off, len)
+    }
+    fn fsync(&self) -> std::io::Result<()> {
+        self.inner.fsync()
+    }
+}
+
+/// An engine's `initial_size` runs while the file is being opened. It ran
+/// under the cache's file table lock, so one that opened another file of
+/// the same cache (its log) deadlocked, and one that opened its own name
+/// would wait for itself. Now the other file opens, and the same name gets
+/// `EDEADLK`; the open itself completes.
+#[test]
+fn initial_size_may_open_other_files_of_the_cache() {
+    watchdog("open from initial_size", 60, || {
+        let dir = tempdir();
+        let (data, log) = (dir.path().join("data"), dir.path().join("log"));
+        std::fs::write(&data, vec![3u8; 8192]).unwrap();
+        std::fs::write(&log, vec![4u8; 4096]).unwrap();
+        let cache = PageCache::new();
+        // Taken by the hook's one call: no cycle cache → file → ops → cache.
+        let for_hook = std::sync::Mutex::new(Some((cache.clone(), log.clone())));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let ops = SizeHookOps {
+            inner: StoreOps::new(upcache::FileStore::open(&data).unwrap()),
+            hook: Box::new(move || {
+                let Some((cache, log)) = for_hook.lock().unwrap().take() else {
+                    return;
+                };
+                let log_len = cache.open(&log).map(|f| f.len().unwrap());
+                let same = cache
+                    .open_with_ops("data", StoreOps::new(upcache::FileStore::open(&log).unwrap()))
+                    .map(drop);
+                s2.lock().unwrap().push((log_len.ok(), same.err().map(|e| e.raw_os_error())));
+            }),
+        };
+        let file = cache.open_with_ops("data", ops).unwrap();
+        assert_eq!(file.len().unwrap(), 8192);
+        assert_eq!(*seen.lock().unwrap(), vec![(Some(4096), Some(libc::EDEADLK))]);
+        // The reservation is gone: the name opens again, to the same file.
+        let again = cache
+            .open_with_ops("data", StoreOps::new(upcache::FileStore::open(&log).unwrap()))
+            .unwrap();
+        let mut b = [0u8; 1];
+        again.read_exact_at(&mut b, 8191).unwrap();
+        assert_eq!(b, [3]);
+    });
+}
