@@ -341,6 +341,12 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
 
     /// Size of the file when the cache opens it.
     ///
+    /// # Locking
+    /// Nothing held: it may open other files of the cache (its log). An
+    /// open of this same file from here fails with
+    /// [`Error::Reentrant`](crate::Error::Reentrant); other opens of it
+    /// wait until this open ends.
+    ///
     /// # Errors
     /// The store's error.
     fn initial_size(&self) -> io::Result<u64>;

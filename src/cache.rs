@@ -478,11 +478,7 @@ pub(crate) fn open_in_table(
         );
         drop(table);
         let _ = BUILDING.try_with(|b| b.borrow_mut().push(Arc::as_ptr(&ev) as usize));
-        let reservation = Reservation {
-            files,
-            key: &key,
-            ev,
-        };
+        let reservation = Reservation { files, key: &key, ev };
         let new = new.take().expect("an open builds at most one address space");
         let m = new()?;
         insert_file(&mut files.lock(), key.clone(), &m, store_writable);

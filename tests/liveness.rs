@@ -1112,7 +1112,9 @@ fn initial_size_may_open_other_files_of_the_cache() {
                 let same = cache
                     .open_with_ops("data", StoreOps::new(upcache::FileStore::open(&log).unwrap()))
                     .map(drop);
-                s2.lock().unwrap().push((log_len.ok(), same.err().map(|e| e.raw_os_error())));
+                s2.lock()
+                    .unwrap()
+                    .push((log_len.ok(), same.err().map(|e| e.raw_os_error())));
             }),
         };
         let file = cache.open_with_ops("data", ops).unwrap();
