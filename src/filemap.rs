@@ -604,9 +604,17 @@ impl AddressSpace {
                 }
                 unpoisoned = p + n as u64;
             }
+            // A folio whose read failed, overwritten whole: `write_end`
+            // makes it uptodate (clearing its error) without a read, so
+            // neither a read nor its removal would clear the SIGBUS poison
+            // mapped accesses got for it; clear it here, once unlocked.
+            let poisoned = g.has_error().then(|| (g.index(), g.nr_pages()));
             // Never more than was copied in (an engine's count past it would
             // skip bytes of `buf` and overstate the result).
             let copied = self.in_engine("write_end", || self.ops.write_end(self, p, n, g)).min(n);
+            if let Some((index, nr)) = poisoned {
+                self.clear_read_error_poison(index, nr);
+            }
             done += copied;
             if copied < n {
                 break;

@@ -541,6 +541,34 @@ fn a_page_poisoned_by_a_read_error_is_served_after_its_folio_is_dropped() {
     });
 }
 
+/// The same, when a `write_at` overwrites the failed folio whole: the
+/// write makes it uptodate without reading it (and clears its error), so
+/// neither a read nor a removal would clear the poison any more, and the
+/// page raised SIGBUS for the mapping's life while `read_at` returned the
+/// written bytes.
+#[test]
+fn a_page_poisoned_by_a_read_error_is_served_after_a_whole_overwrite() {
+    watchdog("poisoned page after a whole overwrite", 60, || {
+        let content: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+        let (_d, _p, _c, file, sw) = setup(&content);
+        // SAFETY: only this thread touches the mapping.
+        let map = unsafe { file.mmap(0, content.len(), upcache::Share::Shared) }.unwrap();
+        let page = 40 * PAGE_SIZE;
+        let populate = || populate_page(&map, page);
+        sw.read_err.store(EIO, Relaxed);
+        populate().expect_err("a read error must fail the access");
+        sw.read_err.store(0, Relaxed);
+        // Every folio overwritten whole: none is read first.
+        let new = vec![0xA5u8; content.len()];
+        file.write_at(&new, 0).unwrap();
+        populate().expect("the page is served again after the overwrite");
+        assert_eq!(map[page + 5], 0xA5);
+        file.advise(upcache::Advice::DontNeed, 0, content.len() as u64).unwrap();
+        populate().expect("the page is served again after its folio left");
+        assert_eq!(map[page + 5], 0xA5);
+    });
+}
+
 /// And when reclaim evicts the failed folio under memory pressure (from
 /// another file): its poison goes with it. Reclaim once evicted it and
 /// left the poison; a later version kept failed folios for good (counted
