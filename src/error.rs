@@ -114,11 +114,15 @@ impl Error {
 /// The errno of an `io::Error`; errors made without one map by kind:
 /// invalid input (a NUL byte in a path) to `EINVAL`, busy (a second
 /// `freeze`) to `EBUSY`, would-block (a write barrier's refusal in an
-/// integrity sync) to `EAGAIN`, the rest (a store's invalid data) to `EIO`.
+/// integrity sync) to `EAGAIN`, permission denied (a writable open of a
+/// file cached read-only) to `EACCES`, out of memory (an empty hugetlb
+/// pool) to `ENOMEM`, the rest (a store's invalid data) to `EIO`.
 fn errno_of(e: &io::Error) -> i32 {
     use rustix::io::Errno;
     e.raw_os_error().unwrap_or(match e.kind() {
         io::ErrorKind::InvalidInput => Errno::INVAL.raw_os_error(),
+        io::ErrorKind::PermissionDenied => Errno::ACCESS.raw_os_error(),
+        io::ErrorKind::OutOfMemory => Errno::NOMEM.raw_os_error(),
         io::ErrorKind::ResourceBusy => Errno::BUSY.raw_os_error(),
         io::ErrorKind::WouldBlock => Errno::AGAIN.raw_os_error(),
         _ => Errno::IO.raw_os_error(),

@@ -174,6 +174,15 @@ fn open_file_shares_the_address_space_of_a_path_open() {
     // A read-only descriptor gives a read-only handle.
     let ro = cache.open_file(std::fs::File::open(&path).unwrap()).unwrap();
     assert!(matches!(ro.write_at(&[1], 0), Err(upcache::Error::ReadOnly)));
+    // While a file is cached from a read-only descriptor, a writable open
+    // is refused with the errno the docs give (it read EIO).
+    let path2 = dir.path().join("g");
+    std::fs::write(&path2, vec![1u8; 4096]).unwrap();
+    let ro2 = cache.open_file(std::fs::File::open(&path2).unwrap()).unwrap();
+    assert_eq!(cache.open(&path2).unwrap_err().raw_os_error(), libc::EACCES);
+    let rw = std::fs::OpenOptions::new().read(true).write(true).open(&path2).unwrap();
+    assert_eq!(cache.open_file(rw).unwrap_err().raw_os_error(), libc::EACCES);
+    drop(ro2);
     // A write-only descriptor cannot be cached.
     let wo = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     assert_eq!(cache.open_file(wo).unwrap_err().raw_os_error(), libc::EINVAL);
