@@ -185,9 +185,16 @@ impl VmArea {
             i = k;
         }
     }
-    /// File page index of user address `addr` (inside the mapping).
+    /// File page index of user address `addr`, if the mapping covers it.
     #[inline]
-    pub fn addr_to_pgoff(&self, addr: usize) -> PgOff {
+    pub fn pgoff_of_addr(&self, addr: usize) -> Option<PgOff> {
+        (addr >= self.start && addr - self.start < self.len).then(|| self.addr_to_pgoff(addr))
+    }
+    /// File page index of user address `addr`, which the caller knows lies
+    /// inside the mapping (a fault's address).
+    #[inline]
+    pub(crate) fn addr_to_pgoff(&self, addr: usize) -> PgOff {
+        debug_assert!(addr >= self.start && addr - self.start < self.len);
         PgOff(self.pgoff + ((addr - self.start) >> PAGE_SHIFT) as u64)
     }
     /// User address of file page `index`, if the mapping covers it.

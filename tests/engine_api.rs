@@ -390,3 +390,26 @@ fn memory_bytes_per_file_and_per_cache() {
     c.read_exact_at(&mut buf[..4096], 0).unwrap();
     assert_eq!(buf[0], 1);
 }
+
+/// `VmArea::pgoff_of_addr` answers only for the mapping's own addresses
+/// (its predecessor, a public `addr_to_pgoff`, wrapped below the start in
+/// release builds and answered past the end).
+#[test]
+fn a_mapping_translates_only_its_own_addresses() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![1u8; 4 * 4096]).unwrap();
+    let cache = PageCache::new();
+    let f = cache.open(&path).unwrap();
+    // SAFETY: nothing writes the file while it is mapped.
+    let map = unsafe { f.mmap(4096, 2 * 4096, upcache::Share::Shared) }.unwrap();
+    let vma = map.vma();
+    let page = |a: usize| vma.pgoff_of_addr(a).map(|p| p.0);
+    assert_eq!(page(vma.start()), Some(1));
+    assert_eq!(page(vma.start() + 4096 + 17), Some(2));
+    assert_eq!(page(vma.end() - 1), Some(2));
+    assert_eq!(page(vma.end()), None);
+    assert_eq!(page(vma.start() - 1), None);
+    assert_eq!(page(0), None);
+    assert_eq!(page(usize::MAX), None);
+}
