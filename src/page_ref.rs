@@ -176,7 +176,8 @@ pub(crate) fn assert_not_locked_here(f: &Folio) {
 }
 
 /// A pinned, read-only page of a file (see the module docs). Derefs to
-/// the page's `PAGE_SIZE` bytes; bytes past end of file read as zeros.
+/// the page's `PAGE_SIZE` bytes; bytes past end of file read as zeros
+/// (unless a shared mapping wrote there: README, "Mappings: semantics").
 pub struct PageRef<'a> {
     folio: FolioRef,
     /// Byte offset of the page in its folio.

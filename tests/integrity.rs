@@ -807,3 +807,44 @@ fn truncate_writes_a_large_folio_a_failed_writepage_left_clean() {
         assert_eq!(disk[0], b'W', "the truncate dropped a folio whose write had failed");
     });
 }
+
+/// Bytes a mapping writes past end of file in the last page are not file
+/// data: they never reach the store, and when the file then grows over
+/// them they read as zeros (POSIX; the kernel zeroes that tail when the
+/// size grows). Cases: grown by `truncate`, grown by a `write_at` past the
+/// junk, and written back first (`fsync`), then grown. (Unlike the
+/// kernel's, a write-back does not zero the tail in the cache: until the
+/// file grows, `get_page` and mappings still show the junk; README.)
+#[test]
+fn mapped_bytes_past_end_of_file_never_become_file_data() {
+    watchdog("mapped bytes past EOF", 60, || {
+        for case in ["truncate", "write_at", "fsync"] {
+            let dir = tempdir();
+            let path = dir.path().join("f");
+            std::fs::write(&path, vec![1u8; 100]).unwrap();
+            let cache = PageCache::new();
+            let f = cache.open(&path).unwrap();
+            let raw = f.mmap_raw(0, 4096).unwrap();
+            raw.write(200, b"junk");
+            drop(raw);
+            if case == "fsync" {
+                f.fsync().unwrap();
+                assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 100], "fsync wrote past EOF");
+            }
+            if case == "write_at" {
+                f.write_at(b"end", 1000).unwrap();
+            } else {
+                f.truncate(4096).unwrap();
+            }
+            let mut b = [9u8; 4];
+            f.read_exact_at(&mut b, 200).unwrap();
+            assert_eq!(b, [0u8; 4], "{case}: bytes a mapping wrote past EOF became file data");
+            // SAFETY: nothing maps the file any more.
+            let page = unsafe { f.get_page(0) }.unwrap();
+            assert_eq!(page[200..204], [0u8; 4], "{case}: get_page");
+            drop(page);
+            f.fsync().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap()[200..204], [0u8; 4], "{case}: on disk");
+        }
+    });
+}
