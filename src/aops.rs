@@ -309,6 +309,11 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
 
     /// Write a dirty folio synchronously before it is invalidated.
     ///
+    /// Not called by the cache: its invalidations write dirty folios back
+    /// through [`writepage`](Self::writepage). Kept from the kernel's table
+    /// for engines that call it themselves ([`StoreOps`](crate::StoreOps)
+    /// implements it, write barrier first).
+    ///
     /// # Locking
     /// Folio locked on entry and on return. May block.
     ///
@@ -320,6 +325,8 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
 
     /// Are `count` bytes at `from` in the (not uptodate) folio valid?
     ///
+    /// Not called by the cache: its reads fill whole folios.
+    ///
     /// # Locking
     /// Folio locked. May block.
     fn is_partially_uptodate(&self, _mapping: &AddressSpace, _folio: &FolioGuard, _from: usize, _count: usize) -> bool {
@@ -327,6 +334,8 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
     }
 
     /// Memory failure hit the folio: drop it if possible.
+    ///
+    /// Not called by the cache: no memory-failure report reaches it.
     ///
     /// # Locking
     /// Folio locked. May block.
