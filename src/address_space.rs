@@ -175,6 +175,9 @@ pub struct AddressSpace {
     /// cache with `DirtyTracking::Async`, whose mappings' writes are never
     /// held back while a store reads the folio.
     pub(crate) bounce_writeback: bool,
+    /// The store can write (false for a file cached from a read-only
+    /// descriptor): the writing entry points refuse with `ReadOnly`.
+    pub(crate) store_writable: bool,
     /// On-demand readahead state.
     pub(crate) ra_state: Mutex<RaState>,
     /// Last byte the previous `read_at` copied (`ra->prev_pos`): a read
@@ -265,6 +268,7 @@ impl AddressSpace {
             harvest_lock: Mutex::new(Default::default()),
             harvest_pending: AtomicBool::new(false),
             bounce_writeback: false,
+            store_writable: true,
             ra_state: Mutex::new(RaState::default()),
             read_prev: AtomicU64::new(u64::MAX),
             reclaim,
@@ -477,6 +481,16 @@ impl AddressSpace {
         }
         let _pop = Pop(pushed);
         f()
+    }
+
+    /// `Err(ReadOnly)` if the store cannot write: a change would stay
+    /// dirty for good, every write-back of it failing.
+    pub(crate) fn check_writable(&self) -> Result<(), crate::Error> {
+        if self.store_writable {
+            Ok(())
+        } else {
+            Err(crate::Error::ReadOnly)
+        }
     }
 
     /// `Err(Reentrant)` if this thread is inside an engine callback for

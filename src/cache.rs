@@ -687,7 +687,11 @@ impl PageCache {
         // mapping) still uses it, or its last user's drop still writes it
         // back.
         let (m, w) = open_in_table(&self.inner.files, key, store_writable, || {
-            self.new_mapping(name.to_string(), Box::new(StoreOps::new(FileStore::from_file(file))))
+            self.new_mapping(
+                name.to_string(),
+                Box::new(StoreOps::new(FileStore::from_file(file))),
+                store_writable,
+            )
         })?;
         if handle_writable && !w {
             return Err(open_err(io::Error::new(
@@ -720,12 +724,17 @@ impl PageCache {
     pub fn open_with_ops(&self, name: &str, ops: impl AddressSpaceOps) -> Result<File> {
         let key = FileKey::Name(name.to_string());
         let (m, _) = open_in_table(&self.inner.files, key, true, || {
-            self.new_mapping(name.to_string(), Box::new(ops))
+            self.new_mapping(name.to_string(), Box::new(ops), true)
         })?;
         Ok(File::new(m, self.inner.clone(), true))
     }
 
-    fn new_mapping(&self, name: String, ops: Box<dyn crate::aops::OpsAny>) -> Result<Arc<AddressSpace>> {
+    fn new_mapping(
+        &self,
+        name: String,
+        ops: Box<dyn crate::aops::OpsAny>,
+        store_writable: bool,
+    ) -> Result<Arc<AddressSpace>> {
         let id = next_mapping_id();
         let memfd = {
             let mut slot = self.inner.memfd.lock();
@@ -749,6 +758,7 @@ impl PageCache {
         .map_err(Error::Io)?;
         let mut m = m;
         m.bounce_writeback = self.inner.fault_cfg.wp_async;
+        m.store_writable = store_writable;
         let m = Arc::new(m);
         self.inner.spaces.register(&m);
         Ok(m)

@@ -475,10 +475,13 @@ impl AddressSpace {
     /// limit (nothing written); a read error of a partial-folio
     /// read-modify-write (bytes already copied stay written: the returned
     /// error says nothing was written only when it came first).
+    /// [`Error::ReadOnly`](crate::Error::ReadOnly) (`EBADF`) for a file cached from a
+    /// read-only descriptor (its store cannot write);
     /// [`Error::Reentrant`] (`EDEADLK`) from inside an engine callback for
     /// this file ([`AddressSpaceOps`](crate::aops::AddressSpaceOps)).
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize> {
         self.check_reentry("write_at")?;
+        self.check_writable()?;
         // As the kernel's generic_write_checks: an empty write succeeds
         // wherever it points; one starting below the largest file and
         // crossing it is cut short there.

@@ -459,7 +459,9 @@ impl AddressSpace {
     /// writeback, pins, and dirty throttling on drop.
     ///
     /// # Errors
-    /// As [`read_cache_page`](Self::read_cache_page).
+    /// As [`read_cache_page`](Self::read_cache_page);
+    /// [`Error::ReadOnly`] (`EBADF`) for a file cached from a read-only
+    /// descriptor.
     ///
     /// # Panics
     /// If this thread pins or locks the same folio through another guard.
@@ -479,6 +481,7 @@ impl AddressSpace {
     /// with `write_at`, and need no care.
     pub unsafe fn read_cache_page_mut(&self, index: u64) -> Result<PageMut<'_>> {
         self.check_reentry("get_page_mut")?;
+        self.check_writable()?;
         let sb = self.start_write();
         let g = self.lock_uptodate_folio(index)?;
         // Stable pages: the store may be reading these bytes.

@@ -70,10 +70,13 @@ impl AddressSpace {
     /// `EFBIG` past the largest file the store can hold
     /// ([`max_file_size`](Self::max_file_size)); the store's error from
     /// resizing.
+    /// [`Error::ReadOnly`](crate::Error::ReadOnly) (`EBADF`) for a file cached from a
+    /// read-only descriptor (its store cannot write);
     /// [`Error::Reentrant`](crate::Error::Reentrant) (`EDEADLK`) from inside an engine callback for
     /// this file ([`AddressSpaceOps`](crate::aops::AddressSpaceOps)).
     pub fn truncate(&self, new_size: u64) -> Result<()> {
         self.check_reentry("truncate")?;
+        self.check_writable()?;
         self.check_range_max(new_size, 0)?;
         // Growing a file of large folios locks the folio holding the old
         // end (`unpoison_growth`): a page guard of it held by this thread
@@ -187,10 +190,13 @@ impl AddressSpace {
     /// file the store can hold; the error of writing the range back (a folio written during
     /// the punch included), `EBUSY` if such a folio was written again
     /// during each of three write-backs; the store's error.
+    /// [`Error::ReadOnly`](crate::Error::ReadOnly) (`EBADF`) for a file cached from a
+    /// read-only descriptor (its store cannot write);
     /// [`Error::Reentrant`](crate::Error::Reentrant) (`EDEADLK`) from inside an engine callback for
     /// this file ([`AddressSpaceOps`](crate::aops::AddressSpaceOps)).
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
         self.check_reentry("punch_hole")?;
+        self.check_writable()?;
         if len == 0 {
             return Err(Error::InvalidArgument {
                 what: "punch_hole of zero length",

@@ -413,3 +413,28 @@ fn a_mapping_translates_only_its_own_addresses() {
     assert_eq!(page(0), None);
     assert_eq!(page(usize::MAX), None);
 }
+
+/// A file cached from a read-only descriptor has a store that cannot
+/// write: its address space refuses writes too (`ReadOnly`, `EBADF`), as
+/// its handles do. They used to succeed through `File::address_space()`,
+/// leaving folios dirty that no write-back could ever clean (every `fsync`
+/// failed). A file whose store can write accepts them from any handle:
+/// the address space is the file, shared by all its handles (README).
+#[test]
+fn the_address_space_of_a_read_only_store_refuses_writes() {
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![1u8; 8192]).unwrap();
+    let cache = PageCache::new();
+    let ro = cache.open_file(std::fs::File::open(&path).unwrap()).unwrap();
+    let m = ro.address_space().unwrap();
+    let errno = |r: upcache::Result<()>| r.err().map(|e| e.raw_os_error());
+    assert_eq!(errno(m.write_at(b"X", 0).map(drop)), Some(libc::EBADF));
+    assert_eq!(errno(m.truncate(4096)), Some(libc::EBADF));
+    assert_eq!(errno(m.punch_hole(0, 4096)), Some(libc::EBADF));
+    // SAFETY: nothing maps the file.
+    assert_eq!(errno(unsafe { m.read_cache_page_mut(0) }.map(drop)), Some(libc::EBADF));
+    ro.fsync().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 8192]);
+    assert_eq!(ro.stats().dirty_bytes, 0);
+}
