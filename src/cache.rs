@@ -124,8 +124,10 @@ impl PageCacheBuilder {
     }
 
     /// Dirty bytes past which writers are throttled (they write back part
-    /// of their file before dirtying more). Default: 20 % of the memory
-    /// limit, or 256 MiB without one.
+    /// of their file before dirtying more). Bytes under write-back count
+    /// as dirty here, as in the kernel's `balance_dirty_pages` (not for
+    /// the background level). Default: 20 % of the memory limit, or
+    /// 256 MiB without one.
     pub fn dirty_limit_bytes(mut self, bytes: u64) -> Self {
         self.dirty_limit_bytes = Some(bytes);
         self

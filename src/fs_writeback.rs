@@ -269,9 +269,9 @@ impl Writeback {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Is dirty memory past the hard limit?
+    /// Is dirty memory (write-back in flight included) past the hard limit?
     pub(crate) fn over_dirty_limit(&self) -> bool {
-        self.dirty_bytes() > self.cfg.limit_bytes
+        self.limited_bytes() > self.cfg.limit_bytes
     }
 
     /// Throttle a write fault past the dirty limit: park it (its thread
@@ -312,6 +312,11 @@ impl Writeback {
         self.stats.dirty_bytes()
     }
 
+    /// What the hard limit bounds: dirty bytes and those under write-back.
+    fn limited_bytes(&self) -> u64 {
+        self.stats.dirty_and_writeback_bytes()
+    }
+
     /// Wake the flusher now (direct reclaim found dirty folios).
     pub(crate) fn wake_flusher(&self) {
         if let Some((t, _)) = &*self.flusher.lock() {
@@ -337,7 +342,7 @@ impl Writeback {
     /// (a store that fails every write must not let writers grow dirty
     /// memory without bound).
     pub(crate) fn balance_dirty_pages(&self, m: &AddressSpace) -> io::Result<()> {
-        let dirty = self.dirty_bytes();
+        let dirty = self.limited_bytes();
         if dirty <= self.cfg.limit_bytes {
             self.kick();
             return Ok(());
@@ -354,7 +359,7 @@ impl Writeback {
         // over the limit.
         match r {
             Err(e)
-                if self.dirty_bytes() > self.cfg.limit_bytes
+                if self.limited_bytes() > self.cfg.limit_bytes
                     && m.stats.own_dirty_bytes() > self.cfg.limit_bytes / 4 =>
             {
                 Err(e)

@@ -143,9 +143,18 @@ impl CacheStats {
         self.pages.load(Ordering::Relaxed)
     }
 
-    /// Bytes dirty now (one load; throttling's hot check).
+    /// Bytes dirty now (one load; the background threshold's check).
     pub(crate) fn dirty_bytes(&self) -> u64 {
         self.dirty_pages.load(Ordering::Relaxed) * PAGE_SIZE as u64
+    }
+
+    /// Bytes dirty or under write-back now: what the dirty limit bounds
+    /// (the kernel's `balance_dirty_pages` counts `NR_WRITEBACK` too; its
+    /// background threshold does not). A folio's dirty bit is cleared for
+    /// the I/O, so without the write-back part dirty memory read as zero
+    /// while it was being written, and writers went unthrottled.
+    pub(crate) fn dirty_and_writeback_bytes(&self) -> u64 {
+        (self.dirty_pages.load(Ordering::Relaxed) + self.writeback_pages.load(Ordering::Relaxed)) * PAGE_SIZE as u64
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
