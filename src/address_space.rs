@@ -874,7 +874,8 @@ impl AddressSpace {
     /// write-protect it in user mappings (`page_mkclean`). Returns whether
     /// it was dirty. The DIRTY tag stays until
     /// `folio_start_writeback`, so the folio cannot be missed by an
-    /// integrity sync in between.
+    /// integrity sync in between. The folio holding end of file gets the
+    /// bytes past it zeroed ([`zero_past_eof`](Self::zero_past_eof)).
     ///
     /// # Locking
     /// Folio locked.
@@ -888,10 +889,35 @@ impl AddressSpace {
             if !self.page_mkclean(folio) {
                 self.mark_dirty_raw(folio);
             }
+            self.zero_past_eof(folio);
             true
         } else {
             false
         }
+    }
+
+    /// What `block_write_full_folio` does at every write-back of the folio
+    /// holding end of file: zero the bytes a mapping may have written past
+    /// it (the rest of its page, or of its 2 MiB page on a hugetlb store,
+    /// which is mapped whole), so that mappings and `get_page` read zeros
+    /// there again. Those bytes never reach the store (a write-back stops
+    /// at the size) and are zeroed anyway when the file grows over them
+    /// (`pagecache_isize_extended`); this keeps the cache like the
+    /// kernel's in between. The size cannot move past bytes of this folio
+    /// meanwhile: growth updates it under the folio lock we hold
+    /// (`generic_write_end`, `pagecache_isize_extended`). Skipped while a
+    /// [`PageRef`](crate::PageRef) pins the folio (its `&[u8]` must not
+    /// change, and waiting could wait for the caller's own pin) or the
+    /// store may still be reading it (stable pages).
+    fn zero_past_eof(&self, folio: &FolioGuard) {
+        let size = self.size();
+        let (pos, end) = (folio.pos(), folio.pos() + folio.size() as u64);
+        let granule = PAGE_SIZE as u64 * self.map_granule_pages();
+        if size <= pos || size >= end || size % granule == 0 || !folio.is_uptodate() || folio.is_writeback() {
+            return;
+        }
+        let tail_end = (size / granule * granule + granule).min(end);
+        let _ = folio.try_zero_raw((size - pos) as usize, (tail_end - size) as usize);
     }
 
     /// `folio_redirty_for_writepage`: the store cannot write the folio now;

@@ -870,6 +870,26 @@ impl Folio {
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.data.add(off), src.len()) }
     }
 
+    /// [`zero_raw`](Self::zero_raw) if no [`PageRef`](crate::PageRef)
+    /// pins the folio now, never waiting for one: `false` (nothing
+    /// written) otherwise. Folio locked and uptodate.
+    pub(crate) fn try_zero_raw(&self, off: usize, len: usize) -> bool {
+        assert!(off.checked_add(len).is_some_and(|e| e <= self.size()));
+        assert!(self.is_uptodate(), "try_zero_raw of a folio that is not uptodate");
+        debug_assert!(self.is_locked());
+        // Acquire, as in `wait_pins_drained`: a lockless pin whose flag RMW
+        // came before our lock is counted here; a later one sees LOCKED
+        // and backs off without reading.
+        if self.pins.load(Ordering::Acquire) & PIN_COUNT != 0 {
+            return false;
+        }
+        // SAFETY: as in `copy_in_raw`: inside the folio (asserted), the
+        // folio locked, no pin (checked just above; new pins back off
+        // while it is locked).
+        unsafe { std::ptr::write_bytes(self.data.add(off), 0, len) }
+        true
+    }
+
     /// Zero `len` bytes at `off` with a raw write. Folio locked and
     /// uptodate: a folio that is not has no bytes to clear (its fill
     /// writes them all), and on a `Missing`-mode file the write would put

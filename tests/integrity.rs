@@ -812,9 +812,8 @@ fn truncate_writes_a_large_folio_a_failed_writepage_left_clean() {
 /// data: they never reach the store, and when the file then grows over
 /// them they read as zeros (POSIX; the kernel zeroes that tail when the
 /// size grows). Cases: grown by `truncate`, grown by a `write_at` past the
-/// junk, and written back first (`fsync`), then grown. (Unlike the
-/// kernel's, a write-back does not zero the tail in the cache: until the
-/// file grows, `get_page` and mappings still show the junk; README.)
+/// junk, and written back first (`fsync`), which zeroes them in the cache
+/// as the kernel's write-back does, then grown.
 #[test]
 fn mapped_bytes_past_end_of_file_never_become_file_data() {
     watchdog("mapped bytes past EOF", 60, || {
@@ -830,6 +829,15 @@ fn mapped_bytes_past_end_of_file_never_become_file_data() {
             if case == "fsync" {
                 f.fsync().unwrap();
                 assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 100], "fsync wrote past EOF");
+                // The write-back zeroed them in the cache too, as the
+                // kernel's does at every write-back of the page.
+                // SAFETY: nothing maps the file any more.
+                let page = unsafe { f.get_page(0) }.unwrap();
+                assert_eq!(
+                    page[200..204],
+                    [0u8; 4],
+                    "junk past EOF still cached after the write-back"
+                );
             }
             if case == "write_at" {
                 f.write_at(b"end", 1000).unwrap();
