@@ -856,3 +856,34 @@ fn mapped_bytes_past_end_of_file_never_become_file_data() {
         }
     });
 }
+
+/// The write-back's zeroing past end of file never changes the bytes a
+/// `PageRef` is reading, nor waits for one: with the page pinned by the
+/// syncing thread itself, `fsync` completes and the pinned bytes stay as
+/// they were; the next write-back after the pin is gone zeroes them.
+#[test]
+fn write_back_never_zeroes_past_eof_under_a_pin() {
+    watchdog("zeroing past EOF under a pin", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 100]).unwrap();
+        let cache = PageCache::new();
+        let f = cache.open(&path).unwrap();
+        let raw = f.mmap_raw(0, 4096).unwrap();
+        raw.write(200, b"junk");
+        // SAFETY: the mapping writes nothing while the guard lives.
+        let page = unsafe { f.get_page(0) }.unwrap();
+        f.fsync().unwrap();
+        assert_eq!(
+            &page[200..204],
+            b"junk",
+            "a pinned page's bytes changed under its guard"
+        );
+        drop(page);
+        raw.write(0, b"d"); // dirty again
+        f.fsync().unwrap();
+        let mut b = [9u8; 4];
+        raw.read(200, &mut b);
+        assert_eq!(b, [0u8; 4], "the write-back after the pin did not zero past EOF");
+    });
+}
