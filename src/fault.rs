@@ -495,9 +495,11 @@ fn do_wp_page(sh: &EngineShared, vmf: &VmFault<'_>, tid: u32) {
         // `throttled_mapped_write_across_two_folios_completes`).
         // Not once the cache is shut down: no flusher would release it.
         if wb.over_dirty_limit() && !wb.is_stopped() && !sh.credit.take(tid) {
-            wb.throttle_fault(ParkedFault::throttled(&vma.engine, tid, vmf.address));
-            // Counted once parked (tests wait for the count).
+            // Counted before it is parked: once parked it may be released
+            // at once (a pass with nothing to write), and its thread must
+            // not be able to finish before its throttle is counted.
             vma.mapping().stats.throttled();
+            wb.throttle_fault(ParkedFault::throttled(&vma.engine, tid, vmf.address));
             return;
         }
         wb.kick();

@@ -610,14 +610,18 @@ impl AddressSpace {
             // A folio whose read failed, overwritten whole: `write_end`
             // makes it uptodate (clearing its error) without a read, so
             // neither a read nor its removal would clear the SIGBUS poison
-            // mapped accesses got for it; clear it here, once unlocked.
-            let poisoned = g.has_error().then(|| (g.index(), g.nr_pages()));
+            // mapped accesses got for it; clear it here. While the folio
+            // is locked, as the growth zap above: once unlocked, write-back
+            // could clean it between the zap (which drops a `Missing`
+            // mapping's write-notify markers) and their re-arming, and a
+            // store in between would land in a clean folio unseen. A fault
+            // meanwhile waits for the lock and finds the folio uptodate.
+            if g.has_error() {
+                self.clear_read_error_poison(g.index(), g.nr_pages());
+            }
             // Never more than was copied in (an engine's count past it would
             // skip bytes of `buf` and overstate the result).
             let copied = self.in_engine("write_end", || self.ops.write_end(self, p, n, g)).min(n);
-            if let Some((index, nr)) = poisoned {
-                self.clear_read_error_poison(index, nr);
-            }
             done += copied;
             if copied < n {
                 break;

@@ -356,10 +356,11 @@ impl Writeback {
         // Refused only when this file holds a good part of the dirty
         // memory: a file whose one folio keeps failing must not see its
         // writes refused because another, healthy file keeps the cache
-        // over the limit.
+        // over the limit. Dirty bytes only: write-back in flight (another
+        // file's, healthy) throttles, but never makes a write fail.
         match r {
             Err(e)
-                if self.limited_bytes() > self.cfg.limit_bytes
+                if self.dirty_bytes() > self.cfg.limit_bytes
                     && m.stats.own_dirty_bytes() > self.cfg.limit_bytes / 4 =>
             {
                 Err(e)
