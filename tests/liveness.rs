@@ -869,51 +869,65 @@ fn unthrottled_faults_are_earned_by_the_thread_that_waited() {
 /// Folios under write-back count against the dirty limit, as the
 /// kernel's `balance_dirty_pages` counts `NR_WRITEBACK`: while C's dirty
 /// folio was being written back (its dirty bit cleared for the I/O), dirty
-/// memory read as zero and a write fault on A went unthrottled. (The same
-/// window made `unthrottled_faults_are_earned_by_the_thread_that_waited`
-/// fail when the flusher happened to be writing C back.)
+/// memory read as zero, and a write fault on A, or a `write_at` to A, went
+/// unthrottled. (The same window made
+/// `unthrottled_faults_are_earned_by_the_thread_that_waited` fail when the
+/// flusher happened to be writing C back.)
 #[test]
 fn folios_under_writeback_count_against_the_dirty_limit() {
     use std::sync::atomic::Ordering::Relaxed;
     watchdog("write-back counts against the dirty limit", 60, || {
-        let gate = Gate::new(false);
-        let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (g2, h2) = (gate.clone(), hold.clone());
-        let OverDirtyLimit {
-            _dir,
-            cache,
-            c,
-            a,
-            refuse,
-        } = over_dirty_limit(PageCache::builder(), move |_| {
-            if h2.load(Relaxed) {
-                g2.pass();
+        for case in ["write fault", "write_at"] {
+            let gate = Gate::new(false);
+            let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (g2, h2) = (gate.clone(), hold.clone());
+            let OverDirtyLimit {
+                _dir,
+                cache,
+                c,
+                a,
+                refuse,
+            } = over_dirty_limit(PageCache::builder(), move |_| {
+                if h2.load(Relaxed) {
+                    g2.pass();
+                }
+            });
+            let map = Arc::new(a.mmap_raw(0, 4 * MIB).unwrap());
+            let mut b = [0u8; 1];
+            map.read(4096, &mut b);
+            hold.store(true, Relaxed);
+            let c = Arc::new(c);
+            let c2 = c.clone();
+            let sync = std::thread::spawn(move || c2.fsync());
+            gate.wait_arrived();
+            let st = cache.stats();
+            assert!(
+                st.writeback_bytes > MIB as u64,
+                "{case}: C is not under write-back: {st}"
+            );
+            assert!(st.dirty_bytes < MIB as u64, "{case}: C is still dirty: {st}");
+            if case == "write_at" {
+                a.write_at(b"x", 4096).unwrap();
+            } else {
+                let m2 = map.clone();
+                std::thread::spawn(move || m2.write(4096, b"x")).join().unwrap();
             }
-        });
-        let map = Arc::new(a.mmap_raw(0, 4 * MIB).unwrap());
-        let mut b = [0u8; 1];
-        map.read(4096, &mut b);
-        hold.store(true, Relaxed);
-        let c = Arc::new(c);
-        let c2 = c.clone();
-        let sync = std::thread::spawn(move || c2.fsync());
-        gate.wait_arrived();
-        let st = cache.stats();
-        assert!(st.writeback_bytes > MIB as u64, "C is not under write-back: {st}");
-        let m2 = map.clone();
-        std::thread::spawn(move || m2.write(4096, b"x")).join().unwrap();
-        assert_eq!(
-            a.stats().throttled,
-            1,
-            "a write fault with C's write-back in flight past the limit was not throttled"
-        );
-        refuse.store(false, Relaxed);
-        gate.open();
-        let _ = sync.join().unwrap();
-        a.read_at(&mut b, 4096).unwrap();
-        assert_eq!(b[0], b'x');
-        drop(map);
-        let _ = c.fsync();
+            // A `write_at` checks before it dirties (C's write-back alone
+            // is past the limit) and after (A's dirty folio is too).
+            let want = if case == "write_at" { 2 } else { 1 };
+            assert_eq!(
+                a.stats().throttled,
+                want,
+                "{case}: with C's write-back in flight past the limit, A's write was not throttled"
+            );
+            refuse.store(false, Relaxed);
+            gate.open();
+            let _ = sync.join().unwrap();
+            a.read_at(&mut b, 4096).unwrap();
+            assert_eq!(b[0], b'x');
+            drop(map);
+            let _ = c.fsync();
+        }
     });
 }
 
