@@ -354,7 +354,9 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
     /// Nothing held: it may open other files of the cache (its log). An
     /// open of this same file from here fails with
     /// [`Error::Reentrant`](crate::Error::Reentrant); other opens of it
-    /// wait until this open ends.
+    /// wait until this open ends, so it must not wait for another thread
+    /// that opens this file (nor for a file whose `initial_size` opens
+    /// this one): no cycles.
     ///
     /// # Errors
     /// The store's error.
