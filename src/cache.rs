@@ -982,7 +982,7 @@ impl File {
         // a read-only handle may make one, as mmap(2) allows MAP_PRIVATE
         // with PROT_WRITE on an O_RDONLY descriptor.
         match share {
-            Share::Shared => self.mapping_w_for("mmap")?,
+            Share::Shared => self.mapping_for_shared_write()?,
             Share::Private => self.mapping_for("mmap")?,
         };
         let engine = self.cache.engine()?;
@@ -999,7 +999,7 @@ impl File {
     /// # Errors
     /// As [`mmap`](Self::mmap).
     pub fn mmap_raw(&self, offset: u64, len: usize) -> Result<MmapRaw> {
-        self.mapping_w_for("mmap")?;
+        self.mapping_for_shared_write()?;
         let engine = self.cache.engine()?;
         let vma = do_mmap(
             &engine,
@@ -1039,10 +1039,17 @@ impl File {
         Ok(m)
     }
 
-    /// [`mapping_for`](Self::mapping_for), for an operation that writes.
-    fn mapping_w_for(&self, op: &'static str) -> Result<&AddressSpace> {
-        let m = self.mapping_w()?;
-        m.check_reentry(op)?;
+    /// The address space for a shared writable mapping (as
+    /// [`mapping_for`](Self::mapping_for)): a read-only handle gets `EACCES`, as `mmap(2)` answers
+    /// `MAP_SHARED` with `PROT_WRITE` on an `O_RDONLY` descriptor.
+    fn mapping_for_shared_write(&self) -> Result<&AddressSpace> {
+        let m = self.mapping_for("mmap")?;
+        if !self.writable {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "a shared writable mapping of a read-only handle (EACCES, as mmap(2))",
+            )));
+        }
         Ok(m)
     }
 
@@ -1161,8 +1168,15 @@ impl File {
     /// Set the size ([`AddressSpace::truncate`]).
     ///
     /// # Errors
-    /// `Closed`; `EFBIG`; the store's error.
+    /// `Closed`; `EINVAL` through a read-only handle or past `i64::MAX`
+    /// (as `ftruncate(2)`); `EFBIG`; the store's error.
     pub fn truncate(&self, size: u64) -> Result<()> {
+        if !self.writable {
+            self.mapping()?;
+            return Err(Error::InvalidArgument {
+                what: "truncate through a read-only handle (EINVAL, as ftruncate(2) on an O_RDONLY descriptor)",
+            });
+        }
         self.mapping_w()?.truncate(size)
     }
 

@@ -52,6 +52,18 @@ impl AddressSpace {
     }
 }
 
+/// The kernel's `rw_verify_area`: file offsets are `loff_t`, signed, so a
+/// range starting past `i64::MAX` or ending past it is `EINVAL` (checked
+/// before anything else, an empty write's success included).
+pub(crate) fn rw_verify_area(pos: u64, len: u64) -> Result<()> {
+    match pos.checked_add(len) {
+        Some(end) if end <= i64::MAX as u64 => Ok(()),
+        _ => Err(Error::InvalidArgument {
+            what: "a file range past i64::MAX (EINVAL, as the kernel's loff_t)",
+        }),
+    }
+}
+
 fn eio() -> io::Error {
     io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error())
 }
@@ -74,6 +86,7 @@ impl AddressSpace {
     /// this file ([`AddressSpaceOps`](crate::aops::AddressSpaceOps)).
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
         self.check_reentry("read_at")?;
+        rw_verify_area(pos, buf.len() as u64)?;
         if crate::mmap::overlaps_user_mapping(buf.as_ptr(), buf.len()) {
             // Copying into an upcache mapping can fault into this very
             // file while we hold a folio reference that truncate waits
@@ -482,6 +495,7 @@ impl AddressSpace {
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize> {
         self.check_reentry("write_at")?;
         self.check_writable()?;
+        rw_verify_area(pos, buf.len() as u64)?;
         // As the kernel's generic_write_checks: an empty write succeeds
         // wherever it points; one starting below the largest file and
         // crossing it is cut short there.

@@ -77,6 +77,12 @@ impl AddressSpace {
     pub fn truncate(&self, new_size: u64) -> Result<()> {
         self.check_reentry("truncate")?;
         self.check_writable()?;
+        if new_size > i64::MAX as u64 {
+            // `ftruncate(2)`: a negative `off_t`.
+            return Err(Error::InvalidArgument {
+                what: "truncate past i64::MAX (EINVAL, as ftruncate(2))",
+            });
+        }
         self.check_range_max(new_size, 0)?;
         // Growing a file of large folios locks the folio holding the old
         // end (`unpoison_growth`): a page guard of it held by this thread
@@ -197,6 +203,12 @@ impl AddressSpace {
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
         self.check_reentry("punch_hole")?;
         self.check_writable()?;
+        if off > i64::MAX as u64 || len > i64::MAX as u64 {
+            // `fallocate(2)`: a negative offset or length.
+            return Err(Error::InvalidArgument {
+                what: "punch_hole offset or length past i64::MAX (EINVAL, as fallocate(2))",
+            });
+        }
         if len == 0 {
             return Err(Error::InvalidArgument {
                 what: "punch_hole of zero length",

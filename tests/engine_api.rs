@@ -122,15 +122,13 @@ fn options_create_truncate_and_read_only() {
     let mut b = [0u8; 11];
     ro.read_exact_at(&mut b, 0).unwrap();
     assert_eq!(&b, b"hello world");
-    for e in [
-        ro.write_at(b"x", 0).unwrap_err(),
-        ro.truncate(0).unwrap_err(),
-        ro.punch_hole(0, 1).unwrap_err(),
-        ro.mmap_raw(0, 4096).unwrap_err(),
-    ] {
+    for e in [ro.write_at(b"x", 0).unwrap_err(), ro.punch_hole(0, 1).unwrap_err()] {
         assert!(matches!(e, upcache::Error::ReadOnly), "{e}");
         assert_eq!(e.raw_os_error(), libc::EBADF);
     }
+    // The kernel's errnos for these two (`ftruncate(2)`, `mmap(2)`).
+    assert_eq!(ro.truncate(0).unwrap_err().raw_os_error(), libc::EINVAL);
+    assert_eq!(ro.mmap_raw(0, 4096).unwrap_err().raw_os_error(), libc::EACCES);
     assert!(cache.options().write(false).create(true).open(&path).is_err());
     // A private writable mapping of a read-only handle is allowed, as
     // mmap(2) allows MAP_PRIVATE + PROT_WRITE on an O_RDONLY descriptor:
@@ -437,4 +435,119 @@ fn the_address_space_of_a_read_only_store_refuses_writes() {
     ro.fsync().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 8192]);
     assert_eq!(ro.stats().dirty_bytes, 0);
+}
+
+/// Bad offsets and modes get the kernel's errno, each compared with the
+/// kernel's own answer on the same file (`pread`/`pwrite`/`ftruncate`/
+/// `fallocate`/`mmap` on a descriptor of the same mode): an offset past
+/// `i64::MAX` or a range overflowing it is `EINVAL` (`rw_verify_area`,
+/// even for an empty write), a `truncate` past it or through a read-only
+/// handle is `EINVAL`, a writable shared mapping of a read-only handle is
+/// `EACCES`. upcache answered `Ok(0)`, `EFBIG` and `EBADF` there.
+#[test]
+fn errnos_for_bad_offsets_and_modes_match_the_kernel() {
+    use std::os::fd::AsRawFd;
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    std::fs::write(&path, vec![1u8; 8192]).unwrap();
+    let rw = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let ro = std::fs::File::open(&path).unwrap();
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap();
+    let kernel = |r: isize| if r < 0 { errno() } else { 0 };
+    let cache = PageCache::new();
+    let f = cache.open(&path).unwrap();
+    let fro = cache.options().write(false).open(&path).unwrap();
+    let up = |r: upcache::Result<()>| r.err().map_or(0, |e| e.raw_os_error());
+    let mut b = [0u8; 10];
+    let big = 1u64 << 63;
+    let near = i64::MAX as u64 - 5;
+    let rows: Vec<(&str, i32, i32)> = vec![
+        (
+            "read at 2^63",
+            kernel(
+                /* SAFETY: a valid descriptor and buffer. */
+                unsafe { libc::pread(rw.as_raw_fd(), b.as_mut_ptr().cast(), 10, big as i64) },
+            ),
+            up(f.read_at(&mut b, big).map(drop)),
+        ),
+        (
+            "read across i64::MAX",
+            kernel(
+                /* SAFETY: a valid descriptor and buffer. */
+                unsafe { libc::pread(rw.as_raw_fd(), b.as_mut_ptr().cast(), 10, near as i64) },
+            ),
+            up(f.read_at(&mut b, near).map(drop)),
+        ),
+        (
+            "empty write at 2^63",
+            kernel(
+                /* SAFETY: a valid descriptor and buffer. */
+                unsafe { libc::pwrite(rw.as_raw_fd(), b.as_ptr().cast(), 0, big as i64) },
+            ),
+            up(f.write_at(&[], big).map(drop)),
+        ),
+        (
+            "write at 2^63",
+            kernel(
+                /* SAFETY: a valid descriptor and buffer. */
+                unsafe { libc::pwrite(rw.as_raw_fd(), b.as_ptr().cast(), 1, big as i64) },
+            ),
+            up(f.write_at(&b[..1], big).map(drop)),
+        ),
+        (
+            "truncate to 2^63",
+            kernel(
+                /* SAFETY: a valid descriptor and buffer. */
+                unsafe { libc::ftruncate(rw.as_raw_fd(), big as i64) } as isize,
+            ),
+            up(f.truncate(big)),
+        ),
+        (
+            "truncate through a read-only handle",
+            kernel(
+                /* SAFETY: a valid descriptor and buffer. */
+                unsafe { libc::ftruncate(ro.as_raw_fd(), 4096) } as isize,
+            ),
+            up(fro.truncate(4096)),
+        ),
+        (
+            "punch at 2^63",
+            {
+                let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                // SAFETY: a valid descriptor.
+                kernel(unsafe { libc::fallocate(rw.as_raw_fd(), punch, big as i64, 4096) } as isize)
+            },
+            up(f.punch_hole(big, 4096)),
+        ),
+        (
+            "shared writable mapping of a read-only handle",
+            {
+                // SAFETY: a fresh mapping of a valid descriptor.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED,
+                        ro.as_raw_fd(),
+                        0,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    errno()
+                } else {
+                    // SAFETY: the mapping just made, unused.
+                    unsafe { libc::munmap(p, 4096) };
+                    0
+                }
+            },
+            up(fro.mmap_raw(0, 4096).map(drop)),
+        ),
+    ];
+    for (what, k, _) in &rows {
+        assert_ne!(*k, 0, "{what}: the kernel accepted it");
+    }
+    let wrong: Vec<_> = rows.iter().filter(|(_, k, u)| k != u).collect();
+    assert!(wrong.is_empty(), "(operation, kernel errno, upcache errno): {wrong:?}");
+    assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 8192]);
 }
