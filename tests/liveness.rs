@@ -1110,6 +1110,44 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
     });
 }
 
+/// The same from a file's final write-back (its last handle dropped):
+/// `PageCache::sync_all` waits for dying files, so from the dying file's
+/// own store it would wait for the drop it is part of, and `freeze` syncs
+/// the same way. Both fail with `EDEADLK` before doing anything (the
+/// check of the whole cache; each file's own check cannot see the dying
+/// file, which `sync_all` only waits for).
+#[test]
+fn sync_all_from_a_dying_files_write_back_gets_edeadlk() {
+    watchdog("sync_all from a dying file's write-back", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("d");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let cell: Arc<std::sync::OnceLock<PageCache>> = Arc::new(std::sync::OnceLock::new());
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c2, g2) = (cell.clone(), got.clone());
+        let store = HookStore::new(&path, move |op, _, _| {
+            if op == StoreOp::Write {
+                if let Some(cache) = c2.get() {
+                    let e = |r: upcache::Result<()>| r.err().map_or(0, |e| e.raw_os_error());
+                    g2.lock().unwrap().push((e(cache.sync_all()), e(cache.freeze())));
+                }
+            }
+            Ok(())
+        });
+        let cache = PageCache::new();
+        cell.set(cache.clone()).ok().unwrap();
+        let d = cache.open_with_ops("d", StoreOps::new(store)).unwrap();
+        let map = d.mmap_raw(0, 4096).unwrap();
+        drop(d);
+        // Dirtied after the handle is gone: the mapping is the last user,
+        // and its drop's write-back is the address space's own (dying).
+        map.write(0, b"x");
+        drop(map);
+        assert_eq!(*got.lock().unwrap(), vec![(libc::EDEADLK, libc::EDEADLK)]);
+        assert_eq!(std::fs::read(&path).unwrap()[0], b'x');
+    });
+}
+
 /// Operations whose `initial_size` runs a hook first (the rest is the
 /// file store's).
 struct SizeHookOps {

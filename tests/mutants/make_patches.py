@@ -565,7 +565,7 @@ MUTANTS = [
     ("143-cache-wide-sync-reentry-not-detected", "src/cache.rs",
      "            Some(callback) => Err(Error::Reentrant { op, callback }),\n            None => Ok(()),",
      "            Some(_) | None => Ok(()),",
-     "cargo test --test liveness engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk"),
+     "cargo test --test liveness edeadlk"),
     ("144-flusher-alone-serves-throttled-faults", "src/fault.rs",
      "        self.sh.release(self.tid, self.address);\n    }\n}",
      "        let sh = &self.sh;\n        sh.credit.grant(self.tid);\n        let Some(vma) = sh.find(page_down(self.address)) else {\n            wake_page(sh, self.address);\n            return;\n        };\n        if !vma.enter() {\n            wake_page(sh, self.address);\n            return;\n        }\n        let _exit = FaultExit(&vma);\n        let vmf = VmFault {\n            vma: &vma,\n            address: self.address,\n            pgoff: PgOff(vma.addr_to_pgoff(self.address).0),\n            flags: fault_flag::WP | fault_flag::WRITE,\n            async_ra: Default::default(),\n        };\n        do_wp_page(sh, &vmf, self.tid);\n    }\n}",
