@@ -1143,8 +1143,15 @@ fn sync_all_from_a_dying_files_write_back_gets_edeadlk() {
         // and its drop's write-back is the address space's own (dying).
         map.write(0, b"x");
         drop(map);
+        // The last reference may be a fault handler's, whose drop then
+        // writes back on that thread: wait for the store's hook.
+        while got.lock().unwrap().is_empty() {
+            std::thread::yield_now();
+        }
         assert_eq!(*got.lock().unwrap(), vec![(libc::EDEADLK, libc::EDEADLK)]);
-        assert_eq!(std::fs::read(&path).unwrap()[0], b'x');
+        while std::fs::read(&path).unwrap()[0] != b'x' {
+            std::thread::yield_now();
+        }
     });
 }
 
