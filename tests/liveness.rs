@@ -2,6 +2,7 @@
 //! write_at and faults never deadlock or livelock. Each sequence hung
 //! before its fix; every test runs under a watchdog.
 
+#[macro_use]
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
@@ -1163,20 +1164,8 @@ struct SizeHookOps {
 }
 
 impl upcache::aops::AddressSpaceOps for SizeHookOps {
-    fn read_folio(&self, m: &upcache::aops::AddressSpace, f: upcache::aops::FolioGuard) -> std::io::Result<()> {
-        self.inner.read_folio(m, f)
-    }
-    fn readahead(&self, m: &upcache::aops::AddressSpace, rac: &mut upcache::aops::ReadaheadControl) {
-        self.inner.readahead(m, rac)
-    }
-    fn writepage(
-        &self,
-        m: &upcache::aops::AddressSpace,
-        f: upcache::aops::FolioGuard,
-        wbc: &mut upcache::aops::WritebackControl,
-    ) -> std::io::Result<()> {
-        self.inner.writepage(m, f, wbc)
-    }
+    delegate_to_inner!(read_folio);
+    delegate_to_inner!(writepage);
     fn initial_size(&self) -> std::io::Result<u64> {
         (self.hook)();
         self.inner.initial_size()
