@@ -389,6 +389,16 @@ pub(crate) fn do_mmap(
             what: "UffdMode::Missing is not available on a hugetlb cache; use UffdMode::Minor",
         });
     }
+    if hugetlb && writable && share == Share::Private {
+        // hugetlbfs drops a private mapping's copied pages when the page
+        // under them is punched (shmem and ext4 keep them), and the cache
+        // punches to evict: the mapping would lose its writes to reclaim.
+        return Err(Error::Unsupported {
+            what: "a private writable mapping of a hugetlb cache (hugetlbfs drops a private \
+                   mapping's copied pages when the cache evicts or punches the page under them); \
+                   map it shared, or read-only, or use a cache without hugetlb(true)",
+        });
+    }
     if mode == UffdMode::Missing {
         // The past-EOF walk below takes `i_rwsem`, which ranks above folio
         // locks and waits for writers that may wait for this thread's

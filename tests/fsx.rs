@@ -329,7 +329,16 @@ impl World {
                 self.note(format!("{ctx}: private mapping, COW {off}+{len}"));
                 // SAFETY: only this thread touches the private mapping, and
                 // only below EOF.
-                let mut p = unsafe { self.file().mmap_mut(0, MAP, Share::Private) }.unwrap();
+                let p = unsafe { self.file().mmap_mut(0, MAP, Share::Private) };
+                if self.cfg.hugetlb {
+                    // hugetlbfs drops private copies when the cache evicts.
+                    assert!(
+                        matches!(p, Err(upcache::Error::Unsupported { .. })),
+                        "{ctx}: a private writable mapping of a hugetlb cache is refused"
+                    );
+                    return;
+                }
+                let mut p = p.unwrap();
                 let o = off as usize;
                 assert!(p[o..o + len] == self.model[o..o + len], "{ctx}: private mapping read");
                 let mut buf = vec![0u8; len];

@@ -188,6 +188,37 @@ fn reclaim_keeps_every_write() {
     assert!(std::fs::read(&path).unwrap() == model, "the file after fsync");
 }
 
+/// A private writable mapping's copied pages are its own memory. On
+/// hugetlbfs the kernel drops them when the page under them is punched
+/// (unlike shmem and ext4, which keep them), and the cache punches to
+/// evict: such a mapping lost its writes to `advise(DontNeed)`, reclaim
+/// and `punch_hole`. It is refused; a private read-only mapping, which
+/// copies nothing, still works.
+fn private_writable_mappings_are_refused() {
+    let dir = tempdir();
+    let path = dir.path().join("p");
+    let model = random_bytes(11, 3 * HUGE);
+    std::fs::write(&path, &model).unwrap();
+    let cache = hugetlb_cache(DirtyTracking::WriteFault, None);
+    let file = cache.open(&path).unwrap();
+    // SAFETY: never dereferenced (refused).
+    let e = unsafe { file.mmap_mut(0, 3 * HUGE, Share::Private) }.unwrap_err();
+    assert!(
+        matches!(e, Error::Unsupported { .. }) && e.to_string().contains("private"),
+        "a private writable mapping of a hugetlb cache is refused, got {e}"
+    );
+    // SAFETY: only this thread touches the mapping; nothing writes the file.
+    let p = unsafe { file.mmap(0, 3 * HUGE, Share::Private) }.unwrap();
+    assert!(p[HUGE - 10..HUGE + 10] == model[HUGE - 10..HUGE + 10]);
+    file.advise(upcache::Advice::DontNeed, 0, 3 * HUGE as u64).unwrap();
+    file.punch_hole(HUGE as u64, HUGE as u64).unwrap();
+    assert!(
+        p[HUGE..HUGE + 10] == [0u8; 10],
+        "a private read-only mapping follows the file"
+    );
+    assert!(p[..10] == model[..10]);
+}
+
 fn bad_requests_are_errors() {
     let dir = tempdir();
     let path = dir.path().join("b");
@@ -231,6 +262,8 @@ fn hugetlb_page_cache() {
         all_back("reclaim");
         bad_requests_are_errors();
         all_back("bad requests");
+        private_writable_mappings_are_refused();
+        all_back("private copies");
         for case in ["past_eof", "pool_empty_fault"] {
             let st = run_child("child_entry", case, &[], 120);
             assert_eq!(

@@ -887,3 +887,34 @@ fn write_back_never_zeroes_past_eof_under_a_pin() {
         assert_eq!(b, [0u8; 4], "the write-back after the pin did not zero past EOF");
     });
 }
+
+/// A private mapping's copied pages are its own memory: evicting the
+/// file's folios or punching a hole under them leaves them as written, as
+/// the kernel's `MAP_PRIVATE` of a file keeps its copies across
+/// `POSIX_FADV_DONTNEED` and `FALLOC_FL_PUNCH_HOLE` (only truncation past
+/// them drops them). Pages the mapping never wrote follow the file.
+#[test]
+fn a_private_mappings_copies_survive_eviction_and_punch() {
+    watchdog("private copies", 60, || {
+        for mode in [upcache::UffdMode::Minor, upcache::UffdMode::Missing] {
+            let dir = tempdir();
+            let path = dir.path().join("p");
+            let size = 256 * 1024;
+            let model: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8 + 1).collect();
+            std::fs::write(&path, &model).unwrap();
+            let cache = PageCache::new();
+            let f = cache.open(&path).unwrap();
+            // SAFETY: only this thread touches the mapping.
+            let mut p = unsafe { f.mmap_mut_with_mode(0, size, Share::Private, mode) }.unwrap();
+            p[100] = 0;
+            p[128 * 1024 + 5] = 0;
+            f.advise(upcache::Advice::DontNeed, 0, size as u64).unwrap();
+            assert_eq!(p[100], 0, "{mode:?}: eviction dropped a private copy");
+            assert_eq!(p[4096], model[4096], "{mode:?}: a page never written reads the file");
+            f.punch_hole(128 * 1024, 64 * 1024).unwrap();
+            assert_eq!(p[128 * 1024 + 5], 0, "{mode:?}: a punch dropped a private copy");
+            assert_eq!(p[128 * 1024 + 4096], 0, "{mode:?}: a page never written reads the hole");
+            assert_eq!(p[100], 0, "{mode:?}: the first copy is still there");
+        }
+    });
+}

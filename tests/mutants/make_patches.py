@@ -638,6 +638,10 @@ MUTANTS = [
      "        do_wp_page(sh, &vmf, pf.tid);",
      "        do_wp_page(sh, &vmf, 0);",
      "cargo test --test liveness unthrottled_faults_are_earned_by_the_thread_that_waited"),
+    ("160-hugetlb-private-writable-mapping-allowed", "src/mmap.rs",
+     "    if hugetlb && writable && share == Share::Private {",
+     "    if hugetlb && writable && share == Share::Private && false {",
+     "cargo test --test hugetlb"),
 ]
 
 
