@@ -701,6 +701,7 @@ impl Drop for FaultExit<'_> {
 /// thread (`UFFDIO_POISON`), as the kernel's filemap_fault does.
 fn sigbus(sh: &EngineShared, vmf: &VmFault<'_>) {
     vmf.vma.poisoned.store(true, Ordering::Relaxed);
+    vmf.vma.mark_poison(vmf.pgoff, vmf.pgoff.add(1));
     vmf.vma.mapping().stats.sigbus();
     poison_page(sh, vmf.address, granule_bytes(vmf.vma));
 }

@@ -18,7 +18,7 @@ use crate::address_space::AddressSpace;
 use crate::error::{Error, Result};
 use crate::fault::{EngineShared, FaultEngine};
 use crate::folio::Folio;
-use crate::sync::{Arc, AtomicBool, AtomicU32, Ordering, UnparkOp, WaitQueue};
+use crate::sync::{Arc, AtomicBool, AtomicU32, Mutex, Ordering, UnparkOp, WaitQueue};
 use crate::types::{PgOff, MAX_FILE_SIZE, MAX_ORDER, PAGE_SHIFT, PAGE_SIZE};
 use crate::uffd::{mode, UffdError};
 use crate::vm_ops::{FilemapVmOps, VmOps};
@@ -69,6 +69,62 @@ pub enum Share {
 
 const DEAD: u32 = 1 << 31;
 
+/// A set of file page ranges (sorted, disjoint, not touching): the pages
+/// of a mapping that may hold SIGBUS poison ([`VmArea`]'s
+/// `poison_marks`).
+#[derive(Default, Debug)]
+struct PoisonMarks(Vec<(u64, u64)>);
+
+impl PoisonMarks {
+    /// Add `[a, b)`, merging with the ranges it overlaps or touches.
+    fn add(&mut self, a: u64, b: u64) {
+        if a >= b {
+            return;
+        }
+        let (mut a, mut b) = (a, b);
+        self.0.retain(|&(s, e)| {
+            if e < a || s > b {
+                return true;
+            }
+            a = a.min(s);
+            b = b.max(e);
+            false
+        });
+        let at = self.0.partition_point(|&(s, _)| s < a);
+        self.0.insert(at, (a, b));
+    }
+
+    /// Take `[a, b)` out.
+    fn remove(&mut self, a: u64, b: u64) {
+        if a >= b || self.0.is_empty() {
+            return;
+        }
+        let mut out = Vec::with_capacity(self.0.len() + 1);
+        for &(s, e) in &self.0 {
+            if e <= a || s >= b {
+                out.push((s, e));
+                continue;
+            }
+            if s < a {
+                out.push((s, a));
+            }
+            if e > b {
+                out.push((b, e));
+            }
+        }
+        self.0 = out;
+    }
+
+    /// The parts of `[a, b)` in the set.
+    fn overlapping(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        self.0
+            .iter()
+            .filter(|&&(s, e)| s < b && e > a)
+            .map(|&(s, e)| (s.max(a), e.min(b)))
+            .collect()
+    }
+}
+
 /// One user mapping of a file (`struct vm_area_struct`).
 pub struct VmArea {
     start: usize,
@@ -88,6 +144,11 @@ pub struct VmArea {
     /// Some page of this mapping was poisoned (SIGBUS) and must be zapped
     /// if the file grows over it.
     pub(crate) poisoned: AtomicBool,
+    /// The file pages of this mapping that may hold SIGBUS poison:
+    /// recorded before each `UFFDIO_POISON`, forgotten by every zap of
+    /// them. Clearing poison zaps only these pages, never a mapped one (in
+    /// a private mapping a zap discards the pages it copied on write).
+    poison_marks: Mutex<PoisonMarks>,
     /// The mapping's own errseq cursor (the `f_wb_err` of the file a
     /// kernel VMA holds), sampled when it was made: `flush` reports each
     /// write-back error since then once, whoever else reported it.
@@ -274,6 +335,14 @@ impl VmArea {
             // DONTNEED on a shared file mapping only drops page-table
             // entries, and private copies past EOF are meant to go.
             zapped = unsafe { libc::madvise(r.start as *mut _, r.len(), libc::MADV_DONTNEED) } == 0;
+            if zapped {
+                // The zap took any poison with it (whole huge pages on
+                // hugetlb, as `user_range` widens).
+                let g = self.mapping.map_granule_pages();
+                self.poison_marks
+                    .lock()
+                    .remove(first.0 / g * g, end.0.saturating_add(g - 1) / g * g);
+            }
             if self.arms_write_notify() {
                 // DONTNEED dropped the uffd-wp markers too; the kernel maps
                 // cached pages itself in this mode, so re-arm the cached
@@ -303,6 +372,7 @@ impl VmArea {
         };
         let step = (g as usize) << PAGE_SHIFT;
         self.poisoned.store(true, Ordering::Relaxed);
+        self.mark_poison(first, end);
         let uffd = &self.engine.uffd;
         if uffd.poison(r.start, r.len()).is_ok() {
             return;
@@ -317,6 +387,21 @@ impl VmArea {
                 let _ = uffd.poison(page, step);
             }
         }
+    }
+
+    /// Record that file pages `[first, end)` (widened to whole huge pages
+    /// on hugetlb) may be about to hold poison: before the
+    /// `UFFDIO_POISON`, so that a clear after it finds them.
+    pub(crate) fn mark_poison(&self, first: PgOff, end: PgOff) {
+        let g = self.mapping.map_granule_pages();
+        self.poison_marks
+            .lock()
+            .add(first.0 / g * g, end.0.saturating_add(g - 1) / g * g);
+    }
+
+    /// The recorded poison pages inside `[first, end)`, as ranges.
+    fn poison_marks_in(&self, first: PgOff, end: PgOff) -> Vec<(u64, u64)> {
+        self.poison_marks.lock().overlapping(first.0, end.0)
     }
 
     /// Write-protect the folio's pages in this mapping (`page_mkclean_one`).
@@ -513,6 +598,7 @@ pub(crate) fn do_mmap(
         state: AtomicU32::new(0),
         wq: WaitQueue::new(),
         poisoned: AtomicBool::new(false),
+        poison_marks: Mutex::new(PoisonMarks::default()),
         wb_err: crate::sync::AtomicU64::new(mapping.wb_err.sample()),
     });
     let mut modes = mode::MISSING;
@@ -1161,14 +1247,26 @@ impl AddressSpace {
             .iter()
             .filter(|v| !only_poisoned || v.poisoned.load(Ordering::Relaxed))
         {
-            if let Some(st) = st.as_deref_mut() {
-                if v.tracks_writes_async() {
-                    if let Err(e) = crate::wp_async::scan_into(&**v, first, end, st) {
-                        eprintln!("upcache: harvest before a zap failed: {e}");
+            // Clearing poison zaps only the pages that may hold it: a
+            // mapped page zapped with them would lose the copy a private
+            // mapping made of it, or (async tracking) a write made between
+            // the scan and the zap.
+            let ranges = if only_poisoned {
+                v.poison_marks_in(first, end)
+            } else {
+                vec![(first.0, end.0)]
+            };
+            for (a, b) in ranges {
+                let (a, b) = (PgOff(a), PgOff(b));
+                if let Some(st) = st.as_deref_mut() {
+                    if v.tracks_writes_async() {
+                        if let Err(e) = crate::wp_async::scan_into(&**v, a, b, st) {
+                            eprintln!("upcache: harvest before a zap failed: {e}");
+                        }
                     }
                 }
+                v.zap(a, b);
             }
-            v.zap(first, end);
         }
         if let Some(st) = st.as_deref() {
             self.note_pending(st);
@@ -1303,5 +1401,29 @@ impl AddressSpace {
     /// Number of live user mappings.
     pub fn nr_mappings(&self) -> usize {
         self.i_mmap.lock().len()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod poison_marks_tests {
+    use super::PoisonMarks;
+
+    #[test]
+    fn add_merges_and_remove_splits() {
+        let mut m = PoisonMarks::default();
+        m.add(10, 20);
+        m.add(30, 40);
+        m.add(20, 25); // touches: merged
+        assert_eq!(m.0, vec![(10, 25), (30, 40)]);
+        m.add(5, 35); // spans both
+        assert_eq!(m.0, vec![(5, 40)]);
+        m.remove(10, 12);
+        assert_eq!(m.0, vec![(5, 10), (12, 40)]);
+        assert_eq!(m.overlapping(8, 15), vec![(8, 10), (12, 15)]);
+        assert_eq!(m.overlapping(40, 50), vec![]);
+        m.remove(0, 100);
+        assert!(m.0.is_empty());
+        m.add(7, 7);
+        assert!(m.0.is_empty(), "an empty range adds nothing");
     }
 }

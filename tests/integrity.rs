@@ -942,7 +942,11 @@ fn punch_across_end_of_file_zeroes_the_rest_of_its_page_as_the_kernel_does() {
             let data = vec![1u8; 5000];
             std::fs::write(&path, &data).unwrap();
             std::fs::write(&twin_path, &data).unwrap();
-            let twin = std::fs::OpenOptions::new().read(true).write(true).open(&twin_path).unwrap();
+            let twin = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&twin_path)
+                .unwrap();
             // SAFETY: only this test touches the twin, below its page end.
             let mut kmap = unsafe { memmap2::MmapOptions::new().len(8192).map_mut(&twin) }.unwrap();
             kmap[6000..6004].copy_from_slice(b"junk");
@@ -964,7 +968,10 @@ fn punch_across_end_of_file_zeroes_the_rest_of_its_page_as_the_kernel_does() {
             let mut ours = [0u8; 8];
             raw.read(5998, &mut ours);
             let theirs: [u8; 8] = kmap[5998..6006].try_into().unwrap();
-            assert_eq!(ours, theirs, "punch {off}+{len}: bytes past end of file through a mapping");
+            assert_eq!(
+                ours, theirs,
+                "punch {off}+{len}: bytes past end of file through a mapping"
+            );
             let mut a = vec![0u8; 5000];
             let mut b = vec![0u8; 5000];
             f.read_exact_at(&mut a, 0).unwrap();
@@ -972,5 +979,51 @@ fn punch_across_end_of_file_zeroes_the_rest_of_its_page_as_the_kernel_does() {
             assert!(a == b, "punch {off}+{len}: file bytes");
             assert_eq!(f.len().unwrap(), 5000);
         }
+    });
+}
+
+/// Clearing the SIGBUS of a read error must not take a private mapping's
+/// copies with it. A `Missing`-mode mapping of a large-folio file is
+/// poisoned past end of file as soon as the last folio exists; after a
+/// failed and then successful read of the first folio, the clear zapped
+/// the whole folio in every poisoned mapping (`MADV_DONTNEED`), which in
+/// a private one discards the pages it copied on write: the private byte
+/// read back as file data.
+#[test]
+fn a_private_mappings_copies_survive_a_cleared_read_error() {
+    watchdog("private copies vs poison clear", 60, || {
+        const MIB: usize = 1 << 20;
+        let dir = tempdir();
+        let path = dir.path().join("p");
+        let size = 3 * MIB + 100;
+        let model: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8 + 1).collect();
+        std::fs::write(&path, &model).unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let f2 = fail.clone();
+        let store = HookStore::new(&path, move |op, _, _| {
+            if op == StoreOp::Read && f2.load(Ordering::SeqCst) {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                Ok(())
+            }
+        });
+        let cache = PageCache::builder().large_folios(true).build();
+        cache.start_fault_engine().expect("userfaultfd (see README)");
+        let f = cache.open_with_ops("p", StoreOps::new(store)).unwrap();
+        // SAFETY: only this thread touches the mapping, below end of file.
+        let mut p = unsafe { f.mmap_mut_with_mode(0, 4 * MIB, Share::Private, upcache::UffdMode::Missing) }.unwrap();
+        // The last folio: its pages past the end are poisoned.
+        assert_eq!(p[2 * MIB + 10], model[2 * MIB + 10]);
+        p[10] = 0;
+        f.advise(upcache::Advice::DontNeed, 0, 0).unwrap();
+        assert_eq!(p[10], 0, "eviction dropped the private copy");
+        fail.store(true, Ordering::SeqCst);
+        let mut b = [0u8; 8];
+        assert!(f.read_at(&mut b, 0).is_err(), "the store fails the read");
+        fail.store(false, Ordering::SeqCst);
+        f.read_exact_at(&mut b, 0).unwrap();
+        assert!(b[..] == model[..8]);
+        assert_eq!(p[10], 0, "clearing a read error's poison dropped a private copy");
+        assert_eq!(p[4096], model[4096], "a page never written reads the file");
     });
 }
