@@ -642,6 +642,10 @@ MUTANTS = [
      "    if hugetlb && writable && share == Share::Private {",
      "    if hugetlb && writable && share == Share::Private && false {",
      "cargo test --test hugetlb"),
+    ("161-poison-clear-zaps-whole-range", "src/mmap.rs",
+     "            let ranges = if only_poisoned {",
+     "            let ranges = if only_poisoned && false {",
+     "cargo test --test integrity a_private_mappings_copies_survive_a_cleared_read_error"),
 ]
 
 
