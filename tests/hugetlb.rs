@@ -264,6 +264,8 @@ fn hugetlb_page_cache() {
         all_back("bad requests");
         private_writable_mappings_are_refused();
         all_back("private copies");
+        let st = run_child("child_entry", "signals", &[], 120);
+        assert!(st.success(), "signals: the child failed: {st:?}");
         for case in ["past_eof", "pool_empty_fault"] {
             let st = run_child("child_entry", case, &[], 120);
             assert_eq!(
@@ -405,6 +407,42 @@ fn child_entry() {
             }
             assert_eq!(meminfo("HugePages_Free:"), 0, "the pool is empty");
             map.read(HUGE + 5, &mut b);
+        }
+        "signals" => {
+            // A process-wide timer signal every 20 µs (a profiler's
+            // SIGPROF does the same), handled without SA_RESTART: every
+            // folio creation allocates its huge page with `fallocate`,
+            // which hugetlbfs interrupts with EINTR. Neither `read_at` nor
+            // a mapped access may fail for it.
+            extern "C" fn on_alarm(_: libc::c_int) {}
+            // SAFETY: a handler that does nothing; plain libc calls on
+            // this (child) process.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_alarm as *const () as usize;
+                libc::sigemptyset(&mut sa.sa_mask);
+                assert_eq!(libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut()), 0);
+                let t = libc::itimerval {
+                    it_interval: libc::timeval { tv_sec: 0, tv_usec: 20 },
+                    it_value: libc::timeval { tv_sec: 0, tv_usec: 20 },
+                };
+                assert_eq!(libc::setitimer(libc::ITIMER_REAL, &t, std::ptr::null_mut()), 0);
+            }
+            let model = random_bytes(4, size);
+            let mut buf = [0u8; 16];
+            for i in 0..2000 {
+                file.advise(upcache::Advice::DontNeed, 0, 0).unwrap();
+                let off = if i % 2 == 0 { 7 } else { HUGE + 7 };
+                let n = file
+                    .read_at(&mut buf, off as u64)
+                    .unwrap_or_else(|e| panic!("read_at under signals, round {i}: {e}"));
+                assert!(n == 16 && buf[..] == model[off..off + 16], "round {i}");
+                file.advise(upcache::Advice::DontNeed, 0, 0).unwrap();
+                map.read(off, &mut b);
+                assert_eq!(b[0], model[off], "mapped read under signals, round {i}");
+            }
+            eprintln!("child {case}: 4000 folio creations under signals");
+            std::process::exit(0);
         }
         other => panic!("unknown child case {other}"),
     }
