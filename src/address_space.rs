@@ -980,6 +980,11 @@ impl AddressSpace {
     /// (`mapping_set_error`).
     pub fn set_error(&self, errno: i32) {
         self.wb_err.set(errno);
+        // And for the cache's `sync_all` (`mapping_set_error` sets the
+        // superblock's error word too).
+        if let Some(wb) = &self.wb {
+            wb.sb_err.set(errno);
+        }
     }
 
     fn end_writeback(&self, folio: FolioRef) {

@@ -583,9 +583,13 @@ impl BackingStore for DirectFileStore {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        // One inode: this flushes the buffered descriptor's writes too.
-        self.buffered.sync_data()?;
-        self.direct.sync_data()
+        // One inode, but each descriptor has its own error cursor: both
+        // are synced even when the first fails, so that a kernel write-back
+        // error is consumed by both and reported once, not again by the
+        // second descriptor at the next sync.
+        let b = self.buffered.sync_data();
+        let d = self.direct.sync_data();
+        b.and(d)
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -770,12 +770,16 @@ impl PageCache {
     /// cache.
     ///
     /// # Errors
-    /// The first write or sync error (failed folios stay dirty);
+    /// The first write or sync error (failed folios stay dirty); else,
+    /// once, any write-back or store-sync error recorded for a file of the
+    /// cache since the last `sync_all` (the kernel's `sb->s_wb_err`): one
+    /// a handle's `fsync` reported first, or the failed final write-back
+    /// of a file whose last user is gone;
     /// [`Error::Reentrant`] from inside an engine callback for one of the
     /// cache's files (the sync would wait for that callback).
     pub fn sync_all(&self) -> Result<()> {
         self.check_reentry("sync_all")?;
-        self.inner.wb.sync_all().map_err(Error::Writeback)
+        self.inner.wb.syncfs().map_err(Error::Writeback)
     }
 
     /// `Err(Reentrant)` if this thread is inside an engine callback for a

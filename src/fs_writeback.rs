@@ -28,9 +28,10 @@ use std::time::{Duration, Instant};
 
 use crate::address_space::{AddressSpace, Eviction};
 use crate::aops::WritebackControl;
+use crate::errseq::ErrSeq;
 use crate::fault::ParkedFault;
 use crate::stats::CacheStats;
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering, RwLock, RwLockReadGuard, UnparkOp, WaitQueue, Weak};
+use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, RwLock, RwLockReadGuard, UnparkOp, WaitQueue, Weak};
 use crate::types::PgOff;
 
 /// Every address space of a cache, by id (for the flusher, reclaim,
@@ -217,6 +218,13 @@ pub(crate) struct Writeback {
     /// them first (200 ms; those are dropped from here at the next
     /// throttle, so a flusher stuck in a pass does not grow the list).
     throttled: Mutex<Vec<ParkedFault>>,
+    /// `sb->s_wb_err`: every write-back or store-sync error of any file of
+    /// the cache (`AddressSpace::set_error` records it here too), so that
+    /// `sync_all` reports it even after the file is gone.
+    pub(crate) sb_err: ErrSeq,
+    /// `sync_all`'s cursor in `sb_err` (the `f_sb_err` of the one
+    /// descriptor `syncfs(2)` is called on): each error reported once.
+    sb_cursor: AtomicU64,
 }
 
 impl Writeback {
@@ -230,7 +238,10 @@ impl Writeback {
             stop: AtomicBool::new(false),
             flusher: Mutex::new(None),
             throttled: Mutex::new(Vec::new()),
+            sb_err: ErrSeq::new(),
+            sb_cursor: AtomicU64::new(0),
         });
+        w.sb_cursor.store(w.sb_err.sample(), Ordering::Relaxed);
         // The flusher holds only a weak reference: it must not keep the
         // cache alive.
         let weak = Arc::downgrade(&w);
@@ -398,6 +409,21 @@ impl Writeback {
     /// `sync_filesystem`: integrity writeback and store sync of every file.
     pub(crate) fn sync_all(&self) -> io::Result<()> {
         self.spaces.sync_all()
+    }
+
+    /// `syncfs(2)`: [`sync_all`](Self::sync_all), then every error
+    /// recorded for any file of the cache since the last call is reported
+    /// once (`errseq_check_and_advance(&sb->s_wb_err, &file->f_sb_err)`):
+    /// one a handle's `fsync` saw first, and one of a file whose last user
+    /// is gone (its final write-back).
+    pub(crate) fn syncfs(&self) -> io::Result<()> {
+        let r = self.sync_all();
+        let seen = self.sb_err.check_and_advance(&self.sb_cursor);
+        r?;
+        match seen {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(()),
+        }
     }
 
     /// `freeze_super`: block new dirtying, wait for dirtiers in flight, sync

@@ -292,7 +292,9 @@ fn a_failed_store_sync_reaches_every_handle_once() {
     // Once per handle.
     h1.fsync().unwrap();
     h2.fsync().unwrap();
-    // And to the cache-wide syncs that had not seen it.
+    // And once to the cache-wide sync, which had not seen it (`syncfs`).
+    let e = cache.sync_all().expect_err("sync_all reports the failed store sync");
+    assert_eq!(errno(&e), EIO);
     cache.sync_all().unwrap();
 }
 

@@ -298,6 +298,12 @@ fn a_drop_that_unwinds_does_not_block_reopen_or_sync_all() {
         map.write(100, &[9]);
         armed.store(true, Ordering::SeqCst);
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(map)));
+        // The drop's write-back failed (the engine panicked), and the file
+        // is gone with its dirty byte: `sync_all` reports that once.
+        assert!(
+            cache.sync_all().is_err(),
+            "the dropped file's failed write-back is reported"
+        );
         cache.sync_all().unwrap();
         let f = cache
             .open_with_ops("f", StoreOps::new(upcache::FileStore::open(&path).unwrap()))
@@ -1025,5 +1031,75 @@ fn a_private_mappings_copies_survive_a_cleared_read_error() {
         assert!(b[..] == model[..8]);
         assert_eq!(p[10], 0, "clearing a read error's poison dropped a private copy");
         assert_eq!(p[4096], model[4096], "a page never written reads the file");
+    });
+}
+
+/// A failing store as the tests below use it: every write and sync fails
+/// with `EIO` while the flag is set.
+fn failing_store(path: &std::path::Path) -> (HookStore, Arc<AtomicBool>) {
+    let fail = Arc::new(AtomicBool::new(false));
+    let f2 = fail.clone();
+    let store = HookStore::new(path, move |op, _, _| {
+        if matches!(op, StoreOp::Write | StoreOp::Sync) && f2.load(Ordering::SeqCst) {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            Ok(())
+        }
+    });
+    (store, fail)
+}
+
+/// `sync_all` is `syncfs(2)`: it reports every write-back or store-sync
+/// error of any file of the cache since the last `sync_all`, once, even
+/// one a handle's `fsync` reported first (the kernel keeps the
+/// superblock's own error word for this). It sampled each file's error
+/// word afresh and returned `Ok` after the handle had seen the failure,
+/// though the bytes the failed sync covered may never have reached the
+/// disk.
+#[test]
+fn sync_all_reports_a_failure_a_handle_saw_first_once() {
+    watchdog("sync_all error cursor", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 8192]).unwrap();
+        let (store, fail) = failing_store(&path);
+        let cache = PageCache::new();
+        let f = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+        f.write_at(b"new", 0).unwrap();
+        fail.store(true, Ordering::SeqCst);
+        assert!(f.fsync().is_err(), "the store fails");
+        fail.store(false, Ordering::SeqCst);
+        let e = cache
+            .sync_all()
+            .expect_err("sync_all reports the failure since its last call");
+        assert_eq!(e.raw_os_error(), libc::EIO, "{e}");
+        cache.sync_all().expect("reported once");
+        f.fsync().expect("the handle saw it already");
+    });
+}
+
+/// A file dropped without `close` while its store fails: the drop's
+/// final write-back fails and its dirty bytes cannot be kept (the file
+/// is gone), as a kernel write-back error loses them too — but the loss
+/// is reported to the next `sync_all`, as `syncfs(2)` reports it. It
+/// returned `Ok`.
+#[test]
+fn a_dropped_files_failed_final_write_back_reaches_sync_all() {
+    watchdog("dropped file's failure", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 8192]).unwrap();
+        let (store, fail) = failing_store(&path);
+        let cache = PageCache::new();
+        let f = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+        f.write_at(b"new", 0).unwrap();
+        fail.store(true, Ordering::SeqCst);
+        drop(f);
+        fail.store(false, Ordering::SeqCst);
+        let e = cache
+            .sync_all()
+            .expect_err("the lost write of the dropped file is reported");
+        assert_eq!(e.raw_os_error(), libc::EIO, "{e}");
+        cache.sync_all().expect("reported once");
     });
 }
