@@ -646,6 +646,14 @@ MUTANTS = [
      "            let ranges = if only_poisoned {",
      "            let ranges = if only_poisoned && false {",
      "cargo test --test integrity a_private_mappings_copies_survive_a_cleared_read_error"),
+    ("162-sync-all-without-sb-cursor", "src/cache.rs",
+     "        self.inner.wb.syncfs().map_err(Error::Writeback)",
+     "        self.inner.wb.sync_all().map_err(Error::Writeback)",
+     "cargo test --test integrity sync_all_reports_a_failure_a_handle_saw_first_once"),
+    ("163-hugetlb-allocate-no-eintr-retry", "src/page_store.rs",
+     "                Err(rustix::io::Errno::INTR) => continue,",
+     "                Err(rustix::io::Errno::INTR) if false => continue,",
+     "cargo test --test hugetlb"),
 ]
 
 
