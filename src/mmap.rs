@@ -545,6 +545,15 @@ pub(crate) fn do_mmap(
     } else {
         rustix::mm::MapFlags::PRIVATE
     } | rustix::mm::MapFlags::NORESERVE;
+    // Mapped inaccessible, and given its protection only once registered
+    // (the end of this function): in a process that called
+    // `mlockall(MCL_FUTURE)` the kernel fills in every accessible new
+    // mapping inside `mmap` itself, before the registration could ask us —
+    // zero pages of the memfd for uncached offsets, writable PTEs that no
+    // write-notify sees (`tests/mlockall.rs`). An inaccessible mapping is
+    // not filled in, and `mprotect` of a shared one fills in nothing; a
+    // private writable one is then filled in through our faults.
+    //
     // SAFETY: a fresh mapping (null hint, no MAP_FIXED; or inside its own
     // reservation) aliases no Rust object; the memfd outlives it (the
     // VmArea holds the AddressSpace).
@@ -554,7 +563,7 @@ pub(crate) fn do_mmap(
             // even if shmem THP was off when the mapping was made.
             crate::page_store::mmap_pmd_aligned(
                 plen,
-                prot,
+                rustix::mm::ProtFlags::empty(),
                 flags,
                 mapping.store.memfd(),
                 mapping.store.memfd_offset(offset),
@@ -563,7 +572,7 @@ pub(crate) fn do_mmap(
             rustix::mm::mmap(
                 std::ptr::null_mut(),
                 plen,
-                prot,
+                rustix::mm::ProtFlags::empty(),
                 flags,
                 mapping.store.memfd(),
                 mapping.store.memfd_offset(offset),
@@ -681,7 +690,19 @@ pub(crate) fn do_mmap(
             }
         }
     }
+    // Registered, armed and poisoned: now accessible (see the `mmap`
+    // above). Nobody else knows the address yet.
+    // SAFETY: our own mapping, never handed out; no Rust reference into it.
+    if let Err(e) = unsafe { rustix::mm::mprotect(addr as *mut _, plen, mprotect_flags(prot)) } {
+        do_munmap(&vma);
+        return Err(Error::Io(e.into()));
+    }
     Ok(vma)
+}
+
+/// `mprotect(2)`'s flags for a mapping's protection.
+fn mprotect_flags(prot: rustix::mm::ProtFlags) -> rustix::mm::MprotectFlags {
+    rustix::mm::MprotectFlags::from_bits_truncate(prot.bits())
 }
 
 /// Every live upcache user mapping of the process, over all caches:

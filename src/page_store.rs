@@ -186,15 +186,34 @@ impl PageMemfd {
         // chunk is backed; it stays mapped until `Drop`, after every region
         // (and so every folio) is gone. PMD-aligned: large folios that are
         // huge pages are read and filled through PMD mappings here.
+        //
+        // Mapped inaccessible first, then opened with `mprotect`: in a
+        // process that called `mlockall(MCL_FUTURE)` an accessible new
+        // mapping is filled in by `mmap` itself, which would allocate the
+        // whole window in the memfd (a `Missing`-mode mapping then reads
+        // those zero pages as file data, `tests/mlockall.rs`); `mprotect`
+        // of a shared mapping fills in nothing.
         let p = unsafe {
             mmap_pmd_aligned(
                 CHUNK_SIZE as usize,
-                ProtFlags::READ | ProtFlags::WRITE,
+                ProtFlags::empty(),
                 MapFlags::SHARED | MapFlags::NORESERVE,
                 self.memfd.as_fd(),
                 chunk << CHUNK_SHIFT,
             )
         }?;
+        // SAFETY: our own fresh mapping, not yet handed out.
+        if let Err(e) = unsafe {
+            rustix::mm::mprotect(
+                p,
+                CHUNK_SIZE as usize,
+                rustix::mm::MprotectFlags::READ | rustix::mm::MprotectFlags::WRITE,
+            )
+        } {
+            // SAFETY: our own fresh mapping, never handed out.
+            let _ = unsafe { munmap(p, CHUNK_SIZE as usize) };
+            return Err(e.into());
+        }
         // A forked child must not inherit the engine view: it could write
         // cached folios behind the parent's back.
         // SAFETY: our own fresh mapping; DONTFORK changes only fork(2)'s
