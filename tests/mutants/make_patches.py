@@ -654,6 +654,22 @@ MUTANTS = [
      "                Err(rustix::io::Errno::INTR) => continue,",
      "                Err(rustix::io::Errno::INTR) if false => continue,",
      "cargo test --test hugetlb"),
+    ("164-view-filled-by-mlockall", "src/page_store.rs",
+     """            mmap_pmd_aligned(
+                CHUNK_SIZE as usize,
+                ProtFlags::empty(),""",
+     """            mmap_pmd_aligned(
+                CHUNK_SIZE as usize,
+                ProtFlags::READ | ProtFlags::WRITE,""",
+     "cargo test --test mlockall"),
+    ("165-user-mapping-filled-by-mlockall", "src/mmap.rs",
+     """                std::ptr::null_mut(),
+                plen,
+                rustix::mm::ProtFlags::empty(),""",
+     """                std::ptr::null_mut(),
+                plen,
+                prot,""",
+     "cargo test --test mlockall"),
 ]
 
 
