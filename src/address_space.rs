@@ -137,6 +137,10 @@ pub struct AddressSpace {
     /// decided SIGBUS before a clear answers with a retry instead
     /// (`fault::sigbus_read`).
     pub(crate) poison_clears: AtomicU64,
+    /// Some mapping of this file has recorded SIGBUS poison
+    /// (`VmArea::mark_poison`); set once, never cleared. Folio creation
+    /// then clears the poison of its range (`filemap_add_folio`).
+    pub(crate) any_poison: AtomicBool,
     name: String,
     pub(crate) i_pages: XArray,
     i_size: AtomicU64,
@@ -281,6 +285,7 @@ impl AddressSpace {
             atomic_fill_switch: Mutex::new(()),
             eviction: Arc::new(Eviction::default()),
             poison_clears: AtomicU64::new(0),
+            any_poison: AtomicBool::new(false),
         })
     }
 
@@ -640,6 +645,15 @@ impl AddressSpace {
         self.stats.folio_added(n);
         if let Some(r) = &self.reclaim {
             r.note_new(self.id, index, &*guard as *const Folio as usize);
+        }
+        // A mapped access that got SIGBUS because no folio could be made
+        // here (an empty hugetlb pool, a failed view mapping) kept its
+        // poison: nothing else clears it, where the kernel tries again at
+        // every fault. Now that the folio exists the next access faults
+        // to us again (below end of file; the folio is locked, so that
+        // access waits for its fill).
+        if self.any_poison.load(Ordering::Relaxed) {
+            self.clear_stale_poison(index, index.add(n));
         }
         // Read after `index_add_folio` took xa_lock: either a new mapping's
         // count is seen here, or that mapping's walk of the index (after it

@@ -393,6 +393,7 @@ impl VmArea {
     /// on hugetlb) may be about to hold poison: before the
     /// `UFFDIO_POISON`, so that a clear after it finds them.
     pub(crate) fn mark_poison(&self, first: PgOff, end: PgOff) {
+        self.mapping.any_poison.store(true, Ordering::Relaxed);
         let g = self.mapping.map_granule_pages();
         self.poison_marks
             .lock()
@@ -1248,9 +1249,27 @@ impl AddressSpace {
     /// are scanned first, under `harvest_lock` (taken before `i_mmap`), so
     /// that no record of a mapped write goes with the zapped PTEs.
     fn zap_mappings(&self, first: PgOff, end: PgOff, only_poisoned: bool) {
+        self.zap_mappings_counted(first, end, only_poisoned, only_poisoned);
+    }
+
+    /// Clear the poison recorded in file pages `[first, end)` below end of
+    /// file, without counting it as a clear (`poison_clears`): a new
+    /// folio's range (`filemap_add_folio`), whose poison came from a fault
+    /// that could not create it. A fault deciding SIGBUS meanwhile needs
+    /// no retry for it: it sees the folio.
+    pub(crate) fn clear_stale_poison(&self, first: PgOff, end: PgOff) {
+        let eof = PgOff(self.size().div_ceil(PAGE_SIZE as u64));
+        let end = if end < eof { end } else { eof };
+        if first < end {
+            self.zap_mappings_counted(first, end, true, false);
+        }
+    }
+
+    /// `zap_mappings`; `count`: bump `poison_clears`.
+    fn zap_mappings_counted(&self, first: PgOff, end: PgOff, only_poisoned: bool, count: bool) {
         let mut st = self.has_wp_async().then(|| self.harvest_lock.lock());
         let vmas = self.i_mmap.lock();
-        if only_poisoned {
+        if count {
             // Under `i_mmap`, as `fault::sigbus_read` reads it.
             self.poison_clears.fetch_add(1, Ordering::Relaxed);
         }

@@ -301,6 +301,58 @@ fn hugetlb_page_cache() {
     });
     drop(_pool);
 
+    // A mapped access that got SIGBUS because the pool was empty is served
+    // once a folio exists there: the kernel's hugetlbfs tries to allocate
+    // again at every fault, but upcache's SIGBUS is poison in the mapping,
+    // and nothing cleared it (the access kept failing after the pool had
+    // pages again and the folio was cached).
+    let Some(_pool) = pool_or_skip(2) else { return };
+    watchdog("hugetlb SIGBUS of an empty pool does not stay", 120, || {
+        let dir = tempdir();
+        let path = dir.path().join("e");
+        let model = random_bytes(3, 4 * HUGE);
+        std::fs::write(&path, &model).unwrap();
+        let cache = hugetlb_cache(DirtyTracking::WriteFault, None);
+        let file = cache.open(&path).unwrap();
+        let map = file.mmap_raw(0, 4 * HUGE).unwrap();
+        let mut buf = vec![0u8; 100];
+        file.read_at(&mut buf, 0).unwrap();
+        file.read_at(&mut buf, HUGE as u64).unwrap();
+        assert_eq!(meminfo("HugePages_Free:"), 0, "the pool is empty");
+        // A kernel-mode access (the mapping written into a pipe): poison
+        // shows as EFAULT instead of killing the test with SIGBUS.
+        let mut fds = [0i32; 2];
+        // SAFETY: a fresh pipe.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let copy_out = |at: usize| -> Option<Vec<u8>> {
+            // SAFETY: `at + 16` lies inside the live mapping; the kernel
+            // reads it (or fails with EFAULT) into our own pipe.
+            let n = unsafe { libc::write(fds[1], map.as_ptr().add(at).cast(), 16) };
+            if n < 0 {
+                assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EFAULT));
+                return None;
+            }
+            assert_eq!(n, 16);
+            let mut got = vec![0u8; 16];
+            // SAFETY: our pipe's read end into 16 writable bytes.
+            assert_eq!(unsafe { libc::read(fds[0], got.as_mut_ptr().cast(), 16) }, 16);
+            Some(got)
+        };
+        assert_eq!(copy_out(3 * HUGE + 5), None, "no page for the access: SIGBUS (EFAULT)");
+        file.advise(upcache::Advice::DontNeed, 0, HUGE as u64).unwrap();
+        assert_eq!(meminfo("HugePages_Free:"), 1, "one page back in the pool");
+        file.read_at(&mut buf, 3 * HUGE as u64).unwrap();
+        assert!(buf[..] == model[3 * HUGE..3 * HUGE + 100]);
+        let got = copy_out(3 * HUGE + 5).expect("the access is served once the folio exists");
+        assert!(got[..] == model[3 * HUGE + 5..3 * HUGE + 21]);
+        // SAFETY: closing our own pipe.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+    });
+    drop(_pool);
+
     // One free page: a read of the first folio succeeds even though the
     // readahead window after it gets no page (a folio nobody asked for
     // must not fail the read), and so does a pin of it.
