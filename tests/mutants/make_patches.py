@@ -670,6 +670,10 @@ MUTANTS = [
                 plen,
                 prot,""",
      "cargo test --test mlockall"),
+    ("166-folio-creation-keeps-stale-poison", "src/address_space.rs",
+     "        if self.any_poison.load(Ordering::Relaxed) {",
+     "        if self.any_poison.load(Ordering::Relaxed) && false {",
+     "cargo test --test hugetlb"),
 ]
 
 
