@@ -323,9 +323,10 @@ impl VmArea {
     }
 
     /// `MADV_DONTNEED` the user range of file pages `[first, end)`: the
-    /// next access faults again (truncate's tail, clearing poison). False
-    /// if the kernel refused (`EINVAL` on an `mlock`ed mapping): the pages
-    /// stay mapped.
+    /// next access faults again (truncate's tail, clearing poison). Locked
+    /// mappings are zapped too ([`madv_dontneed`]). False if the kernel
+    /// refused (before Linux 5.18, `EINVAL` on an `mlock`ed mapping): the
+    /// pages stay mapped.
     pub(crate) fn zap(&self, first: PgOff, end: PgOff) -> bool {
         let mut zapped = true;
         if let Some(r) = self.user_range(first, end) {
@@ -334,7 +335,7 @@ impl VmArea {
             // `i_mmap`, which the handle's drop empties before munmap);
             // DONTNEED on a shared file mapping only drops page-table
             // entries, and private copies past EOF are meant to go.
-            zapped = unsafe { libc::madvise(r.start as *mut _, r.len(), libc::MADV_DONTNEED) } == 0;
+            zapped = unsafe { madv_dontneed(r.start, r.len()) };
             if zapped {
                 // The zap took any poison with it (whole huge pages on
                 // hugetlb, as `user_range` widens).
@@ -383,7 +384,7 @@ impl VmArea {
                 // through `i_mmap` or by `do_mmap` before it returns); it is
                 // past end of file, so DONTNEED drops nothing the file
                 // holds.
-                unsafe { libc::madvise(page as *mut _, step, libc::MADV_DONTNEED) };
+                unsafe { madv_dontneed(page, step) };
                 let _ = uffd.poison(page, step);
             }
         }
@@ -699,6 +700,28 @@ pub(crate) fn do_mmap(
         return Err(Error::Io(e.into()));
     }
     Ok(vma)
+}
+
+/// `MADV_DONTNEED_LOCKED` (Linux 5.18; not in every libc crate).
+const MADV_DONTNEED_LOCKED: libc::c_int = 24;
+
+/// Zap `[start, start + len)` of one of our mappings, locked or not:
+/// `MADV_DONTNEED_LOCKED`, which an `mlock`ed (or `mlockall`ed) mapping
+/// does not refuse, as the kernel's own truncate and hole punch zap
+/// locked mappings too; where the kernel predates it (`EINVAL`), plain
+/// `MADV_DONTNEED`, which a locked mapping refuses. Plain `DONTNEED` left
+/// poison in place in a locked mapping (`tests/mlockall.rs`). False if
+/// refused.
+///
+/// # Safety
+/// The range lies inside a live mapping of ours whose page-table entries
+/// may be dropped (shared pages fault back in; private copies go).
+unsafe fn madv_dontneed(start: usize, len: usize) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe {
+        libc::madvise(start as *mut _, len, MADV_DONTNEED_LOCKED) == 0
+            || libc::madvise(start as *mut _, len, libc::MADV_DONTNEED) == 0
+    }
 }
 
 /// `mprotect(2)`'s flags for a mapping's protection.

@@ -13,8 +13,11 @@
 
 mod common;
 
-use common::{run_child, tempdir, Rng};
-use upcache::{PageCache, UffdMode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::{run_child, tempdir, HookStore, Rng, StoreOp};
+use upcache::{PageCache, StoreOps, UffdMode};
 
 const MIB: usize = 1 << 20;
 
@@ -97,6 +100,50 @@ fn child_entry() {
     f.fsync().unwrap();
     drop(map);
     f.close().unwrap();
+
+    // A page whose read failed raises SIGBUS until its folio is read
+    // again; clearing that poison zaps it, and a locked mapping refuses
+    // `MADV_DONTNEED` (the poison stayed: `MADV_DONTNEED_LOCKED` zaps).
+    let path2 = path.with_extension("err");
+    std::fs::write(&path2, &model).unwrap();
+    let fail = Arc::new(AtomicBool::new(true));
+    let f2 = fail.clone();
+    let store = HookStore::new(&path2, move |op, _, _| {
+        if op == StoreOp::Read && f2.load(Ordering::SeqCst) {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            Ok(())
+        }
+    });
+    let g = cache.open_with_ops("err", StoreOps::new(store)).unwrap();
+    let map2 = g.mmap_raw(0, 4 * MIB).unwrap();
+    // Kernel-mode accesses (the mapping written into a pipe): poison shows
+    // as EFAULT instead of killing the child.
+    let mut fds = [0i32; 2];
+    // SAFETY: a fresh pipe.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let copy_out = |at: usize| -> Option<Vec<u8>> {
+        // SAFETY: `at + 16` lies inside the live mapping; the kernel reads
+        // it (or fails with EFAULT) into our own pipe.
+        let n = unsafe { libc::write(fds[1], map2.as_ptr().add(at).cast(), 16) };
+        if n < 0 {
+            return None;
+        }
+        let mut got = vec![0u8; 16];
+        // SAFETY: our pipe's read end into 16 writable bytes.
+        assert_eq!(unsafe { libc::read(fds[0], got.as_mut_ptr().cast(), 16) }, 16);
+        Some(got)
+    };
+    assert_eq!(
+        copy_out(2 * MIB + 5),
+        None,
+        "{mode:?}: a failed read is SIGBUS (EFAULT)"
+    );
+    fail.store(false, Ordering::SeqCst);
+    g.read_exact_at(&mut buf[..64], 2 * MIB as u64).unwrap();
+    let got = copy_out(2 * MIB + 5).expect("the page is served once its folio was read");
+    assert!(got[..] == model[2 * MIB + 5..2 * MIB + 21], "{mode:?}");
+    drop(map2);
     eprintln!("child {case} {mode:?}: ok");
     std::process::exit(0);
 }

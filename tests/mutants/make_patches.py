@@ -178,10 +178,9 @@ MUTANTS = [
      "                category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,",
      "                category_anyof_mask: 0,",
      "cargo test --test page_tables"),
-    ("42-evict-ignores-failed-zap", "src/wp_async.rs",
-     "                all_zapped &= p.zap(first, end);",
-     "                all_zapped &= p.zap(first, end) || true;",
-     "cargo test --test wp_async eviction_keeps_folios_an_mlocked"),
+    # 42 (evict-ignores-failed-zap) retired in the seventeenth session: zaps
+    # use MADV_DONTNEED_LOCKED, which no mapping of ours refuses on Linux >=
+    # 5.18, so the refused-zap path it planted a bug in is unreachable here.
     ("43-munmap-drain-waits-for-folio-locks", "src/wp_async.rs",
      "        self.drain_pending(st, first, end, HarvestMode::Background);\n        self.nr_wp_async.fetch_sub(1, Ordering::Release);",
      "        self.drain_pending(st, first, end, HarvestMode::Integrity);\n        self.nr_wp_async.fetch_sub(1, Ordering::Release);",
