@@ -673,6 +673,10 @@ MUTANTS = [
      "        if self.any_poison.load(Ordering::Relaxed) {",
      "        if self.any_poison.load(Ordering::Relaxed) && false {",
      "cargo test --test hugetlb"),
+    ("167-zap-refused-by-locked-mappings", "src/mmap.rs",
+     "        libc::madvise(start as *mut _, len, MADV_DONTNEED_LOCKED) == 0\n            || libc::madvise",
+     "        libc::madvise(start as *mut _, len, libc::MADV_DONTNEED) == 0\n            || libc::madvise",
+     "cargo test --test mlockall"),
 ]
 
 
