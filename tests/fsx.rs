@@ -32,7 +32,9 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use common::{ops_count, seed, tempdir, watchdog, Rng};
-use upcache::{Advice, DirectFileStore, DirtyTracking, File, MmapRaw, PageCache, Share, StoreOps, UffdMode, PAGE_SIZE};
+use upcache::{
+    Advice, DirectFileStore, DirtyTracking, File, MmapMut, MmapRaw, PageCache, Share, StoreOps, UffdMode, PAGE_SIZE,
+};
 
 /// Largest file size the stream makes.
 const MAX: u64 = 512 * 1024;
@@ -63,12 +65,18 @@ struct World {
     twin_map: memmap2::MmapRaw,
     model: Vec<u8>,
     log: VecDeque<String>,
-    counts: [usize; 16],
+    counts: [usize; 17],
     /// The size at which a mapped store put bytes past end of file (in
     /// its page): mapped reads of that page past the end are unspecified
     /// until the size changes (the kernel zeroes them at write-back,
     /// upcache keeps them), and growing must read zeros there.
     eof_garbage_at: Option<u64>,
+    /// A long-lived private writable mapping of the file and its kernel
+    /// twin (`MAP_PRIVATE` of the twin file): the same private writes go
+    /// to both, and below end of file they must read the same across every
+    /// other operation (copies kept across eviction and punch, dropped
+    /// past a truncate, pages never written following the file).
+    pmap: Option<(MmapMut, memmap2::MmapMut)>,
 }
 
 impl World {
@@ -177,6 +185,49 @@ impl World {
         self.check_range(0, MAP, what);
         let twin = std::fs::read(&self.twin_path).unwrap();
         assert!(twin == self.model, "{what}: the kernel twin disagrees with the model");
+    }
+
+    /// One step on the long-lived private mapping: make it, write the
+    /// same random bytes to it and to the kernel twin's, compare a range
+    /// below end of file, or drop it.
+    fn private_step(&mut self, rng: &mut Rng, ctx: &str) {
+        let size = self.size() as usize;
+        if self.pmap.is_none() {
+            self.note(format!("{ctx}: private mapping made"));
+            // SAFETY: only this thread touches the private mappings, and
+            // only below end of file.
+            let ours = unsafe { self.file().mmap_mut(0, MAP, Share::Private) }.unwrap();
+            // SAFETY: as above, for the twin's.
+            let theirs = unsafe { memmap2::MmapOptions::new().len(MAP).map_copy(&self.twin) }.unwrap();
+            self.pmap = Some((ours, theirs));
+            return;
+        }
+        let which = rng.below(8);
+        let off = rng.below(size as u64) as usize;
+        let len = (1 + rng.below(2 * PAGE_SIZE as u64) as usize).min(size - off);
+        if which == 0 {
+            self.note(format!("{ctx}: private mapping dropped"));
+            self.pmap = None;
+        } else if which <= 3 {
+            self.note(format!("{ctx}: private write {off}+{len}"));
+            let mut buf = vec![0u8; len];
+            rng.fill(&mut buf);
+            let (ours, theirs) = self.pmap.as_mut().unwrap();
+            ours[off..off + len].copy_from_slice(&buf);
+            theirs[off..off + len].copy_from_slice(&buf);
+        } else {
+            self.note(format!("{ctx}: private compare below end of file"));
+            let (ours, theirs) = self.pmap.as_ref().unwrap();
+            if ours[..size] == theirs[..size] {
+                return;
+            }
+            if let Some(i) = (0..size).find(|&i| ours[i] != theirs[i]) {
+                panic!(
+                    "{ctx}: private mapping byte {i} is {}, the kernel's private mapping has {} (file byte {})",
+                    ours[i], theirs[i], self.model[i]
+                );
+            }
+        }
     }
 
     fn reopen_map(&mut self) {
@@ -322,6 +373,10 @@ impl World {
                 self.file().advise(adv, off, len).unwrap();
                 self.check_range(off, (len as usize).min(16 * 1024), &ctx);
             }
+            82..=83 if size > 0 && !self.cfg.hugetlb => {
+                self.counts[16] += 1;
+                self.private_step(rng, &ctx);
+            }
             81..=83 if size > 0 => {
                 self.counts[11] += 1;
                 let off = rng.below(size);
@@ -371,6 +426,9 @@ impl World {
             85 => {
                 self.counts[13] += 1;
                 self.note(format!("{ctx}: drop and rebuild the PageCache"));
+                // A mapping would keep the old cache's copy of the file,
+                // which the new cache does not share.
+                self.pmap = None;
                 self.map = None;
                 self.file = None;
                 self.cache = None;
@@ -456,8 +514,9 @@ fn run(cfg: Config, seed: u64, ops: usize) {
         twin_map,
         model,
         log: VecDeque::new(),
-        counts: [0; 16],
+        counts: [0; 17],
         eof_garbage_at: None,
+        pmap: None,
     };
     w.file = Some(w.open(&cache));
     w.cache = Some(cache);
@@ -484,10 +543,10 @@ fn run(cfg: Config, seed: u64, ops: usize) {
         }
         std::panic::resume_unwind(e);
     }
-    eprintln!("fsx {cfg:?} seed {seed}: {ops} ops, mix {:?}", &w.counts[..16]);
+    eprintln!("fsx {cfg:?} seed {seed}: {ops} ops, mix {:?}", w.counts);
     if ops >= 5000 {
         assert!(
-            w.counts[..16].iter().all(|&c| c > 0),
+            w.counts[..16].iter().all(|&c| c > 0) && (cfg.hugetlb || w.counts[16] > 0),
             "every kind of operation ran: {:?}",
             w.counts
         );
