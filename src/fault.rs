@@ -289,8 +289,18 @@ fn handler_main(sh: &EngineShared, spare: bool) {
                     );
                     // The granule of the mapping, if it is still there
                     // (gone: unregister woke the thread already).
-                    let granule = sh.find(page_down(pf.address)).map_or(PAGE_SIZE, |v| granule_bytes(&v));
-                    poison_page(sh, page_down(pf.address), granule);
+                    // Recorded like every poison, so that a clear (the
+                    // folio read, or created) serves the page again.
+                    match sh.find(page_down(pf.address)) {
+                        Some(v) => {
+                            v.poisoned.store(true, Ordering::Relaxed);
+                            let pgoff = v.addr_to_pgoff(page_down(pf.address));
+                            v.with_poison_mark(pgoff, pgoff.add(1), || {
+                                poison_page(sh, page_down(pf.address), granule_bytes(&v))
+                            });
+                        }
+                        None => poison_page(sh, page_down(pf.address), PAGE_SIZE),
+                    }
                 }
             }
         }
@@ -701,9 +711,10 @@ impl Drop for FaultExit<'_> {
 /// thread (`UFFDIO_POISON`), as the kernel's filemap_fault does.
 fn sigbus(sh: &EngineShared, vmf: &VmFault<'_>) {
     vmf.vma.poisoned.store(true, Ordering::Relaxed);
-    vmf.vma.mark_poison(vmf.pgoff, vmf.pgoff.add(1));
     vmf.vma.mapping().stats.sigbus();
-    poison_page(sh, vmf.address, granule_bytes(vmf.vma));
+    vmf.vma.with_poison_mark(vmf.pgoff, vmf.pgoff.add(1), || {
+        poison_page(sh, vmf.address, granule_bytes(vmf.vma))
+    });
 }
 
 /// Bytes the kernel maps, protects and poisons as one in `vma`: a page, or

@@ -85,6 +85,29 @@ impl Spaces {
         first
     }
 
+    /// `syncfs`'s walk: integrity writeback and store sync of every live
+    /// address space, then a wait for every dying one. Only errors that
+    /// are not recorded in the error words are returned (`EDEADLK` for a
+    /// folio this thread's `PageMut` holds, `Reentrant`): the recorded
+    /// ones (write and store-sync failures, this call's and earlier
+    /// ones) reach the caller through the superblock's word, once
+    /// (`Writeback::syncfs`). A per-file check here reported an error a
+    /// second time at the next call, since `sync_all` never marks a
+    /// file's own word seen.
+    pub(crate) fn syncfs_files(&self) -> io::Result<()> {
+        let mut first = Ok(());
+        for m in self.all() {
+            let r = m.sync_for_syncfs();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        for ev in self.dying() {
+            ev.wait();
+        }
+        first
+    }
+
     /// The address spaces whose last user is gone and whose drop is still
     /// writing them back.
     pub(crate) fn dying(&self) -> Vec<Arc<Eviction>> {
@@ -417,12 +440,13 @@ impl Writeback {
     /// one a handle's `fsync` saw first, and one of a file whose last user
     /// is gone (its final write-back).
     pub(crate) fn syncfs(&self) -> io::Result<()> {
-        let r = self.sync_all();
-        let seen = self.sb_err.check_and_advance(&self.sb_cursor);
-        r?;
-        match seen {
+        let r = self.spaces.syncfs_files();
+        // A recorded error is reported whenever the cursor passes it, in
+        // preference to an unrecorded one (`EDEADLK`), which the caller
+        // meets again at its next call if its cause stays.
+        match self.sb_err.check_and_advance(&self.sb_cursor) {
             Some(errno) => Err(io::Error::from_raw_os_error(errno)),
-            None => Ok(()),
+            None => r,
         }
     }
 

@@ -330,6 +330,11 @@ impl VmArea {
     pub(crate) fn zap(&self, first: PgOff, end: PgOff) -> bool {
         let mut zapped = true;
         if let Some(r) = self.user_range(first, end) {
+            // The records lock is held across the zap and the removal of
+            // what it zapped: a poison installed in between (marked and
+            // installed under the same lock, `with_poison_mark`) would
+            // otherwise lose its record and never be cleared.
+            let mut marks = self.poison_marks.lock();
             // SAFETY: the range lies inside our own live mapping (the VmArea
             // is alive and not yet unmapped: callers reach it through
             // `i_mmap`, which the handle's drop empties before munmap);
@@ -340,10 +345,9 @@ impl VmArea {
                 // The zap took any poison with it (whole huge pages on
                 // hugetlb, as `user_range` widens).
                 let g = self.mapping.map_granule_pages();
-                self.poison_marks
-                    .lock()
-                    .remove(first.0 / g * g, end.0.saturating_add(g - 1) / g * g);
+                marks.remove(first.0 / g * g, end.0.saturating_add(g - 1) / g * g);
             }
+            drop(marks);
             if self.arms_write_notify() {
                 // DONTNEED dropped the uffd-wp markers too; the kernel maps
                 // cached pages itself in this mode, so re-arm the cached
@@ -373,32 +377,37 @@ impl VmArea {
         };
         let step = (g as usize) << PAGE_SHIFT;
         self.poisoned.store(true, Ordering::Relaxed);
-        self.mark_poison(first, end);
-        let uffd = &self.engine.uffd;
-        if uffd.poison(r.start, r.len()).is_ok() {
-            return;
-        }
-        for page in r.step_by(step) {
-            if let Err(UffdError::Exists { .. }) = uffd.poison(page, step) {
-                // SAFETY: the page lies inside our own live mapping (reached
-                // through `i_mmap` or by `do_mmap` before it returns); it is
-                // past end of file, so DONTNEED drops nothing the file
-                // holds.
-                unsafe { madv_dontneed(page, step) };
-                let _ = uffd.poison(page, step);
+        self.with_poison_mark(first, end, || {
+            let uffd = &self.engine.uffd;
+            if uffd.poison(r.start, r.len()).is_ok() {
+                return;
             }
-        }
+            for page in r.step_by(step) {
+                if let Err(UffdError::Exists { .. }) = uffd.poison(page, step) {
+                    // SAFETY: the page lies inside our own live mapping
+                    // (reached through `i_mmap` or by `do_mmap` before it
+                    // returns); it is past end of file, so DONTNEED drops
+                    // nothing the file holds.
+                    unsafe { madv_dontneed(page, step) };
+                    let _ = uffd.poison(page, step);
+                }
+            }
+        });
     }
 
     /// Record that file pages `[first, end)` (widened to whole huge pages
-    /// on hugetlb) may be about to hold poison: before the
-    /// `UFFDIO_POISON`, so that a clear after it finds them.
-    pub(crate) fn mark_poison(&self, first: PgOff, end: PgOff) {
+    /// on hugetlb) may hold poison, and run `install` (the
+    /// `UFFDIO_POISON`s) with the records locked: a zap of those pages
+    /// (`zap`, which forgets what it zapped under the same lock) comes
+    /// wholly before the mark, and the poison it would have missed is
+    /// installed after it and recorded, or wholly after the poison, and
+    /// takes it and its record together.
+    pub(crate) fn with_poison_mark<R>(&self, first: PgOff, end: PgOff, install: impl FnOnce() -> R) -> R {
         self.mapping.any_poison.store(true, Ordering::Relaxed);
         let g = self.mapping.map_granule_pages();
-        self.poison_marks
-            .lock()
-            .add(first.0 / g * g, end.0.saturating_add(g - 1) / g * g);
+        let mut marks = self.poison_marks.lock();
+        marks.add(first.0 / g * g, end.0.saturating_add(g - 1) / g * g);
+        install()
     }
 
     /// The recorded poison pages inside `[first, end)`, as ranges.
@@ -554,7 +563,8 @@ pub(crate) fn do_mmap(
     // zero pages of the memfd for uncached offsets, writable PTEs that no
     // write-notify sees (`tests/mlockall.rs`). An inaccessible mapping is
     // not filled in, and `mprotect` of a shared one fills in nothing; a
-    // private writable one is then filled in through our faults.
+    // private writable one's fill-in stops at its first userfault (which
+    // cannot wait there) and leaves the pages to later faults.
     //
     // SAFETY: a fresh mapping (null hint, no MAP_FIXED; or inside its own
     // reservation) aliases no Rust object; the memfd outlives it (the
@@ -708,20 +718,17 @@ const MADV_DONTNEED_LOCKED: libc::c_int = 24;
 /// Zap `[start, start + len)` of one of our mappings, locked or not:
 /// `MADV_DONTNEED_LOCKED`, which an `mlock`ed (or `mlockall`ed) mapping
 /// does not refuse, as the kernel's own truncate and hole punch zap
-/// locked mappings too; where the kernel predates it (`EINVAL`), plain
-/// `MADV_DONTNEED`, which a locked mapping refuses. Plain `DONTNEED` left
-/// poison in place in a locked mapping (`tests/mlockall.rs`). False if
-/// refused.
+/// locked mappings too. Plain `MADV_DONTNEED`, which a locked mapping
+/// refuses with `EINVAL`, left poison in place in one
+/// (`tests/mlockall.rs`). Every kernel the crate runs on has it
+/// (`UFFDIO_POISON` needs 6.6; this, 5.18). False if refused.
 ///
 /// # Safety
 /// The range lies inside a live mapping of ours whose page-table entries
 /// may be dropped (shared pages fault back in; private copies go).
 unsafe fn madv_dontneed(start: usize, len: usize) -> bool {
     // SAFETY: the caller's contract.
-    unsafe {
-        libc::madvise(start as *mut _, len, MADV_DONTNEED_LOCKED) == 0
-            || libc::madvise(start as *mut _, len, libc::MADV_DONTNEED) == 0
-    }
+    unsafe { libc::madvise(start as *mut _, len, MADV_DONTNEED_LOCKED) == 0 }
 }
 
 /// `mprotect(2)`'s flags for a mapping's protection.
@@ -1271,28 +1278,24 @@ impl AddressSpace {
     /// from those that installed SIGBUS poison). Async-tracked mappings
     /// are scanned first, under `harvest_lock` (taken before `i_mmap`), so
     /// that no record of a mapped write goes with the zapped PTEs.
-    fn zap_mappings(&self, first: PgOff, end: PgOff, only_poisoned: bool) {
-        self.zap_mappings_counted(first, end, only_poisoned, only_poisoned);
-    }
-
     /// Clear the poison recorded in file pages `[first, end)` below end of
-    /// file, without counting it as a clear (`poison_clears`): a new
-    /// folio's range (`filemap_add_folio`), whose poison came from a fault
-    /// that could not create it. A fault deciding SIGBUS meanwhile needs
-    /// no retry for it: it sees the folio.
+    /// file: a new folio's range (`filemap_add_folio`), whose poison came
+    /// from a fault that could not create it. Counted in `poison_clears`
+    /// like every clear: a fault that failed to create the folio and
+    /// decides SIGBUS while this folio is still being filled (not yet
+    /// uptodate) sees the count move and retries instead.
     pub(crate) fn clear_stale_poison(&self, first: PgOff, end: PgOff) {
         let eof = PgOff(self.size().div_ceil(PAGE_SIZE as u64));
         let end = if end < eof { end } else { eof };
         if first < end {
-            self.zap_mappings_counted(first, end, true, false);
+            self.zap_mappings(first, end, true);
         }
     }
 
-    /// `zap_mappings`; `count`: bump `poison_clears`.
-    fn zap_mappings_counted(&self, first: PgOff, end: PgOff, only_poisoned: bool, count: bool) {
+    fn zap_mappings(&self, first: PgOff, end: PgOff, only_poisoned: bool) {
         let mut st = self.has_wp_async().then(|| self.harvest_lock.lock());
         let vmas = self.i_mmap.lock();
-        if count {
+        if only_poisoned {
             // Under `i_mmap`, as `fault::sigbus_read` reads it.
             self.poison_clears.fetch_add(1, Ordering::Relaxed);
         }

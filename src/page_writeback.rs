@@ -330,6 +330,20 @@ impl AddressSpace {
         self.sync_range_checked_since(start, end, &since)
     }
 
+    /// `syncfs`'s part for this file: write and wait for every dirty
+    /// folio, sync the store. Write and sync failures are recorded in the
+    /// error words (the cache's too) and reported from there; what is
+    /// returned here is the first error of the call, recorded or not.
+    ///
+    /// # Errors
+    /// As `sync_range_checked`, without the error-word check.
+    pub(crate) fn sync_for_syncfs(&self) -> io::Result<()> {
+        self.check_reentry("sync_all")?;
+        let written = self.write_and_wait_range(0, u64::MAX);
+        let synced = self.store_sync();
+        written.and(synced)
+    }
+
     /// [`sync_range_checked`](Self::sync_range_checked) against a cursor
     /// of the caller's (a mapping's, sampled when it was made, as a
     /// kernel VMA's file holds `f_wb_err`): every error recorded since the

@@ -1103,3 +1103,36 @@ fn a_dropped_files_failed_final_write_back_reaches_sync_all() {
         cache.sync_all().expect("reported once");
     });
 }
+
+/// `sync_all` never lets an error of its own (`EDEADLK`: this thread's
+/// `PageMut` holds a dirty folio) hide a recorded failure: another file's
+/// failed final write-back is reported first, then the `EDEADLK` while
+/// the guard lives, then `Ok`. The cursor moved past the failure while
+/// `EDEADLK` was returned, and the failure was never reported.
+#[test]
+fn sync_all_reports_a_recorded_failure_before_its_own_edeadlk() {
+    watchdog("sync_all EDEADLK vs a recorded failure", 60, || {
+        let dir = tempdir();
+        let pb = dir.path().join("b");
+        std::fs::write(&pb, vec![1u8; 8192]).unwrap();
+        let (store, fail) = failing_store(&pb);
+        let cache = PageCache::new();
+        let b = cache.open_with_ops("b", StoreOps::new(store)).unwrap();
+        b.write_at(b"new", 0).unwrap();
+        fail.store(true, Ordering::SeqCst);
+        drop(b);
+        fail.store(false, Ordering::SeqCst);
+        let pa = dir.path().join("a");
+        std::fs::write(&pa, vec![1u8; 8192]).unwrap();
+        let a = cache.open(&pa).unwrap();
+        a.write_at(b"dirty", 0).unwrap();
+        // SAFETY: nothing maps the file.
+        let guard = unsafe { a.get_page_mut(0) }.unwrap();
+        let e = cache.sync_all().expect_err("the recorded failure");
+        assert_eq!(e.raw_os_error(), libc::EIO, "{e}");
+        let e = cache.sync_all().expect_err("the guard's folio");
+        assert_eq!(e.raw_os_error(), libc::EDEADLK, "{e}");
+        drop(guard);
+        cache.sync_all().expect("all written");
+    });
+}
