@@ -674,9 +674,13 @@ MUTANTS = [
      "        if self.any_poison.load(Ordering::Relaxed) && false {",
      "cargo test --test hugetlb"),
     ("167-zap-refused-by-locked-mappings", "src/mmap.rs",
-     "        libc::madvise(start as *mut _, len, MADV_DONTNEED_LOCKED) == 0\n            || libc::madvise",
-     "        libc::madvise(start as *mut _, len, libc::MADV_DONTNEED) == 0\n            || libc::madvise",
+     "    unsafe { libc::madvise(start as *mut _, len, MADV_DONTNEED_LOCKED) == 0 }",
+     "    unsafe { libc::madvise(start as *mut _, len, libc::MADV_DONTNEED) == 0 }",
      "cargo test --test mlockall"),
+    ("168-sync-all-edeadlk-hides-recorded-failure", "src/fs_writeback.rs",
+     "        let r = self.spaces.syncfs_files();\n",
+     "        let r = self.spaces.syncfs_files();\n        if r.is_err() {\n            let _ = self.sb_err.check_and_advance(&self.sb_cursor);\n            return r;\n        }\n",
+     "cargo test --test integrity sync_all_reports_a_recorded_failure_before_its_own_edeadlk"),
 ]
 
 
