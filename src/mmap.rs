@@ -325,8 +325,7 @@ impl VmArea {
     /// `MADV_DONTNEED` the user range of file pages `[first, end)`: the
     /// next access faults again (truncate's tail, clearing poison). Locked
     /// mappings are zapped too ([`madv_dontneed`]). False if the kernel
-    /// refused (before Linux 5.18, `EINVAL` on an `mlock`ed mapping): the
-    /// pages stay mapped.
+    /// refused: the pages stay mapped.
     pub(crate) fn zap(&self, first: PgOff, end: PgOff) -> bool {
         let mut zapped = true;
         if let Some(r) = self.user_range(first, end) {

@@ -62,9 +62,8 @@
 //! shmem THP is on (checked at `mmap`). An `MADV_DONTNEED` of a mapping by
 //! the program has the same effect: don't. upcache's own zaps scan first
 //! (`zap_mappings`), except eviction's, which compares bytes instead; a
-//! zap the kernel refuses keeps the folio (an `mlock`ed mapping before
-//! Linux 5.18: zaps use `MADV_DONTNEED_LOCKED`, which locked mappings do
-//! not refuse).
+//! zap the kernel refuses keeps the folio (a guard: zaps use
+//! `MADV_DONTNEED_LOCKED`, which even `mlock`ed mappings do not refuse).
 //!
 //! [`DirtyTracking::Async`]: crate::DirtyTracking::Async
 
@@ -324,9 +323,9 @@ impl AddressSpace {
     /// from every async mapping after its bytes were compared, so no write
     /// can land unseen before it is unlocked (`Async` implies `Minor` mode,
     /// which maps a page only through its folio lock) — unless a zap was
-    /// refused (an `mlock`ed mapping on a kernel without
-    /// `MADV_DONTNEED_LOCKED`, before 5.18), the one case left where a
-    /// store racing a punch the store then refuses can go unseen.
+    /// refused (none is: `MADV_DONTNEED_LOCKED` zaps `mlock`ed mappings
+    /// too; the guard stays), where a store racing a punch the store then
+    /// refuses could go unseen.
     ///
     /// # Locking
     /// `g` locked; takes `harvest_lock` (never waits for a folio lock
@@ -393,9 +392,8 @@ impl AddressSpace {
         let mut all_zapped = true;
         if !written {
             for p in &ptes {
-                // A refused zap (an `mlock`ed mapping, or part of one,
-                // on a kernel without `MADV_DONTNEED_LOCKED`) leaves pages
-                // mapped: a later store there is recorded in
+                // A refused zap (none is expected: `MADV_DONTNEED_LOCKED`
+                // zaps `mlock`ed mappings too) leaves pages mapped: a later store there is recorded in
                 // that page table, but the other mappings were zapped, so
                 // the compare below still has to run.
                 all_zapped &= p.zap(first, end);
