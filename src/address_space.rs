@@ -608,7 +608,10 @@ impl AddressSpace {
     /// # Locking
     /// Callers creating folios to fill from the store hold `invalidate_lock`
     /// shared (or `i_rwsem` for write_begin). Does not sleep except on the
-    /// index lock.
+    /// index lock and, with the new folio locked, on `harvest_lock` and
+    /// `i_mmap` (folio lock → `harvest_lock` → `i_mmap`) when some mapping
+    /// recorded poison (the stale-poison clear) or, with large folios, the
+    /// folio reaches past end of file.
     ///
     /// # Errors
     /// Mapping the page store's view failed.
