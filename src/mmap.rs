@@ -348,9 +348,10 @@ impl VmArea {
             }
             drop(marks);
             if self.arms_write_notify() {
-                // DONTNEED dropped the uffd-wp markers too; the kernel maps
-                // cached pages itself in this mode, so re-arm the cached
-                // ones (folios added meanwhile arm themselves).
+                // The kernel maps cached pages itself in this mode: re-arm
+                // the cached ones (folios added meanwhile arm themselves).
+                // DONTNEED keeps uffd-wp markers on empty entries, but a
+                // present page's protection goes with it.
                 self.arm_cached(first, end);
             }
         }
@@ -383,12 +384,24 @@ impl VmArea {
             }
             for page in r.step_by(step) {
                 if let Err(UffdError::Exists { .. }) = uffd.poison(page, step) {
-                    // SAFETY: the page lies inside our own live mapping
-                    // (reached through `i_mmap` or by `do_mmap` before it
-                    // returns); it is past end of file, so DONTNEED drops
-                    // nothing the file holds.
-                    unsafe { madv_dontneed(page, step) };
-                    let _ = uffd.poison(page, step);
+                    // Something is there: a uffd-wp marker (a write-notify
+                    // mapping arms its cached pages, past the end too, and
+                    // markers outlive zaps and punches), which POISON
+                    // cannot replace and MADV_DONTNEED keeps; or a page
+                    // mapped meanwhile. Un-protecting drops a marker (the
+                    // page is past end of file: nothing to write-notify),
+                    // the zap drops a page. Before, only the zap: the
+                    // pages past the end stayed unpoisoned, read as zeros,
+                    // and a store there faulted for ever (`tests/sigbus.rs`).
+                    let _ = uffd.writeprotect(page, step, false);
+                    if let Err(UffdError::Exists { .. }) = uffd.poison(page, step) {
+                        // SAFETY: the page lies inside our own live mapping
+                        // (reached through `i_mmap` or by `do_mmap` before
+                        // it returns); it is past end of file, so DONTNEED
+                        // drops nothing the file holds.
+                        unsafe { madv_dontneed(page, step) };
+                        let _ = uffd.poison(page, step);
+                    }
                 }
             }
         });

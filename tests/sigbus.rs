@@ -135,6 +135,27 @@ fn child_entry() {
             assert_eq!(map[size - 1], byte(size - 1));
             let _ = std::hint::black_box(map[5 * PAGE_SIZE]);
         }
+        "beyond_eof_cached_first_writable_read" | "beyond_eof_cached_first_writable_store" => {
+            // The same through a shared writable mapping, whose cached
+            // pages are write-protected (uffd-wp markers on empty PTEs)
+            // before the past-EOF walk poisons: POISON over a marker fails
+            // with EEXIST, and MADV_DONTNEED keeps markers, so the pages
+            // past the end stayed unpoisoned — a read returned 0 and a
+            // store faulted for ever (page_mkwrite refuses past EOF).
+            let size = 2 * PAGE_SIZE + 1000;
+            std::fs::write(&path, (0..size).map(byte).collect::<Vec<_>>()).unwrap();
+            let file = cache.open(&path).unwrap();
+            let mut b = [0u8; 1];
+            file.read_at(&mut b, 5).unwrap();
+            let map = file.mmap_raw(0, 8 * PAGE_SIZE).unwrap();
+            map.read(size - 1, &mut b);
+            assert_eq!(b[0], byte(size - 1));
+            if case.ends_with("store") {
+                map.write(5 * PAGE_SIZE, &[1]);
+            } else {
+                map.read(5 * PAGE_SIZE, &mut b);
+            }
+        }
         "append_while_reading" => {
             // A reader of the bytes a long append has made visible so far
             // (i_size grows folio by folio) must never get SIGBUS.
@@ -493,6 +514,12 @@ fn reading_an_append_in_progress_never_raises_sigbus() {
 #[test]
 fn page_beyond_eof_inside_a_large_folio_cached_before_mmap_raises_sigbus() {
     assert_sigbus_with("beyond_eof_cached_first", true);
+}
+
+#[test]
+fn page_beyond_eof_inside_a_large_folio_cached_before_a_writable_mmap_raises_sigbus() {
+    assert_sigbus_with("beyond_eof_cached_first_writable_read", true);
+    assert_sigbus_with("beyond_eof_cached_first_writable_store", true);
 }
 
 #[test]
