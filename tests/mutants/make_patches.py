@@ -681,6 +681,10 @@ MUTANTS = [
      "        let r = self.spaces.syncfs_files();\n",
      "        let r = self.spaces.syncfs_files();\n        if r.is_err() {\n            let _ = self.sb_err.check_and_advance(&self.sb_cursor);\n            return r;\n        }\n",
      "cargo test --test integrity sync_all_reports_a_recorded_failure_before_its_own_edeadlk"),
+    ("169-poison-range-keeps-wp-marker", "src/mmap.rs",
+     "                    let _ = uffd.writeprotect(page, step, false);\n                    if let Err",
+     "                    if let Err",
+     "cargo test --test sigbus page_beyond_eof_inside_a_large_folio_cached_before_a_writable_mmap_raises_sigbus"),
 ]
 
 
