@@ -610,7 +610,7 @@ impl AddressSpace {
     /// shared (or `i_rwsem` for write_begin). Does not sleep except on the
     /// index lock and, with the new folio locked, on `harvest_lock` and
     /// `i_mmap` (folio lock → `harvest_lock` → `i_mmap`) when some mapping
-    /// recorded poison (the stale-poison clear) or, with large folios, the
+    /// recorded poison (the clear of stale poison) or, with large folios, the
     /// folio reaches past end of file.
     ///
     /// # Errors
@@ -654,9 +654,11 @@ impl AddressSpace {
         // poison: nothing else clears it, where the kernel tries again at
         // every fault. Now that the folio exists the next access faults
         // to us again (below end of file; the folio is locked, so that
-        // access waits for its fill).
+        // access waits for its fill). The read-error clear does exactly
+        // this, counted in `poison_clears`: a fault that failed to create
+        // the folio and decides SIGBUS while it fills retries.
         if self.any_poison.load(Ordering::Relaxed) {
-            self.clear_stale_poison(index, index.add(n));
+            self.clear_read_error_poison(index, n);
         }
         // Read after `index_add_folio` took xa_lock: either a new mapping's
         // count is seen here, or that mapping's walk of the index (after it

@@ -1290,20 +1290,6 @@ impl AddressSpace {
     /// from those that installed SIGBUS poison). Async-tracked mappings
     /// are scanned first, under `harvest_lock` (taken before `i_mmap`), so
     /// that no record of a mapped write goes with the zapped PTEs.
-    /// Clear the poison recorded in file pages `[first, end)` below end of
-    /// file: a new folio's range (`filemap_add_folio`), whose poison came
-    /// from a fault that could not create it. Counted in `poison_clears`
-    /// like every clear: a fault that failed to create the folio and
-    /// decides SIGBUS while this folio is still being filled (not yet
-    /// uptodate) sees the count move and retries instead.
-    pub(crate) fn clear_stale_poison(&self, first: PgOff, end: PgOff) {
-        let eof = PgOff(self.size().div_ceil(PAGE_SIZE as u64));
-        let end = if end < eof { end } else { eof };
-        if first < end {
-            self.zap_mappings(first, end, true);
-        }
-    }
-
     fn zap_mappings(&self, first: PgOff, end: PgOff, only_poisoned: bool) {
         let mut st = self.has_wp_async().then(|| self.harvest_lock.lock());
         let vmas = self.i_mmap.lock();
