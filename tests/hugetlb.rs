@@ -10,7 +10,7 @@ mod common;
 use std::os::unix::process::ExitStatusExt;
 
 use common::hugetlb_pool::{meminfo, pool_or_skip};
-use common::{run_child, tempdir, watchdog, Rng};
+use common::{kernel_copy_out, run_child, tempdir, watchdog, Rng};
 use upcache::{DirtyTracking, Error, PageCache, Share, UffdMode};
 
 const HUGE: usize = 2 << 20;
@@ -319,25 +319,9 @@ fn hugetlb_page_cache() {
         file.read_at(&mut buf, 0).unwrap();
         file.read_at(&mut buf, HUGE as u64).unwrap();
         assert_eq!(meminfo("HugePages_Free:"), 0, "the pool is empty");
-        // A kernel-mode access (the mapping written into a pipe): poison
-        // shows as EFAULT instead of killing the test with SIGBUS.
-        let mut fds = [0i32; 2];
-        // SAFETY: a fresh pipe.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        let copy_out = |at: usize| -> Option<Vec<u8>> {
-            // SAFETY: `at + 16` lies inside the live mapping; the kernel
-            // reads it (or fails with EFAULT) into our own pipe.
-            let n = unsafe { libc::write(fds[1], map.as_ptr().add(at).cast(), 16) };
-            if n < 0 {
-                assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EFAULT));
-                return None;
-            }
-            assert_eq!(n, 16);
-            let mut got = vec![0u8; 16];
-            // SAFETY: our pipe's read end into 16 writable bytes.
-            assert_eq!(unsafe { libc::read(fds[0], got.as_mut_ptr().cast(), 16) }, 16);
-            Some(got)
-        };
+        // A kernel-mode access: poison shows as EFAULT instead of killing
+        // the test with SIGBUS.
+        let copy_out = |at: usize| kernel_copy_out(&map, at);
         assert_eq!(copy_out(3 * HUGE + 5), None, "no page for the access: SIGBUS (EFAULT)");
         file.advise(upcache::Advice::DontNeed, 0, HUGE as u64).unwrap();
         assert_eq!(meminfo("HugePages_Free:"), 1, "one page back in the pool");
@@ -345,11 +329,6 @@ fn hugetlb_page_cache() {
         assert!(buf[..] == model[3 * HUGE..3 * HUGE + 100]);
         let got = copy_out(3 * HUGE + 5).expect("the access is served once the folio exists");
         assert!(got[..] == model[3 * HUGE + 5..3 * HUGE + 21]);
-        // SAFETY: closing our own pipe.
-        unsafe {
-            libc::close(fds[0]);
-            libc::close(fds[1]);
-        }
     });
     drop(_pool);
 

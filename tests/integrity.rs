@@ -1049,6 +1049,21 @@ fn failing_store(path: &std::path::Path) -> (HookStore, Arc<AtomicBool>) {
     (store, fail)
 }
 
+/// A file of the cache on a [`failing_store`], with a dirty page: its
+/// handle and the store's failure switch.
+fn dirty_file_on_a_failing_store(
+    cache: &PageCache,
+    dir: &std::path::Path,
+    name: &str,
+) -> (upcache::File, Arc<AtomicBool>) {
+    let path = dir.join(name);
+    std::fs::write(&path, vec![1u8; 8192]).unwrap();
+    let (store, fail) = failing_store(&path);
+    let f = cache.open_with_ops(name, StoreOps::new(store)).unwrap();
+    f.write_at(b"new", 0).unwrap();
+    (f, fail)
+}
+
 /// `sync_all` is `syncfs(2)`: it reports every write-back or store-sync
 /// error of any file of the cache since the last `sync_all`, once, even
 /// one a handle's `fsync` reported first (the kernel keeps the
@@ -1060,12 +1075,8 @@ fn failing_store(path: &std::path::Path) -> (HookStore, Arc<AtomicBool>) {
 fn sync_all_reports_a_failure_a_handle_saw_first_once() {
     watchdog("sync_all error cursor", 60, || {
         let dir = tempdir();
-        let path = dir.path().join("f");
-        std::fs::write(&path, vec![1u8; 8192]).unwrap();
-        let (store, fail) = failing_store(&path);
         let cache = PageCache::new();
-        let f = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
-        f.write_at(b"new", 0).unwrap();
+        let (f, fail) = dirty_file_on_a_failing_store(&cache, dir.path(), "f");
         fail.store(true, Ordering::SeqCst);
         assert!(f.fsync().is_err(), "the store fails");
         fail.store(false, Ordering::SeqCst);
@@ -1087,12 +1098,8 @@ fn sync_all_reports_a_failure_a_handle_saw_first_once() {
 fn a_dropped_files_failed_final_write_back_reaches_sync_all() {
     watchdog("dropped file's failure", 60, || {
         let dir = tempdir();
-        let path = dir.path().join("f");
-        std::fs::write(&path, vec![1u8; 8192]).unwrap();
-        let (store, fail) = failing_store(&path);
         let cache = PageCache::new();
-        let f = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
-        f.write_at(b"new", 0).unwrap();
+        let (f, fail) = dirty_file_on_a_failing_store(&cache, dir.path(), "f");
         fail.store(true, Ordering::SeqCst);
         drop(f);
         fail.store(false, Ordering::SeqCst);
@@ -1113,12 +1120,8 @@ fn a_dropped_files_failed_final_write_back_reaches_sync_all() {
 fn sync_all_reports_a_recorded_failure_before_its_own_edeadlk() {
     watchdog("sync_all EDEADLK vs a recorded failure", 60, || {
         let dir = tempdir();
-        let pb = dir.path().join("b");
-        std::fs::write(&pb, vec![1u8; 8192]).unwrap();
-        let (store, fail) = failing_store(&pb);
         let cache = PageCache::new();
-        let b = cache.open_with_ops("b", StoreOps::new(store)).unwrap();
-        b.write_at(b"new", 0).unwrap();
+        let (b, fail) = dirty_file_on_a_failing_store(&cache, dir.path(), "b");
         fail.store(true, Ordering::SeqCst);
         drop(b);
         fail.store(false, Ordering::SeqCst);

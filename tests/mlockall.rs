@@ -17,7 +17,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{run_child, tempdir, HookStore, Rng, StoreOp};
+use common::{kernel_copy_out, run_child, tempdir, HookStore, Rng, StoreOp};
 use upcache::{PageCache, StoreOps, UffdMode};
 
 const MIB: usize = 1 << 20;
@@ -131,23 +131,9 @@ fn child_entry() {
     });
     let g = cache.open_with_ops("err", StoreOps::new(store)).unwrap();
     let map2 = g.mmap_raw(0, 4 * MIB).unwrap();
-    // Kernel-mode accesses (the mapping written into a pipe): poison shows
-    // as EFAULT instead of killing the child.
-    let mut fds = [0i32; 2];
-    // SAFETY: a fresh pipe.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let copy_out = |at: usize| -> Option<Vec<u8>> {
-        // SAFETY: `at + 16` lies inside the live mapping; the kernel reads
-        // it (or fails with EFAULT) into our own pipe.
-        let n = unsafe { libc::write(fds[1], map2.as_ptr().add(at).cast(), 16) };
-        if n < 0 {
-            return None;
-        }
-        let mut got = vec![0u8; 16];
-        // SAFETY: our pipe's read end into 16 writable bytes.
-        assert_eq!(unsafe { libc::read(fds[0], got.as_mut_ptr().cast(), 16) }, 16);
-        Some(got)
-    };
+    // Kernel-mode accesses: poison shows as EFAULT instead of killing
+    // the child.
+    let copy_out = |at: usize| kernel_copy_out(&map2, at);
     assert_eq!(
         copy_out(2 * MIB + 5),
         None,

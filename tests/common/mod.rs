@@ -156,6 +156,35 @@ pub fn run_child(test: &str, case: &str, env: &[(&str, String)], secs: u64) -> s
     }
 }
 
+/// 16 bytes of `map` at `at`, read by the kernel (written into a pipe):
+/// a page that would raise SIGBUS for a user access gives `None`
+/// (`EFAULT`) instead of killing the test.
+pub fn kernel_copy_out(map: &upcache::MmapRaw, at: usize) -> Option<Vec<u8>> {
+    assert!(at + 16 <= map.len());
+    let mut fds = [0i32; 2];
+    // SAFETY: a fresh pipe.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: `at + 16` lies inside the live mapping; the kernel reads it
+    // (or fails with EFAULT) into our own pipe.
+    let n = unsafe { libc::write(fds[1], map.as_ptr().add(at).cast(), 16) };
+    let got = if n < 0 {
+        assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EFAULT));
+        None
+    } else {
+        assert_eq!(n, 16);
+        let mut got = vec![0u8; 16];
+        // SAFETY: our pipe's read end into 16 writable bytes.
+        assert_eq!(unsafe { libc::read(fds[0], got.as_mut_ptr().cast(), 16) }, 16);
+        Some(got)
+    };
+    // SAFETY: closing our own pipe.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    got
+}
+
 /// Run the child case `case` of this test binary's `child_entry` once per
 /// mapping mode (`UPCACHE_CHILD_MODE`), on a fresh path each time
 /// (`UPCACHE_CHILD_PATH`), under the `run_child` watchdog.
