@@ -226,11 +226,35 @@ impl AddressSpace {
             }
             Ok(()) => {
                 if had_error {
-                    self.clear_read_error_poison(f.index(), f.nr_pages());
+                    self.clear_poison_of_reread_folio(f);
                 }
                 Ok(())
             }
         }
+    }
+
+    /// Mapped accesses got SIGBUS poison for a folio whose read failed;
+    /// a new read of it succeeded: clear the poison, with the folio
+    /// locked and, where a mapping arms write notification, dirty. The
+    /// zap leaves a poisoned page of a `Missing`-mode mapping empty, and
+    /// the kernel maps a store to it writable by itself until the zap's
+    /// re-arm installs a uffd-wp marker (`VmArea::zap`): in a clean folio
+    /// that store went unseen and eviction dropped it
+    /// (`faults::a_store_racing_the_clear_of_a_read_errors_poison_is_never_lost`).
+    /// Dirty, it is written back, and no write-back can clean the folio
+    /// before the re-arm while it is locked (as `unpoison_growth` does
+    /// for large folios). Costs one write-back of the re-read folio, on
+    /// this error path only. A folio truncated meanwhile had its poison
+    /// cleared by its removal.
+    fn clear_poison_of_reread_folio(&self, f: crate::folio::FolioRef) {
+        let g = f.lock();
+        if g.mapping_id() != self.id() || !g.is_uptodate() {
+            return;
+        }
+        if self.nr_wp_armed.load(crate::sync::Ordering::Relaxed) != 0 && !g.is_dirty() {
+            self.folio_mark_dirty(&g);
+        }
+        self.clear_read_error_poison(g.index(), g.nr_pages());
     }
 
     /// `page_cache_sync_readahead` (on-demand readahead, `mm/readahead.c`):
