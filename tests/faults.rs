@@ -623,7 +623,7 @@ fn a_page_poisoned_by_a_read_error_is_served_after_reclaim_evicts_its_folio() {
 
 /// Fault page `page` of `map` in from a syscall (`MADV_POPULATE_READ`),
 /// which reports SIGBUS poison as an error instead of killing the test.
-fn populate_page(map: &upcache::Mmap, page: usize) -> io::Result<()> {
+fn populate_page(map: &[u8], page: usize) -> io::Result<()> {
     assert!(page + PAGE_SIZE <= map.len());
     // SAFETY: the range lies inside the live mapping (checked above);
     // POPULATE_READ only faults it in.
@@ -895,4 +895,82 @@ fn a_split_mapping_is_still_served() {
             }
         });
     }
+}
+
+/// A read error's poison is cleared once a later read of the folio
+/// succeeds. In `Missing` mode the kernel maps a cached page by itself,
+/// and only a uffd-wp marker makes its first store fault to the cache:
+/// the clear zapped the poison and armed the marker again with two system
+/// calls, after the read had made the folio uptodate and clean, so a store
+/// landing between them was mapped writable unseen, the folio stayed
+/// clean, and its eviction dropped the store (page 3 of 1,024 rounds on
+/// the first run). The store is made by the kernel (`process_vm_writev`
+/// to our own mapping), which fails with `EFAULT` instead of raising
+/// SIGBUS while the page is still poisoned; it is retried until it lands,
+/// and wherever it lands it must reach the file.
+#[test]
+fn a_store_racing_the_clear_of_a_read_errors_poison_is_never_lost() {
+    watchdog("store racing a poison clear", 120, || {
+        use std::os::unix::fs::FileExt;
+        let content: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8 + 1).collect();
+        let dir = tempdir();
+        let path = dir.path().join("faulty");
+        std::fs::write(&path, &content).unwrap();
+        let sw = Arc::new(Switches::default());
+        // One page per folio and no readahead: each round fails and
+        // clears its own page.
+        let cache = PageCache::builder()
+            .readahead_bytes(4096)
+            .readahead_max_bytes(4096)
+            .build();
+        let store = Faulty {
+            inner: FileStore::open(&path).unwrap(),
+            sw: sw.clone(),
+        };
+        let file = cache.open_with_ops("faulty", StoreOps::new(store)).unwrap();
+        // SAFETY: the mapping is written only by the kernel on the writer
+        // thread's behalf, and read by this thread with `populate_page`.
+        let map = unsafe { file.mmap_mut(0, content.len(), upcache::Share::Shared) }.unwrap();
+        for page in 0..content.len() / PAGE_SIZE {
+            let at = page * PAGE_SIZE + 7;
+            sw.read_err.store(EIO, Relaxed);
+            populate_page(&map, page * PAGE_SIZE).expect_err("a read error must fail the access");
+            sw.read_err.store(0, Relaxed);
+            let addr = map.as_ptr() as usize + at;
+            let writer = std::thread::spawn(move || loop {
+                let byte = 0xEEu8;
+                let local = libc::iovec {
+                    iov_base: &byte as *const u8 as *mut _,
+                    iov_len: 1,
+                };
+                let remote = libc::iovec {
+                    iov_base: addr as *mut _,
+                    iov_len: 1,
+                };
+                // SAFETY: reads one byte of this frame; the kernel writes one
+                // byte of the live mapping (or fails with EFAULT).
+                if unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) } == 1 {
+                    return;
+                }
+            });
+            // Reads the failed folio again, which clears the poison.
+            let mut b = [0u8; 1];
+            file.read_at(&mut b, at as u64).unwrap();
+            writer.join().unwrap();
+            // The folio must be dirty: evicting it writes the store back.
+            file.advise(upcache::Advice::DontNeed, 0, content.len() as u64).unwrap();
+            file.read_at(&mut b, at as u64).unwrap();
+            assert_eq!(
+                b[0], 0xEE,
+                "page {page}: a store made as the poison was cleared was lost"
+            );
+        }
+        file.fsync().unwrap();
+        let disk = std::fs::File::open(&path).unwrap();
+        for page in 0..content.len() / PAGE_SIZE {
+            let mut d = [0u8; 1];
+            disk.read_exact_at(&mut d, (page * PAGE_SIZE + 7) as u64).unwrap();
+            assert_eq!(d[0], 0xEE, "page {page}: the store did not reach the file");
+        }
+    });
 }
