@@ -1346,11 +1346,16 @@ impl AddressSpace {
         // of an async-tracked write to it).
         let first = PgOff(old.div_ceil(PAGE_SIZE as u64));
         let end = PgOff(new.div_ceil(PAGE_SIZE as u64));
-        if self.ra.min_order == 0 || first >= end {
+        // Without large folios configured, cached folios past the old end
+        // are poisoned only when a truncate whose write-back failed kept
+        // the folio straddling its end (`truncate_inode_pages_range`; 64
+        // KiB from readahead), which marked `any_poison` under `i_rwsem`,
+        // held here too. Otherwise zap as they are.
+        if first >= end || (self.ra.min_order == 0 && !self.any_poison.load(Ordering::Relaxed)) {
             self.zap_mappings(first, end, true);
             return;
         }
-        // With large folios the pages may belong to cached folios, present
+        // The pages may belong to cached folios, present
         // in the page store: once zapped, a `Missing`-mode mapping maps
         // them itself, and a write-notifying one re-arms them only after
         // the zap (`VmArea::zap`), so a write in between would go unseen.
