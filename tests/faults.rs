@@ -974,3 +974,73 @@ fn a_store_racing_the_clear_of_a_read_errors_poison_is_never_lost() {
         }
     });
 }
+
+/// A truncate whose write-back fails keeps the folio straddling the new
+/// end (64 KiB, made by readahead) and poisons its pages past the end in
+/// `Missing`-mode mappings. Growing the file again clears that poison:
+/// without large folios configured the clear zapped and re-armed the pages
+/// without the folio lock, in a clean folio once an `fsync` had written
+/// it, so a store landing between the zap and the re-arm was mapped
+/// writable unseen and eviction dropped it. Same kernel-made store as
+/// above, retried until it lands.
+#[test]
+fn a_store_racing_a_growth_over_a_kept_folio_is_never_lost() {
+    watchdog("store racing a growth's poison clear", 120, || {
+        use std::os::unix::fs::FileExt;
+        let content: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+        let dir = tempdir();
+        let path = dir.path().join("faulty");
+        std::fs::write(&path, &content).unwrap();
+        let sw = Arc::new(Switches::default());
+        // Every miss reads the whole file: one 64 KiB folio.
+        let cache = PageCache::builder().readahead_bytes(64 * 1024).build();
+        let store = Faulty {
+            inner: FileStore::open(&path).unwrap(),
+            sw: sw.clone(),
+        };
+        let file = cache.open_with_ops("faulty", StoreOps::new(store)).unwrap();
+        let len = content.len() as u64;
+        // SAFETY: the mapping is written by this thread while no other
+        // thread runs, and by the kernel on the writer thread's behalf.
+        let mut map = unsafe { file.mmap_mut(0, content.len(), upcache::Share::Shared) }.unwrap();
+        let at = 5 * PAGE_SIZE + 7;
+        let disk = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        for round in 0..2000 {
+            // A dirty folio over the whole file (one 64 KiB folio).
+            map[100] = round as u8;
+            sw.write_err.store(EIO, Relaxed);
+            let _ = file.truncate(10 * 1024);
+            sw.write_err.store(0, Relaxed);
+            // Written and clean now (the first call may report the failure).
+            let _ = file.fsync();
+            file.fsync().unwrap();
+            let addr = map.as_ptr() as usize + at;
+            let writer = std::thread::spawn(move || loop {
+                let byte = 0xEEu8;
+                let local = libc::iovec {
+                    iov_base: &byte as *const u8 as *mut _,
+                    iov_len: 1,
+                };
+                let remote = libc::iovec {
+                    iov_base: addr as *mut _,
+                    iov_len: 1,
+                };
+                // SAFETY: reads one byte of this frame; the kernel writes one
+                // byte of the live mapping (or fails with EFAULT while the
+                // page is past the end).
+                if unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) } == 1 {
+                    return;
+                }
+            });
+            file.truncate(len).unwrap();
+            writer.join().unwrap();
+            // Seen, the store dirtied the folio and reaches the file.
+            file.fsync().unwrap();
+            let mut b = [0u8; 1];
+            disk.read_exact_at(&mut b, at as u64).unwrap();
+            assert_eq!(b[0], 0xEE, "round {round}: a store made as the file grew was lost");
+            // Start the next round from zeros on disk.
+            disk.write_all_at(&[0], at as u64).unwrap();
+        }
+    });
+}
