@@ -338,3 +338,157 @@ fn reclaim_queues_do_not_grow_with_folios_that_are_gone() {
     let queued = cache.reclaim_queue_len();
     assert!(queued < 2048, "{queued} reclaim queue entries for an empty file");
 }
+
+/// Engine operations that hold the engine's own lock across
+/// `generic_write_begin` (as an engine allocating blocks would) and take it
+/// in `release_folio`, which the docs say may block.
+struct LockedEngine {
+    inner: StoreOps<upcache::FileStore>,
+    lock: std::sync::Mutex<()>,
+}
+
+impl upcache::aops::AddressSpaceOps for LockedEngine {
+    delegate_to_inner!(read_folio);
+    delegate_to_inner!(writepage);
+    fn write_begin(
+        &self,
+        m: &upcache::aops::AddressSpace,
+        pos: u64,
+        len: usize,
+    ) -> io::Result<upcache::aops::FolioGuard> {
+        let _engine = self.lock.lock().unwrap();
+        upcache::aops::generic_write_begin(m, pos, len)
+    }
+    fn release_folio(&self, _m: &upcache::aops::AddressSpace, _f: &upcache::aops::FolioGuard) -> bool {
+        let _engine = self.lock.lock().unwrap();
+        true
+    }
+    delegate_to_inner!();
+}
+
+/// Direct reclaim, run by the thread that allocates a folio, called
+/// `release_folio` of the very file whose `write_begin` that thread was
+/// inside: an engine holding its own lock there waited for itself (a hang
+/// under the watchdog). The kernel keeps such allocations out of the
+/// filesystem (`GFP_NOFS`); here a thread inside an engine callback for a
+/// file does not reclaim that file's folios directly.
+#[test]
+fn direct_reclaim_inside_an_engine_callback_leaves_that_files_folios_alone() {
+    common::watchdog("direct reclaim inside write_begin", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let len = 2 << 20;
+        std::fs::write(&path, vec![5u8; len]).unwrap();
+        let cache = PageCache::builder()
+            .memory_limit(256 << 10)
+            .readahead_bytes(4096)
+            .build();
+        let ops = LockedEngine {
+            inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
+            lock: std::sync::Mutex::new(()),
+        };
+        let file = cache.open_with_ops("locked", ops).unwrap();
+        // Fill the cache, to its limit, with clean folios of this file.
+        let mut buf = vec![0u8; 1 << 20];
+        file.read_at(&mut buf, 0).unwrap();
+        // New folios past the cached ones: each allocation reclaims.
+        for page in 0..64 {
+            let at = (1 << 20) + page * PAGE_SIZE as u64;
+            file.write_at(&[9u8; PAGE_SIZE], at).unwrap();
+        }
+        file.read_at(&mut buf[..PAGE_SIZE], 1 << 20).unwrap();
+        assert_eq!(buf[..PAGE_SIZE], [9u8; PAGE_SIZE]);
+    });
+}
+
+/// The same engine lock, with the reclaim mutex in the cycle: while this
+/// thread's `write_begin` holds the engine's lock, another thread's
+/// reclaim sits in `release_folio` waiting for it, holding the mutex that
+/// serializes reclaim. This thread's allocation must not wait for that
+/// mutex (it did: a hang under the watchdog with the mutex taken
+/// unconditionally).
+#[test]
+fn direct_reclaim_inside_an_engine_callback_never_waits_for_a_reclaimer_in_that_engine() {
+    struct Engine {
+        inner: StoreOps<upcache::FileStore>,
+        lock: std::sync::Mutex<()>,
+        /// Set while this test's main thread is inside `write_begin`.
+        writer: std::sync::Mutex<Option<std::thread::ThreadId>>,
+        /// Another thread entered `release_folio` while the writer held
+        /// the engine's lock.
+        other_releasing: (std::sync::Mutex<bool>, std::sync::Condvar),
+    }
+    impl upcache::aops::AddressSpaceOps for Engine {
+        delegate_to_inner!(read_folio);
+        delegate_to_inner!(writepage);
+        fn write_begin(
+            &self,
+            m: &upcache::aops::AddressSpace,
+            pos: u64,
+            len: usize,
+        ) -> io::Result<upcache::aops::FolioGuard> {
+            let _engine = self.lock.lock().unwrap();
+            if self.writer.lock().unwrap().is_some() {
+                // Wait until a reclaimer (holding the reclaim mutex) waits
+                // for our lock in `release_folio`.
+                let (done, cv) = &self.other_releasing;
+                let mut d = done.lock().unwrap();
+                while !*d {
+                    d = cv.wait(d).unwrap();
+                }
+            }
+            upcache::aops::generic_write_begin(m, pos, len)
+        }
+        fn release_folio(&self, _m: &upcache::aops::AddressSpace, _f: &upcache::aops::FolioGuard) -> bool {
+            if self
+                .writer
+                .lock()
+                .unwrap()
+                .is_some_and(|w| w != std::thread::current().id())
+            {
+                let (done, cv) = &self.other_releasing;
+                *done.lock().unwrap() = true;
+                cv.notify_all();
+            }
+            let _engine = self.lock.lock().unwrap();
+            true
+        }
+        delegate_to_inner!();
+    }
+    common::watchdog("direct reclaim inside write_begin vs a reclaimer", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let len = 4 << 20;
+        std::fs::write(&path, vec![5u8; len]).unwrap();
+        let cache = PageCache::builder()
+            .memory_limit(256 << 10)
+            .readahead_bytes(4096)
+            .build();
+        let engine = Arc::new(Engine {
+            inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
+            lock: std::sync::Mutex::new(()),
+            writer: std::sync::Mutex::new(None),
+            other_releasing: (std::sync::Mutex::new(false), std::sync::Condvar::new()),
+        });
+        let file = Arc::new(cache.open_with_ops("locked", engine.clone()).unwrap());
+        let mut buf = vec![0u8; 1 << 20];
+        file.read_at(&mut buf, 0).unwrap();
+        *engine.writer.lock().unwrap() = Some(std::thread::current().id());
+        // A reader whose allocations reclaim this file's folios while the
+        // write below holds the engine's lock.
+        let reader = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; PAGE_SIZE];
+                for page in 256..(4 << 20) / PAGE_SIZE {
+                    file.read_at(&mut buf, (page * PAGE_SIZE) as u64).unwrap();
+                }
+            })
+        };
+        file.write_at(&[9u8; PAGE_SIZE], 3 << 20).unwrap();
+        *engine.writer.lock().unwrap() = None;
+        reader.join().unwrap();
+        file.read_at(&mut buf[..PAGE_SIZE], 3 << 20).unwrap();
+        assert_eq!(buf[..PAGE_SIZE], [9u8; PAGE_SIZE]);
+    });
+}
