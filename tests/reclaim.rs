@@ -339,15 +339,20 @@ fn reclaim_queues_do_not_grow_with_folios_that_are_gone() {
     assert!(queued < 2048, "{queued} reclaim queue entries for an empty file");
 }
 
-/// Engine operations that hold the engine's own lock across
-/// `generic_write_begin` (as an engine allocating blocks would) and take it
-/// in `release_folio`, which the docs say may block.
-struct LockedEngine {
+/// Engine operations that record a `release_folio` called on a thread
+/// inside their own `write_begin` (where an engine holding its lock across
+/// `generic_write_begin`, as one allocating blocks would, and taking it in
+/// `release_folio`, which the docs say may block, waits for itself).
+struct ReentryWatch {
     inner: StoreOps<upcache::FileStore>,
-    lock: std::sync::Mutex<()>,
+    reentered: AtomicBool,
 }
 
-impl upcache::aops::AddressSpaceOps for LockedEngine {
+std::thread_local! {
+    static IN_WRITE_BEGIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl upcache::aops::AddressSpaceOps for ReentryWatch {
     delegate_to_inner!(read_folio);
     delegate_to_inner!(writepage);
     fn write_begin(
@@ -356,11 +361,15 @@ impl upcache::aops::AddressSpaceOps for LockedEngine {
         pos: u64,
         len: usize,
     ) -> io::Result<upcache::aops::FolioGuard> {
-        let _engine = self.lock.lock().unwrap();
-        upcache::aops::generic_write_begin(m, pos, len)
+        IN_WRITE_BEGIN.with(|w| w.set(true));
+        let r = upcache::aops::generic_write_begin(m, pos, len);
+        IN_WRITE_BEGIN.with(|w| w.set(false));
+        r
     }
     fn release_folio(&self, _m: &upcache::aops::AddressSpace, _f: &upcache::aops::FolioGuard) -> bool {
-        let _engine = self.lock.lock().unwrap();
+        if IN_WRITE_BEGIN.with(|w| w.get()) {
+            self.reentered.store(true, Relaxed);
+        }
         true
     }
     delegate_to_inner!();
@@ -368,10 +377,10 @@ impl upcache::aops::AddressSpaceOps for LockedEngine {
 
 /// Direct reclaim, run by the thread that allocates a folio, called
 /// `release_folio` of the very file whose `write_begin` that thread was
-/// inside: an engine holding its own lock there waited for itself (a hang
-/// under the watchdog). The kernel keeps such allocations out of the
-/// filesystem (`GFP_NOFS`); here a thread inside an engine callback for a
-/// file does not reclaim that file's folios directly.
+/// inside: an engine holding its own lock there waited for itself (with
+/// such a lock, the test hung under its watchdog). The kernel keeps such
+/// allocations out of the filesystem (`GFP_NOFS`); here a thread inside an
+/// engine callback for a file does not reclaim that file's folios directly.
 #[test]
 fn direct_reclaim_inside_an_engine_callback_leaves_that_files_folios_alone() {
     common::watchdog("direct reclaim inside write_begin", 60, || {
@@ -383,11 +392,11 @@ fn direct_reclaim_inside_an_engine_callback_leaves_that_files_folios_alone() {
             .memory_limit(256 << 10)
             .readahead_bytes(4096)
             .build();
-        let ops = LockedEngine {
+        let ops = Arc::new(ReentryWatch {
             inner: StoreOps::new(upcache::FileStore::open(&path).unwrap()),
-            lock: std::sync::Mutex::new(()),
-        };
-        let file = cache.open_with_ops("locked", ops).unwrap();
+            reentered: AtomicBool::new(false),
+        });
+        let file = cache.open_with_ops("watched", ops.clone()).unwrap();
         // Fill the cache, to its limit, with clean folios of this file.
         let mut buf = vec![0u8; 1 << 20];
         file.read_at(&mut buf, 0).unwrap();
@@ -396,6 +405,10 @@ fn direct_reclaim_inside_an_engine_callback_leaves_that_files_folios_alone() {
             let at = (1 << 20) + page * PAGE_SIZE as u64;
             file.write_at(&[9u8; PAGE_SIZE], at).unwrap();
         }
+        assert!(
+            !ops.reentered.load(Relaxed),
+            "release_folio ran inside this file's write_begin, on its thread"
+        );
         file.read_at(&mut buf[..PAGE_SIZE], 1 << 20).unwrap();
         assert_eq!(buf[..PAGE_SIZE], [9u8; PAGE_SIZE]);
     });

@@ -693,6 +693,14 @@ MUTANTS = [
      "        if first >= end || (self.ra.min_order == 0 && !self.any_poison.load(Ordering::Relaxed)) {",
      "        if first >= end || self.ra.min_order == 0 {",
      "cargo test --test faults a_store_racing_a_growth_over_a_kept_folio_is_never_lost"),
+    ("172-direct-reclaim-releases-own-callbacks-file", "src/vmscan.rs",
+     "        if direct && crate::address_space::engine_callback_for(|m| m == id).is_some() {",
+     "        if direct && crate::address_space::engine_callback_for(|m| m == id).is_some() && false {",
+     "cargo test --test reclaim direct_reclaim_inside_an_engine_callback_leaves_that_files_folios_alone"),
+    ("173-direct-reclaim-in-callback-waits-for-mutex", "src/vmscan.rs",
+     "            match self.shrinking.try_lock() {\n                Some(g) => g,\n                None => return 0,\n            }",
+     "            self.shrinking.lock()",
+     "cargo test --test reclaim direct_reclaim_inside_an_engine_callback_never_waits_for_a_reclaimer_in_that_engine"),
 ]
 
 
