@@ -877,11 +877,25 @@ impl AddressSpace {
 
     /// After a flusher pass that started from `seen`: clean → 0, still
     /// dirty → `now` (unless a dirtying raced and changed it).
+    ///
+    /// A folio dirtied between the count and the exchange saw `seen` and
+    /// left the stamp alone (`mark_dirty_raw` stamps only a zero): the
+    /// file would stay dirty with no stamp, skipped by expiry. So a clear
+    /// is followed by a second count: the dirtying's tag is set under the
+    /// index lock, which this count takes too, so either the count sees
+    /// the tag (and the stamp is restored here) or the dirtying takes the
+    /// lock after it and then reads the cleared stamp and sets its own.
     pub(crate) fn reset_dirtied_when(&self, seen: u64, now: u64) {
         let new = if self.nr_dirty_folios() == 0 { 0 } else { now };
-        let _ = self
+        let swapped = self
             .dirtied_when
-            .compare_exchange(seen, new, Ordering::Relaxed, Ordering::Relaxed);
+            .compare_exchange(seen, new, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if swapped && new == 0 && self.nr_dirty_folios() != 0 {
+            let _ = self
+                .dirtied_when
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
     }
 
     /// `sb_start_write`: enter a dirtying operation (sleeps while frozen).
