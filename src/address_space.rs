@@ -1033,12 +1033,22 @@ impl AddressSpace {
 }
 
 /// The lockless lookup (see the protocol table in the module docs).
+///
+/// A folio frozen by an eviction is waited for by spinning, then by
+/// yielding the CPU: reclaim keeps a batch of folios frozen while it calls
+/// the engine's `release_folio` for the next one, which may block, and the
+/// evicting thread may be the one this CPU should run.
 pub(crate) fn folio_lookup(xa: &XArray, index: u64, guard: &epoch::Guard) -> Option<FolioRef> {
+    let mut spins = 0u32;
     loop {
         match folio_try_lookup(xa, index, guard) {
             Lookup::Found(r) => return Some(r),
             Lookup::Absent => return None,
-            Lookup::Busy => crate::sync::spin_loop(),
+            Lookup::Busy if spins < 128 => {
+                spins += 1;
+                crate::sync::spin_loop();
+            }
+            Lookup::Busy => crate::sync::yield_now(),
         }
     }
 }
