@@ -383,25 +383,33 @@ impl VmArea {
                 return;
             }
             for page in r.step_by(step) {
-                if let Err(UffdError::Exists { .. }) = uffd.poison(page, step) {
-                    // Something is there: a uffd-wp marker (a write-notify
-                    // mapping arms its cached pages, past the end too, and
-                    // markers outlive zaps and punches), which POISON
-                    // cannot replace and MADV_DONTNEED keeps; or a page
-                    // mapped meanwhile. Un-protecting drops a marker (the
-                    // page is past end of file: nothing to write-notify),
-                    // the zap drops a page. Before, only the zap: the
-                    // pages past the end stayed unpoisoned, read as zeros,
-                    // and a store there faulted for ever (`tests/sigbus.rs`).
-                    let _ = uffd.writeprotect(page, step, false);
-                    if let Err(UffdError::Exists { .. }) = uffd.poison(page, step) {
-                        // SAFETY: the page lies inside our own live mapping
-                        // (reached through `i_mmap` or by `do_mmap` before
-                        // it returns); it is past end of file, so DONTNEED
-                        // drops nothing the file holds.
-                        unsafe { madv_dontneed(page, step) };
-                        let _ = uffd.poison(page, step);
+                // Something may be there: a uffd-wp marker (a write-notify
+                // mapping arms its cached pages, past the end too, and
+                // markers outlive zaps and punches), which POISON cannot
+                // replace and MADV_DONTNEED keeps; or a page mapped
+                // meanwhile. Un-protecting drops a marker (the page is past
+                // end of file: nothing to write-notify), the zap drops a
+                // page. Before, only the zap: the pages past the end stayed
+                // unpoisoned, read as zeros, and a store there faulted for
+                // ever (`tests/sigbus.rs`). The page is present in the
+                // page store, so the kernel maps it again at any access
+                // between the zap and the POISON: try again (a thread
+                // storing there in a loop kept it mapped, and its stores
+                // landed after the caller's zeroing:
+                // `faults::a_store_racing_a_truncate_that_keeps_its_folio_never_shows_after_growth`).
+                for _ in 0..64 {
+                    if !matches!(uffd.poison(page, step), Err(UffdError::Exists { .. })) {
+                        break;
                     }
+                    let _ = uffd.writeprotect(page, step, false);
+                    if !matches!(uffd.poison(page, step), Err(UffdError::Exists { .. })) {
+                        break;
+                    }
+                    // SAFETY: the page lies inside our own live mapping
+                    // (reached through `i_mmap` or by `do_mmap` before it
+                    // returns); it is past end of file, so DONTNEED drops
+                    // nothing the file holds.
+                    unsafe { madv_dontneed(page, step) };
                 }
             }
         });

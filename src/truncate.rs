@@ -144,25 +144,58 @@ impl AddressSpace {
     /// Zero the bytes of the page holding the old end that lie past it, up
     /// to `to`: stores through a mapping (or a page guard) may have put
     /// bytes there while they were past end of file, and the grown range
-    /// must read as zeros, as the kernel guarantees. Only that page can
-    /// hold such bytes: a mapping raises SIGBUS past it, and pages past it
-    /// inside a large folio are poisoned or not mapped.
+    /// must read as zeros, as the kernel guarantees. Whole cached pages of
+    /// the grown range are zeroed too: CPU stores cannot reach them (a
+    /// mapping raises SIGBUS there, and pages past the end inside a kept
+    /// or large folio are poisoned or not mapped), but a store the kernel
+    /// made through a page pinned before a truncate can.
     ///
     /// # Locking
     /// `i_rwsem` exclusive, and the new size not yet published; locks the
     /// folio and waits for the page's pins (the caller has checked that
     /// this thread holds no guard of it: `PageHeld`).
     pub(crate) fn pagecache_isize_extended(&self, from: u64, to: u64) {
+        if to <= from {
+            return;
+        }
         // What a mapping may have written past the old end: the rest of
         // its page, or of its 2 MiB page on a hugetlb store (mapped whole).
         let page = PAGE_SIZE as u64 * self.map_granule_pages();
-        if to <= from || from % page == 0 {
-            return;
+        if from % page != 0 {
+            self.zero_cached_past_eof(from, to.min(from / page * page + page));
         }
-        let end = to.min(from / page * page + page);
+        // Whole pages past the old end are poisoned or unmapped, but a
+        // kernel-made store (`process_vm_writev`, a `read(2)` into the
+        // mapping) pins the page before a truncate and writes it after:
+        // where the truncate kept the folio (its write-back failed, or
+        // async tracking), those bytes stayed and showed once the file
+        // grew back (`faults::a_store_racing_a_truncate_that_keeps_its_folio_never_shows_after_growth`).
+        // The kernel drops such pages, so the late store lands in a page
+        // no longer in the file. Zero them here, in the cached folios of
+        // the grown range.
+        let mut at = from.div_ceil(page) * page;
+        while at < to {
+            let Some((i, _)) = self
+                .i_pages
+                .find_from(at / PAGE_SIZE as u64, to.div_ceil(PAGE_SIZE as u64))
+            else {
+                break;
+            };
+            let start = (i * PAGE_SIZE as u64).max(at);
+            let next = self.zero_cached_past_eof(start, to);
+            at = next.max(start + PAGE_SIZE as u64);
+        }
+    }
+
+    /// Zero `[from, to)` in the folio holding byte `from`, clipped to it,
+    /// if it is cached and uptodate; returns the end of that folio (or
+    /// `from` if there is none).
+    fn zero_cached_past_eof(&self, from: u64, to: u64) -> u64 {
         let Some(g) = self.filemap_lock_folio(PgOff(from / PAGE_SIZE as u64)) else {
-            return;
+            return from;
         };
+        let fend = g.pos() + g.size() as u64;
+        let end = to.min(fend);
         if !g.is_uptodate() {
             // Its read failed (or has not run): nothing to clear, the read
             // zero-fills past the end. Writing zeros through the engine
@@ -170,13 +203,14 @@ impl AddressSpace {
             // failed fill freed it, which the kernel maps into `Missing`
             // mappings without asking (tests/faults.rs,
             // `extending_past_a_failed_last_folio_leaves_no_zeros_in_a_mapping`).
-            return;
+            return fend;
         }
         // A write-back in flight writes only below the old end (it clips
         // to the size), but the store may be reading the folio: stable
         // pages, as for every other change of folio bytes.
         g.wait_writeback();
         g.zero_raw((from - g.pos()) as usize, (end - from) as usize);
+        fend
     }
 
     /// Deallocate `[off, off + len)`: it reads as zeros afterwards, the file
@@ -360,13 +394,17 @@ impl AddressSpace {
                         // Before the zeroing: a store through such a stale
                         // mapping must not land after it.
                         self.unmap_mapping_range(first, g.index().add(g.nr_pages()));
+                        // Its pages past the end stay present in the page
+                        // store: `Missing`-mode mappings need poison there,
+                        // installed before the zeroing. Until it is, the
+                        // kernel maps those pages there by itself, and a
+                        // store landing after the zeroing showed once the
+                        // file grew back (`faults::a_store_racing_a_truncate_that_keeps_its_folio_never_shows_after_growth`).
+                        self.poison_past_eof(first, g.index().add(g.nr_pages()), None);
                         g.zero_raw(zs, g.size() - zs);
                         self.in_engine("invalidate_folio", || {
                             self.ops.invalidate_folio(self, &g, zs, g.size() - zs)
                         });
-                        // Its pages past the end stay present in the page
-                        // store: `Missing`-mode mappings need poison there.
-                        self.poison_past_eof(first, g.index().add(g.nr_pages()), None);
                         continue;
                     }
                     self.in_engine("invalidate_folio", || self.ops.invalidate_folio(self, &g, 0, g.size()));
