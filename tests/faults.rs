@@ -1044,3 +1044,75 @@ fn a_store_racing_a_growth_over_a_kept_folio_is_never_lost() {
         }
     });
 }
+
+/// A truncate whose write-back fails keeps the folio straddling the new
+/// end, poisons its pages past the end in `Missing`-mode mappings and
+/// zeroes them. A store the kernel makes for a program
+/// (`process_vm_writev` here; a `read(2)` into the mapping alike) pins the
+/// page before the truncate and may write it after: the kernel drops whole
+/// pages past the end, so such a store lands in a page no longer in the
+/// file, but the kept folio kept it, and the file, grown back, read the
+/// store where the kernel reads zeros (round 9-60 of 1,000). A growth now
+/// zeroes the cached pages it exposes. (The same truncate also poisons
+/// before zeroing, and retries a poison a racing store undid: CPU stores
+/// between the zap and the poison; not what this test reaches.)
+#[test]
+fn a_store_racing_a_truncate_that_keeps_its_folio_never_shows_after_growth() {
+    watchdog("store racing a kept folio's truncate", 120, || {
+        let content: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+        let dir = tempdir();
+        let path = dir.path().join("faulty");
+        std::fs::write(&path, &content).unwrap();
+        let sw = Arc::new(Switches::default());
+        // Every miss reads the whole file: one 64 KiB folio.
+        let cache = PageCache::builder().readahead_bytes(64 * 1024).build();
+        let store = Faulty {
+            inner: FileStore::open(&path).unwrap(),
+            sw: sw.clone(),
+        };
+        let file = cache.open_with_ops("faulty", StoreOps::new(store)).unwrap();
+        let len = content.len() as u64;
+        // SAFETY: the mapping is written by this thread while the writer
+        // thread is stopped, and by the kernel on the writer's behalf.
+        let mut map = unsafe { file.mmap_mut(0, content.len(), upcache::Share::Shared) }.unwrap();
+        let at = 5 * PAGE_SIZE + 7;
+        for round in 0..1000 {
+            // A dirty folio over the whole file; page 5 mapped writable.
+            map[100] = round as u8;
+            map[at] = 1;
+            sw.write_err.store(EIO, Relaxed);
+            let stop = Arc::new(AtomicBool::new(false));
+            let addr = map.as_ptr() as usize + at;
+            let writer = {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Relaxed) {
+                        let byte = 0xEEu8;
+                        let local = libc::iovec {
+                            iov_base: &byte as *const u8 as *mut _,
+                            iov_len: 1,
+                        };
+                        let remote = libc::iovec {
+                            iov_base: addr as *mut _,
+                            iov_len: 1,
+                        };
+                        // SAFETY: reads one byte of this frame; the kernel
+                        // writes one byte of the live mapping (or fails
+                        // with EFAULT once the page is poisoned).
+                        unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+                    }
+                })
+            };
+            let _ = file.truncate(10 * 1024);
+            stop.store(true, Relaxed);
+            writer.join().unwrap();
+            sw.write_err.store(0, Relaxed);
+            let _ = file.fsync();
+            file.fsync().unwrap();
+            file.truncate(len).unwrap();
+            let mut b = [0u8; 1];
+            file.read_at(&mut b, at as u64).unwrap();
+            assert_eq!(b[0], 0, "round {round}: a store past the new end survived the truncate");
+        }
+    });
+}
