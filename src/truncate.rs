@@ -155,25 +155,18 @@ impl AddressSpace {
     /// folio and waits for the page's pins (the caller has checked that
     /// this thread holds no guard of it: `PageHeld`).
     pub(crate) fn pagecache_isize_extended(&self, from: u64, to: u64) {
-        if to <= from {
-            return;
-        }
-        // What a mapping may have written past the old end: the rest of
-        // its page, or of its 2 MiB page on a hugetlb store (mapped whole).
-        let page = PAGE_SIZE as u64 * self.map_granule_pages();
-        if from % page != 0 {
-            self.zero_cached_past_eof(from, to.min(from / page * page + page));
-        }
-        // Whole pages past the old end are poisoned or unmapped, but a
-        // kernel-made store (`process_vm_writev`, a `read(2)` into the
-        // mapping) pins the page before a truncate and writes it after:
-        // where the truncate kept the folio (its write-back failed, or
-        // async tracking), those bytes stayed and showed once the file
-        // grew back (`faults::a_store_racing_a_truncate_that_keeps_its_folio_never_shows_after_growth`).
-        // The kernel drops such pages, so the late store lands in a page
-        // no longer in the file. Zero them here, in the cached folios of
-        // the grown range.
-        let mut at = from.div_ceil(page) * page;
+        // Every cached folio of the grown range, from the one holding the
+        // old end (the rest of its page, or of its 2 MiB page on hugetlb,
+        // where a mapping could store) on. Whole pages past the old end are
+        // poisoned or unmapped, but a kernel-made store
+        // (`process_vm_writev`, a `read(2)` into the mapping) pins the page
+        // before a truncate and writes it after: where the truncate kept
+        // the folio (its write-back failed, or async tracking), those bytes
+        // stayed and showed once the file grew back
+        // (`faults::a_store_racing_a_truncate_that_keeps_its_folio_never_shows_after_growth`).
+        // The kernel drops such pages, so the late store lands in a page no
+        // longer in the file.
+        let mut at = from;
         while at < to {
             let Some((i, _)) = self
                 .i_pages
