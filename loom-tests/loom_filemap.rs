@@ -256,9 +256,15 @@ fn real_page_mkwrite_vs_writeback_never_loses_a_write() {
 /// dirty that folio, which is not uptodate (its write-back could never
 /// start, and bytes nobody read would become file data): it reads it
 /// first, or lets the thread fault again.
+///
+/// More branches than loom's default 1,000 per execution: the re-read of
+/// the failed folio clears its poison with the folio locked (eighteenth
+/// session), one lock round more on an already long path.
 #[test]
 fn real_stale_page_mkwrite_never_dirties_a_folio_that_is_not_uptodate() {
-    loom::model(|| {
+    let mut b = loom::model::Builder::new();
+    b.max_branches = 20_000;
+    b.check(|| {
         let store = std::sync::Arc::new(MemStore::filled(PAGE_SIZE, BYTE));
         let m = address_space(store.clone());
         match filemap_fault(&m, 0) {
