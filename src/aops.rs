@@ -296,15 +296,15 @@ pub trait AddressSpaceOps: Send + Sync + 'static {
     /// May the folio's private state go (so the folio can be dropped)?
     ///
     /// # Locking
-    /// Folio locked. May block. Called by reclaim: kswapd, or any thread
-    /// whose folio allocation passes the memory limit (direct reclaim). A
-    /// thread inside one of this engine's callbacks for a file never
-    /// reclaims that file's folios directly, nor waits for another
-    /// reclaimer (the kernel's `GFP_NOFS`), so a lock the engine holds
-    /// around `write_begin` or `read_folio` of a file may be taken here for
-    /// that file. It may still be called for *other* files from inside a
-    /// callback: do not take here a lock held across callbacks of every
-    /// file.
+    /// Folio locked. Called by reclaim: kswapd, or any thread whose folio
+    /// allocation passes the memory limit (direct reclaim) — including a
+    /// thread inside one of this engine's own callbacks (`write_begin`
+    /// allocates, `read_folio` may). So it must not wait for a lock the
+    /// engine's callbacks hold: the holder may be this very thread, or a
+    /// thread waiting for this folio's lock (a `write_begin` holding the
+    /// engine's lock locks folios). Try-lock instead and return `false`
+    /// to keep the folio; reclaim moves on. (The kernel passes the same
+    /// constraint as a `gfp` mask without `__GFP_FS`.)
     fn release_folio(&self, _mapping: &AddressSpace, _folio: &FolioGuard) -> bool {
         true
     }

@@ -272,19 +272,7 @@ impl Reclaimer {
     /// then they leave the index and are freed.
     pub(crate) fn shrink(&self, want: u64, direct: bool) -> u64 {
         const BATCH: usize = 32;
-        // A thread inside an engine callback (the kernel's `GFP_NOFS`
-        // allocations) never waits for the reclaim mutex: its holder may be
-        // kswapd inside the same engine's `release_folio`, waiting for a
-        // lock this thread holds (`reclaim::direct_reclaim_inside_an_engine_callback_leaves_that_files_folios_alone`).
-        let in_engine = direct && crate::address_space::engine_callback_for(|_| true).is_some();
-        let _one = if in_engine {
-            match self.shrinking.try_lock() {
-                Some(g) => g,
-                None => return 0,
-            }
-        } else {
-            self.shrinking.lock()
-        };
+        let _one = self.shrinking.lock();
         let mut freed = 0;
         // Two full passes over both queues at most: past that, everything
         // left is pinned, dirty-and-failing or locked.
@@ -427,15 +415,6 @@ impl Reclaimer {
         direct: bool,
         seen: &mut HashMap<u64, Arc<AddressSpace>>,
     ) -> Outcome {
-        if direct && crate::address_space::engine_callback_for(|m| m == id).is_some() {
-            // This thread is inside an engine callback for the file (an
-            // allocation in `write_begin`, `read_folio`, ...): evicting its
-            // folios calls its `release_folio`, which may wait for a lock
-            // the engine holds around that callback (the kernel keeps such
-            // allocations out of the filesystem, `GFP_NOFS`). kswapd, or a
-            // later allocation, evicts them.
-            return Outcome::Keep;
-        }
         let Some(m) = self.spaces.get(id) else {
             return Outcome::Gone;
         };
