@@ -235,7 +235,8 @@ impl AddressSpace {
 
     /// Mapped accesses got SIGBUS poison for a folio whose read failed;
     /// a new read of it succeeded: clear the poison, with the folio
-    /// locked and, where a mapping arms write notification, dirty. The
+    /// locked and, where a mapping that arms write notification holds
+    /// that poison, dirty. The
     /// zap leaves a poisoned page of a `Missing`-mode mapping empty, and
     /// the kernel maps a store to it writable by itself until the zap's
     /// re-arm installs a uffd-wp marker (`VmArea::zap`): in a clean folio
@@ -251,7 +252,11 @@ impl AddressSpace {
         if g.mapping_id() != self.id() || !g.is_uptodate() {
             return;
         }
-        if self.nr_wp_armed.load(crate::sync::Ordering::Relaxed) != 0 && !g.is_dirty() {
+        // Only where the clear zaps a page the kernel maps by itself: a
+        // write-notifying mapping that got SIGBUS here (not for every
+        // re-read while such a mapping exists: each dirtying costs a
+        // write-back, and an `EIO` from `fsync` if the store's writes fail).
+        if !g.is_dirty() && self.armed_mapping_poisoned(g.index(), g.index().add(g.nr_pages())) {
             self.folio_mark_dirty(&g);
         }
         self.clear_read_error_poison(g.index(), g.nr_pages());

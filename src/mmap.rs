@@ -397,12 +397,15 @@ impl VmArea {
                 // storing there in a loop kept it mapped, and its stores
                 // landed after the caller's zeroing:
                 // `faults::a_store_racing_a_truncate_that_keeps_its_folio_never_shows_after_growth`).
+                let mut placed = false;
                 for _ in 0..64 {
                     if !matches!(uffd.poison(page, step), Err(UffdError::Exists { .. })) {
+                        placed = true;
                         break;
                     }
                     let _ = uffd.writeprotect(page, step, false);
                     if !matches!(uffd.poison(page, step), Err(UffdError::Exists { .. })) {
+                        placed = true;
                         break;
                     }
                     // SAFETY: the page lies inside our own live mapping
@@ -410,6 +413,10 @@ impl VmArea {
                     // returns); it is past end of file, so DONTNEED drops
                     // nothing the file holds.
                     unsafe { madv_dontneed(page, step) };
+                }
+                if !placed {
+                    // The last round ended with the zap.
+                    let _ = uffd.poison(page, step);
                 }
             }
         });
@@ -1424,6 +1431,17 @@ impl AddressSpace {
     /// (`write_at`, before its `write_end` publishes the new size).
     pub(crate) fn zap_poison(&self, first: PgOff, end: PgOff) {
         self.zap_mappings(first, end, true);
+    }
+
+    /// Does a mapping that arms write notification hold recorded poison
+    /// in file pages `[first, end)`? Clearing it there zaps and re-arms
+    /// pages the kernel maps by itself (`Missing` mode), so the folio
+    /// must be dirty (and locked) first.
+    pub(crate) fn armed_mapping_poisoned(&self, first: PgOff, end: PgOff) -> bool {
+        self.i_mmap
+            .lock()
+            .iter()
+            .any(|v| v.arms_write_notify() && !v.poison_marks_in(first, end).is_empty())
     }
 
     /// Poison file pages `[first, end)`, past end of file inside a large
