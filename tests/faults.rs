@@ -85,26 +85,18 @@ impl BackingStore for Faulty {
     }
 }
 
-fn setup(
-    content: &[u8],
-) -> (
+/// A file of `content` cached through a [`Faulty`] store: its directory,
+/// path, cache, handle and the store's switches.
+type Setup = (
     tempfile::TempDir,
     std::path::PathBuf,
     PageCache,
     upcache::File,
     Arc<Switches>,
-) {
-    let dir = tempdir();
-    let path = dir.path().join("faulty");
-    std::fs::write(&path, content).unwrap();
-    let sw = Arc::new(Switches::default());
-    let cache = PageCache::new();
-    let store = Faulty {
-        inner: FileStore::open(&path).unwrap(),
-        sw: sw.clone(),
-    };
-    let file = cache.open_with_ops("faulty", StoreOps::new(store)).unwrap();
-    (dir, path, cache, file, sw)
+);
+
+fn setup(content: &[u8]) -> Setup {
+    setup_with(content, PageCache::new())
 }
 
 fn errno(e: &Error) -> i32 {
@@ -897,6 +889,39 @@ fn a_split_mapping_is_still_served() {
     }
 }
 
+/// [`setup`] with the cache `cache` builds.
+fn setup_with(content: &[u8], cache: PageCache) -> Setup {
+    let dir = tempdir();
+    let path = dir.path().join("faulty");
+    std::fs::write(&path, content).unwrap();
+    let sw = Arc::new(Switches::default());
+    let store = Faulty {
+        inner: FileStore::open(&path).unwrap(),
+        sw: sw.clone(),
+    };
+    let file = cache.open_with_ops("faulty", StoreOps::new(store)).unwrap();
+    (dir, path, cache, file, sw)
+}
+
+/// Store `byte` at `addr` of this process's own mapping the way the
+/// kernel stores for a program (`process_vm_writev`): `false` (`EFAULT`)
+/// where a CPU store would raise SIGBUS, so a test thread may hammer a
+/// page that is poisoned part of the time.
+fn kernel_store(addr: usize, byte: u8) -> bool {
+    let local = libc::iovec {
+        iov_base: &byte as *const u8 as *mut _,
+        iov_len: 1,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut _,
+        iov_len: 1,
+    };
+    // SAFETY: reads one byte of this frame; the kernel writes one byte at
+    // `addr`, which the callers keep inside their live mapping (or fails
+    // with EFAULT).
+    unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) == 1 }
+}
+
 /// A read error's poison is cleared once a later read of the folio
 /// succeeds. In `Missing` mode the kernel maps a cached page by itself,
 /// and only a uffd-wp marker makes its first store fault to the cache:
@@ -913,21 +938,15 @@ fn a_store_racing_the_clear_of_a_read_errors_poison_is_never_lost() {
     watchdog("store racing a poison clear", 120, || {
         use std::os::unix::fs::FileExt;
         let content: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8 + 1).collect();
-        let dir = tempdir();
-        let path = dir.path().join("faulty");
-        std::fs::write(&path, &content).unwrap();
-        let sw = Arc::new(Switches::default());
         // One page per folio and no readahead: each round fails and
         // clears its own page.
-        let cache = PageCache::builder()
-            .readahead_bytes(4096)
-            .readahead_max_bytes(4096)
-            .build();
-        let store = Faulty {
-            inner: FileStore::open(&path).unwrap(),
-            sw: sw.clone(),
-        };
-        let file = cache.open_with_ops("faulty", StoreOps::new(store)).unwrap();
+        let (_dir, path, _cache, file, sw) = setup_with(
+            &content,
+            PageCache::builder()
+                .readahead_bytes(4096)
+                .readahead_max_bytes(4096)
+                .build(),
+        );
         // SAFETY: the mapping is written only by the kernel on the writer
         // thread's behalf, and read by this thread with `populate_page`.
         let map = unsafe { file.mmap_mut(0, content.len(), upcache::Share::Shared) }.unwrap();
@@ -937,22 +956,7 @@ fn a_store_racing_the_clear_of_a_read_errors_poison_is_never_lost() {
             populate_page(&map, page * PAGE_SIZE).expect_err("a read error must fail the access");
             sw.read_err.store(0, Relaxed);
             let addr = map.as_ptr() as usize + at;
-            let writer = std::thread::spawn(move || loop {
-                let byte = 0xEEu8;
-                let local = libc::iovec {
-                    iov_base: &byte as *const u8 as *mut _,
-                    iov_len: 1,
-                };
-                let remote = libc::iovec {
-                    iov_base: addr as *mut _,
-                    iov_len: 1,
-                };
-                // SAFETY: reads one byte of this frame; the kernel writes one
-                // byte of the live mapping (or fails with EFAULT).
-                if unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) } == 1 {
-                    return;
-                }
-            });
+            let writer = std::thread::spawn(move || while !kernel_store(addr, 0xEE) {});
             // Reads the failed folio again, which clears the poison.
             let mut b = [0u8; 1];
             file.read_at(&mut b, at as u64).unwrap();
@@ -988,17 +992,9 @@ fn a_store_racing_a_growth_over_a_kept_folio_is_never_lost() {
     watchdog("store racing a growth's poison clear", 120, || {
         use std::os::unix::fs::FileExt;
         let content: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8 + 1).collect();
-        let dir = tempdir();
-        let path = dir.path().join("faulty");
-        std::fs::write(&path, &content).unwrap();
-        let sw = Arc::new(Switches::default());
         // Every miss reads the whole file: one 64 KiB folio.
-        let cache = PageCache::builder().readahead_bytes(64 * 1024).build();
-        let store = Faulty {
-            inner: FileStore::open(&path).unwrap(),
-            sw: sw.clone(),
-        };
-        let file = cache.open_with_ops("faulty", StoreOps::new(store)).unwrap();
+        let (_dir, path, _cache, file, sw) =
+            setup_with(&content, PageCache::builder().readahead_bytes(64 * 1024).build());
         let len = content.len() as u64;
         // SAFETY: the mapping is written by this thread while no other
         // thread runs, and by the kernel on the writer thread's behalf.
@@ -1015,23 +1011,7 @@ fn a_store_racing_a_growth_over_a_kept_folio_is_never_lost() {
             let _ = file.fsync();
             file.fsync().unwrap();
             let addr = map.as_ptr() as usize + at;
-            let writer = std::thread::spawn(move || loop {
-                let byte = 0xEEu8;
-                let local = libc::iovec {
-                    iov_base: &byte as *const u8 as *mut _,
-                    iov_len: 1,
-                };
-                let remote = libc::iovec {
-                    iov_base: addr as *mut _,
-                    iov_len: 1,
-                };
-                // SAFETY: reads one byte of this frame; the kernel writes one
-                // byte of the live mapping (or fails with EFAULT while the
-                // page is past the end).
-                if unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) } == 1 {
-                    return;
-                }
-            });
+            let writer = std::thread::spawn(move || while !kernel_store(addr, 0xEE) {});
             file.truncate(len).unwrap();
             writer.join().unwrap();
             // Seen, the store dirtied the folio and reaches the file.
@@ -1060,17 +1040,9 @@ fn a_store_racing_a_growth_over_a_kept_folio_is_never_lost() {
 fn a_store_racing_a_truncate_that_keeps_its_folio_never_shows_after_growth() {
     watchdog("store racing a kept folio's truncate", 120, || {
         let content: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8 + 1).collect();
-        let dir = tempdir();
-        let path = dir.path().join("faulty");
-        std::fs::write(&path, &content).unwrap();
-        let sw = Arc::new(Switches::default());
         // Every miss reads the whole file: one 64 KiB folio.
-        let cache = PageCache::builder().readahead_bytes(64 * 1024).build();
-        let store = Faulty {
-            inner: FileStore::open(&path).unwrap(),
-            sw: sw.clone(),
-        };
-        let file = cache.open_with_ops("faulty", StoreOps::new(store)).unwrap();
+        let (_dir, _path, _cache, file, sw) =
+            setup_with(&content, PageCache::builder().readahead_bytes(64 * 1024).build());
         let len = content.len() as u64;
         // SAFETY: the mapping is written by this thread while the writer
         // thread is stopped, and by the kernel on the writer's behalf.
@@ -1087,19 +1059,7 @@ fn a_store_racing_a_truncate_that_keeps_its_folio_never_shows_after_growth() {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
                     while !stop.load(Relaxed) {
-                        let byte = 0xEEu8;
-                        let local = libc::iovec {
-                            iov_base: &byte as *const u8 as *mut _,
-                            iov_len: 1,
-                        };
-                        let remote = libc::iovec {
-                            iov_base: addr as *mut _,
-                            iov_len: 1,
-                        };
-                        // SAFETY: reads one byte of this frame; the kernel
-                        // writes one byte of the live mapping (or fails
-                        // with EFAULT once the page is poisoned).
-                        unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+                        kernel_store(addr, 0xEE);
                     }
                 })
             };
