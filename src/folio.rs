@@ -496,15 +496,21 @@ impl Folio {
         self.refcount.load(Ordering::Acquire) & REF_COUNT <= 1
     }
 
+    /// Does anyone but the caller hold a reference? For a detached folio:
+    /// `wait_refs_drained` would sleep.
+    pub(crate) fn refs_busy(&self) -> bool {
+        // Acquire: pairs with the AcqRel decrements in `put`, so the holders'
+        // accesses happen before whatever the caller does next (punch).
+        self.refcount.load(Ordering::Acquire) & REF_COUNT > 1
+    }
+
     /// Sleep until only one reference (the caller's) is left. The folio must
     /// be detached (so that `put` knows to wake us) and the caller must hold
     /// no lock that a reference holder could be waiting for.
     pub(crate) fn wait_refs_drained(&self) {
         debug_assert_eq!(self.mapping_id(), 0);
         debug_assert_ne!(self.refcount.load(Ordering::Relaxed) & REF_DETACHED, 0);
-        // Acquire: pairs with the AcqRel decrements in `put`, so the holders'
-        // accesses happen before whatever the caller does next (punch).
-        let busy = || self.refcount.load(Ordering::Acquire) & REF_COUNT > 1;
+        let busy = || self.refs_busy();
         if busy() && crate::page_ref::held_by_this_thread(self) {
             // Unreachable through the API (truncate and punch return
             // EDEADLK first). Unwinding from here would leave a detached

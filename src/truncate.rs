@@ -489,7 +489,18 @@ impl Removed<'_> {
     /// runs of adjacent folios with one call each.
     fn finish(&mut self) -> io::Result<()> {
         let folios = std::mem::take(&mut self.folios);
+        let eof = self.mapping.size().div_ceil(PAGE_SIZE as u64);
         for f in &folios {
+            let (first, end) = (f.index().0.max(eof), f.index().0 + f.nr_pages());
+            if first < end && f.refs_busy() {
+                // A truncate waiting for a reference (a `PageRef` may be
+                // held for long): the folio's pages past the new end stay
+                // present in the page store until the punch, and a
+                // `Missing`-mode mapping would map them by itself, old
+                // bytes where the kernel raises SIGBUS. Poison them first
+                // (`page_ref::a_truncate_waiting_for_a_pin_shows_no_page_past_the_new_end`).
+                self.mapping.poison_past_eof(PgOff(first), PgOff(end), None);
+            }
             f.wait_refs_drained();
         }
         let mut res = Ok(());

@@ -288,6 +288,64 @@ fn truncate_waits_for_a_pin_of_another_thread_and_never_frees_it_early() {
     });
 }
 
+/// While a truncate waits for another thread's pin on a folio it drops,
+/// the folio's pages past the new end are still in the page store, and a
+/// `Missing`-mode mapping maps such pages by itself: they must raise
+/// SIGBUS there, as the kernel's do once the size is published (they
+/// showed the old bytes until the pin went).
+#[test]
+fn a_truncate_waiting_for_a_pin_shows_no_page_past_the_new_end() {
+    watchdog("truncate waiting for a pin vs a mapping", 60, || {
+        let (_d, path) = file_of(4 * 4096);
+        let cache = PageCache::new();
+        let file = Arc::new(cache.open(&path).unwrap());
+        let map = file.mmap_raw(0, 4 * 4096).unwrap();
+        for at in [0, 2 * 4096, 3 * 4096] {
+            let got = common::kernel_copy_out(&map, at).expect("a page below the end raised SIGBUS");
+            assert_eq!(got[0], byte(at));
+        }
+        let page = pin(&file, 3).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let t = {
+            let (file, done) = (file.clone(), done.clone());
+            std::thread::spawn(move || {
+                tid_tx.send(common::gettid()).unwrap();
+                file.truncate(4096).unwrap();
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        common::wait_until_parked(tid_rx.recv().unwrap(), || done.load(Ordering::SeqCst));
+        assert!(!done.load(Ordering::SeqCst), "truncate finished under a pin");
+        assert_eq!(
+            file.len().unwrap(),
+            4096,
+            "the truncate sleeps before publishing the size"
+        );
+        for at in [2 * 4096, 3 * 4096] {
+            assert_eq!(
+                common::kernel_copy_out(&map, at),
+                None,
+                "byte {at}, past the new end, is visible while the truncate waits for a pin"
+            );
+        }
+        assert_eq!(page[0], byte(3 * 4096), "truncate changed a pinned page");
+        drop(page);
+        t.join().unwrap();
+        assert_eq!(common::kernel_copy_out(&map, 3 * 4096), None);
+        assert_eq!(common::kernel_copy_out(&map, 0).unwrap()[0], byte(0));
+        // Grown back, the pages read zeros: the poison went with the size.
+        file.truncate(4 * 4096).unwrap();
+        for at in [2 * 4096, 3 * 4096] {
+            assert_eq!(
+                common::kernel_copy_out(&map, at),
+                Some(vec![0; 16]),
+                "byte {at} after growth"
+            );
+        }
+    });
+}
+
 /// The page guards a thread holds are recorded per file; a file of
 /// another cache is another file, even the first one opened there as the
 /// guarded file was here (file ids used to be counted per cache, so a
