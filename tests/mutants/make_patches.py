@@ -689,6 +689,10 @@ MUTANTS = [
      "        while at < to {",
      "        while at < to && false {",
      "cargo test --test faults a_store_racing_a_truncate_that_keeps_its_folio_never_shows_after_growth"),
+    ("175-truncate-waits-for-pins-unpoisoned", "src/truncate.rs",
+     "            if first < end && f.refs_busy() {",
+     "            if first < end && f.refs_busy() && false {",
+     "cargo test --test page_ref a_truncate_waiting_for_a_pin_shows_no_page_past_the_new_end"),
 ]
 
 
