@@ -35,7 +35,9 @@
 //!   `PageMut`s of one page exclude each other and neither update is lost;
 //! - `filemap_map_pages` vs a folio lock holder that waits for the mapper:
 //!   map_pages never blocks on a folio lock, and maps only locked, attached,
-//!   uptodate folios.
+//!   uptodate folios;
+//! - a `PageRef` holder's read miss vs a truncate waiting for that pin
+//!   (latch coupling): the miss backs off or goes first, never hangs.
 //!
 //! Planted bugs these models kill (patches in `tests/mutants/`):
 //! `filemap_fault` without its re-check of the folio's mapping, truncate
@@ -425,6 +427,59 @@ fn real_failed_punch_vs_page_mut_keeps_the_write() {
         assert_eq!(b[0], 0xcd, "a write during a failed punch was lost");
         m.write_and_wait_range(0, u64::MAX).unwrap();
         assert_eq!(store.contents()[0], 0xcd, "the write never reached the store");
+    });
+}
+
+/// Latch coupling across a truncate: a thread holding a `PageRef` misses
+/// on another page while a truncate waits for that pin, holding
+/// `invalidate_lock` exclusive. The miss either runs before the truncate
+/// takes the lock or backs off with `GuardWaited`; it never sleeps for the
+/// truncate, and one already asleep when the truncate announces its range
+/// is woken to back off (`RwSem::read_or_bail`, `waits_for_guards`; loom
+/// reports the deadlock otherwise: mutants 176, 177).
+#[test]
+fn real_guard_holders_miss_vs_truncate_backs_off() {
+    loom::model(|| {
+        let store = std::sync::Arc::new(MemStore::filled(2 * PAGE_SIZE, BYTE));
+        let m = address_space(store);
+        // SAFETY: nothing maps the file.
+        let page = unsafe { m.read_cache_page(1) }.unwrap();
+        let truncate = {
+            let m = m.clone();
+            thread::spawn(move || m.truncate(PAGE_SIZE as u64).unwrap())
+        };
+        // SAFETY: as above.
+        match unsafe { m.read_cache_page(0) } {
+            Ok(p) => assert_eq!(p[0], BYTE),
+            Err(upcache::Error::GuardWaited { offset, .. }) => assert_eq!(offset, PAGE_SIZE as u64),
+            Err(e) => panic!("the miss failed: {e}"),
+        }
+        assert_eq!(page[0], BYTE, "truncate changed a pinned page");
+        drop(page);
+        truncate.join().unwrap();
+    });
+}
+
+/// The same latch coupling where the truncate does not reach the guard:
+/// the miss must not back off, and when it finds the truncate holding
+/// `invalidate_lock` it sleeps until the release wakes it (a lost wake-up
+/// is a deadlock here: mutant 177).
+#[test]
+fn real_guard_holders_miss_vs_an_unrelated_truncate_waits_and_succeeds() {
+    loom::model(|| {
+        let store = std::sync::Arc::new(MemStore::filled(3 * PAGE_SIZE, BYTE));
+        let m = address_space(store);
+        // SAFETY: nothing maps the file.
+        let page = unsafe { m.read_cache_page(0) }.unwrap();
+        let truncate = {
+            let m = m.clone();
+            thread::spawn(move || m.truncate(2 * PAGE_SIZE as u64).unwrap())
+        };
+        // SAFETY: as above.
+        let p = unsafe { m.read_cache_page(1) }.expect("a miss no truncate waits for failed");
+        assert_eq!((page[0], p[0]), (BYTE, BYTE));
+        drop((p, page));
+        truncate.join().unwrap();
     });
 }
 

@@ -64,6 +64,7 @@ use std::io;
 use std::ptr::NonNull;
 
 use crate::aops::AddressSpaceOps;
+use crate::error::Error;
 use crate::errseq::ErrSeq;
 use crate::filemap::RaState;
 use crate::folio::{Folio, FolioGuard, FolioRef};
@@ -151,6 +152,9 @@ pub struct AddressSpace {
     s_maxbytes: u64,
     invalidate_lock: RwSem,
     i_rwsem: RwSem,
+    /// Byte ranges whose page guards a holder (or waiter) of `i_rwsem` or
+    /// `invalidate_lock` may wait for: "Guard waits" in the module docs.
+    guard_waits: Mutex<Vec<(u64, u64)>>,
     nrpages: AtomicU64,
     pub(crate) ops: Box<dyn crate::aops::OpsAny>,
     pub(crate) store: Arc<PageStore>,
@@ -261,6 +265,7 @@ impl AddressSpace {
             s_maxbytes,
             invalidate_lock: RwSem::new(),
             i_rwsem: RwSem::new(),
+            guard_waits: Mutex::new(Vec::new()),
             nrpages: AtomicU64::new(0),
             ops,
             wb_err: ErrSeq::new(),
@@ -538,6 +543,63 @@ impl AddressSpace {
     /// Take `invalidate_lock` exclusive (`filemap_invalidate_lock`).
     pub fn invalidate_lock_exclusive(&self) -> RwSemWriteGuard<'_> {
         self.invalidate_lock.write()
+    }
+
+    /// Announce, until the returned value drops, that this thread may wait
+    /// for the page guards of bytes `[start, end)` while it holds (or
+    /// waits for) `i_rwsem` or `invalidate_lock`: a guard holder of that
+    /// range then gets [`Error::GuardWaited`] from its calls that would
+    /// sleep on those locks (see "Guard waits"). Taken before the locks.
+    pub(crate) fn waits_for_guards(&self, start: u64, end: u64) -> GuardWaits<'_> {
+        // No guard holder asleep on either lock needs waking to see this:
+        // it sleeps for a holder that took the lock before announcing
+        // (or without) a range overlapping its guards, and so does not
+        // wait for them; that holder's release wakes it, and then it sees
+        // this range.
+        self.guard_waits.lock().push((start, end));
+        GuardWaits {
+            mapping: self,
+            range: (start, end),
+        }
+    }
+
+    /// `GuardWaited` if another thread announced that it may wait for a
+    /// page guard this thread holds (`waits_for_guards`).
+    fn guard_waited(&self) -> Option<Error> {
+        let waits = self.guard_waits.lock();
+        waits.iter().find_map(|&(s, e)| {
+            crate::page_ref::held_in_range(self.id, s, e).map(|(offset, end)| Error::GuardWaited {
+                offset,
+                len: end - offset,
+            })
+        })
+    }
+
+    /// `inode_lock` for a call that a page guard holder may make: such a
+    /// thread backs off instead of sleeping for a holder that waits for
+    /// its guard.
+    ///
+    /// # Errors
+    /// [`Error::GuardWaited`] (`EDEADLK`).
+    pub(crate) fn inode_lock_or_bail(&self) -> Result<RwSemWriteGuard<'_>, Error> {
+        if crate::page_ref::holds_any(self.id) {
+            self.i_rwsem.write_or_bail(|| self.guard_waited())
+        } else {
+            Ok(self.i_rwsem.write())
+        }
+    }
+
+    /// `invalidate_lock_shared` for a read miss that a page guard holder
+    /// may make (as [`inode_lock_or_bail`](Self::inode_lock_or_bail)).
+    ///
+    /// # Errors
+    /// [`Error::GuardWaited`] (`EDEADLK`).
+    pub(crate) fn invalidate_lock_shared_or_bail(&self) -> Result<RwSemReadGuard<'_>, Error> {
+        if crate::page_ref::holds_any(self.id) {
+            self.invalidate_lock.read_or_bail(|| self.guard_waited())
+        } else {
+            Ok(self.invalidate_lock.read())
+        }
     }
 
     /// Take `i_rwsem` shared (`inode_lock_shared`).
@@ -1196,6 +1258,22 @@ impl Drop for Writeback<'_> {
             self.mapping.set_error(libc::EIO);
             self.mapping.stats.write_error();
             self.mapping.end_writeback(f);
+        }
+    }
+}
+
+/// A range announced by [`AddressSpace::waits_for_guards`]; withdrawn on
+/// drop, after the locks taken after it were released.
+pub(crate) struct GuardWaits<'a> {
+    mapping: &'a AddressSpace,
+    range: (u64, u64),
+}
+
+impl Drop for GuardWaits<'_> {
+    fn drop(&mut self) {
+        let mut waits = self.mapping.guard_waits.lock();
+        if let Some(i) = waits.iter().position(|&r| r == self.range) {
+            waits.swap_remove(i);
         }
     }
 }

@@ -55,6 +55,22 @@ pub enum Error {
         /// Its size.
         len: u64,
     },
+    /// Another thread's truncate, punch, write or `mmap` of this file
+    /// waits for a page guard this thread holds, and holds a lock the call
+    /// needs (`i_rwsem`, or `invalidate_lock` for a read miss): waiting
+    /// would wait for a thread that waits for this one (`EDEADLK`). Drop
+    /// the guard and retry, as a latch-coupling descent restarts. Nothing
+    /// was done.
+    #[error(
+        "another thread's truncate, punch, write or mmap waits for this thread's page guard of bytes {offset}..+{len} \
+         and holds a lock this call needs: drop the guard and retry (EDEADLK)"
+    )]
+    GuardWaited {
+        /// First byte of the held folio.
+        offset: u64,
+        /// Its size.
+        len: u64,
+    },
     /// An engine callback (`AddressSpaceOps`, or the store under it) called
     /// the cache for the file it is serving, or a cache-wide operation
     /// (`sync_all`, `freeze`) of that file's cache: the call would wait for
@@ -102,7 +118,9 @@ impl Error {
             Error::Io(e) | Error::Writeback(e) | Error::Open { source: e, .. } => errno_of(e),
             Error::FileTooLarge { .. } => Errno::FBIG.raw_os_error(),
             Error::InvalidArgument { .. } | Error::BeyondEof { .. } => Errno::INVAL.raw_os_error(),
-            Error::PageHeld { .. } | Error::Reentrant { .. } => Errno::DEADLK.raw_os_error(),
+            Error::PageHeld { .. } | Error::GuardWaited { .. } | Error::Reentrant { .. } => {
+                Errno::DEADLK.raw_os_error()
+            }
             Error::Unsupported { .. } => Errno::OPNOTSUPP.raw_os_error(),
             Error::Closed | Error::ReadOnly => Errno::BADF.raw_os_error(),
             Error::Userfaultfd(crate::uffd::OpenError::NotPermitted { .. }) => Errno::PERM.raw_os_error(),

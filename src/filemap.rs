@@ -194,9 +194,11 @@ impl AddressSpace {
     ///
     /// # Locking
     /// Caller holds no folio reference. Takes `invalidate_lock` shared, then
-    /// the folio lock; `read_folio` unlocks.
+    /// the folio lock; `read_folio` unlocks. A caller holding page guards
+    /// gets `GuardWaited` instead of sleeping for a truncate that waits
+    /// for one of them.
     pub(crate) fn filemap_update_folio(&self, index: PgOff) -> Result<()> {
-        let _inv = self.invalidate_lock_shared();
+        let _inv = self.invalidate_lock_shared_or_bail()?;
         let Some(g) = self.filemap_lock_folio(index) else {
             return Ok(());
         };
@@ -359,7 +361,7 @@ impl AddressSpace {
     /// large folios where alignment allows, and read them with the engine's
     /// `readahead`.
     fn page_cache_ra_range(&self, index: PgOff, end: u64) -> Result<()> {
-        let _inv = self.invalidate_lock_shared();
+        let _inv = self.invalidate_lock_shared_or_bail()?;
         let eof_pages = self.size().div_ceil(1 << PAGE_SHIFT);
         let end = end.min(eof_pages);
         if index.0 >= end {
@@ -546,6 +548,7 @@ impl AddressSpace {
         // A page guard of this thread over the range: the write would wait
         // for it (its pins, or its lock).
         crate::page_ref::check_range_unheld(self.id(), pos, pos + buf.len() as u64)?;
+        let mut waits = (pos, pos + buf.len() as u64);
         if pos + buf.len() as u64 > self.size() {
             // Growing a file locks the folio holding the old end (large
             // folios: `unpoison_growth`; a gap before `pos`:
@@ -554,14 +557,18 @@ impl AddressSpace {
             let folio = (self.ra.min_pages() << PAGE_SHIFT).max(PAGE_SIZE as u64);
             let from = (self.size() / folio * folio).min(pos);
             crate::page_ref::check_range_unheld(self.id(), from, u64::MAX)?;
+            waits = (from, u64::MAX);
         }
         if let Some(wb) = &self.wb {
             // Past the dirty limit with this file's write-back failing:
             // refuse to dirty more (nothing is written).
             wb.balance_dirty_pages(self).map_err(Error::Writeback)?;
         }
+        // Guard holders of what this write may wait for must not sleep on
+        // `i_rwsem` for it.
+        let _gw = self.waits_for_guards(waits.0, waits.1);
         let _sb = self.start_write();
-        let _i = self.inode_lock();
+        let _i = self.inode_lock_or_bail()?;
         let old_size = self.size();
         // With large folios the pages past the end of every folio were
         // poisoned when it was created (`filemap_add_folio`), and each

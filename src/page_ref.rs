@@ -126,25 +126,34 @@ pub(crate) fn held_by_this_thread(f: &Folio) -> bool {
     held_by_me(f, None)
 }
 
+/// The byte range of a folio of `mapping` that overlaps `[start, end)`
+/// and that this thread holds a page guard of, if any.
+pub(crate) fn held_in_range(mapping: u64, start: u64, end: u64) -> Option<(u64, u64)> {
+    HELD.try_with(|h| {
+        h.borrow()
+            .iter()
+            .find(|e| e.mapping == mapping && e.start < end && start < e.end)
+            .map(|e| (e.start, e.end))
+    })
+    .ok()
+    .flatten()
+}
+
+/// Does this thread hold any page guard of `mapping`? (Its sleeps on
+/// `i_rwsem` and `invalidate_lock` must be able to back off: "Guard
+/// waits" in `address_space.rs`.)
+pub(crate) fn holds_any(mapping: u64) -> bool {
+    HELD.try_with(|h| h.borrow().iter().any(|e| e.mapping == mapping))
+        .unwrap_or(false)
+}
+
 /// `Err(PageHeld)` if this thread holds a page guard of a folio of
 /// `mapping` that overlaps bytes `[start, end)`: truncate and punch call
 /// it before they change anything, since they would wait for that guard
 /// forever.
 pub(crate) fn check_range_unheld(mapping: u64, start: u64, end: u64) -> Result<()> {
-    let hit = HELD
-        .try_with(|h| {
-            h.borrow()
-                .iter()
-                .find(|e| e.mapping == mapping && e.start < end && start < e.end)
-                .copied()
-        })
-        .ok()
-        .flatten();
-    match hit {
-        Some(e) => Err(Error::PageHeld {
-            offset: e.start,
-            len: e.end - e.start,
-        }),
+    match held_in_range(mapping, start, end) {
+        Some((s, e)) => Err(Error::PageHeld { offset: s, len: e - s }),
         None => Ok(()),
     }
 }

@@ -96,8 +96,11 @@ impl AddressSpace {
             new_size.min(self.size() / PAGE_SIZE as u64 * PAGE_SIZE as u64)
         };
         crate::page_ref::check_range_unheld(self.id(), from, u64::MAX)?;
+        // Guard holders of that range must not sleep on the locks below
+        // for us (before them: one asleep already is woken to see this).
+        let _gw = self.waits_for_guards(from, u64::MAX);
         let _sb = self.start_write();
-        let _i = self.inode_lock();
+        let _i = self.inode_lock_or_bail()?;
         let _inv = self.invalidate_lock_exclusive();
         let old = self.size();
         if new_size < old {
@@ -243,8 +246,9 @@ impl AddressSpace {
         }
         let end = self.check_range_max(off, len)?;
         crate::page_ref::check_range_unheld(self.id(), off, end)?;
+        let _gw = self.waits_for_guards(off, end);
         let _sb = self.start_write();
-        let _i = self.inode_lock();
+        let _i = self.inode_lock_or_bail()?;
         let _inv = self.invalidate_lock_exclusive();
         let end = end.min(self.size());
         if off >= end {

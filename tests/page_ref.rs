@@ -346,6 +346,117 @@ fn a_truncate_waiting_for_a_pin_shows_no_page_past_the_new_end() {
     });
 }
 
+/// A thread holding a page guard calls into the file while another
+/// thread's truncate, punch or write waits for that guard, holding the
+/// locks the call needs (latch coupling across a truncate): the call
+/// returns `GuardWaited` (`EDEADLK`) instead of waiting for a thread that
+/// waits for it. It used to hang: a read miss waited for `invalidate_lock`,
+/// a write for `i_rwsem`.
+#[test]
+fn a_guard_holders_call_during_a_truncate_waiting_for_its_guard_is_an_error_not_a_hang() {
+    type Op = fn(&upcache::File) -> upcache::Result<()>;
+    let waiters: [(&str, Op); 3] = [
+        ("truncate", |f| f.truncate(2 * 4096)),
+        ("punch", |f| f.punch_hole(3 * 4096, 4096)),
+        ("write", |f| f.write_at(&[9; 16], 3 * 4096).map(drop)),
+    ];
+    let calls: [(&str, Op); 3] = [
+        ("a read miss", |f| pin(f, 0).map(drop)),
+        ("a write", |f| f.write_at(&[7; 16], 4096).map(drop)),
+        ("a punch", |f| f.punch_hole(4096, 4096)),
+    ];
+    for (wname, waiter) in waiters {
+        for (cname, call) in calls {
+            for locked in [false, true] {
+                watchdog(
+                    &format!("{cname} while a {wname} waits for the caller's guard (PageMut: {locked})"),
+                    60,
+                    move || {
+                        let (_d, path) = file_of(4 * 4096);
+                        let cache = PageCache::new();
+                        let file = Arc::new(cache.open(&path).unwrap());
+                        file.advise(Advice::Random, 0, 0).unwrap();
+                        let page: Box<dyn std::ops::Deref<Target = [u8]> + '_> = if locked {
+                            Box::new(pin_mut(&file, 3).unwrap())
+                        } else {
+                            Box::new(pin(&file, 3).unwrap())
+                        };
+                        let done = Arc::new(AtomicBool::new(false));
+                        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+                        let t = {
+                            let (file, done) = (file.clone(), done.clone());
+                            std::thread::spawn(move || {
+                                tid_tx.send(common::gettid()).unwrap();
+                                let r = waiter(&file);
+                                done.store(true, Ordering::SeqCst);
+                                r
+                            })
+                        };
+                        common::wait_until_parked(tid_rx.recv().unwrap(), || done.load(Ordering::SeqCst));
+                        assert!(!done.load(Ordering::SeqCst), "the {wname} finished under a pin");
+                        match call(&file) {
+                            // A write holds no `invalidate_lock`: a read miss
+                            // does not wait for it.
+                            Ok(()) if wname == "write" && cname == "a read miss" => {}
+                            Err(Error::GuardWaited { offset, .. }) => assert_eq!(offset, 3 * 4096),
+                            other => panic!("{cname}: {other:?}"),
+                        }
+                        assert_eq!(page[0], byte(3 * 4096));
+                        drop(page);
+                        t.join().unwrap().unwrap();
+                        call(&file).unwrap();
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// A guard holder's call waits, and succeeds, when the truncate in its way
+/// waits for another thread's guard, not for the caller's.
+#[test]
+fn a_guard_holders_miss_waits_for_a_truncate_that_waits_for_another_thread() {
+    watchdog("guard holder's miss vs a truncate waiting for another pin", 60, || {
+        let (_d, path) = file_of(4 * 4096);
+        let cache = PageCache::new();
+        let file = Arc::new(cache.open(&path).unwrap());
+        file.advise(Advice::Random, 0, 0).unwrap();
+        let mine = pin(&file, 0).unwrap();
+        let me = common::gettid();
+        let missed = Arc::new(AtomicBool::new(false));
+        // Another thread pins page 3 and lets go once this thread sleeps
+        // in its miss.
+        let (pinned_tx, pinned_rx) = std::sync::mpsc::channel();
+        let other = {
+            let (file, missed) = (file.clone(), missed.clone());
+            std::thread::spawn(move || {
+                let page = pin(&file, 3).unwrap();
+                pinned_tx.send(()).unwrap();
+                common::wait_until_parked(me, || missed.load(Ordering::SeqCst));
+                drop(page);
+            })
+        };
+        pinned_rx.recv().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let t = {
+            let (file, done) = (file.clone(), done.clone());
+            std::thread::spawn(move || {
+                tid_tx.send(common::gettid()).unwrap();
+                file.truncate(2 * 4096).unwrap();
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        common::wait_until_parked(tid_rx.recv().unwrap(), || done.load(Ordering::SeqCst));
+        let got = pin(&file, 1).map(|p| p[0]);
+        missed.store(true, Ordering::SeqCst);
+        assert_eq!(got.unwrap(), byte(4096), "a miss that nothing waits for failed");
+        assert_eq!(mine[0], byte(0));
+        other.join().unwrap();
+        t.join().unwrap();
+    });
+}
+
 /// The page guards a thread holds are recorded per file; a file of
 /// another cache is another file, even the first one opened there as the
 /// guarded file was here (file ids used to be counted per cache, so a
