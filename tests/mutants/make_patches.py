@@ -693,6 +693,14 @@ MUTANTS = [
      "            if first < end && f.refs_busy() {",
      "            if first < end && f.refs_busy() && false {",
      "cargo test --test page_ref a_truncate_waiting_for_a_pin_shows_no_page_past_the_new_end"),
+    ("176-guard-holder-never-bails", "src/address_space.rs",
+     "        let waits = self.guard_waits.lock();\n        waits.iter().find_map(",
+     "        let waits = self.guard_waits.lock();\n        waits.iter().take(0).find_map(",
+     f"{LOOM} loom_filemap real_guard_holders_miss_vs_truncate_backs_off"),
+    ("177-rwsem-release-wakes-no-bailer", "src/rwsem.rs",
+     "        if self.bailers.load(Ordering::Relaxed) != 0 {",
+     "        if self.bailers.load(Ordering::Relaxed) == u32::MAX {",
+     f"{LOOM} loom_filemap real_guard_holders_miss_vs_an_unrelated_truncate_waits_and_succeeds"),
 ]
 
 
