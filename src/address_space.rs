@@ -31,7 +31,35 @@
 //!   while holding a folio reference, because truncate waits, with both
 //!   held, for the references of the folios it removed to drain (so that it
 //!   can punch their memory). The read path drops its reference before
-//!   taking `invalidate_lock`.
+//!   taking `invalidate_lock`. Page guards are the exception the API
+//!   allows (an engine descends a tree holding them): see "Guard waits".
+//!
+//! # Guard waits
+//!
+//! A [`PageRef`](crate::PageRef) or [`PageMut`](crate::PageMut) is held
+//! across calls, and truncate, punch and `write_at` wait for the guards of
+//! what they change while holding `i_rwsem` (and truncate and punch
+//! `invalidate_lock` exclusive). A guard holder that then sleeps on one of
+//! those locks (a read miss takes `invalidate_lock` shared; a write,
+//! truncate or punch takes `i_rwsem`) would wait for a thread that waits
+//! for it. So:
+//!
+//! | who | does |
+//! |---|---|
+//! | truncate, punch, `write_at` | before taking `i_rwsem`, announce the bytes whose guards they may wait for (`waits_for_guards`: truncate from the folio holding the new or old end on, punch its range, a write its range or, growing, from the old end's folio on); withdraw after releasing |
+//! | a thread holding guards of the file | takes those locks through `RwSem::read_or_bail`/`write_or_bail`: try; if the lock is taken and an announced range overlaps one of its guards, return [`Error::GuardWaited`] (`EDEADLK`), else sleep until a release and try again |
+//! | a thread holding none | takes them as before (`read`/`write`) |
+//!
+//! An announcement precedes its announcer's locks, so a guard holder that
+//! finds a lock taken by a thread that will wait for its guard always
+//! sees the range; one it sleeps for announced nothing it holds, and so
+//! does not wait for it. Loom: `real_guard_holders_miss_vs_truncate_backs_off`,
+//! `real_guard_holders_miss_vs_an_unrelated_truncate_waits_and_succeeds`.
+//! Not covered: a `PageMut` holder's truncate or punch waits for
+//! `invalidate_lock` exclusive behind a fault or read that holds it shared
+//! and waits for that `PageMut`'s folio lock (the kernel's order:
+//! `invalidate_lock` above folio locks); and `mmap` by a guard holder is
+//! refused outright (`PageHeld`), as before.
 //!
 //! # Lockless lookup protocol (the kernel's "lockless page cache protocol")
 //!
@@ -824,8 +852,28 @@ impl AddressSpace {
     ///
     /// # Locking
     /// Folio locked (the guard proves it). Does not sleep.
+    ///
+    /// # Panics
+    /// If the folio is not this file's (another file's, or one truncated
+    /// away): its tags and counts would land in this file's.
     pub fn folio_mark_dirty(&self, folio: &FolioGuard) {
+        self.assert_own_folio(folio, "folio_mark_dirty");
         self.mark_dirty_raw(folio);
+    }
+
+    /// The engine-facing folio methods change this file's index tags, its
+    /// counts and (at write-back) the bytes past its end for the folio
+    /// they are given: one of another file (or a folio truncated away)
+    /// would corrupt both files (it zeroed another file's cached bytes and
+    /// wrapped this file's dirty count).
+    #[track_caller]
+    fn assert_own_folio(&self, folio: &Folio, what: &str) {
+        assert!(
+            folio.mapping_id() == self.id,
+            "upcache: {what} on {}: the folio at page index {} is not this file's (another file's, or truncated away)",
+            self.name,
+            folio.index().0
+        );
     }
 
     /// Dirty a folio the caller holds locked or under writeback.
@@ -917,7 +965,11 @@ impl AddressSpace {
         }
         let n = data.len().min(folio.size());
         if self.needs_atomic_fill() {
-            if n == folio.size() {
+            // A source inside an upcache mapping is copied out first: the
+            // kernel would fault it in while holding the memfd's inode
+            // lock, which the handler serving that fault needs for its own
+            // fill (every fill and punch of the cache hung).
+            if n == folio.size() && !crate::mmap::overlaps_user_mapping(data.as_ptr(), n) {
                 self.store.pwrite(folio.pos(), &data[..n])
             } else {
                 let mut full = vec![0u8; folio.size()];
@@ -974,7 +1026,12 @@ impl AddressSpace {
     ///
     /// # Locking
     /// Folio locked.
+    ///
+    /// # Panics
+    /// If the folio is not this file's (as
+    /// [`folio_mark_dirty`](Self::folio_mark_dirty)).
     pub fn folio_clear_dirty_for_io(&self, folio: &FolioGuard) -> bool {
+        self.assert_own_folio(folio, "folio_clear_dirty_for_io");
         if folio.test_clear_dirty() {
             self.stats.dirty_sub(folio.nr_pages());
             // Write-protect it in every shared-writable mapping first, so a
@@ -1020,7 +1077,12 @@ impl AddressSpace {
     ///
     /// # Locking
     /// Folio locked on entry, unlocked on return.
+    ///
+    /// # Panics
+    /// If the folio is not this file's (as
+    /// [`folio_mark_dirty`](Self::folio_mark_dirty)).
     pub fn redirty_for_writepage(&self, wbc: &mut crate::aops::WritebackControl, folio: FolioGuard) {
+        self.assert_own_folio(&folio, "redirty_for_writepage");
         let _ = wbc;
         self.mark_dirty_raw(&folio);
         drop(folio);
@@ -1037,8 +1099,10 @@ impl AddressSpace {
     /// If the folio is not uptodate (only valid data is written back; and
     /// [`Writeback::data`] shares bytes that [`FolioGuard::data_mut`] may
     /// hand out only while the folio is not uptodate), or is already under
-    /// writeback.
+    /// writeback, or is not this file's (as
+    /// [`folio_mark_dirty`](Self::folio_mark_dirty)).
     pub fn folio_start_writeback(&self, folio: FolioGuard) -> Writeback<'_> {
+        self.assert_own_folio(&folio, "folio_start_writeback");
         assert!(
             folio.is_uptodate(),
             "folio_start_writeback of a folio that is not uptodate (index {})",

@@ -365,14 +365,28 @@ fn handle_fault(sh: &EngineShared, pf: PageFault) {
             // The faulting thread runs again; read its next window now, and
             // (map-ahead) map it into this mapping before the thread gets
             // there, so a sequential stream does not fault per folio.
-            if vma.mapping().page_cache_async_readahead(window.clone()).is_ok()
-                && vma.mode() == UffdMode::Minor
-                && sh.cfg.map_ahead
-            {
-                let r = vma.ops.map_pages(&vmf, PgOff(window.start)..PgOff(window.end));
-                if r.needs_wake {
-                    wake_page(sh, vmf.address);
+            // A panic in it (the engine's `readahead`) is the next
+            // window's, not the served page's: caught here, so that the
+            // handler's catch does not poison a page that was served
+            // (`faults::a_panicking_async_readahead_leaves_the_served_page_mapped`).
+            // The window's folios were unlocked by the unwind, not
+            // uptodate: touching them reads them again.
+            let ahead = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if vma.mapping().page_cache_async_readahead(window.clone()).is_ok()
+                    && vma.mode() == UffdMode::Minor
+                    && sh.cfg.map_ahead
+                {
+                    let r = vma.ops.map_pages(&vmf, PgOff(window.start)..PgOff(window.end));
+                    if r.needs_wake {
+                        wake_page(sh, vmf.address);
+                    }
                 }
+            }));
+            if ahead.is_err() {
+                eprintln!(
+                    "upcache: panic in the readahead after a fault at {:#x}; the window is read again when touched",
+                    vmf.address
+                );
             }
         }
     }

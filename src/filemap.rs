@@ -146,7 +146,13 @@ impl AddressSpace {
             };
             if !folio.is_uptodate() {
                 drop(folio);
-                self.filemap_update_folio(index)?;
+                match self.filemap_update_folio(index) {
+                    Ok(()) => {}
+                    // After some bytes: a short read, as `filemap_read`
+                    // returns what it copied; the next read gets the error.
+                    Err(_) if done > 0 => break,
+                    Err(e) => return Err(e),
+                }
                 continue;
             }
             // Re-read i_size now that the folio is uptodate, so that we never
@@ -227,7 +233,14 @@ impl AddressSpace {
                 Err(eio())
             }
             Ok(()) => {
-                if had_error {
+                // Mapped accesses got SIGBUS for it: a read error, or a
+                // panic while serving the fault, which leaves no error
+                // mark (its poison stayed for good:
+                // `faults::a_page_poisoned_by_a_panicking_read_is_served_once_read`).
+                // Below end of file: pages past it keep their poison.
+                let eof = PgOff(self.size().div_ceil(PAGE_SIZE as u64));
+                let end = f.index().add(f.nr_pages());
+                if had_error || self.any_mapping_poisoned(f.index(), if end < eof { end } else { eof }) {
                     self.clear_poison_of_reread_folio(f);
                 }
                 Ok(())

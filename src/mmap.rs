@@ -880,6 +880,9 @@ fn do_munmap(vma: &Arc<VmArea>) {
 /// the old one. Shared mappings lose nothing (their pages are the cache's);
 /// a private mapping would lose its copy-on-write pages, so it is refused.
 fn remap_vma(vma: &Arc<VmArea>, engine: &Arc<FaultEngine>, new_len: usize) -> Result<Arc<VmArea>> {
+    // As `File::mmap`: a new mapping takes `i_rwsem`, which a
+    // `write_begin`/`write_end` callback runs under.
+    vma.mapping().check_reentry("remap")?;
     if !vma.shared {
         return Err(Error::InvalidArgument {
             what: "remap of a private mapping would lose its copy-on-write pages; map again instead",
@@ -1023,6 +1026,7 @@ impl MmapMut {
 /// `msync(MS_ASYNC)` of `len` bytes at `off`: cleansing writeback of every
 /// folio overlapping the range, no wait, no store sync.
 fn flush_vma_range_async(vma: &VmArea, off: usize, len: usize) -> Result<()> {
+    vma.mapping().check_reentry("flush_async")?;
     let Some((start, end)) = flush_file_range(vma, off, len)? else {
         return Ok(());
     };
@@ -1056,6 +1060,10 @@ fn flush_vma(vma: &VmArea) -> Result<()> {
 
 /// `msync(MS_SYNC)` of `len` bytes at `off` into the mapping.
 fn flush_vma_range(vma: &VmArea, off: usize, len: usize) -> Result<()> {
+    // From inside an engine callback for this file: the write-back would
+    // wait for the callback's own folio, and the store's sync for the
+    // sync lock an `fsync` callback runs under (it hung there).
+    vma.mapping().check_reentry("flush")?;
     let Some((start, end)) = flush_file_range(vma, off, len)? else {
         return Ok(());
     };
@@ -1431,6 +1439,18 @@ impl AddressSpace {
     /// (`write_at`, before its `write_end` publishes the new size).
     pub(crate) fn zap_poison(&self, first: PgOff, end: PgOff) {
         self.zap_mappings(first, end, true);
+    }
+
+    /// Does any mapping hold recorded SIGBUS poison in file pages
+    /// `[first, end)`? (A read error's, or a panic's while serving a
+    /// fault there.)
+    pub(crate) fn any_mapping_poisoned(&self, first: PgOff, end: PgOff) -> bool {
+        self.any_poison.load(Ordering::Relaxed)
+            && self
+                .i_mmap
+                .lock()
+                .iter()
+                .any(|v| !v.poison_marks_in(first, end).is_empty())
     }
 
     /// Does a mapping that arms write notification hold recorded poison

@@ -551,3 +551,53 @@ fn errnos_for_bad_offsets_and_modes_match_the_kernel() {
     assert!(wrong.is_empty(), "(operation, kernel errno, upcache errno): {wrong:?}");
     assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 8192]);
 }
+
+/// The engine-facing folio methods given a folio of another file panic
+/// with a message instead of corrupting both files: `folio_clear_dirty_for_io`
+/// of file `a` on `b`'s dirty folio zeroed `b`'s cached bytes past `a`'s
+/// size (100), which `b`'s next `fsync` wrote to disk, and wrapped `a`'s
+/// dirty count.
+#[test]
+fn folio_methods_refuse_a_folio_of_another_file() {
+    let dir = tempdir();
+    let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::write(&pa, vec![1u8; 100]).unwrap();
+    std::fs::write(&pb, vec![2u8; 8192]).unwrap();
+    let cache = PageCache::new();
+    let a = cache.open(&pa).unwrap();
+    let b = cache.open(&pb).unwrap();
+    b.write_at(b"X", 0).unwrap();
+    type Call = fn(&AddressSpace, FolioGuard);
+    let calls: [(&str, Call); 4] = [
+        ("folio_clear_dirty_for_io", |m, g| {
+            let _ = m.folio_clear_dirty_for_io(&g);
+        }),
+        ("folio_mark_dirty", |m, g| m.folio_mark_dirty(&g)),
+        ("redirty_for_writepage", |m, g| {
+            m.redirty_for_writepage(&mut WritebackControl::all(0, u64::MAX), g)
+        }),
+        ("folio_start_writeback", |m, g| drop(m.folio_start_writeback(g))),
+    ];
+    for (what, call) in calls {
+        let g = b
+            .address_space()
+            .unwrap()
+            .filemap_lock_folio(upcache::aops::PgOff(0))
+            .unwrap();
+        let space_a = a.address_space().unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(space_a, g)));
+        let msg = r.expect_err(what);
+        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("not this file's"), "{what}: {msg}");
+    }
+    let mut back = vec![0u8; 8192];
+    assert_eq!(b.read_at(&mut back, 0).unwrap(), 8192);
+    assert_eq!(back[0], b'X');
+    assert!(back[1..].iter().all(|&x| x == 2), "b's cached bytes changed");
+    b.fsync().unwrap();
+    let disk = std::fs::read(&pb).unwrap();
+    assert_eq!(disk[0], b'X');
+    assert!(disk[1..].iter().all(|&x| x == 2), "b's bytes on disk changed");
+    assert_eq!(a.stats().dirty_bytes, 0);
+    drop(a);
+}

@@ -1076,3 +1076,179 @@ fn a_store_racing_a_truncate_that_keeps_its_folio_never_shows_after_growth() {
         }
     });
 }
+
+/// An engine's `read_folio` that fills its folio with `fill_folio` from an
+/// upcache mapping of another file of the same cache, at a page not cached
+/// yet: once a `Missing` mapping exists the fill is one `pwrite` into the
+/// cache's memfd, and the kernel faulted the source page in while holding
+/// that memfd's inode lock, which the handler serving the fault needed for
+/// its own fill (every fill and punch of the cache then hung). The source
+/// is now copied out first.
+#[test]
+fn fill_folio_from_an_upcache_mapping_of_the_same_cache_completes() {
+    use upcache::aops::{AddressSpace, AddressSpaceOps, FolioGuard, WritebackControl};
+    struct FromMap(Arc<std::sync::OnceLock<upcache::Mmap>>);
+    impl AddressSpaceOps for FromMap {
+        fn read_folio(&self, m: &AddressSpace, mut f: FolioGuard) -> io::Result<()> {
+            let src = self.0.get().expect("the source mapping");
+            let pos = f.pos() as usize;
+            let n = f.size().min(src.len() - pos);
+            m.fill_folio(&mut f, &src[pos..pos + n])?;
+            f.mark_uptodate();
+            Ok(())
+        }
+        fn writepage(&self, _m: &AddressSpace, f: FolioGuard, _wbc: &mut WritebackControl) -> io::Result<()> {
+            drop(f);
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+        fn initial_size(&self) -> io::Result<u64> {
+            Ok(16 * PAGE_SIZE as u64)
+        }
+        fn set_size(&self, _size: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn punch_hole(&self, _off: u64, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn fsync(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    watchdog("fill_folio from an upcache mapping", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("b");
+        let content: Vec<u8> = (0..16 * PAGE_SIZE).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&path, &content).unwrap();
+        let cache = PageCache::builder().mmap_mode(upcache::UffdMode::Missing).build();
+        let b = cache.open(&path).unwrap();
+        b.advise(upcache::Advice::Random, 0, 0).unwrap();
+        let src = Arc::new(std::sync::OnceLock::new());
+        // SAFETY: nothing writes file `b` while the test runs.
+        let map_b = unsafe { b.mmap(0, 16 * PAGE_SIZE, upcache::Share::Shared) }.unwrap();
+        assert!(src.set(map_b).is_ok());
+        let a = cache.open_with_ops("a", FromMap(src.clone())).unwrap();
+        // A `Missing` mapping of `a`: its fills are page-atomic now.
+        let _map_a = a.mmap_raw(0, 16 * PAGE_SIZE).unwrap();
+        let mut buf = vec![0u8; 16 * PAGE_SIZE];
+        assert_eq!(a.read_at(&mut buf, 0).unwrap(), buf.len());
+        assert!(buf == content, "a read what b's mapping holds");
+    });
+}
+
+/// A read over a cached page and a page whose store read fails returns
+/// the cached bytes (a short count), as `pread(2)` does; it returned `EIO`
+/// with the buffer partly written. A read starting at the failing page
+/// gets the error.
+#[test]
+fn a_read_across_a_failing_page_returns_the_bytes_before_it() {
+    use common::{HookStore, StoreOp};
+    let dir = tempdir();
+    let path = dir.path().join("f");
+    let content: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i % 251) as u8 + 1).collect();
+    std::fs::write(&path, &content).unwrap();
+    let failing = Arc::new(AtomicBool::new(false));
+    let f2 = failing.clone();
+    let store = HookStore::new(&path, move |op, off, len| {
+        if op == StoreOp::Read && f2.load(Relaxed) && off + len > PAGE_SIZE as u64 {
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
+        Ok(())
+    });
+    let cache = PageCache::new();
+    let file = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+    file.advise(upcache::Advice::Random, 0, 0).unwrap();
+    let mut b = [0u8; 1];
+    file.read_at(&mut b, 0).unwrap();
+    failing.store(true, Relaxed);
+    let mut buf = vec![0u8; 2 * PAGE_SIZE];
+    assert_eq!(file.read_at(&mut buf, 0).unwrap(), PAGE_SIZE, "a short read");
+    assert!(buf[..PAGE_SIZE] == content[..PAGE_SIZE]);
+    let e = file.read_at(&mut buf, PAGE_SIZE as u64).unwrap_err();
+    assert_eq!(e.raw_os_error(), EIO);
+}
+
+/// A mapped access whose read panicked in the store gets SIGBUS; once a
+/// later read of the page succeeds (here `read_at`), the mapping serves it
+/// again. The panic's poison was never cleared: only a folio marked with a
+/// read error cleared its poison when read again, and a panicking read
+/// left none.
+#[test]
+fn a_page_poisoned_by_a_panicking_read_is_served_once_read() {
+    use common::{HookStore, StoreOp};
+    watchdog("poison of a panicking read", 60, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let content: Vec<u8> = (0..4 * PAGE_SIZE).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&path, &content).unwrap();
+        let panics = Arc::new(AtomicBool::new(true));
+        let p2 = panics.clone();
+        let store = HookStore::new(&path, move |op, _, _| {
+            if op == StoreOp::Read && p2.swap(false, Relaxed) {
+                panic!("the store's read panics once");
+            }
+            Ok(())
+        });
+        let cache = PageCache::new();
+        let file = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+        let map = file.mmap_raw(0, 4 * PAGE_SIZE).unwrap();
+        let at = 2 * PAGE_SIZE;
+        assert_eq!(common::kernel_copy_out(&map, at), None, "the panicking read's page");
+        assert!(!panics.load(Relaxed));
+        let mut b = [0u8; 16];
+        file.read_at(&mut b, at as u64).unwrap();
+        assert_eq!(b[..], content[at..at + 16]);
+        assert_eq!(
+            common::kernel_copy_out(&map, at).as_deref(),
+            Some(&content[at..at + 16]),
+            "the page still raises SIGBUS after a read of it succeeded"
+        );
+    });
+}
+
+/// The engine's `readahead` panicking on the window read ahead after a
+/// served fault: the fault's page stays served. The handler's catch of the
+/// panic poisoned the page it had just served (the window's readahead runs
+/// after the wake-up), so its next access raised SIGBUS.
+#[test]
+fn a_panicking_async_readahead_leaves_the_served_page_mapped() {
+    use common::{HookStore, StoreOp};
+    watchdog("a panicking async readahead", 120, || {
+        let dir = tempdir();
+        let path = dir.path().join("f");
+        let pages = 64;
+        let content: Vec<u8> = (0..pages * PAGE_SIZE).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&path, &content).unwrap();
+        // 64 KiB windows, sequential: the first fault reads pages 0-15
+        // and leaves 16-31 to read ahead, whose read panics.
+        let window = 16 * PAGE_SIZE as u64;
+        let panics = Arc::new(AtomicUsize::new(0));
+        // The poison lands only if the handler gets there before the
+        // woken thread maps the page: several rounds, each a new cache.
+        let rounds = 40;
+        for round in 0..rounds {
+            let p2 = panics.clone();
+            let store = HookStore::new(&path, move |op, off, _| {
+                if op == StoreOp::Read && off >= window {
+                    p2.fetch_add(1, Relaxed);
+                    panic!("the store's read panics past the first window");
+                }
+                Ok(())
+            });
+            let cache = PageCache::builder()
+                .readahead_bytes(window)
+                .readahead_max_bytes(window)
+                .build();
+            let file = cache.open_with_ops("f", StoreOps::new(store)).unwrap();
+            file.advise(upcache::Advice::Sequential, 0, 0).unwrap();
+            let map = file.mmap_raw(0, pages * PAGE_SIZE).unwrap();
+            for at in [0, PAGE_SIZE, 0] {
+                assert_eq!(
+                    common::kernel_copy_out(&map, at).as_deref(),
+                    Some(&content[at..at + 16]),
+                    "round {round}, byte {at}: a served page raised SIGBUS"
+                );
+            }
+        }
+        assert_eq!(panics.load(Relaxed), rounds, "one read ahead per round, each panicked");
+    });
+}

@@ -999,13 +999,20 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
         let (path, log_path) = (dir.path().join("f"), dir.path().join("log"));
         std::fs::write(&path, vec![5u8; 64 * 1024]).unwrap();
         std::fs::write(&log_path, vec![0u8; 4096]).unwrap();
-        type Files = (Arc<upcache::File>, Arc<upcache::File>, PageCache, Arc<upcache::File>);
+        type Map = std::sync::Mutex<upcache::MmapRaw>;
+        type Files = (
+            Arc<upcache::File>,
+            Arc<upcache::File>,
+            PageCache,
+            Arc<upcache::File>,
+            Map,
+        );
         type Cell = std::sync::OnceLock<Files>;
         let files: Arc<Cell> = Arc::new(Cell::new());
         let nested = Arc::new(std::sync::Mutex::new(Vec::<(&str, i32)>::new()));
         let (f2, n2) = (files.clone(), nested.clone());
         let store = HookStore::new(&path, move |op, off, _| {
-            let Some((file, log, cache, other)) = f2.get() else {
+            let Some((file, log, cache, other, map)) = f2.get() else {
                 return Ok(());
             };
             let errno = |r: upcache::Result<()>| r.err().map_or(0, |e| e.raw_os_error());
@@ -1059,6 +1066,15 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
                     n.push(("sync_all", errno(cache.sync_all())));
                     n.push(("freeze", errno(cache.freeze())));
                 }
+                StoreOp::Sync => {
+                    // A mapping of the file, flushed or moved from the
+                    // store's sync (which holds the file's sync lock).
+                    let mut map = map.lock().unwrap();
+                    n.push(("map flush", errno(map.flush())));
+                    n.push(("map flush_range", errno(map.flush_range(0, 4096))));
+                    n.push(("map flush_async", errno(map.flush_async())));
+                    n.push(("map remap", errno(map.remap(128 * 1024))));
+                }
                 _ => {}
             }
             Ok(())
@@ -1070,8 +1086,9 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
         std::fs::write(&other_path, vec![0u8; 4096]).unwrap();
         let other_cache = PageCache::new();
         let other = Arc::new(other_cache.open(&other_path).unwrap());
+        let map = std::sync::Mutex::new(file.mmap_raw(0, 64 * 1024).unwrap());
         files
-            .set((file.clone(), log.clone(), cache.clone(), other))
+            .set((file.clone(), log.clone(), cache.clone(), other, map))
             .ok()
             .unwrap();
         let mut b = [0u8; 4];
@@ -1102,6 +1119,10 @@ fn engine_callbacks_calling_the_cache_for_their_own_file_get_edeadlk() {
             ("other cache fsync", 0),
             ("sync_all", deadlk),
             ("freeze", deadlk),
+            ("map flush", deadlk),
+            ("map flush_range", deadlk),
+            ("map flush_async", deadlk),
+            ("map remap", deadlk),
         ] {
             let got: Vec<i32> = n.iter().filter(|(o, _)| *o == op).map(|(_, e)| *e).collect();
             assert!(!got.is_empty(), "{op}: never called from the store");
