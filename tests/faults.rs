@@ -1224,7 +1224,7 @@ fn a_panicking_async_readahead_leaves_the_served_page_mapped() {
         let panics = Arc::new(AtomicUsize::new(0));
         // The poison lands only if the handler gets there before the
         // woken thread maps the page: several rounds, each a new cache.
-        let rounds = 40;
+        let rounds = 100;
         for round in 0..rounds {
             let p2 = panics.clone();
             let store = HookStore::new(&path, move |op, off, _| {
