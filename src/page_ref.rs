@@ -31,7 +31,13 @@
 //! writeback skips locked folios); the rest panic with a message instead
 //! of hanging (a second `PageMut` of the same folio, a `PageRef` of a folio
 //! this thread's `PageMut` holds). Across threads, the engine orders its
-//! page guards as it would any latches.
+//! page guards as it would any latches; and where another thread's
+//! truncate, punch or write waits for a guard of this thread while it
+//! holds a lock this thread's call needs (a read miss needs
+//! `invalidate_lock`; a write, truncate or punch `i_rwsem`), the call
+//! returns [`Error::GuardWaited`](crate::Error::GuardWaited) (`EDEADLK`)
+//! instead of waiting: drop the guards and restart, as a latch-coupling
+//! descent does ("Guard waits" in `address_space.rs`).
 //!
 //! # Why the constructors are `unsafe`
 //!
