@@ -1022,7 +1022,7 @@ impl AddressSpace {
     /// it was dirty. The DIRTY tag stays until
     /// `folio_start_writeback`, so the folio cannot be missed by an
     /// integrity sync in between. The folio holding end of file gets the
-    /// bytes past it zeroed ([`zero_past_eof`](Self::zero_past_eof)).
+    /// bytes past it zeroed (`zero_past_eof`).
     ///
     /// # Locking
     /// Folio locked.
