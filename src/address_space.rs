@@ -47,7 +47,7 @@
 //! | who | does |
 //! |---|---|
 //! | truncate, punch, `write_at` | before taking `i_rwsem`, announce the bytes whose guards they may wait for (`waits_for_guards`: truncate from the folio holding the new or old end on, punch its range, a write its range or, growing, from the old end's folio on); withdraw after releasing |
-//! | a thread holding guards of the file | takes those locks through `RwSem::read_or_bail`/`write_or_bail`: try; if the lock is taken and an announced range overlaps one of its guards, return [`Error::GuardWaited`] (`EDEADLK`), else sleep until a release and try again |
+//! | a thread holding guards of the file | takes those locks through `RwSem::read_or_bail`/`write_or_bail`: try; if the lock is taken and an announced range overlaps one of its guards (for `invalidate_lock`, only truncate's and punch's: a write holds `i_rwsem` alone), return [`Error::GuardWaited`] (`EDEADLK`), else sleep until a release and try again |
 //! | a thread holding none | takes them as before (`read`/`write`) |
 //!
 //! An announcement precedes its announcer's locks, so a guard holder that
@@ -182,7 +182,10 @@ pub struct AddressSpace {
     i_rwsem: RwSem,
     /// Byte ranges whose page guards a holder (or waiter) of `i_rwsem` or
     /// `invalidate_lock` may wait for: "Guard waits" in the module docs.
-    guard_waits: Mutex<Vec<(u64, u64)>>,
+    /// Each: the bytes, and whether the announcer holds `invalidate_lock`
+    /// exclusive too while it waits (truncate, punch) or only `i_rwsem`
+    /// (`write_at`).
+    guard_waits: Mutex<Vec<GuardWait>>,
     nrpages: AtomicU64,
     pub(crate) ops: Box<dyn crate::aops::OpsAny>,
     pub(crate) store: Arc<PageStore>,
@@ -578,25 +581,26 @@ impl AddressSpace {
     /// waits for) `i_rwsem` or `invalidate_lock`: a guard holder of that
     /// range then gets [`Error::GuardWaited`] from its calls that would
     /// sleep on those locks (see "Guard waits"). Taken before the locks.
-    pub(crate) fn waits_for_guards(&self, start: u64, end: u64) -> GuardWaits<'_> {
+    pub(crate) fn waits_for_guards(&self, start: u64, end: u64, invalidate: bool) -> GuardWaits<'_> {
         // No guard holder asleep on either lock needs waking to see this:
         // it sleeps for a holder that took the lock before announcing
         // (or without) a range overlapping its guards, and so does not
         // wait for them; that holder's release wakes it, and then it sees
         // this range.
-        self.guard_waits.lock().push((start, end));
-        GuardWaits {
-            mapping: self,
-            range: (start, end),
-        }
+        let wait = GuardWait { start, end, invalidate };
+        self.guard_waits.lock().push(wait);
+        GuardWaits { mapping: self, wait }
     }
 
     /// `GuardWaited` if another thread announced that it may wait for a
-    /// page guard this thread holds (`waits_for_guards`).
-    fn guard_waited(&self) -> Option<Error> {
+    /// page guard this thread holds (`waits_for_guards`) while holding the
+    /// lock this thread wants: `i_rwsem` (every announcer) or, with
+    /// `invalidate`, `invalidate_lock` (truncate and punch; a write's wait
+    /// does not block a read miss).
+    fn guard_waited(&self, invalidate: bool) -> Option<Error> {
         let waits = self.guard_waits.lock();
-        waits.iter().find_map(|&(s, e)| {
-            crate::page_ref::held_in_range(self.id, s, e).map(|(offset, end)| Error::GuardWaited {
+        waits.iter().filter(|w| w.invalidate || !invalidate).find_map(|w| {
+            crate::page_ref::held_in_range(self.id, w.start, w.end).map(|(offset, end)| Error::GuardWaited {
                 offset,
                 len: end - offset,
             })
@@ -611,7 +615,7 @@ impl AddressSpace {
     /// [`Error::GuardWaited`] (`EDEADLK`).
     pub(crate) fn inode_lock_or_bail(&self) -> Result<RwSemWriteGuard<'_>, Error> {
         if crate::page_ref::holds_any(self.id) {
-            self.i_rwsem.write_or_bail(|| self.guard_waited())
+            self.i_rwsem.write_or_bail(|| self.guard_waited(false))
         } else {
             Ok(self.i_rwsem.write())
         }
@@ -624,7 +628,7 @@ impl AddressSpace {
     /// [`Error::GuardWaited`] (`EDEADLK`).
     pub(crate) fn invalidate_lock_shared_or_bail(&self) -> Result<RwSemReadGuard<'_>, Error> {
         if crate::page_ref::holds_any(self.id) {
-            self.invalidate_lock.read_or_bail(|| self.guard_waited())
+            self.invalidate_lock.read_or_bail(|| self.guard_waited(true))
         } else {
             Ok(self.invalidate_lock.read())
         }
@@ -1326,17 +1330,26 @@ impl Drop for Writeback<'_> {
     }
 }
 
+/// One announcement of `waits_for_guards`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GuardWait {
+    start: u64,
+    end: u64,
+    /// The announcer also holds `invalidate_lock` exclusive.
+    invalidate: bool,
+}
+
 /// A range announced by [`AddressSpace::waits_for_guards`]; withdrawn on
 /// drop, after the locks taken after it were released.
 pub(crate) struct GuardWaits<'a> {
     mapping: &'a AddressSpace,
-    range: (u64, u64),
+    wait: GuardWait,
 }
 
 impl Drop for GuardWaits<'_> {
     fn drop(&mut self) {
         let mut waits = self.mapping.guard_waits.lock();
-        if let Some(i) = waits.iter().position(|&r| r == self.range) {
+        if let Some(i) = waits.iter().position(|w| *w == self.wait) {
             waits.swap_remove(i);
         }
     }

@@ -579,7 +579,7 @@ impl AddressSpace {
         }
         // Guard holders of what this write may wait for must not sleep on
         // `i_rwsem` for it.
-        let _gw = self.waits_for_guards(waits.0, waits.1);
+        let _gw = self.waits_for_guards(waits.0, waits.1, false);
         let _sb = self.start_write();
         let _i = self.inode_lock_or_bail()?;
         let old_size = self.size();

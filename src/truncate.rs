@@ -98,7 +98,7 @@ impl AddressSpace {
         crate::page_ref::check_range_unheld(self.id(), from, u64::MAX)?;
         // Guard holders of that range must not sleep on the locks below
         // for us (before them: one asleep already is woken to see this).
-        let _gw = self.waits_for_guards(from, u64::MAX);
+        let _gw = self.waits_for_guards(from, u64::MAX, true);
         let _sb = self.start_write();
         let _i = self.inode_lock_or_bail()?;
         let _inv = self.invalidate_lock_exclusive();
@@ -246,7 +246,7 @@ impl AddressSpace {
         }
         let end = self.check_range_max(off, len)?;
         crate::page_ref::check_range_unheld(self.id(), off, end)?;
-        let _gw = self.waits_for_guards(off, end);
+        let _gw = self.waits_for_guards(off, end, true);
         let _sb = self.start_write();
         let _i = self.inode_lock_or_bail()?;
         let _inv = self.invalidate_lock_exclusive();
