@@ -448,12 +448,30 @@ fn a_guard_holders_miss_waits_for_a_truncate_that_waits_for_another_thread() {
             })
         };
         common::wait_until_parked(tid_rx.recv().unwrap(), || done.load(Ordering::SeqCst));
+        // A write of this thread's page queues for `i_rwsem` behind the
+        // truncate: it will wait for this thread's pin, but it never holds
+        // `invalidate_lock`, so the miss below must not back off for it.
+        let written = Arc::new(AtomicBool::new(false));
+        let (wtid_tx, wtid_rx) = std::sync::mpsc::channel();
+        let w = {
+            let (file, written) = (file.clone(), written.clone());
+            std::thread::spawn(move || {
+                wtid_tx.send(common::gettid()).unwrap();
+                file.write_at(&[0x5a; 8], 0).unwrap();
+                written.store(true, Ordering::SeqCst);
+            })
+        };
+        common::wait_until_parked(wtid_rx.recv().unwrap(), || written.load(Ordering::SeqCst));
         let got = pin(&file, 1).map(|p| p[0]);
         missed.store(true, Ordering::SeqCst);
         assert_eq!(got.unwrap(), byte(4096), "a miss that nothing waits for failed");
         assert_eq!(mine[0], byte(0));
+        assert!(!written.load(Ordering::SeqCst), "the write did not wait for the pin");
+        drop(mine);
         other.join().unwrap();
         t.join().unwrap();
+        w.join().unwrap();
+        assert_eq!(pin(&file, 0).unwrap()[0], 0x5a);
     });
 }
 
