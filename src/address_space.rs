@@ -582,13 +582,14 @@ impl AddressSpace {
     /// range then gets [`Error::GuardWaited`] from its calls that would
     /// sleep on those locks (see "Guard waits"). Taken before the locks.
     pub(crate) fn waits_for_guards(&self, start: u64, end: u64, invalidate: bool) -> GuardWaits<'_> {
-        // No guard holder asleep on either lock needs waking to see this:
-        // it sleeps for a holder that took the lock before announcing
-        // (or without) a range overlapping its guards, and so does not
-        // wait for them; that holder's release wakes it, and then it sees
-        // this range.
         let wait = GuardWait { start, end, invalidate };
         self.guard_waits.lock().push(wait);
+        // Guard holders asleep on either lock look again: an announcement
+        // made while holding the locks (a truncate or write whose range
+        // grew once it saw the size under `i_rwsem`, a write's read of a
+        // folio under `invalidate_lock`) covers guards they slept with.
+        self.i_rwsem.kick();
+        self.invalidate_lock.kick();
         GuardWaits { mapping: self, wait }
     }
 
@@ -688,6 +689,29 @@ impl AddressSpace {
         loop {
             let f = self.filemap_get_folio(index)?;
             let g = f.lock();
+            if g.mapping_id() == self.id {
+                debug_assert!(g.contains(index));
+                return Some(g);
+            }
+            // Truncated while we slept: look again.
+        }
+    }
+
+    /// [`filemap_lock_folio`](Self::filemap_lock_folio) for a caller that
+    /// holds `invalidate_lock` shared: a sleep on a folio lock may be a
+    /// sleep on a [`PageMut`](crate::PageMut), whose holder's read miss
+    /// may queue behind a truncate (or the switch to page-atomic fills)
+    /// that waits for this caller's hold. The folio is announced while
+    /// the caller sleeps ("Guard waits"), so that holder backs off.
+    pub(crate) fn filemap_lock_folio_invalidate_held(&self, index: PgOff) -> Option<FolioGuard> {
+        loop {
+            let g = match self.filemap_get_folio(index)?.trylock() {
+                Ok(g) => g,
+                Err(f) => {
+                    let _gw = self.waits_for_guards(f.pos(), f.pos() + f.size() as u64, true);
+                    f.lock()
+                }
+            };
             if g.mapping_id() == self.id {
                 debug_assert!(g.contains(index));
                 return Some(g);
@@ -870,7 +894,6 @@ impl AddressSpace {
     /// they are given: one of another file (or a folio truncated away)
     /// would corrupt both files (it zeroed another file's cached bytes and
     /// wrapped this file's dirty count).
-    #[track_caller]
     fn assert_own_folio(&self, folio: &Folio, what: &str) {
         assert!(
             folio.mapping_id() == self.id,

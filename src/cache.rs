@@ -1149,14 +1149,21 @@ impl File {
         self.mapping()?.read_at(buf, pos)
     }
 
-    /// Read exactly `buf.len()` bytes at `pos`.
+    /// Read exactly `buf.len()` bytes at `pos`, reading again after a short
+    /// read (as `std::os::unix::fs::FileExt::read_exact_at`): `read_at`
+    /// returns the bytes before a page whose read fails, and the next read
+    /// reports the failure.
     ///
     /// # Errors
     /// `UnexpectedEof` (as `Io`) when the file ends first; as `read_at`.
-    pub fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<()> {
-        let n = self.read_at(buf, pos)?;
-        if n < buf.len() {
-            return Err(Error::Io(io::Error::from(io::ErrorKind::UnexpectedEof)));
+    pub fn read_exact_at(&self, mut buf: &mut [u8], mut pos: u64) -> Result<()> {
+        while !buf.is_empty() {
+            let n = self.read_at(buf, pos)?;
+            if n == 0 {
+                return Err(Error::Io(io::Error::from(io::ErrorKind::UnexpectedEof)));
+            }
+            buf = &mut buf[n..];
+            pos += n as u64;
         }
         Ok(())
     }

@@ -55,14 +55,14 @@ pub enum Error {
         /// Its size.
         len: u64,
     },
-    /// Another thread's truncate, punch, write or `mmap` of this file
+    /// Another thread's truncate, punch or write of this file
     /// waits for a page guard this thread holds, and holds a lock the call
     /// needs (`i_rwsem`, or `invalidate_lock` for a read miss): waiting
     /// would wait for a thread that waits for this one (`EDEADLK`). Drop
     /// the guard and retry, as a latch-coupling descent restarts. Nothing
     /// was done.
     #[error(
-        "another thread's truncate, punch, write or mmap waits for this thread's page guard of bytes {offset}..+{len} \
+        "another thread's truncate, punch or write waits for this thread's page guard of bytes {offset}..+{len} \
          and holds a lock this call needs: drop the guard and retry (EDEADLK)"
     )]
     GuardWaited {

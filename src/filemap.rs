@@ -70,8 +70,9 @@ fn eio() -> io::Error {
 
 impl AddressSpace {
     /// `filemap_read`: copy file bytes at `pos` into `buf` through the cache.
-    /// Returns the bytes read: fewer than asked only at end of file, 0 at or
-    /// past it (like `pread(2)`).
+    /// Returns the bytes read: fewer than asked at end of file, or when the
+    /// read of a later page fails (the bytes before it, as `pread(2)`; the
+    /// next read reports the failure); 0 at or past end of file.
     ///
     /// # Locking
     /// Takes nothing on a hit (lockless lookup, copy without the folio lock).
@@ -205,7 +206,7 @@ impl AddressSpace {
     /// for one of them.
     pub(crate) fn filemap_update_folio(&self, index: PgOff) -> Result<()> {
         let _inv = self.invalidate_lock_shared_or_bail()?;
-        let Some(g) = self.filemap_lock_folio(index) else {
+        let Some(g) = self.filemap_lock_folio_invalidate_held(index) else {
             return Ok(());
         };
         if g.is_uptodate() {
@@ -561,14 +562,14 @@ impl AddressSpace {
         // A page guard of this thread over the range: the write would wait
         // for it (its pins, or its lock).
         crate::page_ref::check_range_unheld(self.id(), pos, pos + buf.len() as u64)?;
+        // Growing a file locks the folio holding the old end (large
+        // folios: `unpoison_growth`; a gap before `pos`:
+        // `pagecache_isize_extended`), which may be one this thread holds
+        // a page guard of: say so before changing anything.
+        let folio = (self.ra.min_pages() << PAGE_SHIFT).max(PAGE_SIZE as u64);
+        let growth_from = |size: u64| (pos + buf.len() as u64 > size).then(|| (size / folio * folio).min(pos));
         let mut waits = (pos, pos + buf.len() as u64);
-        if pos + buf.len() as u64 > self.size() {
-            // Growing a file locks the folio holding the old end (large
-            // folios: `unpoison_growth`; a gap before `pos`:
-            // `pagecache_isize_extended`), which may be one this thread
-            // holds a page guard of: say so before changing anything.
-            let folio = (self.ra.min_pages() << PAGE_SHIFT).max(PAGE_SIZE as u64);
-            let from = (self.size() / folio * folio).min(pos);
+        if let Some(from) = growth_from(self.size()) {
             crate::page_ref::check_range_unheld(self.id(), from, u64::MAX)?;
             waits = (from, u64::MAX);
         }
@@ -583,6 +584,16 @@ impl AddressSpace {
         let _sb = self.start_write();
         let _i = self.inode_lock_or_bail()?;
         let old_size = self.size();
+        // The size read above may be stale (a truncate ran while we waited
+        // for `i_rwsem`): a growth it now makes locks an old end below
+        // what we announced. Check and announce again first.
+        let _gw_now = match growth_from(old_size) {
+            Some(from) if from < waits.0 || waits.1 < u64::MAX => {
+                crate::page_ref::check_range_unheld(self.id(), from, u64::MAX)?;
+                Some(self.waits_for_guards(from, u64::MAX, false))
+            }
+            _ => None,
+        };
         // With large folios the pages past the end of every folio were
         // poisoned when it was created (`filemap_add_folio`), and each
         // folio's `write_end` makes its bytes visible (`i_size`) before the
@@ -757,7 +768,7 @@ pub fn generic_write_begin(mapping: &AddressSpace, pos: u64, len: usize) -> io::
         // drop the folio and take them in order, then look again.
         drop(g);
         let _inv = mapping.invalidate_lock_shared();
-        if let Some(g) = mapping.filemap_lock_folio(index) {
+        if let Some(g) = mapping.filemap_lock_folio_invalidate_held(index) {
             if !g.is_uptodate() {
                 mapping.read_folio_sync(g)?;
             }

@@ -11,12 +11,14 @@
 //! holder waits for one of those guards (`address_space.rs`, "Guard
 //! waits"). [`RwSem::read_or_bail`] and [`RwSem::write_or_bail`] try the
 //! lock, then ask `bail` whether to give up, and otherwise sleep until the
-//! lock is released; then they try again.
+//! lock is released or [`RwSem::kick`] says the reasons to bail changed;
+//! then they try again.
 //!
 //! | step | who | operation |
 //! |---|---|---|
 //! | wait | bailer | `gen` (Acquire); `bailers += 1` (SeqCst) and a SeqCst fence; try the lock; `bail()`; park on the sem unless `gen` moved |
 //! | release | holder | unlock, then a SeqCst fence; `bailers` non-zero: `gen += 1` (Release), wake all |
+//! | kick | a new reason to bail (published first) | a SeqCst fence; `bailers` non-zero: `gen += 1`, wake all |
 //!
 //! Either the bailer's try sees the release, or the releaser's load sees
 //! the bailer (the two fences order a store-buffering pair), and a bump
@@ -44,7 +46,7 @@ pub struct RwSem {
     holders: AtomicU32,
     /// Threads in `read_or_bail`/`write_or_bail` (see the module docs).
     bailers: AtomicU32,
-    /// Bumped by every release that finds bailers.
+    /// Bumped by every release and `kick` that finds bailers.
     gen: AtomicU32,
 }
 
@@ -82,7 +84,7 @@ impl RwSem {
     }
 
     /// `down_read`, unless `bail` returns an error while the lock is
-    /// unavailable (checked again after every release).
+    /// unavailable (checked again after every release and `kick`).
     ///
     /// # Errors
     /// What `bail` returned.
@@ -125,6 +127,12 @@ impl RwSem {
             WaitQueue::new().park(self.key(), WQ_BAILERS, 0, || self.gen.load(Ordering::Relaxed) == gen);
             self.bailers.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Wake the threads in `read_or_bail`/`write_or_bail` to try again and
+    /// ask their `bail` again: a reason to give up may have appeared.
+    pub(crate) fn kick(&self) {
+        self.wake_bailers();
     }
 
     fn wake_bailers(&self) {

@@ -90,19 +90,33 @@ impl AddressSpace {
         // Growing any file locks the page holding the old end
         // (`pagecache_isize_extended`) as well.
         let folio = self.ra.min_pages() << crate::types::PAGE_SHIFT;
-        let from = if self.ra.min_order > 0 {
-            new_size.min(self.size() / folio * folio)
-        } else {
-            new_size.min(self.size() / PAGE_SIZE as u64 * PAGE_SIZE as u64)
+        let from_at = |size: u64| {
+            if self.ra.min_order > 0 {
+                new_size.min(size / folio * folio)
+            } else {
+                new_size.min(size / PAGE_SIZE as u64 * PAGE_SIZE as u64)
+            }
         };
+        let from = from_at(self.size());
         crate::page_ref::check_range_unheld(self.id(), from, u64::MAX)?;
         // Guard holders of that range must not sleep on the locks below
-        // for us (before them: one asleep already is woken to see this).
+        // for us ("Guard waits" in address_space.rs).
         let _gw = self.waits_for_guards(from, u64::MAX, true);
         let _sb = self.start_write();
         let _i = self.inode_lock_or_bail()?;
         let _inv = self.invalidate_lock_exclusive();
         let old = self.size();
+        // The size read above may be stale (another truncate ran while we
+        // waited for `i_rwsem`): a lower old end widens what we may wait
+        // for. Check and announce it again before anything changes (the
+        // announcement wakes guard holders asleep on the locks to look).
+        let _gw_now = match from_at(old) {
+            now if now < from => {
+                crate::page_ref::check_range_unheld(self.id(), now, u64::MAX)?;
+                Some(self.waits_for_guards(now, u64::MAX, true))
+            }
+            _ => None,
+        };
         if new_size < old {
             {
                 // Ask the store first: a size it refuses (EFBIG, EIO)

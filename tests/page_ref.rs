@@ -475,6 +475,173 @@ fn a_guard_holders_miss_waits_for_a_truncate_that_waits_for_another_thread() {
     });
 }
 
+/// A write or truncate that queued for `i_rwsem` while another truncate
+/// shrank the file finds a lower end once it holds the lock, and its
+/// growth then waits for a guard below the range it announced (it read
+/// the size before the lock). It announces the wider range under the lock
+/// and wakes the guard holders asleep on it: the holder's write returns
+/// `GuardWaited`; it slept for good before.
+#[test]
+fn a_guard_holder_backs_off_from_a_write_whose_range_grew_under_the_lock() {
+    type Op = fn(&upcache::File) -> upcache::Result<()>;
+    let waiters: [(&str, Op); 2] = [
+        ("write", |f| f.write_at(&[9; 16], 3 * 4096 + 100).map(drop)),
+        ("truncate", |f| f.truncate(3 * 4096)),
+    ];
+    for (wname, waiter) in waiters {
+        watchdog(&format!("guard holder vs a {wname} whose range grew"), 60, move || {
+            let (_d, path) = file_of(4 * 4096);
+            let cache = PageCache::new();
+            let file = Arc::new(cache.open(&path).unwrap());
+            file.advise(Advice::Random, 0, 0).unwrap();
+            let space = file.address_space().unwrap();
+            // P pins page 3, so the first truncate waits, holding i_rwsem.
+            let (pinned_tx, pinned_rx) = std::sync::mpsc::channel();
+            let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+            let p = {
+                let file = file.clone();
+                std::thread::spawn(move || {
+                    let page = pin(&file, 3).unwrap();
+                    pinned_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    drop(page);
+                })
+            };
+            pinned_rx.recv().unwrap();
+            // Page 1 cached, so that pinning it below is a hit.
+            file.read_at(&mut [0u8; 1], 4096).unwrap();
+            let t2_done = Arc::new(AtomicBool::new(false));
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let t2 = {
+                let (file, done) = (file.clone(), t2_done.clone());
+                std::thread::spawn(move || {
+                    tid_tx.send(common::gettid()).unwrap();
+                    file.truncate(4096 + 2048).unwrap();
+                    done.store(true, Ordering::SeqCst);
+                })
+            };
+            common::wait_until_parked(tid_rx.recv().unwrap(), || t2_done.load(Ordering::SeqCst));
+            // Page 1 is zeroed past the new end by now; pin it.
+            let page = pin(&file, 1).unwrap();
+            // W reads the old size (16 KiB), announces what that needs
+            // (nothing near page 1) and queues for i_rwsem.
+            let w_done = Arc::new(AtomicBool::new(false));
+            let (wtid_tx, wtid_rx) = std::sync::mpsc::channel();
+            let w = {
+                let (file, done) = (file.clone(), w_done.clone());
+                std::thread::spawn(move || {
+                    wtid_tx.send(common::gettid()).unwrap();
+                    let r = waiter(&file);
+                    done.store(true, Ordering::SeqCst);
+                    r
+                })
+            };
+            common::wait_until_parked(wtid_rx.recv().unwrap(), || w_done.load(Ordering::SeqCst));
+            release_tx.send(()).unwrap();
+            p.join().unwrap();
+            t2.join().unwrap();
+            // W holds i_rwsem now and grows the file from 6 KiB, over page 1.
+            while space.inode_lock_state() != upcache::aops::LockState::Exclusive {
+                assert!(!w_done.load(Ordering::SeqCst), "the {wname} did not wait for the pin");
+                std::thread::yield_now();
+            }
+            match file.write_at(&[7; 16], 0) {
+                Err(Error::GuardWaited { offset, .. }) => assert_eq!(offset, 4096),
+                other => panic!("{wname}: {other:?}"),
+            }
+            assert_eq!(page[0], byte(4096));
+            drop(page);
+            w.join().unwrap().unwrap();
+        });
+    }
+}
+
+/// A read that found a folio not uptodate waits for its lock, holding
+/// `invalidate_lock` shared, while another thread reads the folio in and
+/// keeps it as a `PageMut`. A truncate elsewhere in the file then queues
+/// for `invalidate_lock` behind the read, and the `PageMut` holder's own
+/// read miss queues behind the truncate: each waited for the next, for
+/// good. The read announces the folio it sleeps on, so the holder's miss
+/// returns `GuardWaited`.
+#[test]
+fn a_page_mut_holders_miss_backs_off_from_a_read_asleep_on_its_folio() {
+    use common::{HookStore, StoreOp};
+    watchdog("PageMut holder's miss vs a read asleep on its folio", 60, || {
+        let (_d, path) = file_of(8 * 4096);
+        let gate = Gate::new(false);
+        let g2 = gate.clone();
+        let store = HookStore::new(&path, move |op, off, _| {
+            if op == StoreOp::Read && off == 0 {
+                g2.pass();
+            }
+            Ok(())
+        });
+        let cache = PageCache::new();
+        let file = Arc::new(cache.open_with_ops("f", upcache::StoreOps::new(store)).unwrap());
+        file.advise(Advice::Random, 0, 0).unwrap();
+        let space = file.address_space().unwrap();
+        // G (this thread) makes page 0's folio and reads it; the store's
+        // read waits at the gate, with the folio locked.
+        let (guard_tx, guard_rx) = std::sync::mpsc::channel();
+        let (miss_tx, miss_rx) = std::sync::mpsc::channel::<()>();
+        let g = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                let mut page = pin_mut(&file, 0).unwrap();
+                page[0] = 0x33;
+                guard_tx.send(()).unwrap();
+                miss_rx.recv().unwrap();
+                let r = pin(&file, 5).map(drop);
+                drop(page);
+                r
+            })
+        };
+        gate.wait_arrived();
+        // R: a read of page 0 finds it not uptodate and sleeps on its lock
+        // with `invalidate_lock` shared.
+        let r_done = Arc::new(AtomicBool::new(false));
+        let (rtid_tx, rtid_rx) = std::sync::mpsc::channel();
+        let r = {
+            let (file, done) = (file.clone(), r_done.clone());
+            std::thread::spawn(move || {
+                rtid_tx.send(common::gettid()).unwrap();
+                let mut b = [0u8; 1];
+                let n = file.read_at(&mut b, 0);
+                done.store(true, Ordering::SeqCst);
+                n.map(|_| b[0])
+            })
+        };
+        let rtid = rtid_rx.recv().unwrap();
+        while space.invalidate_lock_state() == upcache::aops::LockState::Unlocked || !common::parked(rtid) {
+            assert!(!r_done.load(Ordering::SeqCst), "the read did not wait for the folio");
+            std::thread::yield_now();
+        }
+        gate.open();
+        guard_rx.recv().unwrap();
+        // T: a truncate of page 7 queues for `invalidate_lock` behind R.
+        let t_done = Arc::new(AtomicBool::new(false));
+        let (ttid_tx, ttid_rx) = std::sync::mpsc::channel();
+        let t = {
+            let (file, done) = (file.clone(), t_done.clone());
+            std::thread::spawn(move || {
+                ttid_tx.send(common::gettid()).unwrap();
+                file.truncate(7 * 4096).unwrap();
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        common::wait_until_parked(ttid_rx.recv().unwrap(), || t_done.load(Ordering::SeqCst));
+        assert!(!t_done.load(Ordering::SeqCst), "the truncate did not wait for the read");
+        // G misses on page 5.
+        miss_tx.send(()).unwrap();
+        match g.join().unwrap() {
+            Err(Error::GuardWaited { offset, .. }) => assert_eq!(offset, 0),
+            other => panic!("the PageMut holder's miss: {other:?}"),
+        }
+        assert_eq!(r.join().unwrap().unwrap(), 0x33);
+        t.join().unwrap();
+    });
+}
+
 /// The page guards a thread holds are recorded per file; a file of
 /// another cache is another file, even the first one opened there as the
 /// guarded file was here (file ids used to be counted per cache, so a

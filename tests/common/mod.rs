@@ -310,6 +310,13 @@ pub fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
+/// Does thread `tid` of this process sleep on a futex now?
+pub fn parked(tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan"))
+        .unwrap_or_default()
+        .contains("futex")
+}
+
 /// Wait until thread `tid` of this process sleeps on a futex (a lock, pin
 /// or gate wait), or `done()` says it ended. A check loop, not a sleep.
 pub fn wait_until_parked(tid: i32, done: impl Fn() -> bool) {
