@@ -490,12 +490,24 @@ fn a_guard_holder_backs_off_from_a_write_whose_range_grew_under_the_lock() {
     ];
     for (wname, waiter) in waiters {
         watchdog(&format!("guard holder vs a {wname} whose range grew"), 60, move || {
+            use common::{HookStore, StoreOp};
             let (_d, path) = file_of(4 * 4096);
+            // The first truncate's resize waits at the gate, holding
+            // i_rwsem with the old size still published.
+            let gate = Gate::new(false);
+            let (g2, first) = (gate.clone(), Arc::new(AtomicBool::new(true)));
+            let store = HookStore::new(&path, move |op, _, _| {
+                if op == StoreOp::SetLen && first.swap(false, Ordering::SeqCst) {
+                    g2.pass();
+                }
+                Ok(())
+            });
             let cache = PageCache::new();
-            let file = Arc::new(cache.open(&path).unwrap());
+            let file = Arc::new(cache.open_with_ops("f", upcache::StoreOps::new(store)).unwrap());
             file.advise(Advice::Random, 0, 0).unwrap();
             let space = file.address_space().unwrap();
-            // P pins page 3, so the first truncate waits, holding i_rwsem.
+            // P pins page 3, so the first truncate then waits, holding
+            // i_rwsem.
             let (pinned_tx, pinned_rx) = std::sync::mpsc::channel();
             let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
             let p = {
@@ -510,19 +522,16 @@ fn a_guard_holder_backs_off_from_a_write_whose_range_grew_under_the_lock() {
             pinned_rx.recv().unwrap();
             // Page 1 cached, so that pinning it below is a hit.
             file.read_at(&mut [0u8; 1], 4096).unwrap();
-            let t2_done = Arc::new(AtomicBool::new(false));
             let (tid_tx, tid_rx) = std::sync::mpsc::channel();
             let t2 = {
-                let (file, done) = (file.clone(), t2_done.clone());
+                let file = file.clone();
                 std::thread::spawn(move || {
                     tid_tx.send(common::gettid()).unwrap();
                     file.truncate(4096 + 2048).unwrap();
-                    done.store(true, Ordering::SeqCst);
                 })
             };
-            common::wait_until_parked(tid_rx.recv().unwrap(), || t2_done.load(Ordering::SeqCst));
-            // Page 1 is zeroed past the new end by now; pin it.
-            let page = pin(&file, 1).unwrap();
+            let t2_tid = tid_rx.recv().unwrap();
+            gate.wait_arrived();
             // W reads the old size (16 KiB), announces what that needs
             // (nothing near page 1) and queues for i_rwsem.
             let w_done = Arc::new(AtomicBool::new(false));
@@ -537,6 +546,17 @@ fn a_guard_holder_backs_off_from_a_write_whose_range_grew_under_the_lock() {
                 })
             };
             common::wait_until_parked(wtid_rx.recv().unwrap(), || w_done.load(Ordering::SeqCst));
+            assert_eq!(file.len().unwrap(), 4 * 4096);
+            gate.open();
+            // The truncate dropped page 3 and waits for P's pin; page 1 is
+            // zeroed past the new end by now: pin it.
+            while !(file.len().unwrap() == 4096 + 2048
+                && space.filemap_get_folio(upcache::aops::PgOff(3)).is_none()
+                && common::parked(t2_tid))
+            {
+                std::thread::yield_now();
+            }
+            let page = pin(&file, 1).unwrap();
             release_tx.send(()).unwrap();
             p.join().unwrap();
             t2.join().unwrap();
