@@ -55,11 +55,20 @@
 //! sees the range; one it sleeps for announced nothing it holds, and so
 //! does not wait for it. Loom: `real_guard_holders_miss_vs_truncate_backs_off`,
 //! `real_guard_holders_miss_vs_an_unrelated_truncate_waits_and_succeeds`.
+//! The size a truncate or write reads before `i_rwsem` may be stale: under
+//! the lock it computes its range again and, if it reaches lower,
+//! announces that too (which wakes guard holders asleep on either lock to
+//! look again). A fill that sleeps on a folio lock with `invalidate_lock`
+//! shared announces that folio for the sleep
+//! (`filemap_lock_folio_invalidate_held`): the lock may be a `PageMut`'s.
 //! Not covered: a `PageMut` holder's truncate or punch waits for
 //! `invalidate_lock` exclusive behind a fault or read that holds it shared
 //! and waits for that `PageMut`'s folio lock (the kernel's order:
-//! `invalidate_lock` above folio locks); and `mmap` by a guard holder is
-//! refused outright (`PageHeld`), as before.
+//! `invalidate_lock` above folio locks); a truncate waits for `wb_lock`
+//! behind an `fsync` that waits for a `PageMut`, outside its range; `mmap`
+//! by a guard holder is refused outright (`PageHeld`), as before. A back
+//! off may be needless (a range is withdrawn only after the release that
+//! wakes its bailers): the caller retries.
 //!
 //! # Lockless lookup protocol (the kernel's "lockless page cache protocol")
 //!

@@ -85,6 +85,10 @@ impl AddressSpace {
     /// would receive (a [`PageMut`](crate::PageMut) of the same page).
     /// [`Error::Reentrant`] (`EDEADLK`) from inside an engine callback for
     /// this file ([`AddressSpaceOps`](crate::aops::AddressSpaceOps)).
+    /// [`Error::GuardWaited`](crate::Error::GuardWaited) (`EDEADLK`) when
+    /// this thread holds a page guard of the file that another thread's
+    /// truncate, punch or write waits for while it holds a lock this call
+    /// needs (on a miss; drop the guards and retry).
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
         self.check_reentry("read_at")?;
         rw_verify_area(pos, buf.len() as u64)?;
@@ -537,6 +541,10 @@ impl AddressSpace {
     /// read-only descriptor (its store cannot write);
     /// [`Error::Reentrant`] (`EDEADLK`) from inside an engine callback for
     /// this file ([`AddressSpaceOps`](crate::aops::AddressSpaceOps)).
+    /// [`Error::GuardWaited`](crate::Error::GuardWaited) (`EDEADLK`) when
+    /// this thread holds a page guard of the file that another thread's
+    /// truncate, punch or write waits for while it holds a lock this call
+    /// needs (nothing done; drop the guards and retry).
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize> {
         self.check_reentry("write_at")?;
         self.check_writable()?;

@@ -395,7 +395,9 @@ impl AddressSpace {
     /// # Errors
     /// [`Error::BeyondEof`] for a page at or past end of file; the store's
     /// read error; [`Error::Reentrant`] (`EDEADLK`) from inside an engine
-    /// callback for this file.
+    /// callback for this file; [`Error::GuardWaited`] (`EDEADLK`) for a
+    /// miss while this thread holds another guard of the file that a
+    /// truncate or punch waits for (drop the guards and retry).
     ///
     /// # Panics
     /// If this thread holds a [`PageMut`] of the same folio (it would wait

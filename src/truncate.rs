@@ -74,6 +74,10 @@ impl AddressSpace {
     /// read-only descriptor (its store cannot write);
     /// [`Error::Reentrant`](crate::Error::Reentrant) (`EDEADLK`) from inside an engine callback for
     /// this file ([`AddressSpaceOps`](crate::aops::AddressSpaceOps)).
+    /// [`Error::GuardWaited`](crate::Error::GuardWaited) (`EDEADLK`) when
+    /// this thread holds a page guard of the file that another thread's
+    /// truncate, punch or write waits for while it holds a lock this call
+    /// needs (nothing done; drop the guards and retry).
     pub fn truncate(&self, new_size: u64) -> Result<()> {
         self.check_reentry("truncate")?;
         self.check_writable()?;
@@ -244,6 +248,10 @@ impl AddressSpace {
     /// read-only descriptor (its store cannot write);
     /// [`Error::Reentrant`](crate::Error::Reentrant) (`EDEADLK`) from inside an engine callback for
     /// this file ([`AddressSpaceOps`](crate::aops::AddressSpaceOps)).
+    /// [`Error::GuardWaited`](crate::Error::GuardWaited) (`EDEADLK`) when
+    /// this thread holds a page guard of the file that another thread's
+    /// truncate, punch or write waits for while it holds a lock this call
+    /// needs (nothing done; drop the guards and retry).
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
         self.check_reentry("punch_hole")?;
         self.check_writable()?;
