@@ -407,7 +407,11 @@ fn real_punch_vs_mapped_write_and_flusher_leaves_the_hole_in_the_store() {
 /// `tests/integrity.rs::failed_punch_keeps_a_page_mut_write_that_raced_it`).
 #[test]
 fn real_failed_punch_vs_page_mut_keeps_the_write() {
-    loom::model(|| {
+    // The punch's guard-wait announcement (a mutex, two wake checks) made
+    // the path longer than loom's default 1,000 branches per execution.
+    let mut model = loom::model::Builder::new();
+    model.max_branches = 20_000;
+    model.check(|| {
         let store = std::sync::Arc::new(MemStore::filled(PAGE_SIZE, BYTE));
         store.refuse_punches();
         let m = upcache::loom_support::address_space(store.clone());
