@@ -234,24 +234,14 @@ fn page_mut_waits_for_a_pin_of_another_thread() {
         let cache = PageCache::new();
         let file = Arc::new(cache.open(&path).unwrap());
         let page = pin(&file, 0).unwrap();
-        let done = Arc::new(AtomicBool::new(false));
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let writer = {
-            let (file, done) = (file.clone(), done.clone());
-            std::thread::spawn(move || {
-                tid_tx.send(common::gettid()).unwrap();
-                struct Done(Arc<AtomicBool>);
-                impl Drop for Done {
-                    fn drop(&mut self) {
-                        self.0.store(true, Ordering::SeqCst);
-                    }
-                }
-                let _done = Done(done);
+            let file = file.clone();
+            common::spawn_tracked(move || {
                 let mut g = pin_mut(&file, 0).unwrap();
                 g[0] = 0x22;
             })
         };
-        common::wait_until_parked(tid_rx.recv().unwrap(), || done.load(Ordering::SeqCst));
+        writer.wait_parked();
         assert_eq!(page[0], byte(0), "a PageMut changed pinned bytes");
         drop(page);
         writer
@@ -305,18 +295,12 @@ fn a_truncate_waiting_for_a_pin_shows_no_page_past_the_new_end() {
             assert_eq!(got[0], byte(at));
         }
         let page = pin(&file, 3).unwrap();
-        let done = Arc::new(AtomicBool::new(false));
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let t = {
-            let (file, done) = (file.clone(), done.clone());
-            std::thread::spawn(move || {
-                tid_tx.send(common::gettid()).unwrap();
-                file.truncate(4096).unwrap();
-                done.store(true, Ordering::SeqCst);
-            })
+            let file = file.clone();
+            common::spawn_tracked(move || file.truncate(4096).unwrap())
         };
-        common::wait_until_parked(tid_rx.recv().unwrap(), || done.load(Ordering::SeqCst));
-        assert!(!done.load(Ordering::SeqCst), "truncate finished under a pin");
+        t.wait_parked();
+        assert!(!t.done(), "truncate finished under a pin");
         assert_eq!(
             file.len().unwrap(),
             4096,
@@ -381,19 +365,12 @@ fn a_guard_holders_call_during_a_truncate_waiting_for_its_guard_is_an_error_not_
                         } else {
                             Box::new(pin(&file, 3).unwrap())
                         };
-                        let done = Arc::new(AtomicBool::new(false));
-                        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
                         let t = {
-                            let (file, done) = (file.clone(), done.clone());
-                            std::thread::spawn(move || {
-                                tid_tx.send(common::gettid()).unwrap();
-                                let r = waiter(&file);
-                                done.store(true, Ordering::SeqCst);
-                                r
-                            })
+                            let file = file.clone();
+                            common::spawn_tracked(move || waiter(&file))
                         };
-                        common::wait_until_parked(tid_rx.recv().unwrap(), || done.load(Ordering::SeqCst));
-                        assert!(!done.load(Ordering::SeqCst), "the {wname} finished under a pin");
+                        t.wait_parked();
+                        assert!(!t.done(), "the {wname} finished under a pin");
                         match call(&file) {
                             // A write holds no `invalidate_lock`: a read miss
                             // does not wait for it.
@@ -437,36 +414,24 @@ fn a_guard_holders_miss_waits_for_a_truncate_that_waits_for_another_thread() {
             })
         };
         pinned_rx.recv().unwrap();
-        let done = Arc::new(AtomicBool::new(false));
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let t = {
-            let (file, done) = (file.clone(), done.clone());
-            std::thread::spawn(move || {
-                tid_tx.send(common::gettid()).unwrap();
-                file.truncate(2 * 4096).unwrap();
-                done.store(true, Ordering::SeqCst);
-            })
+            let file = file.clone();
+            common::spawn_tracked(move || file.truncate(2 * 4096).unwrap())
         };
-        common::wait_until_parked(tid_rx.recv().unwrap(), || done.load(Ordering::SeqCst));
+        t.wait_parked();
         // A write of this thread's page queues for `i_rwsem` behind the
         // truncate: it will wait for this thread's pin, but it never holds
         // `invalidate_lock`, so the miss below must not back off for it.
-        let written = Arc::new(AtomicBool::new(false));
-        let (wtid_tx, wtid_rx) = std::sync::mpsc::channel();
         let w = {
-            let (file, written) = (file.clone(), written.clone());
-            std::thread::spawn(move || {
-                wtid_tx.send(common::gettid()).unwrap();
-                file.write_at(&[0x5a; 8], 0).unwrap();
-                written.store(true, Ordering::SeqCst);
-            })
+            let file = file.clone();
+            common::spawn_tracked(move || file.write_at(&[0x5a; 8], 0).unwrap())
         };
-        common::wait_until_parked(wtid_rx.recv().unwrap(), || written.load(Ordering::SeqCst));
+        w.wait_parked();
         let got = pin(&file, 1).map(|p| p[0]);
         missed.store(true, Ordering::SeqCst);
         assert_eq!(got.unwrap(), byte(4096), "a miss that nothing waits for failed");
         assert_eq!(mine[0], byte(0));
-        assert!(!written.load(Ordering::SeqCst), "the write did not wait for the pin");
+        assert!(!w.done(), "the write did not wait for the pin");
         drop(mine);
         other.join().unwrap();
         t.join().unwrap();
@@ -522,37 +487,25 @@ fn a_guard_holder_backs_off_from_a_write_whose_range_grew_under_the_lock() {
             pinned_rx.recv().unwrap();
             // Page 1 cached, so that pinning it below is a hit.
             file.read_at(&mut [0u8; 1], 4096).unwrap();
-            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
             let t2 = {
                 let file = file.clone();
-                std::thread::spawn(move || {
-                    tid_tx.send(common::gettid()).unwrap();
-                    file.truncate(4096 + 2048).unwrap();
-                })
+                common::spawn_tracked(move || file.truncate(4096 + 2048).unwrap())
             };
-            let t2_tid = tid_rx.recv().unwrap();
             gate.wait_arrived();
             // W reads the old size (16 KiB), announces what that needs
             // (nothing near page 1) and queues for i_rwsem.
-            let w_done = Arc::new(AtomicBool::new(false));
-            let (wtid_tx, wtid_rx) = std::sync::mpsc::channel();
             let w = {
-                let (file, done) = (file.clone(), w_done.clone());
-                std::thread::spawn(move || {
-                    wtid_tx.send(common::gettid()).unwrap();
-                    let r = waiter(&file);
-                    done.store(true, Ordering::SeqCst);
-                    r
-                })
+                let file = file.clone();
+                common::spawn_tracked(move || waiter(&file))
             };
-            common::wait_until_parked(wtid_rx.recv().unwrap(), || w_done.load(Ordering::SeqCst));
+            w.wait_parked();
             assert_eq!(file.len().unwrap(), 4 * 4096);
             gate.open();
             // The truncate dropped page 3 and waits for P's pin; page 1 is
             // zeroed past the new end by now: pin it.
             while !(file.len().unwrap() == 4096 + 2048
                 && space.filemap_get_folio(upcache::aops::PgOff(3)).is_none()
-                && common::parked(t2_tid))
+                && common::parked(t2.tid))
             {
                 std::thread::yield_now();
             }
@@ -562,7 +515,7 @@ fn a_guard_holder_backs_off_from_a_write_whose_range_grew_under_the_lock() {
             t2.join().unwrap();
             // W holds i_rwsem now and grows the file from 6 KiB, over page 1.
             while space.inode_lock_state() != upcache::aops::LockState::Exclusive {
-                assert!(!w_done.load(Ordering::SeqCst), "the {wname} did not wait for the pin");
+                assert!(!w.done(), "the {wname} did not wait for the pin");
                 std::thread::yield_now();
             }
             match file.write_at(&[7; 16], 0) {
@@ -619,38 +572,26 @@ fn a_page_mut_holders_miss_backs_off_from_a_read_asleep_on_its_folio() {
         gate.wait_arrived();
         // R: a read of page 0 finds it not uptodate and sleeps on its lock
         // with `invalidate_lock` shared.
-        let r_done = Arc::new(AtomicBool::new(false));
-        let (rtid_tx, rtid_rx) = std::sync::mpsc::channel();
         let r = {
-            let (file, done) = (file.clone(), r_done.clone());
-            std::thread::spawn(move || {
-                rtid_tx.send(common::gettid()).unwrap();
+            let file = file.clone();
+            common::spawn_tracked(move || {
                 let mut b = [0u8; 1];
-                let n = file.read_at(&mut b, 0);
-                done.store(true, Ordering::SeqCst);
-                n.map(|_| b[0])
+                file.read_at(&mut b, 0).map(|_| b[0])
             })
         };
-        let rtid = rtid_rx.recv().unwrap();
-        while space.invalidate_lock_state() == upcache::aops::LockState::Unlocked || !common::parked(rtid) {
-            assert!(!r_done.load(Ordering::SeqCst), "the read did not wait for the folio");
+        while space.invalidate_lock_state() == upcache::aops::LockState::Unlocked || !common::parked(r.tid) {
+            assert!(!r.done(), "the read did not wait for the folio");
             std::thread::yield_now();
         }
         gate.open();
         guard_rx.recv().unwrap();
         // T: a truncate of page 7 queues for `invalidate_lock` behind R.
-        let t_done = Arc::new(AtomicBool::new(false));
-        let (ttid_tx, ttid_rx) = std::sync::mpsc::channel();
         let t = {
-            let (file, done) = (file.clone(), t_done.clone());
-            std::thread::spawn(move || {
-                ttid_tx.send(common::gettid()).unwrap();
-                file.truncate(7 * 4096).unwrap();
-                done.store(true, Ordering::SeqCst);
-            })
+            let file = file.clone();
+            common::spawn_tracked(move || file.truncate(7 * 4096).unwrap())
         };
-        common::wait_until_parked(ttid_rx.recv().unwrap(), || t_done.load(Ordering::SeqCst));
-        assert!(!t_done.load(Ordering::SeqCst), "the truncate did not wait for the read");
+        t.wait_parked();
+        assert!(!t.done(), "the truncate did not wait for the read");
         // G misses on page 5.
         miss_tx.send(()).unwrap();
         match g.join().unwrap() {

@@ -310,6 +310,58 @@ pub fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
+/// A thread started by [`spawn_tracked`]: its id, and whether its
+/// closure has returned or unwound.
+pub struct Tracked<T> {
+    handle: std::thread::JoinHandle<T>,
+    pub tid: i32,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Run `f` on a new thread that reports its id and when `f` ends, for
+/// tests that wait until it sleeps ([`Tracked::wait_parked`]) and check
+/// that it has not finished.
+pub fn spawn_tracked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Tracked<T> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    struct Done(Arc<AtomicBool>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let d = Done(done.clone());
+    let handle = std::thread::spawn(move || {
+        tid_tx.send(gettid()).unwrap();
+        let _done = d;
+        f()
+    });
+    Tracked {
+        handle,
+        tid: tid_rx.recv().unwrap(),
+        done,
+    }
+}
+
+impl<T> Tracked<T> {
+    /// Has the closure returned (or unwound)?
+    pub fn done(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait until the thread sleeps on a futex, or has finished.
+    pub fn wait_parked(&self) {
+        wait_until_parked(self.tid, || self.done());
+    }
+
+    /// Its result; `Err` if it panicked.
+    pub fn join(self) -> std::thread::Result<T> {
+        self.handle.join()
+    }
+}
+
 /// Does thread `tid` of this process sleep on a futex now?
 pub fn parked(tid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan"))
